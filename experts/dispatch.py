@@ -1,0 +1,44 @@
+"""Dropless dispatch: group (token, slot) pairs by expert, and scatter results back.
+
+Nothing is ever dropped: every expert receives every token routed to it, however many.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    """A permutation that sorts the T*K routed copies of the tokens by expert.
+
+    token_idx_N: for each row of the sorted layout, the source token index, (N,), N = T*K.
+    slot_idx_N:  for each sorted row, its flat index into the (T, K) routing tables, (N,).
+    counts_E:    rows per expert in the sorted layout, (E,).
+    """
+
+    token_idx_N: torch.Tensor
+    slot_idx_N: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def plan_dispatch(ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Stable sort of the flattened expert ids, so order within an expert follows the tokens."""
+    flat_ids = ids_TK.reshape(-1)
+    slot_idx_N = torch.argsort(flat_ids, stable=True)
+    token_idx_N = torch.div(slot_idx_N, ids_TK.shape[1], rounding_mode="floor")
+    counts_E = torch.bincount(flat_ids, minlength=num_experts)
+    return DispatchPlan(token_idx_N, slot_idx_N, counts_E)
+
+
+def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Rows of x in expert order, one per (token, slot): (N, D)."""
+    return x_TD.index_select(0, plan.token_idx_N)
+
+
+def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs back in token order: (T, D)."""
+    w_N = weights_TK.reshape(-1).index_select(0, plan.slot_idx_N).to(y_ND.dtype)
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    return out_TD.index_add(0, plan.token_idx_N, y_ND * w_N.unsqueeze(-1))

@@ -1,0 +1,1 @@
+"""Job specs, stages, Ray orchestration and the `moeforge` command line."""

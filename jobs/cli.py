@@ -1,0 +1,151 @@
+"""`moeforge`: validate, run, submit and follow MoE training jobs.
+
+    moeforge validate SPEC           check a spec; exit 2 naming the bad field
+    moeforge run SPEC                run on RAY_ADDRESS's cluster, or an embedded local Ray
+    moeforge submit SPEC [--address] submit as a Ray job (working dir = this checkout)
+    moeforge status ID | logs ID     follow a submitted job
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from jobs.configtree import SpecError
+
+EXIT_SPEC = 2
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+
+def _load(path: str, output_dir: Optional[str] = None):
+    from jobs.spec import load_spec
+
+    spec = load_spec(path)
+    if output_dir:
+        spec.run.output_dir = output_dir
+    return spec
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args.spec)
+    n = len(spec.stages)
+    print(f"{args.spec}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(s.name for s in spec.stages)}; "
+          f"run dir {spec.run_dir()})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    spec = _load(args.spec, args.output_dir)
+    from jobs.orchestrate import pin_loopback, run_job, wants_embedded_ray
+
+    if wants_embedded_ray(args.address):
+        pin_loopback()
+
+    t0 = time.time()
+    run_job(spec, address=args.address)
+    print(f"[moeforge] job {spec.run.name} finished in {time.time() - t0:.1f}s; run dir {spec.run_dir()}",
+          flush=True)
+    return 0
+
+
+def _client(address: Optional[str]):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD)
+
+
+def cmd_submit(args) -> int:
+    from jobs.orchestrate import REPO_ROOT
+
+    _load(args.spec)  # validate before anything is sent
+    spec_path = Path(args.spec).resolve()
+    try:
+        rel = spec_path.relative_to(REPO_ROOT)
+    except ValueError:
+        print(f"error: {args.spec} is outside the working directory {REPO_ROOT} that is uploaded "
+              "with the job; copy it inside", file=sys.stderr)
+        return EXIT_SPEC
+    entry = f"python -m jobs.cli run {rel}"
+    if args.output_dir:
+        entry += f" --output-dir {args.output_dir}"
+    client = _client(args.address)
+    job_id = client.submit_job(
+        entrypoint=entry,
+        runtime_env={"working_dir": str(REPO_ROOT),
+                     "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"]})
+    print(job_id, flush=True)
+    if args.wait:
+        return _follow(client, job_id)
+    return 0
+
+
+def _follow(client, job_id: str) -> int:
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    print(f"[moeforge] job {job_id}: {status}", flush=True)
+    return 0 if str(status).endswith("SUCCEEDED") else 1
+
+
+def cmd_status(args) -> int:
+    client = _client(args.address)
+    info = client.get_job_info(args.job_id)
+    print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    client = _client(args.address)
+    if args.follow:
+        return _follow(client, args.job_id)
+    print(client.get_job_logs(args.job_id), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeforge", description="Train MoE language models: Ray + DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="validate a job spec (nothing is launched or written)")
+    v.add_argument("spec")
+    v.set_defaults(fn=cmd_validate)
+    r = sub.add_parser("run", help="run a job spec on RAY_ADDRESS's cluster or an embedded local Ray")
+    r.add_argument("spec")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
+    r.add_argument("--output-dir", help="override run.output_dir")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("submit", help="submit a job spec to a Ray cluster with the Ray Jobs API")
+    s.add_argument("spec")
+    s.add_argument("--address", help=f"Ray dashboard address (default: RAY_ADDRESS, else {DEFAULT_DASHBOARD})")
+    s.add_argument("--output-dir", help="override run.output_dir (use shared storage on a cluster)")
+    s.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    s.set_defaults(fn=cmd_submit)
+    for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
+                               ("logs", cmd_logs, "a submitted job's logs")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("job_id")
+        c.add_argument("--address")
+        if name == "logs":
+            c.add_argument("--follow", "-f", action="store_true")
+        c.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Where a run keeps its files. One run directory holds every stage of a job."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def spec_file(self) -> Path:
+        return self.root / "spec.yaml"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / "stages" / stage
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def done_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "DONE.json"
+
+    def consumed_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "consumed.json"

@@ -1,0 +1,128 @@
+"""Run a job's stages in order, each as a Ray Train TorchTrainer of DeepSpeed workers."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from jobs.layout import RunLayout
+from jobs.spec import JobSpec, dump_spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (runs inside the worker process)."""
+    import ray.train
+    import torch
+
+    from jobs.progress import progress_reporter
+    from jobs.stage_runner import run_stage
+
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() == 0:
+        print(f"[moeforge] rank 0 of {ctx.get_world_size()}: rendezvous at "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    sinks = ()
+    on_step = None
+    if ctx.get_world_rank() == 0:
+        on_step = progress_reporter(config.get("progress_actor"), config.get("namespace"))
+        if config.get("ray_metrics"):
+            from jobs.ray_metrics import RayGaugeSink
+            sinks = (RayGaugeSink(config["run_name"], config["stage_name"]),)
+    last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step)
+    ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))})
+
+
+def wants_embedded_ray(address: Optional[str]) -> bool:
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def pin_loopback() -> None:
+    """Keep an embedded Ray on 127.0.0.1. Must run before `ray` is first imported.
+
+    Ray rewrites a loopback node address to the host's routable one unless its
+    single-machine mode is on; Ray Train would then rendezvous torch.distributed there.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def init_ray(spec: JobSpec, address: Optional[str] = None) -> None:
+    """Connect to the cluster named by `address`/RAY_ADDRESS, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if _is_local_checkout() else None,
+                 log_to_driver=True)
+        return
+    cpus_needed = max(spec.stage_world_size(i) for i in range(len(spec.stages))) * \
+        spec.ray.scaling_config.resources_per_worker.get("CPU", 1)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+             _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env_vars}, log_to_driver=True)
+
+
+def _is_local_checkout() -> bool:
+    # Inside `ray job submit --working-dir`, the code travels with the job; nothing to add.
+    return not os.environ.get("RAY_JOB_ID")
+
+
+def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
+    """Run every stage that has not finished yet; return each stage's last metrics."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.progress import ProgressActor, ProgressBar
+    from parallel.dist import resolve_backend
+    from system.checkpoint import atomic_write_text
+
+    layout = RunLayout(spec.run_dir())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.spec_file, dump_spec(spec))
+    init_ray(spec, address)
+    namespace = ray.get_runtime_context().namespace
+    results: dict[str, Any] = {}
+    for i, stage in enumerate(spec.stages):
+        if layout.done_file(stage.name).is_file():
+            print(f"[moeforge] stage {stage.name}: already finished, skipping", flush=True)
+            continue
+        ws = spec.stage_world_size(i)
+        res = dict(spec.ray.scaling_config.resources_per_worker)
+        actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
+        actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
+        rc = spec.ray.run_config
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"spec": spec.to_dict(), "stage_index": i, "stage_name": stage.name,
+                               "run_name": spec.run.name, "progress_actor": actor_name, "namespace": namespace,
+                               "ray_metrics": spec.metrics.ray_metrics,
+                               "threads": spec.parallel.threads_per_worker or max(1, int(res.get("CPU", 1)))},
+            torch_config=TorchConfig(backend=resolve_backend(spec.parallel.backend, spec.parallel.use_gpu)),
+            scaling_config=ScalingConfig(num_workers=ws, use_gpu=spec.parallel.use_gpu, resources_per_worker=res),
+            run_config=RunConfig(
+                name=rc.name or f"{spec.run.name}-{stage.name}",
+                storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
+                failure_config=FailureConfig(max_failures=spec.ray.failure_config.max_failures)),
+        )
+        print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers", flush=True)
+        try:
+            with ProgressBar(actor, stage.name, stage.steps, enabled=spec.metrics.progress_bar):
+                result = trainer.fit()
+        finally:
+            ray.kill(actor)
+        if result.error:
+            raise RuntimeError(f"stage {stage.name} failed: {result.error}")
+        done = json.loads(layout.done_file(stage.name).read_text())
+        results[stage.name] = done
+        print(f"[moeforge] stage {stage.name}: done at step {done['step']}, "
+              f"loss {done['last'].get('loss', float('nan')):.4f}", flush=True)
+    return results

@@ -1,0 +1,49 @@
+"""Export training metrics as Ray metrics (Prometheus via Ray's metrics agent).
+
+Label sets are bounded: run and stage names, MoE layer index, expert index, loss part.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+MAX_EXPERT_LABELS = 256  # per-expert series are skipped beyond this many experts
+
+
+class RayGaugeSink:
+    def __init__(self, run: str, stage: str):
+        from ray.util.metrics import Gauge
+
+        keys = ("run", "stage")
+        self._tags = {"run": run, "stage": stage}
+        self.loss = Gauge("moeforge_loss", "Training loss part of the last step", tag_keys=keys + ("part",))
+        self.lr = Gauge("moeforge_learning_rate", "Learning rate of the last step", tag_keys=keys)
+        self.tps = Gauge("moeforge_tokens_per_second", "Training tokens per second, all ranks", tag_keys=keys)
+        self.gnorm = Gauge("moeforge_grad_norm", "Global gradient norm before clipping", tag_keys=keys)
+        self.step = Gauge("moeforge_step", "Optimizer steps done in the stage", tag_keys=keys)
+        self.maxload = Gauge("moeforge_expert_max_over_mean", "Busiest expert's tokens / mean, per MoE layer",
+                             tag_keys=keys + ("layer",))
+        self.expert = Gauge("moeforge_expert_tokens", "Tokens routed to each expert in the last step",
+                            tag_keys=keys + ("layer", "expert"))
+        self.eval = Gauge("moeforge_eval_loss", "Held-out loss per domain", tag_keys=keys + ("domain",))
+
+    def log(self, r: dict[str, Any]) -> None:
+        t = self._tags
+        for part in ("loss", "ce", "lbl", "z_loss"):
+            if part in r:
+                self.loss.set(r[part], tags={**t, "part": part})
+        self.lr.set(r["lr"], tags=t)
+        self.tps.set(r["tokens_per_s"], tags=t)
+        self.gnorm.set(r["grad_norm"], tags=t)
+        self.step.set(r["step"], tags=t)
+        for key, v in r.items():
+            parts = key.split("/")
+            if parts[0] == "moe" and parts[2] == "max_over_mean":
+                self.maxload.set(v, tags={**t, "layer": parts[1]})
+            elif parts[0] == "moe" and parts[2] == "tokens_per_expert" and len(v) <= MAX_EXPERT_LABELS:
+                for e, c in enumerate(v):
+                    self.expert.set(c, tags={**t, "layer": parts[1], "expert": str(e)})
+            elif parts[0] == "eval" and parts[-1] == "loss":
+                self.eval.set(v, tags={**t, "domain": parts[1]})
+
+    def close(self) -> None:
+        pass

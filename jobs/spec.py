@@ -1,0 +1,296 @@
+"""The job spec: one YAML file describing a run, typed and validated before anything launches."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import yaml
+
+from experts.config import ExpertsConfig
+from jobs.configtree import SpecError, build_dataclass, to_dict
+from system.data.config import DataConfig, SourceConfig
+from system.model import ModelConfig
+from system.schedules import ScheduleConfig
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str = "runs"  # the run directory is output_dir/name; shared storage on a cluster
+    seed: int = 1234
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            yield "name", f"{self.name!r} must be a non-empty name without '/', '\\\\', spaces or a leading '.'"
+        if not 0 <= self.seed < 2**63:
+            yield "seed", f"{self.seed} must be in [0, 2**63)"
+
+
+@dataclass
+class ParallelSection:
+    world_size: int = 1  # number of training workers (ranks)
+    expert_strategy: Literal["replicated"] = "replicated"
+    expert_parallel_size: int = 1
+    zero_stage: Literal[0, 1, 2] = 0
+    use_gpu: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    threads_per_worker: Optional[int] = None  # torch intra-op threads; default: CPUs per worker
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not 1 <= self.world_size <= 65536:
+            yield "world_size", f"{self.world_size} must be in [1, 65536]"
+        if self.expert_parallel_size < 1:
+            yield "expert_parallel_size", f"{self.expert_parallel_size} must be >= 1"
+        elif self.world_size % self.expert_parallel_size:
+            yield "expert_parallel_size", (f"{self.expert_parallel_size} does not divide "
+                                           f"world_size={self.world_size}")
+        if self.expert_strategy == "replicated" and self.expert_parallel_size != 1:
+            yield "expert_parallel_size", ("must be 1 with expert_strategy 'replicated' "
+                                           "(every rank holds every expert)")
+        if self.backend == "nccl" and not self.use_gpu:
+            yield "backend", "nccl needs use_gpu: true"
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            yield "threads_per_worker", f"{self.threads_per_worker} must be >= 1"
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not 0 < self.lr <= 10:
+            yield "lr", f"{self.lr} must be in (0, 10]"
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            yield "betas", f"{self.betas} must be two numbers in [0, 1)"
+        if not 0 < self.eps < 1:
+            yield "eps", f"{self.eps} must be in (0, 1)"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"{self.weight_decay} must be >= 0"
+
+
+@dataclass
+class StageDataSection:
+    """Per-stage data overrides; unset fields take the top-level `data` section's values."""
+
+    sources: Optional[list[SourceConfig]] = None
+
+
+@dataclass
+class StageSection:
+    name: str
+    kind: Literal["pretrain", "continual", "distill"] = "pretrain"
+    steps: int = 100  # optimizer updates in this stage
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    grad_accum_steps: int = 1
+    global_batch_size: Optional[int] = None  # if set, must equal micro x accum x data-parallel
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
+    eval_every: int = 0  # steps between held-out evaluations; 0 disables
+    eval_batches: int = 4  # held-out micro-batches per domain per evaluation
+    data: StageDataSection = field(default_factory=StageDataSection)
+    init_from: Optional[str] = None  # an earlier stage's name or a checkpoint directory
+    init_weights_only: bool = True  # load only weights from init_from (not optimizer/data state)
+    world_size: Optional[int] = None  # overrides parallel.world_size for this stage
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
+            yield "name", f"{self.name!r} must be a non-empty name without '/', '\\\\', spaces or a leading '.'"
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "checkpoint_every", "eval_batches"):
+            if getattr(self, key) < 1:
+                yield key, f"{getattr(self, key)} must be >= 1"
+        if self.eval_every < 0:
+            yield "eval_every", f"{self.eval_every} must be >= 0"
+        if self.grad_clip < 0:
+            yield "grad_clip", f"{self.grad_clip} must be >= 0"
+        if self.world_size is not None and self.world_size < 1:
+            yield "world_size", f"{self.world_size} must be >= 1"
+        if self.kind == "distill":
+            yield "kind", ("'distill' stages (teacher, KD losses) are not available in this version; "
+                           "use 'pretrain' or 'continual'")
+
+
+@dataclass
+class ScalingSection:
+    num_workers: Optional[int] = None  # if set, must equal parallel.world_size
+    use_gpu: Optional[bool] = None  # if set, must equal parallel.use_gpu
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+
+
+@dataclass
+class RunConfigSection:
+    name: Optional[str] = None  # Ray's experiment name; default: run.name + stage name
+    storage_path: Optional[str] = None  # where Ray Train keeps its state; default: run dir/ray
+
+
+@dataclass
+class FailureSection:
+    max_failures: int = 0  # worker-group restarts; restarted workers resume from the latest checkpoint
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.max_failures < -1:
+            yield "max_failures", f"{self.max_failures} must be >= -1 (-1: retry forever)"
+
+
+@dataclass
+class CheckpointSection:
+    num_to_keep: Optional[int] = None  # newest checkpoints kept per stage; null keeps all
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.num_to_keep is not None and self.num_to_keep < 1:
+            yield "num_to_keep", f"{self.num_to_keep} must be >= 1"
+
+
+@dataclass
+class RaySection:
+    scaling_config: ScalingSection = field(default_factory=ScalingSection)
+    run_config: RunConfigSection = field(default_factory=RunConfigSection)
+    failure_config: FailureSection = field(default_factory=FailureSection)
+    checkpoint_config: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+@dataclass
+class MetricsSection:
+    log_every: int = 1  # steps between JSON metric lines
+    ray_metrics: bool = True  # export gauges through ray.util.metrics
+    progress_bar: bool = True
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.log_every < 1:
+            yield "log_every", f"{self.log_every} must be >= 1"
+
+
+# DeepSpeed keys the spec sets from its own typed fields; passing them through would let the
+# two disagree.
+_OWNED_DS_KEYS = {
+    "train_batch_size": "stages[*].global_batch_size",
+    "train_micro_batch_size_per_gpu": "stages[*].micro_batch_size",
+    "gradient_accumulation_steps": "stages[*].grad_accum_steps",
+    "gradient_clipping": "stages[*].grad_clip",
+    "optimizer": "stages[*].optimizer",
+    "scheduler": "stages[*].lr_schedule",
+}
+
+
+@dataclass
+class JobSpec:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageSection] = field(default_factory=list)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    ray: RaySection = field(default_factory=RaySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    # -- derived values -------------------------------------------------------------
+    def stage_world_size(self, i: int) -> int:
+        return self.stages[i].world_size or self.parallel.world_size
+
+    def stage_data(self, i: int) -> DataConfig:
+        """The data config in force for stage i (top-level data with the stage's overrides)."""
+        from dataclasses import replace
+        ov = self.stages[i].data
+        return replace(self.data, sources=ov.sources) if ov.sources is not None else self.data
+
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir).absolute() / self.run.name
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    # -- cross-field validation -----------------------------------------------------
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.stages:
+            yield "stages", "at least one stage is required"
+        seen: dict[str, int] = {}
+        all_names = [s.name for s in self.stages]
+        for i, st in enumerate(self.stages):
+            p = f"stages[{i}]"
+            if st.name in seen:
+                yield f"{p}.name", f"{st.name!r} is already the name of stages[{seen[st.name]}]"
+            ws = self.stage_world_size(i)
+            dp = ws  # dense parameters are data-parallel over every rank
+            implied = st.micro_batch_size * st.grad_accum_steps * dp
+            if st.global_batch_size is not None and st.global_batch_size != implied:
+                yield f"{p}.global_batch_size", (
+                    f"{st.global_batch_size} != micro_batch_size {st.micro_batch_size} x grad_accum_steps "
+                    f"{st.grad_accum_steps} x data-parallel size {dp} = {implied}")
+            if ws % self.parallel.expert_parallel_size:
+                yield f"{p}.world_size", (f"{ws} is not divisible by parallel.expert_parallel_size="
+                                          f"{self.parallel.expert_parallel_size}")
+            if st.init_from is not None:
+                if st.init_from in seen:
+                    pass
+                elif st.init_from in all_names:
+                    yield f"{p}.init_from", (f"{st.init_from!r} names a later stage (or this one); "
+                                             "a stage can only start from an earlier stage")
+                elif not Path(st.init_from).is_dir():
+                    yield f"{p}.init_from", (f"{st.init_from!r} is neither an earlier stage "
+                                             f"({list(seen) or 'none'}) nor an existing checkpoint directory")
+            if st.data.sources is not None:
+                yield from _check_sources(st.data.sources, f"{p}.data.sources")
+            seen.setdefault(st.name, i)
+        yield from _check_sources(self.data.sources, "data.sources")
+        if self.data.tokenizer.kind == "hf" and self.data.tokenizer.path and not Path(
+                self.data.tokenizer.path).is_dir():
+            yield "data.tokenizer.path", f"{self.data.tokenizer.path!r} is not a directory"
+        if self.model.num_experts % self.parallel.expert_parallel_size:
+            yield "model.num_experts", (f"{self.model.num_experts} is not divisible by "
+                                        f"parallel.expert_parallel_size={self.parallel.expert_parallel_size}")
+        sc = self.ray.scaling_config
+        if sc.num_workers is not None and sc.num_workers != self.parallel.world_size:
+            yield "ray.scaling_config.num_workers", (f"{sc.num_workers} != parallel.world_size="
+                                                     f"{self.parallel.world_size}; set one of them")
+        if sc.use_gpu is not None and sc.use_gpu != self.parallel.use_gpu:
+            yield "ray.scaling_config.use_gpu", f"{sc.use_gpu} != parallel.use_gpu={self.parallel.use_gpu}"
+        for k, v in sc.resources_per_worker.items():
+            if v < 0:
+                yield f"ray.scaling_config.resources_per_worker.{k}", f"{v} must be >= 0"
+        for key, owner in _OWNED_DS_KEYS.items():
+            if key in self.deepspeed:
+                yield f"deepspeed.{key}", f"is set by the spec; use {owner} instead"
+        if "zero_optimization" in self.deepspeed and "stage" in (self.deepspeed["zero_optimization"] or {}):
+            yield "deepspeed.zero_optimization.stage", "is set by the spec; use parallel.zero_stage instead"
+
+
+def _check_sources(sources: list[SourceConfig], path: str) -> Iterator[tuple[str, str]]:
+    for j, src in enumerate(sources):
+        for k, f in enumerate(src.paths):
+            if not Path(f).exists():
+                yield f"{path}[{j}].paths[{k}]", f"{f!r} does not exist"
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Build and validate a JobSpec from plain data; raises SpecError listing every problem."""
+    problems: list[tuple[str, str]] = []
+    if not isinstance(data, dict):
+        raise SpecError([("", f"the top level must be a mapping, got {type(data).__name__}")], source)
+    spec = build_dataclass(JobSpec, data, "", problems)
+    if problems:
+        raise SpecError(problems, source)
+    return spec
+
+
+def load_spec(path: str | os.PathLike) -> JobSpec:
+    """Read a YAML job spec from disk and validate it (nothing is launched or written)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([("", f"spec file {str(p)!r} does not exist")], str(p))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError([("", f"YAML syntax error: {e}")], str(p)) from None
+    return parse_spec(data, str(p))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)

@@ -1,0 +1,127 @@
+"""Run one stage of a job on the current rank: build data, model, engine; resume; train.
+
+Called by every Ray Train worker (see `jobs.orchestrate`), and directly by tests on gloo ranks.
+torch.distributed must already be initialised when the world has more than one rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from jobs.configtree import to_dict
+from jobs.layout import RunLayout
+from jobs.spec import JobSpec, parse_spec
+from parallel import dist as pdist
+from system.checkpoint import (CheckpointManager, atomic_write_text, latest_checkpoint,
+                               load_module_weights, read_manifest, resolve_checkpoint)
+from system.data import DataStream, MixtureSampler, PackedCorpus, holdout_batches
+from system.metrics import JsonlSink, MetricSink
+from system.model import Transformer
+from system.trainer import Trainer, TrainerHooks
+
+
+def build_model(spec: JobSpec, vocab_size: int) -> Transformer:
+    from dataclasses import replace
+    mcfg = spec.model if spec.model.vocab_size is not None else replace(spec.model, vocab_size=vocab_size)
+    if mcfg.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({vocab_size})")
+    return Transformer(mcfg, spec.experts.router.normalize_topk, spec.experts.backend)
+
+
+def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Optional[Path]:
+    """The checkpoint a stage starts from: an earlier stage's final one, or a user path."""
+    ref = spec.stages[stage_index].init_from
+    if ref is None:
+        return None
+    names = [s.name for s in spec.stages[:stage_index]]
+    if ref in names:
+        ckpt = latest_checkpoint(layout.checkpoints(ref))
+        if ckpt is None or not read_manifest(ckpt).get("final"):
+            raise ValueError(f"stages[{stage_index}].init_from: stage {ref!r} has not finished "
+                             f"(no final checkpoint under {layout.checkpoints(ref)})")
+        return ckpt
+    return resolve_checkpoint(ref)
+
+
+def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple[MetricSink, ...] = (),
+              on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+    """Train stage `stage_index` of the spec on this rank; return the last step's metrics."""
+    spec = parse_spec(spec_dict)
+    stage = spec.stages[stage_index]
+    rank, world = pdist.rank(), pdist.world_size()
+    pdist.configure_accelerator(spec.parallel.use_gpu)
+    import deepspeed  # after DS_ACCELERATOR is set
+
+    if not pdist.is_dist():
+        pdist.init_single_process_group(spec.parallel.backend, spec.parallel.use_gpu)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    if spec.parallel.threads_per_worker:
+        torch.set_num_threads(spec.parallel.threads_per_worker)
+    layout = RunLayout(spec.run_dir())
+
+    data_cfg = spec.stage_data(stage_index)
+    corpus = PackedCorpus.build(data_cfg)
+    # Same seed on every rank: the replicated (dense) parameters must start identical.
+    torch.manual_seed(spec.run.seed + 1000 * stage_index)
+    model = build_model(spec, corpus.tokenizer.vocab_size)
+    if spec.parallel.use_gpu and torch.cuda.is_available():
+        model = model.cuda(int(os.environ.get("LOCAL_RANK", 0)))
+    init_ckpt = resolve_init_from(spec, stage_index, layout)
+    if init_ckpt is not None:
+        model.load_state_dict(load_module_weights(init_ckpt))
+
+    from parallel.engine import build_engine
+    engine = build_engine(model, stage, spec.parallel, spec.deepspeed, world)
+    if init_ckpt is not None and not stage.init_weights_only:
+        # Full state: optimizer moments too (the LR schedule restarts with this stage).
+        engine.load_checkpoint(str(init_ckpt.parent), tag=init_ckpt.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+
+    weights = {s.name: s.weight for s in data_cfg.sources}
+    sampler = MixtureSampler({d: len(corpus.train[d]) for d in corpus.domains}, weights,
+                             seed=spec.run.seed + stage_index)
+    stream = DataStream(corpus.train, sampler, rank, world, stage.micro_batch_size)
+
+    def eval_batches():
+        return {d: list(holdout_batches(corpus.holdout, d, stage.micro_batch_size, stage.eval_batches))
+                for d in corpus.domains}
+
+    sinks: list[MetricSink] = list(extra_sinks)
+    if rank == 0:
+        sinks.insert(0, JsonlSink(layout.metrics_file))
+    ckpt = CheckpointManager(layout.checkpoints(stage.name), rank, pdist.barrier,
+                             spec.ray.checkpoint_config.num_to_keep)
+    manifest_base = {"run": spec.run.name, "spec": to_dict(spec), "tokenizer": corpus.tokenizer.fingerprint,
+                     "init_from": str(init_ckpt) if init_ckpt else None}
+    trainer = Trainer(engine=engine, model=model, stream=stream, holdout_batches=eval_batches, stage=stage,
+                      balancing=spec.experts.balancing, stage_name=stage.name, sinks=sinks, ckpt=ckpt,
+                      manifest_base=manifest_base, log_every=spec.metrics.log_every,
+                      hooks=TrainerHooks(on_step=on_step))
+    resume_from = latest_checkpoint(ckpt.root)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        if rank == 0:
+            print(f"[moeforge] stage {stage.name}: resumed from {resume_from} at step {trainer.state.step}",
+                  flush=True)
+    try:
+        last = trainer.fit()
+    finally:
+        for s in sinks:
+            s.close()
+    if rank == 0:
+        final = latest_checkpoint(ckpt.root)
+        consumed = {"sampler": {"seed": sampler.seed, "weights": weights,
+                                "sizes": {d: len(corpus.train[d]) for d in corpus.domains}},
+                    "positions": [trainer.state.data_start, stream.position],
+                    "data": to_dict(data_cfg), "tokenizer": corpus.tokenizer.fingerprint}
+        atomic_write_text(layout.consumed_file(stage.name), json.dumps(consumed, indent=1))
+        atomic_write_text(layout.done_file(stage.name), json.dumps(
+            {"step": trainer.state.step, "tokens": trainer.state.tokens, "checkpoint": str(final),
+             "last": {k: v for k, v in last.items() if not k.startswith("moe/")}}, indent=1))
+    pdist.barrier()
+    return last

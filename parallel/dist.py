@@ -1,0 +1,59 @@
+"""Thin helpers over torch.distributed that also work in a single, non-distributed process."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor; the input is left unchanged)."""
+    out = t.detach().clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def resolve_backend(requested: str, use_gpu: bool) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+
+
+def configure_accelerator(use_gpu: bool) -> None:
+    """DeepSpeed picks its accelerator from DS_ACCELERATOR at import time: set it first."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+
+
+def init_single_process_group(requested_backend: str, use_gpu: bool) -> None:
+    """A 1-rank process group on loopback, for running the distributed code path alone."""
+    from parallel.testing import free_port
+
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
+    dist.init_process_group(resolve_backend(requested_backend, use_gpu), rank=0, world_size=1,
+                            init_method=f"tcp://127.0.0.1:{free_port()}")

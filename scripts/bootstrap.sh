@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install moeforge with its dependencies. Idempotent: re-runs only when
+# pyproject.toml or this script changed. torch comes first, as the CPU build on machines
+# without an NVIDIA GPU, so that nothing later pulls CUDA wheels onto a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${MOEFORGE_VENV:-.venv}
+TORCH_VERSION=${MOEFORGE_TORCH:-2.13.0}
+stamp="$VENV/.moeforge-installed"
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" --upgrade "pip>=23" setuptools wheel
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "${pip[@]}" "torch==$TORCH_VERSION"
+else
+  # On the CPU machines this project targets, this version is a CPU build already on disk.
+  "${pip[@]}" "torch==$TORCH_VERSION"
+  "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if not torch.version.cuda else 1)" || {
+    echo "bootstrap: torch $TORCH_VERSION resolved to a CUDA build on a CPU machine; set MOEFORGE_TORCH" >&2
+    exit 1; }
+fi
+# DeepSpeed ships as a source package whose setup imports torch: build it against ours.
+DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "deepspeed>=0.19,<0.20"
+"${pip[@]}" -e ".[test]"
+echo "$want" > "$stamp"

@@ -1,0 +1,1 @@
+"""Model, data, schedules, trainer, checkpoints and metrics (single-device unless stated)."""

@@ -1,0 +1,165 @@
+"""Atomic checkpoints of a training stage.
+
+Layout of a stage's checkpoint root:
+    step_00000050/          one complete checkpoint (DeepSpeed shards + our state)
+        moeforge.json       manifest, written last: a directory without it is incomplete
+        rng_rank{r}.pt      per-rank RNG states
+    latest                  the tag of the newest complete checkpoint (replaced atomically)
+
+A checkpoint is first written under `.tmp-step_...`, then renamed into place once every rank
+has finished, and only then does `latest` move. A crash at any point leaves the previous
+checkpoint as the latest; stray `.tmp-*` directories are removed by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+MANIFEST = "moeforge.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def is_complete(ckpt_dir: Path) -> bool:
+    return (ckpt_dir / MANIFEST).is_file()
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {ckpt_dir} has no readable {MANIFEST}: {e}") from None
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root`, or None.
+
+    Trusts `latest` when it names a complete checkpoint; otherwise falls back to the
+    highest-numbered complete `step_*` directory (e.g. `latest` lost in a crash).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    latest = root / LATEST
+    if latest.is_file():
+        cand = root / latest.read_text().strip()
+        if cand.name.startswith("step_") and is_complete(cand):
+            return cand
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a user path: a checkpoint itself or a root holding them."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    for root in (p, p / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise ValueError(f"{str(p)!r} holds no complete checkpoint (no {MANIFEST} in it or under it)")
+
+
+class CheckpointManager:
+    """Saves and finds a stage's checkpoints; every rank calls `save`, rank 0 commits."""
+
+    def __init__(self, root: Path, rank: int, barrier: Callable[[], None], num_to_keep: Optional[int] = None):
+        self.root, self.rank, self.barrier, self.num_to_keep = Path(root), rank, barrier, num_to_keep
+
+    def save(self, engine, step: int, client_state: dict[str, Any], manifest: dict[str, Any]) -> Path:
+        tag = tag_for(step)
+        tmp_tag = f".tmp-{tag}"
+        final = self.root / tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), self.root / tmp_tag / f"rng_rank{self.rank}.pt")
+        self.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            atomic_write_text(self.root / tmp_tag / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            if final.exists():  # a re-run of the same step after a crash past the rename
+                shutil.rmtree(final)
+            os.rename(self.root / tmp_tag, final)
+            _fsync_dir(self.root)
+            atomic_write_text(self.root / LATEST, tag)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if not self.num_to_keep:
+            return
+        done = sorted(p for p in self.root.glob("step_*") if is_complete(p))
+        for old in done[:-self.num_to_keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, engine, ckpt: Path) -> dict[str, Any]:
+        """Restore engine (model, optimizer, scheduler) and this rank's RNG; return client state."""
+        _, client_state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        if client_state is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {ckpt}")
+        rng_file = ckpt / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client_state
+
+
+def load_module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, independent of world size and ZeRO stage."""
+    files = sorted(Path(ckpt).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ValueError(f"checkpoint {ckpt} has no model state file (mp_rank_*_model_states.pt)")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return state["module"]

@@ -1,0 +1,271 @@
+"""A deterministic, resumable mixture sampler: global position -> (domain, chunk index).
+
+The mapping is a pure function of (seed, weights, domain sizes, position), so any process
+can compute any position without replaying the past:
+
+* positions are grouped into blocks of `BLOCK` (1024); each block holds a fixed number of
+  draws per domain (largest-remainder rounding of the normalised weights), so the mixture
+  proportions are exact over every block, in an order shuffled per (seed, block);
+* the j-th draw of domain d (j = block * count_d + rank of the draw within its block) is
+  chunk `perm(seed, d, epoch)[j % n_d]` with epoch = j // n_d: every chunk is drawn once
+  per epoch before any chunk repeats.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+
+BLOCK = 1024
+# Tags keep the random streams of block orders and chunk permutations independent.
+_TAG_BLOCK = 1
+_TAG_EPOCH = 2
+_CACHE_ENTRIES = 64  # recently used permutations kept per sampler (memory vs. recompute)
+
+
+class MixtureSampler:
+    """Maps global sample positions to (domain name, chunk index)."""
+
+    def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], seed: int) -> None:
+        if set(sizes) != set(weights):
+            raise ValueError(f"sampler: domains with sizes {sorted(sizes)} differ from domains"
+                             f" with weights {sorted(weights)}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"sampler: seed must be a non-negative integer, got {seed!r}")
+        self.domains: list[str] = list(sizes)  # the order of `sizes`; "domain" ids index it
+        self.sizes = {d: int(sizes[d]) for d in self.domains}
+        self.weights = {d: float(weights[d]) for d in self.domains}
+        self.seed = int(seed)
+        for d in self.domains:
+            if self.weights[d] < 0 or not np.isfinite(self.weights[d]):
+                raise ValueError(f"sampler: weight of {d!r} is {self.weights[d]}; must be >= 0")
+            if self.weights[d] > 0 and self.sizes[d] < 1:
+                raise ValueError(f"sampler: domain {d!r} has weight {self.weights[d]} but no chunks")
+        if sum(self.weights.values()) <= 0:
+            raise ValueError("sampler: the domain weights must not all be zero")
+        self.counts = _block_counts([self.weights[d] for d in self.domains], BLOCK)
+        self._domain_keys = [_name_key(d) for d in self.domains]
+        self._blocks: OrderedDict = OrderedDict()
+        self._perms: OrderedDict = OrderedDict()
+
+    def lookup(self, p: int) -> tuple[str, int]:
+        """The (domain name, chunk index) drawn at global position `p`."""
+        dom, idx = self.lookup_range(p, p + 1)
+        return self.domains[int(dom[0])], int(idx[0])
+
+    def lookup_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Domain ids (indices into `domains`) and chunk indices for positions start..stop-1."""
+        if start < 0 or stop < start:
+            raise ValueError(f"sampler: invalid position range [{start}, {stop})")
+        dom_out = np.empty(stop - start, dtype=np.int64)
+        idx_out = np.empty(stop - start, dtype=np.int64)
+        p = start
+        while p < stop:
+            block, lo = divmod(p, BLOCK)
+            hi = min(BLOCK, lo + (stop - p))
+            labels, ranks = self._block(block)
+            labels, ranks = labels[lo:hi], ranks[lo:hi]
+            out = slice(p - start, p - start + (hi - lo))
+            dom_out[out] = labels
+            for d in np.unique(labels):
+                sel = labels == d
+                uses = block * int(self.counts[d]) + ranks[sel]
+                idx_out[out][sel] = self._chunks_for_uses(int(d), uses)
+            p += hi - lo
+        return dom_out, idx_out
+
+    def consumed(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Per domain, the sorted unique chunk indices drawn by positions start..stop-1."""
+        if start < 0 or stop < start:
+            raise ValueError(f"sampler: invalid position range [{start}, {stop})")
+        parts: dict[int, list[np.ndarray]] = {d: [] for d in range(len(self.domains))}
+        first_full = -(-start // BLOCK)
+        last_full = stop // BLOCK
+        if first_full >= last_full:  # no whole block inside: look positions up directly
+            self._add_drawn(parts, start, stop)
+        else:
+            self._add_drawn(parts, start, first_full * BLOCK)
+            self._add_drawn(parts, last_full * BLOCK, stop)
+            # Whole blocks draw a contiguous run of uses per domain; no per-position work.
+            for d in range(len(self.domains)):
+                c = int(self.counts[d])
+                if c:
+                    parts[d].append(self._chunks_for_use_span(d, first_full * c, last_full * c))
+        return {self.domains[d]: np.unique(np.concatenate(parts[d])) if parts[d]
+                else np.zeros(0, dtype=np.int64) for d in parts}
+
+    def _add_drawn(self, parts: dict[int, list[np.ndarray]], start: int, stop: int) -> None:
+        if stop <= start:
+            return
+        dom, idx = self.lookup_range(start, stop)
+        for d in np.unique(dom):
+            parts[int(d)].append(idx[dom == d])
+
+    def _chunks_for_use_span(self, d: int, j_lo: int, j_hi: int) -> np.ndarray:
+        n = self.sizes[self.domains[d]]
+        if j_hi - j_lo >= n:
+            return np.arange(n, dtype=np.int64)  # a full epoch's worth: every chunk
+        return self._chunks_for_uses(d, np.arange(j_lo, j_hi, dtype=np.int64))
+
+    def _chunks_for_uses(self, d: int, uses: np.ndarray) -> np.ndarray:
+        """Chunk indices of the draws numbered `uses` of domain `d`."""
+        n = self.sizes[self.domains[d]]
+        epochs, within = np.divmod(uses, n)
+        out = np.empty(len(uses), dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(d, int(e))[within[sel]]
+        return out
+
+    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(domain id per offset, rank of that draw among its domain's draws) for a block."""
+        hit = self._blocks.get(block)
+        if hit is not None:
+            self._blocks.move_to_end(block)
+            return hit
+        labels = np.repeat(np.arange(len(self.domains), dtype=np.int64), self.counts)
+        _rng(self.seed, _TAG_BLOCK, block).shuffle(labels)
+        order = np.argsort(labels, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        ranks = np.empty(BLOCK, dtype=np.int64)
+        ranks[order] = np.arange(BLOCK) - starts[labels[order]]
+        return _remember(self._blocks, block, (labels, ranks))
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        hit = self._perms.get(key)
+        if hit is not None:
+            self._perms.move_to_end(key)
+            return hit
+        n = self.sizes[self.domains[d]]
+        perm = _rng(self.seed, _TAG_EPOCH, self._domain_keys[d], epoch).permutation(n)
+        return _remember(self._perms, key, perm)
+
+
+class DataStream:
+    """One data-parallel rank's micro-batches from a `MixtureSampler`.
+
+    Each call consumes the next `dp_size * micro_batch_size` global positions; this rank
+    takes the slice `[dp_rank * B, (dp_rank + 1) * B)` of them. `position` (the next
+    unconsumed global position) is the same on every rank, so resuming from it continues
+    exactly, even with a different dp_size as long as dp_size * B is unchanged.
+    """
+
+    def __init__(self, corpus_train: Mapping[str, np.ndarray], sampler: MixtureSampler,
+                 dp_rank: int, dp_size: int, micro_batch_size: int,
+                 start_position: int = 0) -> None:
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"data stream: dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
+        if micro_batch_size < 1:
+            raise ValueError(f"data stream: micro_batch_size {micro_batch_size} must be >= 1")
+        if start_position < 0:
+            raise ValueError(f"data stream: start_position {start_position} must be >= 0")
+        for d in sampler.domains:
+            if d not in corpus_train:
+                raise ValueError(f"data stream: the corpus has no domain {d!r}")
+            if len(corpus_train[d]) != sampler.sizes[d]:
+                raise ValueError(f"data stream: domain {d!r} has {len(corpus_train[d])} chunks"
+                                 f" but the sampler was built for {sampler.sizes[d]}")
+        self.corpus = corpus_train
+        self.sampler = sampler
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.micro_batch_size = micro_batch_size
+        self.position = int(start_position)
+
+    @property
+    def positions_per_call(self) -> int:
+        return self.dp_size * self.micro_batch_size
+
+    def next_microbatch(self) -> dict[str, torch.Tensor]:
+        """{"input_ids": (B, T), "labels": (B, T), "domain": (B,)} int64 tensors for this rank."""
+        first = self.position + self.dp_rank * self.micro_batch_size
+        doms_B, idxs_B = self.sampler.lookup_range(first, first + self.micro_batch_size)
+        width = self.corpus[self.sampler.domains[int(doms_B[0])]].shape[1]  # W = seq_len + 1
+        tokens_BW = np.empty((self.micro_batch_size, width), dtype=np.int64)
+        for d in np.unique(doms_B):
+            sel = doms_B == d
+            tokens_BW[sel] = self.corpus[self.sampler.domains[int(d)]][idxs_B[sel]]
+        self.position += self.positions_per_call
+        tokens_BW = torch.from_numpy(tokens_BW)
+        return {"input_ids": tokens_BW[:, :-1].contiguous(),
+                "labels": tokens_BW[:, 1:].contiguous(),
+                "domain": torch.from_numpy(doms_B)}
+
+    def consumed(self, start: int = 0, stop: Optional[int] = None) -> dict[str, np.ndarray]:
+        """Per domain, the sorted unique chunks drawn by all ranks in [start, stop or position)."""
+        return self.sampler.consumed(start, self.position if stop is None else stop)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.sampler.seed,
+                "weights": dict(self.sampler.weights)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from a saved position; the seed and weights must match this stream's."""
+        if int(state["seed"]) != self.sampler.seed:
+            raise ValueError(f"data stream state: saved seed {state['seed']} differs from"
+                             f" this stream's seed {self.sampler.seed}")
+        saved = {k: float(v) for k, v in dict(state["weights"]).items()}
+        if saved != self.sampler.weights:
+            raise ValueError(f"data stream state: saved mixture weights {saved} differ from"
+                             f" this stream's {self.sampler.weights}; resuming would change"
+                             " which samples are drawn")
+        position = int(state["position"])
+        if position < 0:
+            raise ValueError(f"data stream state: position {position} must be >= 0")
+        self.position = position
+
+
+def holdout_batches(holdout: Mapping[str, np.ndarray], name: str, batch_size: int,
+                    max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Evaluation batches {"input_ids", "labels"} of domain `name`, chunks in stored order.
+
+    The last batch may be smaller than `batch_size`; at most `max_batches` are yielded.
+    """
+    if name not in holdout:
+        raise ValueError(f"holdout: no domain {name!r}; have {sorted(holdout)}")
+    if batch_size < 1:
+        raise ValueError(f"holdout: batch_size {batch_size} must be >= 1")
+    chunks = holdout[name]
+    n_batches = -(-len(chunks) // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        tokens_BW = torch.from_numpy(
+            np.asarray(chunks[b * batch_size:(b + 1) * batch_size], dtype=np.int64))
+        yield {"input_ids": tokens_BW[:, :-1].contiguous(), "labels": tokens_BW[:, 1:].contiguous()}
+
+
+def _remember(cache: OrderedDict, key, value):
+    cache[key] = value
+    if len(cache) > _CACHE_ENTRIES:
+        cache.popitem(last=False)
+    return value
+
+
+def _block_counts(weights: list[float], total: int) -> np.ndarray:
+    """Largest-remainder integer counts summing to `total`, proportional to `weights`.
+
+    Ties go to the earlier domain; zero weights always get zero.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    quota = w / w.sum() * total
+    counts = np.floor(quota).astype(np.int64)
+    frac = quota - counts
+    frac[w == 0] = -1.0  # never round a zero-weight domain up
+    short = total - int(counts.sum())
+    order = np.lexsort((np.arange(len(w)), -frac))  # largest remainder first, then spec order
+    counts[order[:short]] += 1
+    return counts
+
+
+def _name_key(name: str) -> int:
+    # A domain's permutations follow its name, not its position in the list.
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))

@@ -1,0 +1,41 @@
+"""The training objective: next-token cross-entropy plus the MoE auxiliary losses."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from experts.config import BalancingConfig
+from experts.losses import load_balancing_loss, router_z_loss
+from system.model import ModelOutput
+
+
+def lm_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1))
+
+
+def training_loss(out: ModelOutput, labels_BT: torch.Tensor, bal: BalancingConfig,
+                  counts_override: Optional[Sequence[torch.Tensor]] = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts (each detached, for logging).
+
+    The LBL uses each layer's local counts unless `counts_override` passes other counts
+    (one (E,) tensor per MoE layer), e.g. counts reduced over a larger batch.
+    Auxiliary terms are averaged over MoE layers, then scaled by their coefficients.
+    """
+    ce = lm_cross_entropy(out.logits_BTV, labels_BT)
+    total = ce
+    parts = {"ce": ce.detach()}
+    if out.moe_aux:
+        n = len(out.moe_aux)
+        lbl = sum(load_balancing_loss(a.probs_TE, (counts_override[i] if counts_override else a.counts_E), a.top_k)
+                  for i, a in enumerate(out.moe_aux)) / n
+        z = sum(router_z_loss(a.logits_TE) for a in out.moe_aux) / n
+        parts["lbl"], parts["z_loss"] = lbl.detach(), z.detach()
+        if bal.lbl != "none" and bal.lbl_coeff > 0:
+            total = total + bal.lbl_coeff * lbl
+        if bal.z_loss_coeff > 0:
+            total = total + bal.z_loss_coeff * z
+    parts["loss"] = total.detach()
+    return total, parts

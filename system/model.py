@@ -1,0 +1,191 @@
+"""A decoder-only transformer with MoE feed-forward layers. Single-device code.
+
+Token embedding -> N x [RMSNorm -> causal attention (RoPE, SDPA) -> RMSNorm -> FFN or MoE]
+-> RMSNorm -> output head (tied or untied).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experts.layer import MoEAux, MoELayer, init_std_for_depth
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. `vocab_size: null` takes the tokenizer's vocabulary size."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512  # hidden size of the dense SwiGLU FFN layers
+    moe_layers: Union[str, list[int]] = "all"  # "all", "none", "every_2" or explicit indices
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 256  # hidden size of each expert's SwiGLU FFN
+    vocab_size: Optional[int] = None
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "top_k", "d_expert"):
+            if getattr(self, name) < 1:
+                yield name, f"{getattr(self, name)} must be >= 1"
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            yield "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+        elif self.n_heads >= 1 and (self.d_model // self.n_heads) % 2:
+            yield "n_heads", f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings"
+        if self.top_k > self.num_experts:
+            yield "top_k", f"{self.top_k} exceeds num_experts={self.num_experts}"
+        if self.vocab_size is not None and self.vocab_size < 2:
+            yield "vocab_size", f"{self.vocab_size} must be >= 2"
+        try:
+            self.moe_layer_ids()
+        except ValueError as e:
+            yield "moe_layers", str(e)
+
+    def moe_layer_ids(self) -> list[int]:
+        spec = self.moe_layers
+        if isinstance(spec, str):
+            if spec == "all":
+                return list(range(self.n_layers))
+            if spec == "none":
+                return []
+            if spec.startswith("every_") and spec[6:].isdigit() and int(spec[6:]) >= 1:
+                n = int(spec[6:])
+                return [i for i in range(self.n_layers) if i % n == n - 1]
+            raise ValueError(f"{spec!r} is not 'all', 'none', 'every_N' or a list of layer indices")
+        bad = [i for i in spec if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range [0, {self.n_layers})")
+        if len(set(spec)) != len(spec):
+            raise ValueError(f"{spec} repeats a layer index")
+        return sorted(spec)
+
+
+@dataclass
+class ModelOutput:
+    logits_BTV: torch.Tensor
+    moe_aux: list[MoEAux] = field(default_factory=list)  # one entry per MoE layer, in order
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_TH = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_TH.cos(), angles_TH.sin()
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position-dependent angles."""
+    x1, x2 = x_BHTd.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos_TH - x2 * sin_TH, x1 * sin_TH + x2 * cos_TH], dim=-1)
+    return out.to(x_BHTd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TH, sin_TH) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos_TH, sin_TH), apply_rope(k, cos_TH, sin_TH)  # (B, H, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, normalize_topk: bool, backend: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = moe
+        self.ffn = (MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, normalize_topk, backend)
+                    if moe else DenseFFN(cfg.d_model, cfg.d_ff))
+
+    def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+        h = self.ffn_norm(x_BTD)
+        if self.is_moe:
+            y, aux = self.ffn(h)
+            return x_BTD + y, aux
+        return x_BTD + self.ffn(h), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, normalize_topk: bool = True, backend: str = "reference"):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = cfg
+        moe_ids = set(cfg.moe_layer_ids())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, normalize_topk, backend) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std, out_std = self.cfg.init_std, init_std_for_depth(self.cfg.init_std, self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=std)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.qkv.weight, std=std)
+            nn.init.normal_(blk.attn.proj.weight, std=out_std)
+            if blk.is_moe:
+                blk.ffn.reset_parameters(std, out_std)
+            else:
+                nn.init.normal_(blk.ffn.w1.weight, std=std)
+                nn.init.normal_(blk.ffn.w3.weight, std=std)
+                nn.init.normal_(blk.ffn.w2.weight, std=out_std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, input_ids_BT: torch.Tensor) -> ModelOutput:
+        B, T = input_ids_BT.shape
+        cos_TH, sin_TH = rope_tables(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
+                                     input_ids_BT.device)
+        x_BTD = self.embed(input_ids_BT)
+        aux: list[MoEAux] = []
+        for blk in self.blocks:
+            x_BTD, a = blk(x_BTD, cos_TH, sin_TH)
+            if a is not None:
+                aux.append(a)
+        h = self.norm(x_BTD)
+        logits = h @ self.embed.weight.t() if self.head is None else self.head(h)
+        return ModelOutput(logits, aux)
