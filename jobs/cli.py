@@ -20,10 +20,21 @@ EXIT_SPEC = 2
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
-def _load(path: str, output_dir: Optional[str] = None):
-    from jobs.spec import load_spec
+SPEC_ENV = "MOEFORGE_SPEC_YAML"
 
-    spec = load_spec(path)
+
+def _load(path: str, output_dir: Optional[str] = None):
+    from jobs.spec import load_spec, parse_spec_text
+
+    # `env:NAME` reads the spec text from an environment variable: how `submit` ships a spec
+    # that lives outside the uploaded working directory.
+    if path.startswith("env:"):
+        text = os.environ.get(path[4:])
+        if text is None:
+            raise SpecError([("", f"environment variable {path[4:]} is not set")], path)
+        spec = parse_spec_text(text, path)
+    else:
+        spec = load_spec(path)
     if output_dir:
         spec.run.output_dir = output_dir
     return spec
@@ -58,24 +69,22 @@ def _client(address: Optional[str]):
 
 
 def cmd_submit(args) -> int:
-    from jobs.orchestrate import REPO_ROOT
+    from jobs.orchestrate import REPO_ROOT, UPLOAD_EXCLUDES
 
     _load(args.spec)  # validate before anything is sent
     spec_path = Path(args.spec).resolve()
+    env_vars = {}
     try:
-        rel = spec_path.relative_to(REPO_ROOT)
-    except ValueError:
-        print(f"error: {args.spec} is outside the working directory {REPO_ROOT} that is uploaded "
-              "with the job; copy it inside", file=sys.stderr)
-        return EXIT_SPEC
-    entry = f"python -m jobs.cli run {rel}"
+        entry = f"python -m jobs.cli run {spec_path.relative_to(REPO_ROOT)}"
+    except ValueError:  # not inside the uploaded working directory: ship its text
+        env_vars[SPEC_ENV] = spec_path.read_text()
+        entry = f"python -m jobs.cli run env:{SPEC_ENV}"
     if args.output_dir:
         entry += f" --output-dir {args.output_dir}"
     client = _client(args.address)
     job_id = client.submit_job(
         entrypoint=entry,
-        runtime_env={"working_dir": str(REPO_ROOT),
-                     "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"]})
+        runtime_env={"working_dir": str(REPO_ROOT), "env_vars": env_vars, "excludes": UPLOAD_EXCLUDES})
     print(job_id, flush=True)
     if args.wait:
         return _follow(client, job_id)

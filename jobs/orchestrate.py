@@ -11,6 +11,7 @@ from jobs.layout import RunLayout
 from jobs.spec import JobSpec, dump_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+UPLOAD_EXCLUDES = [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"]
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -60,8 +61,10 @@ def init_ray(spec: JobSpec, address: Optional[str] = None) -> None:
         return
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env={"env_vars": env_vars} if _is_local_checkout() else None,
-                 log_to_driver=True)
+        # Inside a Ray job the code already travels as the job's working_dir; anywhere else,
+        # ship this checkout so that workers on other nodes can import it.
+        runtime_env = None if _inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     cpus_needed = max(spec.stage_world_size(i) for i in range(len(spec.stages))) * \
         spec.ray.scaling_config.resources_per_worker.get("CPU", 1)
@@ -70,9 +73,9 @@ def init_ray(spec: JobSpec, address: Optional[str] = None) -> None:
              runtime_env={"env_vars": env_vars}, log_to_driver=True)
 
 
-def _is_local_checkout() -> bool:
-    # Inside `ray job submit --working-dir`, the code travels with the job; nothing to add.
-    return not os.environ.get("RAY_JOB_ID")
+def _inside_ray_job() -> bool:
+    # The job supervisor hands the submitted runtime_env to the driver through this variable.
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
@@ -85,6 +88,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
     from parallel.dist import resolve_backend
     from system.checkpoint import atomic_write_text
 
+    spec = spec.with_absolute_paths()
     layout = RunLayout(spec.run_dir())
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.spec_file, dump_spec(spec))
@@ -123,6 +127,17 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
             raise RuntimeError(f"stage {stage.name} failed: {result.error}")
         done = json.loads(layout.done_file(stage.name).read_text())
         results[stage.name] = done
-        print(f"[moeforge] stage {stage.name}: done at step {done['step']}, "
-              f"loss {done['last'].get('loss', float('nan')):.4f}", flush=True)
+        print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
+              flush=True)
     return results
+
+
+def _loss_summary(layout: RunLayout, stage: str) -> str:
+    """'loss A (step i) -> B (step j)' over this stage's metric lines, for the driver's log."""
+    from system.metrics import read_jsonl
+
+    recs = [r for r in read_jsonl(layout.metrics_file) if r.get("stage") == stage and "loss" in r]
+    if not recs:
+        return "no metrics"
+    a, b = recs[0], recs[-1]
+    return f"loss {a['loss']:.4f} (step {a['step']}) -> {b['loss']:.4f} (step {b['step']})"

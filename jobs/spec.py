@@ -207,6 +207,33 @@ class JobSpec:
     def to_dict(self) -> dict:
         return to_dict(self)
 
+    def with_absolute_paths(self, base: Optional[Path] = None) -> "JobSpec":
+        """A copy whose relative paths are resolved against `base` (default: the cwd).
+
+        Workers run in directories of Ray's choosing, so the driver resolves every path once;
+        on a multi-node cluster these must name shared storage.
+        """
+        import copy
+
+        base = Path(base or Path.cwd())
+        out = copy.deepcopy(self)
+
+        def fix(p: Optional[str]) -> Optional[str]:
+            return p if p is None or Path(p).is_absolute() else str(base / p)
+
+        out.run.output_dir = fix(out.run.output_dir)
+        out.data.cache_dir = fix(out.data.cache_dir)
+        out.data.tokenizer.path = fix(out.data.tokenizer.path)
+        out.ray.run_config.storage_path = fix(out.ray.run_config.storage_path)
+        for srcs in [out.data.sources] + [st.data.sources for st in out.stages if st.data.sources]:
+            for src in srcs:
+                src.paths = [fix(p) for p in src.paths]
+        names = {st.name for st in out.stages}
+        for st in out.stages:
+            if st.init_from is not None and st.init_from not in names:
+                st.init_from = fix(st.init_from)
+        return out
+
     # -- cross-field validation -----------------------------------------------------
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.stages:
@@ -285,11 +312,15 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError([("", f"spec file {str(p)!r} does not exist")], str(p))
+    return parse_spec_text(p.read_text(), str(p))
+
+
+def parse_spec_text(text: str, source: str = "spec") -> JobSpec:
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError([("", f"YAML syntax error: {e}")], str(p)) from None
-    return parse_spec(data, str(p))
+        raise SpecError([("", f"YAML syntax error: {e}")], source) from None
+    return parse_spec(data, source)
 
 
 def dump_spec(spec: JobSpec) -> str:

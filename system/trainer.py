@@ -7,6 +7,7 @@ deepspeed; `parallel.engine` builds the real one.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -30,6 +31,25 @@ class StageState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "data_start": self.data_start, "data": self.data}
+
+
+def maybe_inject_fault(step: int) -> None:
+    """Crash on purpose after `step` when MOEFORGE_FAULT_AT_STEP says so (failure testing).
+
+    With MOEFORGE_FAULT_ONCE=PATH the fault fires only while PATH does not exist (it is
+    created first), so a restarted worker group runs on.
+    """
+    at = os.environ.get("MOEFORGE_FAULT_AT_STEP")
+    if not at or int(at) != step:
+        return
+    once = os.environ.get("MOEFORGE_FAULT_ONCE")
+    if once:
+        try:
+            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+        except FileExistsError:
+            return
+    raise RuntimeError(f"moeforge: injected fault after step {step} (MOEFORGE_FAULT_AT_STEP)")
 
 
 @dataclass
@@ -67,13 +87,16 @@ class Trainer:
         counts: Optional[list[torch.Tensor]] = None
         n_micro = self.stage.grad_accum_steps
         tokens_local = 0
-        for _ in range(n_micro):
+        grad_norm = None
+        for micro in range(n_micro):
             batch = self.stream.next_microbatch()
             ids = batch["input_ids"].to(self.device)
             labels = batch["labels"].to(self.device)
             out = self.engine(ids)
             loss, parts = training_loss(out, labels, self.bal)
             self.engine.backward(loss)
+            if micro == n_micro - 1:
+                grad_norm = self._grad_norm_before_step()
             self.engine.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -90,7 +113,8 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += tokens_local * self.world
         self.state.data = self.stream.state_dict()
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         rec: dict[str, Any] = {
             "stage": self.stage_name, "step": self.state.step, "time": time.time(),
             **{k: float(v) for k, v in zip(keys, vec.tolist())},
@@ -102,6 +126,17 @@ class Trainer:
         }
         rec.update(load_stats(counts))
         return rec
+
+    def _grad_norm_before_step(self) -> Optional[float]:
+        """The global gradient norm before clipping, where the grads are whole on every rank.
+
+        Without ZeRO, DeepSpeed has all-reduced the gradients in the boundary `backward`, so
+        each rank holds the full averaged gradient; with ZeRO the engine reports the norm itself.
+        """
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        sq = sum(float(p.grad.float().pow(2).sum()) for p in self.model.parameters() if p.grad is not None)
+        return math.sqrt(sq)
 
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -152,5 +187,6 @@ class Trainer:
                         self.hooks.on_step(rec)
             if step % self.stage.checkpoint_every == 0 or step == self.stage.steps:
                 self.save()
+            maybe_inject_fault(step)
             last = rec
         return last

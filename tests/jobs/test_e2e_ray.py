@@ -1,0 +1,122 @@
+"""End to end through the real `moeforge` command: embedded Ray, Ray Train, DeepSpeed workers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from system.metrics import read_jsonl
+from tests.helpers import tiny_spec, write_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOEFORGE_FAULT_AT_STEP",
+                                                             "MOEFORGE_FAULT_ONCE")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def moeforge(*args, timeout=420, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _two_worker_spec(tmp_path: Path, name: str, max_failures: int) -> Path:
+    spec = tiny_spec(tmp_path, run={"name": name}, parallel={"world_size": 2},
+                     stages=[{"name": "pretrain", "steps": 6, "micro_batch_size": 4, "checkpoint_every": 2,
+                              "optimizer": {"lr": 3e-3}, "lr_schedule": {"kind": "cosine", "warmup_steps": 1}}],
+                     ray={"failure_config": {"max_failures": max_failures}})
+    return write_spec(tmp_path / f"{name}.yaml", spec)
+
+
+def test_run_crash_then_resume_continues_exactly(tmp_path):
+    spec = _two_worker_spec(tmp_path, "resume", max_failures=0)
+    run_dir = tmp_path / "runs" / "resume"
+    first = moeforge("run", str(spec), MOEFORGE_FAULT_AT_STEP="3")
+    assert first.returncode != 0, first.stdout[-3000:]
+    assert "injected fault after step 3" in first.stdout + first.stderr
+    ckpts = run_dir / "stages" / "pretrain" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    assert not (run_dir / "stages" / "pretrain" / "DONE.json").exists()
+    before = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in before] == [1, 2, 3]
+
+    second = moeforge("run", str(spec))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at step 2" in second.stdout
+    after = read_jsonl(run_dir / "metrics.jsonl")[len(before):]
+    assert [r["step"] for r in after] == [3, 4, 5, 6]  # step count continues from the checkpoint
+    # Same data position, same RNG, same weights and optimizer state: step 3 is replayed exactly.
+    assert after[0]["loss"] == pytest.approx(before[2]["loss"], rel=1e-6)
+    assert after[0]["tokens"] == before[2]["tokens"]
+    assert after[0]["lr"] == pytest.approx(before[2]["lr"], rel=1e-9)
+    done = json.loads((run_dir / "stages" / "pretrain" / "DONE.json").read_text())
+    assert done["step"] == 6 and done["checkpoint"].endswith("step_00000006")
+    consumed = json.loads((run_dir / "stages" / "pretrain" / "consumed.json").read_text())
+    assert consumed["positions"] == [0, 6 * 8]  # 6 steps x global batch 8, nothing repeated
+
+    third = moeforge("run", str(spec))
+    assert third.returncode == 0
+    assert "already finished, skipping" in third.stdout
+
+
+def test_worker_failure_restarts_group_from_checkpoint(tmp_path):
+    spec = _two_worker_spec(tmp_path, "restart", max_failures=1)
+    run_dir = tmp_path / "runs" / "restart"
+    res = moeforge("run", str(spec), MOEFORGE_FAULT_AT_STEP="3", MOEFORGE_FAULT_ONCE=str(tmp_path / "fault-once"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "fault-once").exists()  # the fault did fire
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 3, 4, 5, 6]  # restarted workers resumed from step 2's checkpoint
+    assert json.loads((run_dir / "stages" / "pretrain" / "DONE.json").read_text())["step"] == 6
+
+
+def _free_port() -> int:
+    from parallel.testing import free_port
+    return free_port()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
+    ray_bin = str(BIN / "ray")
+    dash = _free_port()
+    env = _env()
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+                            str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            "--num-cpus", "3", "--disable-usage-stats", "--include-dashboard", "true"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        yield address
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit(tmp_path, ray_head):
+    spec = tiny_spec(tmp_path, run={"name": "submitted"}, parallel={"world_size": 2},
+                     stages=[{"name": "pretrain", "steps": 3, "micro_batch_size": 4, "checkpoint_every": 3}])
+    path = write_spec(tmp_path / "submitted.yaml", spec)  # outside the repo: shipped in the job's env
+    res = moeforge("submit", str(path), "--address", ray_head, "--wait", timeout=480)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    job_id = res.stdout.splitlines()[0].strip()
+    assert job_id.startswith("raysubmit_")
+    status = moeforge("status", job_id, "--address", ray_head, timeout=60)
+    assert "SUCCEEDED" in status.stdout
+    logs = moeforge("logs", job_id, "--address", ray_head, timeout=60)
+    assert "stage pretrain: done at step 3" in logs.stdout
+    done = tmp_path / "runs" / "submitted" / "stages" / "pretrain" / "DONE.json"
+    assert json.loads(done.read_text())["step"] == 3

@@ -1,0 +1,445 @@
+"""Tests of the typed job spec: every class of bad input names its dotted path; `moeforge validate`."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import EXIT_SPEC, main
+from jobs.configtree import SpecError
+from jobs.spec import (JobSpec, ModelConfig, ParallelSection, StageSection, dump_spec, load_spec,
+                       parse_spec)
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+EXAMPLES = sorted(p for ext in ("*.yaml", "*.yml") for p in (ROOT / "examples").rglob(ext))
+
+BASE = {"stages": [{"name": "pretrain"}]}
+
+
+def _spec(**sections) -> dict:
+    """A minimal valid spec with some top-level sections replaced."""
+    d = copy.deepcopy(BASE)
+    d.update(copy.deepcopy(sections))
+    return d
+
+
+def _problems(data) -> dict[str, str]:
+    """Parse `data`, which must fail; return {dotted path: message}."""
+    with pytest.raises(SpecError) as ei:
+        parse_spec(data)
+    probs = ei.value.problems
+    assert probs, "SpecError without problems"
+    out = dict(probs)
+    # Every problem is also in the exception's text, path first.
+    for path, msg in probs:
+        assert (f"{path}: {msg}" if path else msg) in str(ei.value)
+    return out
+
+
+def _only(data, path: str) -> str:
+    """Parse `data`; exactly one problem is expected, at `path`. Returns its message."""
+    probs = _problems(data)
+    assert list(probs) == [path], probs
+    return probs[path]
+
+
+# ---------------------------------------------------------------- valid specs
+
+def test_minimal_spec_parses_with_defaults():
+    spec = parse_spec(BASE)
+    assert isinstance(spec, JobSpec)
+    assert [s.name for s in spec.stages] == ["pretrain"]
+    assert spec.parallel.world_size == 1
+    assert spec.stages[0].optimizer.lr == 1e-3
+    assert isinstance(spec.stages[0].optimizer.lr, float)
+
+
+def test_int_is_accepted_for_float_field_and_converted():
+    spec = parse_spec(_spec(stages=[{"name": "a", "optimizer": {"lr": 1}}]))
+    assert spec.stages[0].optimizer.lr == 1.0
+    assert isinstance(spec.stages[0].optimizer.lr, float)
+
+
+def test_quickstart_loads():
+    spec = load_spec(QUICKSTART)
+    assert spec.run.name == "quickstart"
+    assert spec.parallel.world_size == 2
+    assert [s.name for s in spec.stages] == ["pretrain"]
+    assert spec.stages[0].global_batch_size == 16
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # examples name data files relative to the repository root
+    spec = load_spec(path)
+    assert spec.stages
+
+
+def test_examples_exist():
+    assert QUICKSTART in EXAMPLES
+
+
+def _roundtrip_specs():
+    yield load_spec(QUICKSTART)
+    yield parse_spec({
+        "run": {"name": "rt", "seed": 7},
+        "model": {"moe_layers": [0, 2], "vocab_size": 300, "tie_embeddings": False},
+        "experts": {"balancing": {"lbl": "none", "lbl_coeff": 0.5}},
+        "data": {"sources": [{"name": "legal", "weight": 2}, {"name": "c", "domain": "c_headers"}]},
+        "stages": [{"name": "a", "lr_schedule": {"kind": "wsd", "warmup_steps": 3}},
+                   {"name": "b", "init_from": "a", "world_size": 2, "micro_batch_size": 2,
+                    "global_batch_size": 4, "data": {"sources": [{"name": "python_code"}]}}],
+        "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}},
+        "ray": {"scaling_config": {"resources_per_worker": {"CPU": 2, "memory": 1e9}}},
+    })
+
+
+@pytest.mark.parametrize("spec", list(_roundtrip_specs()), ids=["quickstart", "custom"])
+def test_round_trip(spec):
+    again = parse_spec(spec.to_dict())
+    assert again == spec
+    assert again.to_dict() == spec.to_dict()
+    # and through YAML text
+    assert parse_spec(yaml.safe_load(dump_spec(spec))) == spec
+
+
+# ---------------------------------------------------------------- unknown keys and types
+
+def test_unknown_nested_key():
+    msg = _only(_spec(model={"nope": 1}), "model.nope")
+    assert "unknown key" in msg
+    assert "d_model" in msg  # lists the known keys
+
+
+def test_unknown_key_near_miss_suggestion():
+    msg = _only(_spec(model={"dModel": 64}), "model.dModel")
+    assert "did you mean 'd_model'" in msg
+
+
+def test_unknown_key_in_stage_names_index():
+    msg = _only({"stages": [{"name": "a"}, {"name": "b", "micro_batchsize": 2}]},
+                "stages[1].micro_batchsize")
+    assert "did you mean 'micro_batch_size'" in msg
+
+
+def test_unknown_top_level_key():
+    msg = _only(_spec(modle={}), "modle")
+    assert "unknown key" in msg
+
+
+def test_wrong_type_string_for_int():
+    msg = _only(_spec(model={"d_model": "x"}), "model.d_model")
+    assert "'x'" in msg and "integer" in msg
+
+
+def test_wrong_type_bool_is_not_an_int():
+    msg = _only(_spec(model={"n_layers": True}), "model.n_layers")
+    assert "True" in msg and "integer" in msg
+
+
+def test_wrong_type_section_not_a_mapping():
+    msg = _only(_spec(parallel=[1, 2]), "parallel")
+    assert "[1, 2]" in msg and "mapping" in msg
+
+
+def test_wrong_type_union_field():
+    msg = _only(_spec(model={"moe_layers": 3}), "model.moe_layers")
+    assert "3" in msg
+
+
+def test_top_level_must_be_mapping():
+    with pytest.raises(SpecError) as ei:
+        parse_spec([1, 2])
+    assert ei.value.problems[0][0] == ""
+    assert "mapping" in ei.value.problems[0][1]
+
+
+def test_missing_required_stage_name():
+    msg = _only({"stages": [{"steps": 3}]}, "stages[0].name")
+    assert "required" in msg
+
+
+def test_several_problems_are_all_reported():
+    probs = _problems(_spec(model={"d_model": "x"}, data={"seq_len": "y"},
+                            stages=[{"name": "a", "steps": "z"}]))
+    assert {"model.d_model", "data.seq_len", "stages[0].steps"} <= set(probs)
+
+
+# ---------------------------------------------------------------- out of range / literals
+
+def test_negative_learning_rate():
+    msg = _only({"stages": [{"name": "a", "optimizer": {"lr": -1}}]}, "stages[0].optimizer.lr")
+    assert "-1" in msg
+
+
+def test_learning_rate_in_second_stage():
+    msg = _only({"stages": [{"name": "a"}, {"name": "b", "optimizer": {"lr": 0}}]},
+                "stages[1].optimizer.lr")
+    assert "0" in msg
+
+
+@pytest.mark.parametrize("frac", [0.7, 0.0, -0.1, 0.5])
+def test_holdout_fraction_out_of_range(frac):
+    msg = _only(_spec(data={"holdout_fraction": frac}), "data.holdout_fraction")
+    assert str(float(frac)) in msg
+
+
+def test_schedule_min_lr_ratio_out_of_range():
+    msg = _only({"stages": [{"name": "a", "lr_schedule": {"min_lr_ratio": 1.5}}]},
+                "stages[0].lr_schedule.min_lr_ratio")
+    assert "1.5" in msg
+
+
+def test_model_heads_not_dividing_d_model():
+    msg = _only(_spec(model={"d_model": 30, "n_heads": 4}), "model.n_heads")
+    assert "30" in msg
+
+
+def test_top_k_exceeds_num_experts():
+    msg = _only(_spec(model={"num_experts": 2, "top_k": 3}), "model.top_k")
+    assert "3" in msg
+
+
+def test_literal_not_allowed():
+    msg = _only(_spec(parallel={"zero_stage": 3}), "parallel.zero_stage")
+    assert "3" in msg and "[0, 1, 2]" in msg
+
+
+def test_literal_string_not_allowed():
+    msg = _only(_spec(model={}, data={"tokenizer": {"kind": "sentencepiece"}}), "data.tokenizer.kind")
+    assert "'sentencepiece'" in msg
+
+
+def test_distill_stage_rejected():
+    msg = _only({"stages": [{"name": "a", "kind": "distill"}]}, "stages[0].kind")
+    assert "distill" in msg
+
+
+def test_nccl_needs_gpu():
+    _only(_spec(parallel={"backend": "nccl"}), "parallel.backend")
+
+
+# ---------------------------------------------------------------- cross-field consistency
+
+def test_inconsistent_global_batch_size():
+    data = {"parallel": {"world_size": 2},
+            "stages": [{"name": "a", "micro_batch_size": 2, "global_batch_size": 4},
+                       {"name": "b", "micro_batch_size": 4, "grad_accum_steps": 3, "global_batch_size": 20}]}
+    msg = _only(data, "stages[1].global_batch_size")
+    assert "20" in msg
+    assert "= 24" in msg  # 4 x 3 x 2
+
+
+def test_global_batch_size_uses_stage_world_size():
+    ok = {"parallel": {"world_size": 2},
+          "stages": [{"name": "a", "world_size": 3, "micro_batch_size": 2, "global_batch_size": 6}]}
+    assert parse_spec(ok).stage_world_size(0) == 3
+    bad = copy.deepcopy(ok)
+    bad["stages"][0]["global_batch_size"] = 4
+    msg = _only(bad, "stages[0].global_batch_size")
+    assert "= 6" in msg
+
+
+def test_expert_parallel_size_must_be_1_when_replicated():
+    msg = _only(_spec(parallel={"world_size": 4, "expert_parallel_size": 2}), "parallel.expert_parallel_size")
+    assert "replicated" in msg
+
+
+def test_expert_parallel_size_not_dividing_world_size():
+    probs = _problems(_spec(parallel={"world_size": 3, "expert_parallel_size": 2}))
+    assert list(probs) == ["parallel.expert_parallel_size"]
+    with pytest.raises(SpecError) as ei:
+        parse_spec(_spec(parallel={"world_size": 3, "expert_parallel_size": 2}))
+    msgs = [m for p, m in ei.value.problems if p == "parallel.expert_parallel_size"]
+    assert any("does not divide world_size=3" in m for m in msgs)
+
+
+def test_expert_parallel_size_below_one():
+    with pytest.raises(SpecError) as ei:
+        parse_spec(_spec(parallel={"expert_parallel_size": 0}))
+    assert {p for p, _ in ei.value.problems} == {"parallel.expert_parallel_size"}
+    assert any("0 must be >= 1" in m for _, m in ei.value.problems)
+
+
+def test_jobspec_check_num_experts_and_stage_world_size_divisibility():
+    # With expert_strategy 'replicated' the only strategy, expert_parallel_size > 1 is rejected
+    # by ParallelSection first; JobSpec.check's own divisibility rules are exercised directly.
+    spec = JobSpec(model=ModelConfig(num_experts=6),
+                   parallel=ParallelSection(world_size=4, expert_parallel_size=4),
+                   stages=[StageSection(name="a", world_size=6)])
+    probs = dict(spec.check())
+    assert "model.num_experts" in probs
+    assert "6" in probs["model.num_experts"] and "expert_parallel_size=4" in probs["model.num_experts"]
+    assert "stages[0].world_size" in probs
+    assert "expert_parallel_size=4" in probs["stages[0].world_size"]
+
+
+def test_init_from_unknown_stage(tmp_path):
+    missing = str(tmp_path / "no_such_stage")
+    msg = _only({"stages": [{"name": "a", "init_from": missing}]}, "stages[0].init_from")
+    assert repr(missing) in msg
+
+
+def test_init_from_later_stage():
+    msg = _only({"stages": [{"name": "a", "init_from": "b"}, {"name": "b"}]}, "stages[0].init_from")
+    assert "'b'" in msg and "later" in msg
+
+
+def test_init_from_itself():
+    _only({"stages": [{"name": "a"}, {"name": "b", "init_from": "b"}]}, "stages[1].init_from")
+
+
+def test_init_from_earlier_stage_or_directory_is_fine(tmp_path):
+    spec = parse_spec({"stages": [{"name": "a"}, {"name": "b", "init_from": "a"},
+                                  {"name": "c", "init_from": str(tmp_path)}]})
+    assert [s.init_from for s in spec.stages] == [None, "a", str(tmp_path)]
+
+
+def test_duplicate_stage_names():
+    msg = _only({"stages": [{"name": "a"}, {"name": "b"}, {"name": "a"}]}, "stages[2].name")
+    assert "'a'" in msg and "stages[0]" in msg
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl"])
+def test_missing_data_file(tmp_path, kind):
+    present = tmp_path / f"present.{kind}"
+    present.write_text('{"text": "hi"}\n')
+    missing = tmp_path / f"missing.{kind}"
+    data = _spec(data={"sources": [{"name": "mine", "kind": kind, "paths": [str(missing), str(present)]}]})
+    msg = _only(data, "data.sources[0].paths[0]")
+    assert str(missing) in msg
+    # with the file present it validates
+    data["data"]["sources"][0]["paths"] = [str(present)]
+    assert parse_spec(data).data.sources[0].paths == [str(present)]
+
+
+def test_missing_data_file_in_stage_override(tmp_path):
+    missing = str(tmp_path / "gone.txt")
+    data = {"stages": [{"name": "a"},
+                       {"name": "b", "data": {"sources": [{"name": "x", "kind": "text", "paths": [missing]}]}}]}
+    msg = _only(data, "stages[1].data.sources[0].paths[0]")
+    assert missing in msg
+
+
+def test_text_source_needs_paths():
+    _only(_spec(data={"sources": [{"name": "mine", "kind": "text"}]}), "data.sources[0].paths")
+
+
+def test_unknown_embedded_domain():
+    msg = _only(_spec(data={"sources": [{"name": "legal"}, {"name": "poetry"}]}), "data.sources[1].name")
+    assert "'poetry'" in msg
+
+
+@pytest.mark.parametrize("data", [{}, {"stages": []}], ids=["absent", "empty"])
+def test_missing_stages(data):
+    msg = _only(data, "stages")
+    assert "at least one stage" in msg
+
+
+@pytest.mark.parametrize("key,owner", [("train_batch_size", "global_batch_size"),
+                                       ("gradient_accumulation_steps", "grad_accum_steps"),
+                                       ("optimizer", "optimizer")])
+def test_deepspeed_owned_key(key, owner):
+    msg = _only(_spec(deepspeed={key: 8}), f"deepspeed.{key}")
+    assert owner in msg
+
+
+def test_deepspeed_zero_stage_owned():
+    msg = _only(_spec(deepspeed={"zero_optimization": {"stage": 2}}), "deepspeed.zero_optimization.stage")
+    assert "parallel.zero_stage" in msg
+
+
+def test_deepspeed_other_keys_pass_through():
+    spec = parse_spec(_spec(deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}))
+    assert spec.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}
+
+
+def test_ray_num_workers_mismatch():
+    msg = _only(_spec(parallel={"world_size": 2}, ray={"scaling_config": {"num_workers": 4}}),
+                "ray.scaling_config.num_workers")
+    assert "4" in msg and "world_size=2" in msg
+    # matching is fine
+    parse_spec(_spec(parallel={"world_size": 2}, ray={"scaling_config": {"num_workers": 2}}))
+
+
+def test_ray_use_gpu_mismatch():
+    _only(_spec(ray={"scaling_config": {"use_gpu": True}}), "ray.scaling_config.use_gpu")
+
+
+def test_ray_negative_resources():
+    msg = _only(_spec(ray={"scaling_config": {"resources_per_worker": {"CPU": -1}}}),
+                "ray.scaling_config.resources_per_worker.CPU")
+    assert "-1" in msg
+
+
+# ---------------------------------------------------------------- files
+
+def test_load_spec_yaml_syntax_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("stages:\n  - name: [unclosed\n")
+    with pytest.raises(SpecError) as ei:
+        load_spec(p)
+    assert ei.value.problems[0][0] == ""
+    assert "YAML syntax error" in ei.value.problems[0][1]
+    assert str(p) in str(ei.value)
+
+
+def test_load_spec_missing_file(tmp_path):
+    p = tmp_path / "nope.yaml"
+    with pytest.raises(SpecError) as ei:
+        load_spec(p)
+    assert "does not exist" in ei.value.problems[0][1]
+    assert str(p) in ei.value.problems[0][1]
+
+
+def test_load_spec_reports_dotted_path(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("stages:\n  - name: a\n    optimizer:\n      lr: -1\n")
+    with pytest.raises(SpecError) as ei:
+        load_spec(p)
+    assert [path for path, _ in ei.value.problems] == ["stages[0].optimizer.lr"]
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_cli_validate_broken_spec_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # anything written relative to the cwd would land here
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "run": {"name": "broken", "output_dir": "out"},
+        "stages": [{"name": "a", "optimizer": {"lr": -1}}],
+    }))
+    rc = main(["validate", str(spec_file)])
+    captured = capsys.readouterr()
+    assert rc == EXIT_SPEC == 2
+    assert "stages[0].optimizer.lr" in captured.err
+    assert "-1" in captured.err
+    assert captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_validate_yaml_error(tmp_path, capsys):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("run: {name: x\n")
+    assert main(["validate", str(spec_file)]) == 2
+    assert "YAML syntax error" in capsys.readouterr().err
+
+
+def test_cli_validate_missing_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_validate_quickstart(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["validate", str(QUICKSTART)])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "ok" in captured.out and "pretrain" in captured.out
+    assert captured.err == ""
+    assert list(tmp_path.iterdir()) == []  # validate writes nothing, not even the run dir
