@@ -93,7 +93,7 @@ def ray_head(tmp_path):
     """A real Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
     ray_bin = str(BIN / "ray")
     dash = _free_port()
-    env = _env()
+    env = _env(RAY_AUTH_MODE="token")  # Ray's default for clusters; the client finds the token itself
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
                             str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                             "--num-cpus", "3", "--disable-usage-stats", "--include-dashboard", "true"],
@@ -110,13 +110,14 @@ def test_ray_job_submit(tmp_path, ray_head):
     spec = tiny_spec(tmp_path, run={"name": "submitted"}, parallel={"world_size": 2},
                      stages=[{"name": "pretrain", "steps": 3, "micro_batch_size": 4, "checkpoint_every": 3}])
     path = write_spec(tmp_path / "submitted.yaml", spec)  # outside the repo: shipped in the job's env
-    res = moeforge("submit", str(path), "--address", ray_head, "--wait", timeout=480)
+    auth = {"RAY_AUTH_MODE": "token"}
+    res = moeforge("submit", str(path), "--address", ray_head, "--wait", timeout=480, **auth)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     job_id = res.stdout.splitlines()[0].strip()
     assert job_id.startswith("raysubmit_")
-    status = moeforge("status", job_id, "--address", ray_head, timeout=60)
+    status = moeforge("status", job_id, "--address", ray_head, timeout=60, **auth)
     assert "SUCCEEDED" in status.stdout
-    logs = moeforge("logs", job_id, "--address", ray_head, timeout=60)
+    logs = moeforge("logs", job_id, "--address", ray_head, timeout=60, **auth)
     assert "stage pretrain: done at step 3" in logs.stdout
     done = tmp_path / "runs" / "submitted" / "stages" / "pretrain" / "DONE.json"
     assert json.loads(done.read_text())["step"] == 3

@@ -443,3 +443,27 @@ def test_cli_validate_quickstart(tmp_path, monkeypatch, capsys):
     assert "ok" in captured.out and "pretrain" in captured.out
     assert captured.err == ""
     assert list(tmp_path.iterdir()) == []  # validate writes nothing, not even the run dir
+
+
+def test_cli_validate_spec_from_environment(monkeypatch, capsys):
+    monkeypatch.setenv("MOEFORGE_TEST_SPEC", yaml.safe_dump({"stages": [{"name": "a", "steps": 0}]}))
+    assert main(["validate", "env:MOEFORGE_TEST_SPEC"]) == 2
+    assert "stages[0].steps" in capsys.readouterr().err
+    monkeypatch.setenv("MOEFORGE_TEST_SPEC", yaml.safe_dump({"stages": [{"name": "a"}]}))
+    assert main(["validate", "env:MOEFORGE_TEST_SPEC"]) == 0
+    monkeypatch.delenv("MOEFORGE_TEST_SPEC")
+    assert main(["validate", "env:MOEFORGE_TEST_SPEC"]) == 2
+    assert "MOEFORGE_TEST_SPEC is not set" in capsys.readouterr().err
+
+
+def test_with_absolute_paths(tmp_path):
+    data_file = tmp_path / "d.txt"
+    data_file.write_text("hello")
+    spec = parse_spec({"run": {"output_dir": "out"},
+                       "data": {"sources": [{"name": "t", "kind": "text", "paths": [str(data_file)]}]},
+                       "stages": [{"name": "a"}, {"name": "b", "init_from": "a"}]})
+    fixed = spec.with_absolute_paths(tmp_path / "base")
+    assert fixed.run.output_dir == str(tmp_path / "base" / "out")
+    assert fixed.data.sources[0].paths == [str(data_file)]  # already absolute
+    assert fixed.stages[1].init_from == "a"  # a stage name, not a path
+    assert spec.run.output_dir == "out"  # the original is untouched
