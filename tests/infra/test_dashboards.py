@@ -125,15 +125,17 @@ def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from all_panels(p.get("panels", []))  # rows, collapsed or not
 
 
-def queries(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(where, PromQL) for every panel target and Prometheus query variable."""
+def queries(dash: dict[str, Any]) -> Iterator[tuple[str, str, set[str]]]:
+    """(where, query text, metric names it reads) for every panel target and query variable."""
     for p in all_panels(dash["panels"]):
         for t in p.get("targets", []):
-            yield f"panel {p.get('title')!r} target {t.get('refId')}", t.get("expr", "")
+            expr = t.get("expr", "")
+            yield f"panel {p.get('title')!r} target {t.get('refId')}", expr, promql_metric_names(expr)
     for v in dash.get("templating", {}).get("list", []):
         if v.get("type") == "query":
             q = v.get("query")
-            yield f"variable {v['name']!r}", q.get("query", "") if isinstance(q, dict) else str(q)
+            text = q.get("query", "") if isinstance(q, dict) else str(q)
+            yield f"variable {v['name']!r}", text, variable_query_metrics(q)
 
 
 def test_gauges_are_found_in_the_source():
@@ -172,8 +174,7 @@ def test_every_query_uses_the_datasource_variable():
 def test_dashboard_queries_only_exported_metrics():
     bad = []
     seen = set()
-    for where, expr in queries(load_dashboard()):
-        names = promql_metric_names(expr) if not where.startswith("variable") else variable_query_metrics(expr)
+    for where, expr, names in queries(load_dashboard()):
         assert names, f"{where}: no metric found in {expr!r}"
         seen |= names
         bad += [f"{where}: {n}" for n in sorted(unknown_metrics(names))]
@@ -184,7 +185,7 @@ def test_dashboard_queries_only_exported_metrics():
 def test_dashboard_filters_use_defined_labels():
     """`{label=...}` matchers and `by (...)` clauses only name tags the gauge has."""
     bad = []
-    for where, expr in queries(load_dashboard()):
+    for where, expr, _ in queries(load_dashboard()):
         for metric, matchers in re.findall(r"([A-Za-z_:][\w:]*)\{([^}]*)\}", expr):
             for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
                 if metric in EXPORTED and label not in EXPORTED[metric]:
@@ -219,7 +220,7 @@ def test_check_catches_an_unknown_metric_in_a_dashboard(tmp_path):
     dash = load_dashboard()
     panel = next(p for p in all_panels(dash["panels"]) if p.get("targets"))
     panel["targets"][0]["expr"] = 'max by (run) (ray_moeforge_no_such_metric{run=~"$run"})'
-    found = {n for _, e in queries(dash) for n in unknown_metrics(promql_metric_names(e))}
+    found = {n for _, _, names in queries(dash) for n in unknown_metrics(names)}
     assert found == {"ray_moeforge_no_such_metric"}
 
 
