@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--d-expert", type=int, default=None,
                    help="expert hidden size (default: active_mult * d_model / top_k)")
     p.add_argument("--active-mult", type=int, default=4, help="active hidden size / d_model (default 4)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per measurement (default 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per measurement (default 1)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per measurement (default 5)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

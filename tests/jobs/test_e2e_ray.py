@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,3 +122,50 @@ def test_ray_job_submit(tmp_path, ray_head):
     assert "stage pretrain: done at step 3" in logs.stdout
     done = tmp_path / "runs" / "submitted" / "stages" / "pretrain" / "DONE.json"
     assert json.loads(done.read_text())["step"] == 3
+
+
+def _scrape_moeforge_series(deadline: float, proc: subprocess.Popen) -> dict[str, str]:
+    """Poll the Ray metrics agents listed in Ray's Prometheus service-discovery file."""
+    import urllib.request
+
+    sd = Path("/tmp/ray/prom_metrics_service_discovery.json")
+    found: dict[str, str] = {}
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            targets = [t for group in json.loads(sd.read_text()) for t in group["targets"]]
+        except (OSError, ValueError):
+            continue
+        for t in targets:
+            if not t.startswith("127.0.0.1:"):
+                continue
+            try:
+                body = urllib.request.urlopen(f"http://{t}/metrics", timeout=5).read().decode()
+            except OSError:
+                continue
+            for line in body.splitlines():
+                if line.startswith("ray_moeforge_") and 'run="metrics"' in line:
+                    found.setdefault(line.split("{", 1)[0], line)
+        if {"ray_moeforge_step", "ray_moeforge_loss", "ray_moeforge_expert_tokens"} <= found.keys():
+            break
+    return found
+
+
+def test_ray_metrics_are_exported_for_prometheus(tmp_path):
+    spec = tiny_spec(tmp_path, run={"name": "metrics"}, parallel={"world_size": 2},
+                     metrics={"ray_metrics": True},
+                     stages=[{"name": "pretrain", "steps": 400, "micro_batch_size": 2, "checkpoint_every": 400}])
+    path = write_spec(tmp_path / "metrics.yaml", spec)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        found = _scrape_moeforge_series(time.time() + 180, proc)
+    finally:
+        proc.send_signal(signal.SIGINT)  # lets the driver shut its embedded Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert {"ray_moeforge_step", "ray_moeforge_loss", "ray_moeforge_expert_tokens"} <= found.keys(), found
+    assert 'stage="pretrain"' in found["ray_moeforge_step"]
+    assert 'expert="' in found["ray_moeforge_expert_tokens"] and 'layer="' in found["ray_moeforge_expert_tokens"]
