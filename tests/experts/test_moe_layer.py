@@ -14,15 +14,6 @@ from experts.layer import dense_moe_reference
 D, F = 8, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and spares a shared machine's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _layer(E: int, k: int, normalize: bool = True, seed: int = 0, dtype=torch.float64) -> MoELayer:
     torch.manual_seed(seed)
     layer = MoELayer(D, E, k, F, normalize_topk=normalize).to(dtype)

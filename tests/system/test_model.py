@@ -18,15 +18,6 @@ from system.model import DenseFFN, ModelConfig, Transformer
 V = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and spares a shared machine's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, d_ff=48, num_experts=4, top_k=2, d_expert=24)
     base.update(kw)
