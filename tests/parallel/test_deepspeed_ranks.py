@@ -1,8 +1,6 @@
 """DeepSpeed training on 2 and 4 gloo ranks equals the single-process run on the same global batch."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
