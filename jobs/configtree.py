@@ -135,9 +135,15 @@ def build_dataclass(cls: type, value: Any, path: str, problems: list[tuple[str, 
         obj = cls(**kwargs)
     except TypeError:
         return None  # missing required keys, already reported
-    if len(problems) == n_before and hasattr(obj, "check"):
-        for key, msg in obj.check():
-            problems.append((_join(path, key), msg))
+    if hasattr(obj, "check"):
+        # Range and cross-field checks run even when a sibling section had errors, so that one
+        # pass reports them all; a check tripping over an already-reported bad value stops quietly.
+        try:
+            for key, msg in obj.check():
+                problems.append((_join(path, key), msg))
+        except (TypeError, AttributeError, ValueError, ArithmeticError):
+            if len(problems) == n_before:
+                raise
     return obj
 
 

@@ -251,7 +251,7 @@ class JobSpec:
                 yield f"{p}.global_batch_size", (
                     f"{st.global_batch_size} != micro_batch_size {st.micro_batch_size} x grad_accum_steps "
                     f"{st.grad_accum_steps} x data-parallel size {dp} = {implied}")
-            if ws % self.parallel.expert_parallel_size:
+            if st.world_size is not None and ws % self.parallel.expert_parallel_size:
                 yield f"{p}.world_size", (f"{ws} is not divisible by parallel.expert_parallel_size="
                                           f"{self.parallel.expert_parallel_size}")
             if st.init_from is not None:
