@@ -235,8 +235,10 @@ def test_prometheus_config_scrapes_ray_service_discovery():
 def test_ray_cluster_config_parses_and_matches_ray_schema():
     cfg = yaml.safe_load(CLUSTER.read_text())
     assert cfg["head_node_type"] in cfg["available_node_types"]
-    assert any("GPU" in str(t["node_config"]) or "g5" in t["node_config"].get("InstanceType", "")
-               for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"])
+    workers = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
+    gpu_families = ("g4dn.", "g5.", "g6.", "g6e.", "p3.", "p4d.", "p4de.", "p5.")
+    assert any(t["node_config"].get("InstanceType", "").startswith(gpu_families) or t.get("resources", {}).get("GPU")
+               for t in workers), "a GPU worker node type"
     setup = "\n".join(cfg["setup_commands"])
     assert setup.index("torch") < setup.index("DS_BUILD_OPS=0") < setup.index("ray[default,train]")
     head = " ".join(cfg["head_start_ray_commands"])
