@@ -70,6 +70,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     holdout_fraction: float = 0.05  # share of each source's documents kept for evaluation
     cache_dir: Optional[str] = None  # tokenized-corpus cache; default ~/.cache/moeforge
+    # "single": every micro-batch holds sequences of one domain, chosen with the mixture weights
+    microbatch_domains: Literal["mixed", "single"] = "mixed"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.sources:

@@ -9,6 +9,13 @@ can compute any position without replaying the past:
 * the j-th draw of domain d (j = block * count_d + rank of the draw within its block) is
   chunk `perm(seed, d, epoch)[j % n_d]` with epoch = j // n_d: every chunk is drawn once
   per epoch before any chunk repeats.
+
+With `group_size` G > 1 the domain labels are drawn per *group* of G consecutive positions
+(group q = p // G) instead of per position: blocks hold 1024 groups (1024 * G positions),
+so the proportions are exact over every block of groups and every group is one domain.
+Within domain d, the j-th group's positions are its draws j * G .. j * G + G - 1 (position
+p is draw j * G + p % G), so the epoch-permutation walk above is unchanged. G = 1 is the
+per-position mapping exactly.
 """
 from __future__ import annotations
 
@@ -29,16 +36,21 @@ _CACHE_ENTRIES = 64  # recently used permutations kept per sampler (memory vs. r
 class MixtureSampler:
     """Maps global sample positions to (domain name, chunk index)."""
 
-    def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], seed: int) -> None:
+    def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], seed: int,
+                 *, group_size: int = 1) -> None:
         if set(sizes) != set(weights):
             raise ValueError(f"sampler: domains with sizes {sorted(sizes)} differ from domains"
                              f" with weights {sorted(weights)}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"sampler: seed must be a non-negative integer, got {seed!r}")
+        if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+                or group_size < 1):
+            raise ValueError(f"sampler: group_size must be a positive integer, got {group_size!r}")
         self.domains: list[str] = list(sizes)  # the order of `sizes`; "domain" ids index it
         self.sizes = {d: int(sizes[d]) for d in self.domains}
         self.weights = {d: float(weights[d]) for d in self.domains}
         self.seed = int(seed)
+        self.group_size = int(group_size)  # consecutive positions sharing one domain
         for d in self.domains:
             if self.weights[d] < 0 or not np.isfinite(self.weights[d]):
                 raise ValueError(f"sampler: weight of {d!r} is {self.weights[d]}; must be >= 0")
@@ -60,19 +72,28 @@ class MixtureSampler:
         """Domain ids (indices into `domains`) and chunk indices for positions start..stop-1."""
         if start < 0 or stop < start:
             raise ValueError(f"sampler: invalid position range [{start}, {stop})")
+        G = self.group_size
+        span = BLOCK * G  # positions per block of groups
         dom_out = np.empty(stop - start, dtype=np.int64)
         idx_out = np.empty(stop - start, dtype=np.int64)
         p = start
         while p < stop:
-            block, lo = divmod(p, BLOCK)
-            hi = min(BLOCK, lo + (stop - p))
+            block, lo = divmod(p, span)
+            hi = min(span, lo + (stop - p))
             labels, ranks = self._block(block)
-            labels, ranks = labels[lo:hi], ranks[lo:hi]
+            if G == 1:
+                labels, ranks, within = labels[lo:hi], ranks[lo:hi], None
+            else:  # expand each group's label and rank to its positions
+                offsets = np.arange(lo, hi, dtype=np.int64)
+                groups, within = np.divmod(offsets, G)
+                labels, ranks = labels[groups], ranks[groups]
             out = slice(p - start, p - start + (hi - lo))
             dom_out[out] = labels
             for d in np.unique(labels):
                 sel = labels == d
-                uses = block * int(self.counts[d]) + ranks[sel]
+                uses = block * int(self.counts[d]) + ranks[sel]  # group draws of domain d
+                if within is not None:
+                    uses = uses * G + within[sel]
                 idx_out[out][sel] = self._chunks_for_uses(int(d), uses)
             p += hi - lo
         return dom_out, idx_out
@@ -81,17 +102,20 @@ class MixtureSampler:
         """Per domain, the sorted unique chunk indices drawn by positions start..stop-1."""
         if start < 0 or stop < start:
             raise ValueError(f"sampler: invalid position range [{start}, {stop})")
+        G = self.group_size
+        span = BLOCK * G  # positions per block of groups
         parts: dict[int, list[np.ndarray]] = {d: [] for d in range(len(self.domains))}
-        first_full = -(-start // BLOCK)
-        last_full = stop // BLOCK
+        first_full = -(-start // span)
+        last_full = stop // span
         if first_full >= last_full:  # no whole block inside: look positions up directly
             self._add_drawn(parts, start, stop)
         else:
-            self._add_drawn(parts, start, first_full * BLOCK)
-            self._add_drawn(parts, last_full * BLOCK, stop)
-            # Whole blocks draw a contiguous run of uses per domain; no per-position work.
+            self._add_drawn(parts, start, first_full * span)
+            self._add_drawn(parts, last_full * span, stop)
+            # Whole blocks draw a contiguous run of uses per domain (count_d groups of G
+            # draws each per block); no per-position work.
             for d in range(len(self.domains)):
-                c = int(self.counts[d])
+                c = int(self.counts[d]) * G
                 if c:
                     parts[d].append(self._chunks_for_use_span(d, first_full * c, last_full * c))
         return {self.domains[d]: np.unique(np.concatenate(parts[d])) if parts[d]
@@ -121,7 +145,10 @@ class MixtureSampler:
         return out
 
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """(domain id per offset, rank of that draw among its domain's draws) for a block."""
+        """(domain id per offset, rank of that draw among its domain's draws) for a block.
+
+        Offsets are groups of `group_size` positions (single positions when it is 1).
+        """
         hit = self._blocks.get(block)
         if hit is not None:
             self._blocks.move_to_end(block)
@@ -152,6 +179,9 @@ class DataStream:
     takes the slice `[dp_rank * B, (dp_rank + 1) * B)` of them. `position` (the next
     unconsumed global position) is the same on every rank, so resuming from it continues
     exactly, even with a different dp_size as long as dp_size * B is unchanged.
+
+    With a sampler whose `group_size` G divides B (G = B: one domain per micro-batch), every
+    rank's slice is whole groups, as long as the positions stay multiples of G.
     """
 
     def __init__(self, corpus_train: Mapping[str, np.ndarray], sampler: MixtureSampler,
@@ -163,6 +193,15 @@ class DataStream:
             raise ValueError(f"data stream: micro_batch_size {micro_batch_size} must be >= 1")
         if start_position < 0:
             raise ValueError(f"data stream: start_position {start_position} must be >= 0")
+        G = sampler.group_size
+        if G > 1 and micro_batch_size % G != 0:
+            raise ValueError(f"data stream: micro_batch_size {micro_batch_size} is not a multiple"
+                             f" of the sampler's group_size {G}; micro-batches would split"
+                             " single-domain groups (build the sampler with group_size ="
+                             " micro_batch_size)")
+        if start_position % G != 0:
+            raise ValueError(f"data stream: start_position {start_position} is not a multiple of"
+                             f" the sampler's group_size {G}")
         for d in sampler.domains:
             if d not in corpus_train:
                 raise ValueError(f"data stream: the corpus has no domain {d!r}")
@@ -201,10 +240,13 @@ class DataStream:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.sampler.seed,
-                "weights": dict(self.sampler.weights)}
+                "weights": dict(self.sampler.weights), "group_size": self.sampler.group_size}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Continue from a saved position; the seed and weights must match this stream's."""
+        """Continue from a saved position; the seed, weights and group size must match.
+
+        States saved before group sizes existed have no "group_size" and mean 1.
+        """
         if int(state["seed"]) != self.sampler.seed:
             raise ValueError(f"data stream state: saved seed {state['seed']} differs from"
                              f" this stream's seed {self.sampler.seed}")
@@ -213,9 +255,17 @@ class DataStream:
             raise ValueError(f"data stream state: saved mixture weights {saved} differ from"
                              f" this stream's {self.sampler.weights}; resuming would change"
                              " which samples are drawn")
+        saved_group = int(state.get("group_size", 1))
+        if saved_group != self.sampler.group_size:
+            raise ValueError(f"data stream state: saved group_size {saved_group} differs from this"
+                             f" stream's group_size {self.sampler.group_size} (micro-batch domain"
+                             " grouping); resuming would change which samples are drawn")
         position = int(state["position"])
         if position < 0:
             raise ValueError(f"data stream state: position {position} must be >= 0")
+        if position % self.sampler.group_size != 0:
+            raise ValueError(f"data stream state: position {position} is not a multiple of the"
+                             f" sampler's group_size {self.sampler.group_size}")
         self.position = position
 
 
