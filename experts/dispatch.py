@@ -5,6 +5,7 @@ Nothing is ever dropped: every expert receives every token routed to it, however
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -13,7 +14,8 @@ import torch
 class DispatchPlan:
     """A permutation that sorts the T*K routed copies of the tokens by expert.
 
-    token_idx_N: for each row of the sorted layout, the source token index, (N,), N = T*K.
+    token_idx_N: for each row of the sorted layout, the source token index, (N,), N = number of
+                 valid (token, slot) pairs (T*K for fixed top-k).
     slot_idx_N:  for each sorted row, its flat index into the (T, K) routing tables, (N,).
     counts_E:    rows per expert in the sorted layout, (E,).
     """
@@ -23,12 +25,20 @@ class DispatchPlan:
     counts_E: torch.Tensor
 
 
-def plan_dispatch(ids_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Stable sort of the flattened expert ids, so order within an expert follows the tokens."""
+def plan_dispatch(ids_TK: torch.Tensor, num_experts: int, valid_TK: Optional[torch.Tensor] = None) -> DispatchPlan:
+    """Stable sort of the flattened expert ids, so order within an expert follows the tokens.
+
+    Invalid slots (`valid_TK` False: the DTS gate's padding) sort last under a sentinel id and
+    are cut off, so no expert computes them.
+    """
     flat_ids = ids_TK.reshape(-1)
+    if valid_TK is not None:
+        flat_ids = torch.where(valid_TK.reshape(-1), flat_ids, torch.full_like(flat_ids, num_experts))
     slot_idx_N = torch.argsort(flat_ids, stable=True)
+    counts_E = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
+    if valid_TK is not None:
+        slot_idx_N = slot_idx_N[: int(counts_E.sum())]
     token_idx_N = torch.div(slot_idx_N, ids_TK.shape[1], rounding_mode="floor")
-    counts_E = torch.bincount(flat_ids, minlength=num_experts)
     return DispatchPlan(token_idx_N, slot_idx_N, counts_E)
 
 

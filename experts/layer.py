@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from experts.backends import get_backend
+from experts.config import RouterConfig
 from experts.dispatch import combine, permute, plan_dispatch
-from experts.router import RouterOutput, topk_softmax
+from experts.router import RouterOutput, dts_route, topk_route
 
 
 @dataclass
@@ -19,12 +21,24 @@ class MoEAux:
     probs_TE:  router probabilities (grad-carrying), for the load-balancing loss.
     logits_TE: router logits (grad-carrying), for the z-loss.
     counts_E:  tokens routed to each expert in this micro-batch (detached, int64).
+    ids_TK, valid_TK: the routing decision (detached), for sequence-level LBL and statistics.
+    batch_size: B, so that T = B * seq_len tokens can be split back into sequences.
+    temperature: the DTS gate's temperature (None for other routers).
     """
 
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor
     counts_E: torch.Tensor
     top_k: int
+    ids_TK: Optional[torch.Tensor] = None
+    valid_TK: Optional[torch.Tensor] = None
+    batch_size: int = 1
+    temperature: Optional[float] = None
+
+    def active_per_token(self) -> float:
+        if self.valid_TK is None:
+            return float(self.top_k)
+        return float(self.valid_TK.sum(dim=1).float().mean())
 
 
 class GroupedExperts(nn.Module):
@@ -52,23 +66,42 @@ class GroupedExperts(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """Token-choice top-k MoE feed-forward layer, dropless."""
+    """Token-choice MoE feed-forward layer, dropless: top-k (softmax or sigmoid scores, with the
+    optional auxiliary-loss-free bias) or EvoMoE's dense-to-sparse gate.
+
+    `expert_bias` (E,) is a persistent buffer (so it is checkpointed) used only to choose the
+    top-k; the trainer updates it after each optimizer step when aux-loss-free balancing is on.
+    `routing_step` is the optimizer step the DTS gate's temperature follows; the trainer sets it.
+    """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, d_expert: int,
-                 normalize_topk: bool = True, backend: str = "reference"):
+                 router: Optional[RouterConfig] = None, backend: str = "reference"):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts, self.top_k, self.normalize_topk = num_experts, top_k, normalize_topk
+        self.cfg = router or RouterConfig()
+        self.hard_top_k = self.cfg.dts.hard_top_k or top_k
+        if self.cfg.kind == "dts" and not 1 <= self.hard_top_k <= num_experts:
+            raise ValueError(f"dts.hard_top_k={self.hard_top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.experts = GroupedExperts(num_experts, d_model, d_expert, backend)
+        self.routing_step = 0
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
         self.experts.reset_parameters(std, out_std)
+        self.expert_bias.zero_()
 
     def route(self, x_TD: torch.Tensor) -> RouterOutput:
-        return topk_softmax(self.router(x_TD), self.top_k, self.normalize_topk)
+        logits_TE = self.router(x_TD)
+        bias = self.expert_bias if bool(self.expert_bias.any()) else None
+        if self.cfg.kind == "dts":
+            return dts_route(logits_TE, self.routing_step, self.cfg.dts, self.hard_top_k, training=self.training,
+                             normalize=self.cfg.normalize_topk, bias_E=bias)
+        return topk_route(logits_TE, self.top_k, score=self.cfg.score, normalize=self.cfg.normalize_topk,
+                          bias_E=bias)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """
@@ -80,10 +113,11 @@ class MoELayer(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         r = self.route(x_TD)
-        plan = plan_dispatch(r.ids_TK, self.num_experts)
+        plan = plan_dispatch(r.ids_TK, self.num_experts, r.valid_TK)
         y_ND = self.experts(permute(x_TD, plan), plan.counts_E)
         out_TD = combine(y_ND, r.weights_TK, plan, B * T)
-        aux = MoEAux(r.probs_TE, r.logits_TE, plan.counts_E.detach(), self.top_k)
+        aux = MoEAux(r.probs_TE, r.logits_TE, plan.counts_E.detach(), self.top_k, r.ids_TK.detach(),
+                     r.valid_TK, B, r.temperature)
         return out_TD.reshape(B, T, D), aux
 
 

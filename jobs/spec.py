@@ -12,6 +12,7 @@ from experts.config import ExpertsConfig
 from jobs.configtree import SpecError, build_dataclass, to_dict
 from system.data.config import DataConfig, SourceConfig
 from system.model import ModelConfig
+from system.upcycle import UpcycleConfig
 from system.schedules import ScheduleConfig
 
 
@@ -96,9 +97,16 @@ class StageSection:
     eval_every: int = 0  # steps between held-out evaluations; 0 disables
     eval_batches: int = 4  # held-out micro-batches per domain per evaluation
     data: StageDataSection = field(default_factory=StageDataSection)
-    init_from: Optional[str] = None  # an earlier stage's name or a checkpoint directory
+    init_from: Optional[str] = None  # an earlier stage's name, a checkpoint directory or a HF model dir
     init_weights_only: bool = True  # load only weights from init_from (not optimizer/data state)
     world_size: Optional[int] = None  # overrides parallel.world_size for this stage
+    # Partial overrides of the top-level `model` / `experts` sections for this stage (e.g. EvoMoE:
+    # a 1-expert stage, then an 8-expert stage with the DTS gate). Keys as in those sections.
+    model: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, Any] = field(default_factory=dict)
+    # How experts are spawned when init_from has fewer experts (dense FFN or one expert) than
+    # this stage's model: sparse upcycling / EvoMoE expert-diversify.
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
@@ -195,6 +203,14 @@ class JobSpec:
     def stage_world_size(self, i: int) -> int:
         return self.stages[i].world_size or self.parallel.world_size
 
+    def stage_model(self, i: int) -> ModelConfig:
+        """The model config of stage i: the top-level `model` with the stage's overrides."""
+        return _overridden(ModelConfig, self.model, self.stages[i].model, f"stages[{i}].model")
+
+    def stage_experts(self, i: int) -> ExpertsConfig:
+        """The experts config of stage i: the top-level `experts` with the stage's overrides."""
+        return _overridden(ExpertsConfig, self.experts, self.stages[i].experts, f"stages[{i}].experts")
+
     def stage_data(self, i: int) -> DataConfig:
         """The data config in force for stage i (top-level data with the stage's overrides)."""
         from dataclasses import replace
@@ -265,6 +281,9 @@ class JobSpec:
                                              f"({list(seen) or 'none'}) nor an existing checkpoint directory")
             if st.data.sources is not None:
                 yield from _check_sources(st.data.sources, f"{p}.data.sources")
+            yield from _override_problems(ModelConfig, self.model, st.model, f"{p}.model")
+            yield from _override_problems(ExpertsConfig, self.experts, st.experts, f"{p}.experts")
+            yield from self._check_stage_model(i)
             seen.setdefault(st.name, i)
         yield from _check_sources(self.data.sources, "data.sources")
         if self.data.tokenizer.kind == "hf" and self.data.tokenizer.path and not Path(
@@ -285,8 +304,105 @@ class JobSpec:
         for key, owner in _OWNED_DS_KEYS.items():
             if key in self.deepspeed:
                 yield f"deepspeed.{key}", f"is set by the spec; use {owner} instead"
+        yield from self._check_routing()
         if "zero_optimization" in self.deepspeed and "stage" in (self.deepspeed["zero_optimization"] or {}):
             yield "deepspeed.zero_optimization.stage", "is set by the spec; use parallel.zero_stage instead"
+
+
+    def _stage_cfgs(self, i: int):
+        try:
+            return self.stage_model(i), self.stage_experts(i)
+        except SpecError:
+            return None, None  # reported by _override_problems
+
+    def _check_stage_model(self, i: int) -> Iterator[tuple[str, str]]:
+        """Checks that need a stage's merged model/experts config and its init source."""
+        p = f"stages[{i}]"
+        st = self.stages[i]
+        mcfg, ecfg = self._stage_cfgs(i)
+        if mcfg is None:
+            return
+        if (st.model or st.experts) and ecfg.router.kind == "dts" and ecfg.balancing.aux_free:
+            yield f"{p}.experts.balancing.aux_free", "the aux-loss-free bias is for the top-k router, not the DTS gate"
+        if (st.model or st.experts) and ecfg.router.kind == "dts":
+            hk = ecfg.router.dts.hard_top_k or mcfg.top_k
+            if hk > mcfg.num_experts:
+                yield f"{p}.experts.router.dts.hard_top_k", f"{hk} exceeds num_experts={mcfg.num_experts}"
+        if mcfg.num_experts % self.parallel.expert_parallel_size:
+            yield f"{p}.model.num_experts", (f"{mcfg.num_experts} is not divisible by "
+                                             f"parallel.expert_parallel_size={self.parallel.expert_parallel_size}")
+        if st.init_from is None:
+            return
+        names = [s.name for s in self.stages[:i]]
+        if st.init_from in names:
+            j = names.index(st.init_from)
+            src, _ = self._stage_cfgs(j)
+            if src is None:
+                return
+            same_shape = (src.num_experts == mcfg.num_experts and src.moe_layer_ids() == mcfg.moe_layer_ids()
+                          and src.d_expert == mcfg.d_expert)
+            if not same_shape and not st.init_weights_only:
+                yield f"{p}.init_weights_only", (
+                    f"false needs the same experts as stage {st.init_from!r}; this stage changes the MoE layers "
+                    f"or expert count ({src.num_experts} -> {mcfg.num_experts}), so the optimizer state "
+                    "cannot carry over: set init_weights_only: true")
+            for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias", "vocab_size", "tie_embeddings"):
+                if getattr(src, k) != getattr(mcfg, k):
+                    yield f"{p}.model.{k}", (f"{getattr(mcfg, k)} differs from stage {st.init_from!r}'s "
+                                             f"{getattr(src, k)}; init_from needs the same shape")
+        else:
+            from system.hf_import import check_hf_compat, is_hf_model_dir
+            if Path(st.init_from).is_dir() and is_hf_model_dir(st.init_from):
+                try:
+                    hf_problems = check_hf_compat(st.init_from, mcfg)
+                except ValueError as e:
+                    hf_problems = [("", str(e))]
+                for _key, msg in hf_problems:
+                    yield f"{p}.init_from", msg
+
+    def _check_routing(self) -> Iterator[tuple[str, str]]:
+        ecfg = self.experts
+        if ecfg.router.kind == "dts":
+            hk = ecfg.router.dts.hard_top_k or self.model.top_k
+            if hk > self.model.num_experts:
+                yield "experts.router.dts.hard_top_k", f"{hk} exceeds model.num_experts={self.model.num_experts}"
+        if ecfg.balancing.aux_free and ecfg.router.kind == "dts":
+            yield "experts.balancing.aux_free", "the aux-loss-free bias is for the top-k router, not the DTS gate"
+
+
+def _merged(base: Any, override: dict[str, Any]) -> dict[str, Any]:
+    def merge(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = merge(a.get(k), v)
+            return out
+        return b
+    return merge(to_dict(base), override or {})
+
+
+def _overridden(cls: type, base: Any, override: dict[str, Any], path: str) -> Any:
+    if not override:
+        return base
+    problems: list[tuple[str, str]] = []
+    out = build_dataclass(cls, _merged(base, override), path, problems)
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
+def _override_problems(cls: type, base: Any, override: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
+    """Problems of a stage's merged section that the top-level section does not already have."""
+    if not override:
+        return
+    if not isinstance(override, dict):
+        yield path, f"{override!r} is not a mapping"
+        return
+    merged: list[tuple[str, str]] = []
+    build_dataclass(cls, _merged(base, override), path, merged)
+    top: list[tuple[str, str]] = []
+    build_dataclass(cls, to_dict(base), path, top)
+    yield from (pm for pm in merged if pm not in top)
 
 
 def _check_sources(sources: list[SourceConfig], path: str) -> Iterator[tuple[str, str]]:

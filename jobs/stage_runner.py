@@ -18,19 +18,23 @@ from jobs.spec import JobSpec, parse_spec
 from parallel import dist as pdist
 from system.checkpoint import (CheckpointManager, atomic_write_text, latest_checkpoint,
                                load_module_weights, read_manifest, resolve_checkpoint)
+from system.hf_import import is_hf_model_dir
+from system.upcycle import init_model_from
 from system.data import DataStream, MixtureSampler, PackedCorpus, holdout_batches
 from system.metrics import JsonlSink, MetricSink
 from system.model import Transformer
 from system.trainer import Trainer, TrainerHooks
 
 
-def build_model(spec: JobSpec, vocab_size: int) -> Transformer:
+def build_model(spec: JobSpec, vocab_size: int, stage_index: int = 0) -> Transformer:
+    """Stage `stage_index`'s model (top-level model/experts with the stage's overrides)."""
     from dataclasses import replace
-    mcfg = spec.model if spec.model.vocab_size is not None else replace(spec.model, vocab_size=vocab_size)
+    model_cfg = spec.stage_model(stage_index)
+    mcfg = model_cfg if model_cfg.vocab_size is not None else replace(model_cfg, vocab_size=vocab_size)
     if mcfg.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({vocab_size})")
-    return Transformer(mcfg, spec.experts.router.normalize_topk, spec.experts.backend)
+    return Transformer(mcfg, spec.stage_experts(stage_index))
 
 
 def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Optional[Path]:
@@ -45,6 +49,8 @@ def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Opt
             raise ValueError(f"stages[{stage_index}].init_from: stage {ref!r} has not finished "
                              f"(no final checkpoint under {layout.checkpoints(ref)})")
         return ckpt
+    if is_hf_model_dir(ref):
+        return Path(ref)
     return resolve_checkpoint(ref)
 
 
@@ -68,23 +74,30 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     corpus = PackedCorpus.build(data_cfg)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(spec.run.seed + 1000 * stage_index)
-    model = build_model(spec, corpus.tokenizer.vocab_size)
+    model = build_model(spec, corpus.tokenizer.vocab_size, stage_index)
     if spec.parallel.use_gpu and torch.cuda.is_available():
         model = model.cuda(int(os.environ.get("LOCAL_RANK", 0)))
     init_ckpt = resolve_init_from(spec, stage_index, layout)
+    init_report = None
     if init_ckpt is not None:
-        model.load_state_dict(load_module_weights(init_ckpt))
+        # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts
+        # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
+        init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=spec.run.seed + stage_index)
+        if rank == 0:
+            print(f"[moeforge] stage {stage.name}: initialised from {init_ckpt}: {init_report.get('summary', '')}",
+                  flush=True)
 
     from parallel.engine import build_engine
     engine = build_engine(model, stage, spec.parallel, spec.deepspeed, world)
-    if init_ckpt is not None and not stage.init_weights_only:
+    if init_ckpt is not None and not stage.init_weights_only and not is_hf_model_dir(init_ckpt):
         # Full state: optimizer moments too (the LR schedule restarts with this stage).
         engine.load_checkpoint(str(init_ckpt.parent), tag=init_ckpt.name, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
 
     weights = {s.name: s.weight for s in data_cfg.sources}
+    group = stage.micro_batch_size if data_cfg.microbatch_domains == "single" else 1
     sampler = MixtureSampler({d: len(corpus.train[d]) for d in corpus.domains}, weights,
-                             seed=spec.run.seed + stage_index)
+                             seed=spec.run.seed + stage_index, group_size=group)
     stream = DataStream(corpus.train, sampler, rank, world, stage.micro_batch_size)
 
     def eval_batches():
@@ -97,9 +110,10 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     ckpt = CheckpointManager(layout.checkpoints(stage.name), rank, pdist.barrier,
                              spec.ray.checkpoint_config.num_to_keep)
     manifest_base = {"run": spec.run.name, "spec": to_dict(spec), "tokenizer": corpus.tokenizer.fingerprint,
-                     "init_from": str(init_ckpt) if init_ckpt else None}
+                     "init_from": str(init_ckpt) if init_ckpt else None,
+                     "init_report": init_report}
     trainer = Trainer(engine=engine, model=model, stream=stream, holdout_batches=eval_batches, stage=stage,
-                      balancing=spec.experts.balancing, stage_name=stage.name, sinks=sinks, ckpt=ckpt,
+                      balancing=spec.stage_experts(stage_index).balancing, stage_name=stage.name, sinks=sinks, ckpt=ckpt,
                       manifest_base=manifest_base, log_every=spec.metrics.log_every,
                       hooks=TrainerHooks(on_step=on_step))
     resume_from = latest_checkpoint(ckpt.root)
@@ -115,7 +129,7 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
             s.close()
     if rank == 0:
         final = latest_checkpoint(ckpt.root)
-        consumed = {"sampler": {"seed": sampler.seed, "weights": weights,
+        consumed = {"sampler": {"seed": sampler.seed, "weights": weights, "group_size": sampler.group_size,
                                 "sizes": {d: len(corpus.train[d]) for d in corpus.domains}},
                     "positions": [trainer.state.data_start, stream.position],
                     "data": to_dict(data_cfg), "tokenizer": corpus.tokenizer.fingerprint}

@@ -7,6 +7,7 @@ an exception on any rank is re-raised with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -32,7 +33,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 init_method=f"tcp://127.0.0.1:{port}")
         result = fn(rank, world, *args)
-        queue.put((rank, True, result))
+        # Plain pickle bytes: torch's queue pickler would pass tensors as shared-memory handles
+        # that die with this process.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:
         queue.put((rank, False, f"[rank {rank}] " + traceback.format_exc()))
     finally:
@@ -58,7 +61,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout_s: f
         for _ in range(world_size):
             r, ok, payload = queue.get(timeout=timeout_s)
             if ok:
-                results[r] = payload
+                results[r] = pickle.loads(payload)
             else:
                 errors.append(payload)
                 break  # other ranks may now hang on a collective; stop them

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.config import BalancingConfig
-from experts.losses import load_balancing_loss, router_z_loss
+from experts.losses import load_balancing_loss, router_z_loss, sequence_balancing_loss
 from system.model import ModelOutput
 
 
@@ -20,8 +20,10 @@ def training_loss(out: ModelOutput, labels_BT: torch.Tensor, bal: BalancingConfi
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts (each detached, for logging).
 
-    The LBL uses each layer's local counts unless `counts_override` passes other counts
-    (one (E,) tensor per MoE layer), e.g. counts reduced over a larger batch.
+    The LBL's scope follows `bal.lbl`: the layer's local counts (micro_batch), each sequence on
+    its own (sequence), or `counts_override`, one (E,) tensor per MoE layer with the counts
+    reduced over the global batch (global_batch; required then). With lbl "none" the
+    micro-batch LBL is still reported (not added) so runs can be compared.
     Auxiliary terms are averaged over MoE layers, then scaled by their coefficients.
     """
     ce = lm_cross_entropy(out.logits_BTV, labels_BT)
@@ -29,8 +31,16 @@ def training_loss(out: ModelOutput, labels_BT: torch.Tensor, bal: BalancingConfi
     parts = {"ce": ce.detach()}
     if out.moe_aux:
         n = len(out.moe_aux)
-        lbl = sum(load_balancing_loss(a.probs_TE, (counts_override[i] if counts_override else a.counts_E), a.top_k)
-                  for i, a in enumerate(out.moe_aux)) / n
+        if bal.lbl == "global_batch" and counts_override is None:
+            raise ValueError("global_batch LBL needs the global counts (counts_override); "
+                             "see parallel.balancing")
+        if bal.lbl == "sequence":
+            lbl = sum(sequence_balancing_loss(a.probs_TE, a.ids_TK, a.batch_size, a.valid_TK)
+                      for a in out.moe_aux) / n
+        else:
+            lbl = sum(load_balancing_loss(a.probs_TE, counts_override[i] if counts_override is not None
+                                          else a.counts_E, a.top_k)
+                      for i, a in enumerate(out.moe_aux)) / n
         z = sum(router_z_loss(a.logits_TE) for a in out.moe_aux) / n
         parts["lbl"], parts["z_loss"] = lbl.detach(), z.detach()
         if bal.lbl != "none" and bal.lbl_coeff > 0:

@@ -36,17 +36,6 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
 
-def load_stats(counts_LE: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Per MoE layer: tokens per expert and max/mean load (1.0 = perfectly balanced)."""
-    out: dict[str, Any] = {}
-    for i, c in enumerate(counts_LE):
-        c = c.double()
-        mean = c.mean().item()
-        out[f"moe/{i}/tokens_per_expert"] = [int(x) for x in c.tolist()]
-        out[f"moe/{i}/max_over_mean"] = (c.max().item() / mean) if mean > 0 else math.nan
-    return out
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records of a metrics file (a torn last line from a crash is skipped)."""
     out = []

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experts.config import ExpertsConfig
 from experts.layer import MoEAux, MoELayer, init_std_for_depth
 
 
@@ -22,6 +23,7 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); null: n_heads
     d_ff: int = 512  # hidden size of the dense SwiGLU FFN layers
     moe_layers: Union[str, list[int]] = "all"  # "all", "none", "every_2" or explicit indices
     num_experts: int = 8
@@ -32,6 +34,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
 
     def check(self) -> Iterator[tuple[str, str]]:
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "top_k", "d_expert"):
@@ -41,6 +44,11 @@ class ModelConfig:
             yield "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
         elif self.n_heads >= 1 and (self.d_model // self.n_heads) % 2:
             yield "n_heads", f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings"
+        if self.n_kv_heads is not None:
+            if self.n_kv_heads < 1:
+                yield "n_kv_heads", f"{self.n_kv_heads} must be >= 1"
+            elif self.n_heads >= 1 and self.n_heads % self.n_kv_heads:
+                yield "n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
         if self.top_k > self.num_experts:
             yield "top_k", f"{self.top_k} exceeds num_experts={self.num_experts}"
         if self.vocab_size is not None and self.vocab_size < 2:
@@ -49,6 +57,10 @@ class ModelConfig:
             self.moe_layer_ids()
         except ValueError as e:
             yield "moe_layers", str(e)
+
+    def kv_heads(self) -> int:
+        """The number of key/value heads (n_kv_heads, or n_heads when unset)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def moe_layer_ids(self) -> list[int]:
         spec = self.moe_layers
@@ -100,17 +112,31 @@ def apply_rope(x_BHTd: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor)
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE; grouped-query when n_kv_heads < n_heads.
+
+    `qkv` is one fused projection whose output rows are [q (n_heads*d); k (n_kv_heads*d);
+    v (n_kv_heads*d)], heads contiguous within each; query head h reads key/value head
+    h // (n_heads / n_kv_heads). With n_kv_heads = n_heads this is the plain (3D, D) layout.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_kv_heads = cfg.kv_heads()
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
 
     def forward(self, x_BTD: torch.Tensor, cos_TH, sin_TH) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos_TH, sin_TH), apply_rope(k, cos_TH, sin_TH)  # (B, H, T, d)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BTD).view(B, T, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+        q, k = apply_rope(q, cos_TH, sin_TH), apply_rope(k, cos_TH, sin_TH)  # (B, H|G, T, d)
+        if G == H:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -126,13 +152,13 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, normalize_topk: bool, backend: str):
+    def __init__(self, cfg: ModelConfig, moe: bool, experts: ExpertsConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe
-        self.ffn = (MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, normalize_topk, backend)
+        self.ffn = (MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend)
                     if moe else DenseFFN(cfg.d_model, cfg.d_ff))
 
     def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
@@ -145,14 +171,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, normalize_topk: bool = True, backend: str = "reference"):
+    def __init__(self, cfg: ModelConfig, experts: Optional[ExpertsConfig] = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
+        self.experts_cfg = experts = experts or ExpertsConfig()
         moe_ids = set(cfg.moe_layer_ids())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, normalize_topk, backend) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, experts) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -175,6 +202,11 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
+
+    def set_routing_step(self, step: int) -> None:
+        """The optimizer step step-dependent routers (the DTS gate's temperature) follow."""
+        for layer in self.moe_layers():
+            layer.routing_step = int(step)
 
     def forward(self, input_ids_BT: torch.Tensor) -> ModelOutput:
         B, T = input_ids_BT.shape

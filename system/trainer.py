@@ -14,10 +14,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from experts.router import aux_free_bias_update, dts_temperature
+from experts.stats import domain_specialisation, global_load_stats, local_routing_scalars
 from parallel import dist as pdist
+from parallel.balancing import GlobalCountBuffer, reduce_counts, stack_counts
 from system.checkpoint import CheckpointManager
 from system.losses import lm_cross_entropy, training_loss
-from system.metrics import MetricSink, load_stats
+from system.metrics import MetricSink
 
 
 @dataclass
@@ -81,34 +84,63 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        """Run grad_accum_steps micro-batches and one optimizer update; return the step's metrics."""
+        """Run grad_accum_steps micro-batches and one optimizer update; return the step's metrics.
+
+        Global-batch LBL: each micro-batch's per-layer expert counts are all-reduced over the
+        data-parallel ranks and accumulated in `GlobalCountBuffer` (the thin distributed step);
+        the result is passed into the pure loss. With `global_accumulation: exact` a no-grad
+        routing pass over the step's micro-batches comes first (same RNG stream replayed).
+        After the update, aux-loss-free biases move with the step's global counts.
+        """
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
-        counts: Optional[list[torch.Tensor]] = None
         n_micro = self.stage.grad_accum_steps
         tokens_local = 0
         grad_norm = None
-        for micro in range(n_micro):
-            batch = self.stream.next_microbatch()
+        moe = self._moe_layers()
+        self._set_routing_step(self.state.step)
+        batches = [self.stream.next_microbatch() for _ in range(n_micro)]
+        gbuf = GlobalCountBuffer(n_micro, self.bal.global_accumulation) if self.bal.lbl == "global_batch" else None
+        if gbuf is not None and gbuf.mode == "exact" and moe:
+            gbuf.set_total(self._routing_prepass(batches))
+        step_counts_local = None
+        micro_last = None
+        for micro, batch in enumerate(batches):
             ids = batch["input_ids"].to(self.device)
             labels = batch["labels"].to(self.device)
             out = self.engine(ids)
-            loss, parts = training_loss(out, labels, self.bal)
+            local = stack_counts([a.counts_E for a in out.moe_aux])
+            override = None
+            if gbuf is not None and out.moe_aux:
+                override = list(gbuf.add(reduce_counts(local)))
+            loss, parts = training_loss(out, labels, self.bal, counts_override=override)
             self.engine.backward(loss)
             if micro == n_micro - 1:
                 grad_norm = self._grad_norm_before_step()
             self.engine.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            layer_counts = [a.counts_E.cpu() for a in out.moe_aux]
-            counts = layer_counts if counts is None else [c + n for c, n in zip(counts, layer_counts)]
+            for i, a in enumerate(out.moe_aux):
+                for k, v in local_routing_scalars(a).items():
+                    sums[f"moe/{i}/{k}"] = sums.get(f"moe/{i}/{k}", 0.0) + v
+            step_counts_local = local if step_counts_local is None else step_counts_local + local
+            micro_last = local
             tokens_local += labels.numel()
-        # Reduce for logging only: the mean of each loss part over ranks and micro-batches,
-        # the expert counts summed over the global batch.
+        # The step's global counts: from the buffer when global-batch LBL reduced them already,
+        # else one all-reduce. Every rank gets the same counts (the aux-free bias needs that).
+        if gbuf is not None and moe:
+            step_counts = gbuf.finish_step()
+        elif moe:
+            step_counts = reduce_counts(step_counts_local)
+        else:
+            step_counts = None
+        if step_counts is not None and self.bal.aux_free:
+            self._update_expert_bias(step_counts)
+        # Reduce for logging only: the mean of each loss part and routing scalar over ranks
+        # and micro-batches.
         keys = sorted(sums)
         vec = pdist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         vec /= n_micro * self.world
-        counts = [pdist.all_reduce_sum(c) for c in (counts or [])]
         dt = time.perf_counter() - t0
         self.state.step += 1
         self.state.tokens += tokens_local * self.world
@@ -124,8 +156,46 @@ class Trainer:
             "tokens_per_s": tokens_local * self.world / dt,
             "step_time_s": dt,
         }
-        rec.update(load_stats(counts))
+        for i, layer in enumerate(moe):
+            stats = global_load_stats(step_counts[i], micro_last[i],
+                                      layer.expert_bias if self.bal.aux_free else None)
+            rec.update({f"moe/{i}/{k}": v for k, v in stats.items()})
+            if layer.cfg.kind == "dts":
+                rec[f"moe/{i}/temperature"] = dts_temperature(layer.routing_step, layer.cfg.dts)
+                rec[f"moe/{i}/dts_hard"] = float(layer.routing_step >= layer.cfg.dts.hard_step())
         return rec
+
+    def _moe_layers(self) -> list:
+        fn = getattr(self.model, "moe_layers", None)
+        return fn() if fn is not None else []
+
+    def _set_routing_step(self, step: int) -> None:
+        fn = getattr(self.model, "set_routing_step", None)
+        if fn is not None:
+            fn(step)
+
+    @torch.no_grad()
+    def _routing_prepass(self, batches: Sequence[dict]) -> torch.Tensor:
+        """Exact global-batch counts of a step: route every micro-batch without gradients, sum
+        over micro-batches and ranks. The RNG state is restored so the training pass draws the
+        same random numbers (the DTS gate's Gumbel noise) and routes identically."""
+        cpu_state = torch.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        total = None
+        for batch in batches:
+            out = self.model(batch["input_ids"].to(self.device))
+            local = stack_counts([a.counts_E for a in out.moe_aux])
+            total = local if total is None else total + local
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        return reduce_counts(total)
+
+    @torch.no_grad()
+    def _update_expert_bias(self, step_counts_LE: torch.Tensor) -> None:
+        for layer, c in zip(self._moe_layers(), step_counts_LE):
+            layer.expert_bias.copy_(aux_free_bias_update(layer.expert_bias, c.to(layer.expert_bias.device),
+                                                         self.bal.bias_update_rate))
 
     def _grad_norm_before_step(self) -> Optional[float]:
         """The global gradient norm before clipping, where the grads are whole on every rank.
@@ -141,24 +211,50 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out cross-entropy per domain; batches are split over ranks, then summed."""
+        """Held-out cross-entropy per domain; batches are split over ranks, then summed.
+
+        Also the expert specialisation per MoE layer (evaluation routes with the hard gate):
+        each domain's expert distribution, the mutual information between domain and chosen
+        expert, and each domain's share on its top expert.
+        """
         self.model.eval()
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
+        all_batches = self.holdout_batches()
+        domains = list(all_batches)
+        dom_counts: list[torch.Tensor] = []  # per domain: (L, E)
         try:
-            for domain, batches in self.holdout_batches().items():
+            for domain, batches in all_batches.items():
                 tot = torch.zeros(2, dtype=torch.float64)
+                counts = None
                 for i, b in enumerate(batches):
                     if i % self.world != self.rank:
                         continue
                     labels = b["labels"].to(self.device)
-                    logits = self.model(b["input_ids"].to(self.device)).logits_BTV
-                    tot[0] += float(lm_cross_entropy(logits, labels)) * labels.numel()
+                    res = self.model(b["input_ids"].to(self.device))
+                    tot[0] += float(lm_cross_entropy(res.logits_BTV, labels)) * labels.numel()
                     tot[1] += labels.numel()
+                    local = stack_counts([a.counts_E for a in res.moe_aux]).cpu()
+                    counts = local if counts is None else counts + local
                 tot = pdist.all_reduce_sum(tot)
                 if tot[1] > 0:
                     out[f"eval/{domain}/loss"] = float(tot[0] / tot[1])
+                n_layers = len(self._moe_layers())
+                if counts is None:
+                    e = self._moe_layers()[0].num_experts if n_layers else 0
+                    counts = torch.zeros(n_layers, e, dtype=torch.int64)
+                dom_counts.append(pdist.all_reduce_sum(counts))
         finally:
             self.model.train()
+        if dom_counts and dom_counts[0].numel():
+            counts_DLE = torch.stack(dom_counts)
+            for i in range(counts_DLE.shape[1]):
+                sp = domain_specialisation(counts_DLE[:, i])
+                out[f"eval/moe/{i}/mutual_information"] = sp["mutual_information"]
+                out[f"eval/moe/{i}/normalized_mi"] = sp["normalized_mi"]
+                for d, dom in enumerate(domains):
+                    c = counts_DLE[d, i].double()
+                    out[f"eval/moe/{i}/top_share/{dom}"] = sp["top_share"][d]
+                    out[f"eval/moe/{i}/frac/{dom}"] = (c / c.sum().clamp_min(1)).tolist()
         return out
 
     # -- checkpoint ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from experts import MoELayer, expert_counts, load_balancing_loss, router_z_loss, topk_softmax
 from experts.backends import get_backend, reference_backend, swiglu
 from experts.dispatch import combine, permute, plan_dispatch
+from experts.config import RouterConfig
 from experts.layer import dense_moe_reference
 
 D, F = 8, 12
@@ -16,7 +17,7 @@ D, F = 8, 12
 
 def _layer(E: int, k: int, normalize: bool = True, seed: int = 0, dtype=torch.float64) -> MoELayer:
     torch.manual_seed(seed)
-    layer = MoELayer(D, E, k, F, normalize_topk=normalize).to(dtype)
+    layer = MoELayer(D, E, k, F, RouterConfig(normalize_topk=normalize)).to(dtype)
     layer.reset_parameters(std=0.5, out_std=0.3)  # large enough for varied routing
     return layer
 
@@ -112,7 +113,7 @@ def test_counts_equal_bincount_of_chosen_ids():
     assert not aux.counts_E.requires_grad
     assert aux.top_k == k
     assert aux.probs_TE.shape == (36, E) and aux.logits_TE.shape == (36, E)
-    torch.testing.assert_close(aux.probs_TE.sum(-1), torch.ones(36))
+    torch.testing.assert_close(aux.probs_TE.sum(-1), torch.ones(36, dtype=aux.probs_TE.dtype))
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 5])
@@ -160,9 +161,11 @@ def test_topk_softmax(k):
         assert (raw.weights_TK.sum(-1) < 1).all()
 
 
-def test_router_logits_are_fp32():
-    r = topk_softmax(torch.randn(4, 3, dtype=torch.float64), 2)
-    assert r.logits_TE.dtype == torch.float32 and r.probs_TE.dtype == torch.float32
+@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                            (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_router_computes_in_at_least_fp32(dtype, expected):
+    r = topk_softmax(torch.randn(4, 3).to(dtype), 2)
+    assert r.logits_TE.dtype == expected and r.probs_TE.dtype == expected
 
 
 # ---------------------------------------------------------------- dispatch

@@ -108,6 +108,7 @@ def test_bad_moe_layers(spec):
     (dict(d_model=30, n_heads=4), "n_heads"),  # not divisible
     (dict(d_model=36, n_heads=4), "n_heads"),  # head dim 9 is odd (RoPE needs pairs)
     (dict(top_k=5), "top_k"), (dict(vocab_size=1), "vocab_size"), (dict(d_expert=0), "d_expert"),
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"), (dict(n_kv_heads=0), "n_kv_heads"),
 ])
 def test_model_config_check(kw, key):
     assert [k for k, _ in tiny(**kw).check()] == [key]
@@ -146,6 +147,43 @@ def test_parameter_count_formula():
     norms = 2 * D * 2 + D
     expected = V * D + 2 * attn + dense + moe + norms
     assert _n_params(Transformer(cfg)) == expected
+
+
+@pytest.mark.parametrize("n_kv_heads,qkv_bias", [(None, False), (1, False), (2, True), (4, True)])
+def test_parameter_count_with_grouped_query_attention(n_kv_heads, qkv_bias):
+    cfg = tiny(n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, qkv_bias=qkv_bias, moe_layers="none")
+    D, hd, G = cfg.d_model, cfg.d_model // 4, n_kv_heads or 4
+    qkv_rows = (4 + 2 * G) * hd
+    attn = qkv_rows * D + (qkv_rows if qkv_bias else 0) + D * D
+    expected = V * D + 2 * (attn + 3 * D * cfg.d_ff + 2 * D) + D
+    model = Transformer(cfg)
+    assert _n_params(model) == expected
+    assert model.blocks[0].attn.qkv.weight.shape == (qkv_rows, D)
+    if qkv_bias:
+        assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros(qkv_rows))  # biases start at zero
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    # GQA with G key/value heads is full attention whose k/v heads are repeated: query head h
+    # reads key/value head h // (H / G).
+    H, G = 4, 2
+    gqa = _model(n_heads=H, n_kv_heads=G, qkv_bias=True, moe_layers="none").eval()
+    with torch.no_grad():
+        for blk in gqa.blocks:
+            blk.attn.qkv.bias.normal_()
+    mha = _model(n_heads=H, qkv_bias=True, moe_layers="none").eval()
+    sd = gqa.state_dict()
+    hd = 32 // H
+    for i in range(2):
+        for name in ("weight", "bias"):
+            t = sd[f"blocks.{i}.attn.qkv.{name}"]
+            q, k, v = t.split([H * hd, G * hd, G * hd])
+            rep = [x.unflatten(0, (G, hd)).repeat_interleave(H // G, 0).flatten(0, 1) for x in (k, v)]
+            sd[f"blocks.{i}.attn.qkv.{name}"] = torch.cat([q, *rep])
+    mha.load_state_dict(sd)
+    with torch.no_grad():
+        ids = _ids(2, 11)
+        torch.testing.assert_close(gqa(ids).logits_BTV, mha(ids).logits_BTV, rtol=0, atol=1e-5)
 
 
 def test_tiny_model_overfits_fixed_batch():

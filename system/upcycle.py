@@ -1,0 +1,305 @@
+"""Initialise a model from another one's weights: plain loading, sparse upcycling, diversification.
+
+Sparse upcycling (Komatsuzaki et al., arXiv 2212.05055): every MoE layer whose source is a
+dense FFN (or an MoE layer with one expert) gets E copies of that FFN as its experts and a
+fresh router. Copies of one FFN behind a router whose top-k weights sum to 1 compute exactly
+the dense layer, so the upcycled model starts where the source was.
+
+Identical experts get identical gradients from identical inputs and only drift apart through
+the router; `UpcycleConfig.diversify` breaks the symmetry at initialisation:
+  copy   exact copies (plain sparse upcycling);
+  mask   Drop-Upcycling (Nakamura et al., arXiv 2502.19261): per copy, round(fraction * F) of
+         the F hidden units, drawn uniformly without replacement and independently per copy, are
+         re-initialised -- the matching columns of w1 and w3 (D, F) and rows of w2 (F, D) are
+         redrawn from N(mean, std) of the whole original matrix. This is also how we realise
+         EvoMoE's (arXiv 2112.14397) "expert-diversify" step, which spawns the experts from its
+         one trained shared expert by random masking; we use Drop-Upcycling's structured,
+         statistics-preserving variant rather than zeroing individual weights;
+  noise  each copy plus Gaussian noise of std `noise_std` x the original matrix's std.
+With `keep_first` expert 0 stays an exact copy of the source FFN.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+Source = Union[str, Path, Mapping[str, torch.Tensor]]
+
+_OPTIONAL_MOE_KEYS = ("expert_bias",)  # MoELayer state a source may lack (older checkpoints): keep the init
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+@dataclass
+class UpcycleConfig:
+    """How MoE layers are initialised from a dense (or one-expert) source layer."""
+
+    diversify: Literal["copy", "mask", "noise"] = "copy"
+    fraction: float = 0.5  # mask: fraction of each copy's hidden units re-initialised
+    noise_std: float = 0.01  # noise: noise std relative to each weight matrix's std
+    keep_first: bool = True  # expert 0 stays an exact copy of the source FFN
+    seed: Optional[int] = None  # default: the run's seed
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        # `diversify` is a Literal: jobs.configtree rejects other values before check() runs.
+        if not (isinstance(self.fraction, (int, float)) and 0.0 <= self.fraction <= 1.0):
+            yield "fraction", f"{self.fraction} must be in [0, 1]"
+        if not (isinstance(self.noise_std, (int, float)) and math.isfinite(self.noise_std)
+                and self.noise_std >= 0.0):
+            yield "noise_std", f"{self.noise_std} must be a finite number >= 0"
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            yield "seed", f"{self.seed} must be in [0, 2^63)"
+
+
+def num_reinit_units(d_hidden: int, fraction: float) -> int:
+    """Hidden units re-initialised per expert copy by `mask`: round(fraction * F)."""
+    return int(round(fraction * d_hidden))
+
+
+def _normal_like(shape, ref: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    mean, std = ref.mean(), ref.std()
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * std + mean
+
+
+@torch.no_grad()
+def diversify_experts(w1_DF: torch.Tensor, w3_DF: torch.Tensor, w2_FD: torch.Tensor, num_experts: int,
+                      cfg: UpcycleConfig, generator: Optional[torch.Generator] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E experts spawned from one SwiGLU FFN: (w1_EDF, w3_EDF, w2_EFD), in the input dtype.
+
+    Inputs are in the experts' layout (x @ w1_DF), i.e. the transposes of nn.Linear weights.
+    Randomness comes only from `generator` (a CPU generator; default: a fresh unseeded one)
+    and is drawn on the CPU in float32, so every rank given the same seed builds the same experts.
+    """
+    D, F = w1_DF.shape
+    if w3_DF.shape != (D, F) or w2_FD.shape != (F, D):
+        raise ValueError(f"FFN shapes disagree: w1 {tuple(w1_DF.shape)}, w3 {tuple(w3_DF.shape)}, "
+                         f"w2 {tuple(w2_FD.shape)} (expected (D, F), (D, F), (F, D))")
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts} must be >= 1")
+    if cfg.diversify not in ("copy", "mask", "noise"):
+        raise ValueError(f"upcycle.diversify {cfg.diversify!r} is not one of ['copy', 'mask', 'noise']")
+    problems = list(cfg.check())
+    if problems:
+        raise ValueError("invalid upcycle config: " + "; ".join(f"{k}: {m}" for k, m in problems))
+    gen = generator if generator is not None else torch.Generator()
+    dtype, E = w1_DF.dtype, num_experts
+    src = [w.detach().to("cpu", torch.float32) for w in (w1_DF, w3_DF, w2_FD)]
+    w1, w3, w2 = (w.unsqueeze(0).repeat(E, 1, 1) for w in src)
+    first = 1 if cfg.keep_first else 0
+    if cfg.diversify == "mask":
+        n = num_reinit_units(F, cfg.fraction)
+        if n:
+            for e in range(first, E):
+                idx = torch.randperm(F, generator=gen)[:n]
+                w1[e][:, idx] = _normal_like((D, n), src[0], gen)
+                w3[e][:, idx] = _normal_like((D, n), src[1], gen)
+                w2[e][idx, :] = _normal_like((n, D), src[2], gen)
+    elif cfg.diversify == "noise" and cfg.noise_std > 0:
+        for w, ref in zip((w1, w3, w2), src):
+            sd = cfg.noise_std * ref.std()
+            for e in range(first, E):
+                w[e] += torch.randn(ref.shape, generator=gen, dtype=torch.float32) * sd
+    return w1.to(dtype), w3.to(dtype), w2.to(dtype)
+
+
+def _layer_seed(seed: int, layer: int) -> int:
+    # Independent of which other layers are upcycled, and of the order they are visited in.
+    return (seed * 1_000_003 + layer * 7919 + 1) % (2 ** 63)
+
+
+def _load_source(source: Source) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict in our naming, kind, description) of a checkpoint dir, HF dir or state dict."""
+    if isinstance(source, Mapping):
+        return dict(source), "state_dict", "the given state dict"
+    from system.checkpoint import is_complete, load_module_weights, resolve_checkpoint
+    from system.hf_import import is_hf_model_dir, load_hf_dense_state_dict
+
+    p = Path(source)
+    if not is_complete(p) and is_hf_model_dir(p):
+        return load_hf_dense_state_dict(p), "huggingface", str(p)
+    if not p.exists():
+        raise ValueError(f"init source {str(p)!r} does not exist")
+    try:
+        ckpt = resolve_checkpoint(p)
+    except ValueError as e:
+        raise ValueError(f"init source {str(p)!r} is neither a moeforge checkpoint nor a Hugging Face "
+                         f"model directory (config.json with model_type and weights): {e}") from None
+    sd = load_module_weights(ckpt)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return sd, "moeforge", str(ckpt)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+@torch.no_grad()
+def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleConfig] = None,
+                    seed: int = 0) -> dict[str, Any]:
+    """Load `source` into `model` (a `system.model.Transformer`), upcycling where needed.
+
+    `source`: a moeforge checkpoint (a directory with moeforge.json, or a root holding them),
+    a local Hugging Face Llama/Qwen2 directory, or a state dict in our naming.
+
+    Per target key: equal shapes load as is. A target MoE layer whose source layer is a dense
+    FFN (`ffn.w1.weight`) or an MoE layer with one expert gets its E experts from
+    `diversify_experts`, keeps its freshly initialised router (sparse upcycling's new router)
+    and its `expert_bias`. An MoE source with the target's E loads as is (`expert_bias`
+    stays at its init when the source lacks it). Everything else -- a different shape, a
+    missing or unused source tensor, an MoE source with another E > 1, a dense target layer
+    with an MoE source -- raises ValueError naming the key, the source and the shapes.
+    Nothing is written into `model` unless everything fits.
+
+    Returns a JSON-able report: source, kind, loaded keys, upcycled layers (with what they
+    came from), MoE layers loaded as is, keys left at their init, the diversification used.
+    """
+    cfg = upcycle or UpcycleConfig()
+    problems = list(cfg.check())
+    if problems:
+        raise ValueError("invalid upcycle config: " + "; ".join(f"{k}: {m}" for k, m in problems))
+    seed = cfg.seed if cfg.seed is not None else seed
+    src, kind, where = _load_source(source)
+    target = model.state_dict()
+    blocks = getattr(model, "blocks", [])
+    moe_layers = {i for i, b in enumerate(blocks) if getattr(b, "is_moe", False)}
+
+    def src_has_moe(i: int) -> bool:
+        return any(k.startswith(f"blocks.{i}.ffn.experts.") or k == f"blocks.{i}.ffn.router.weight"
+                   for k in src)
+
+    def src_has_dense(i: int) -> bool:
+        return f"blocks.{i}.ffn.w1.weight" in src
+
+    def bad(key: str, msg: str) -> ValueError:
+        return ValueError(f"init from {where}: {key}: {msg}")
+
+    new: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    loaded: list[str] = []
+    fresh: list[str] = []
+    upcycled: dict[str, str] = {}
+    moe_as_is: list[int] = []
+
+    # 1. Everything but the MoE layers: equal shapes, nothing missing.
+    for k, t in target.items():
+        m = _BLOCK_RE.match(k)
+        if m and int(m.group(1)) in moe_layers and m.group(2).startswith("ffn."):
+            continue
+        if m and m.group(2).startswith("ffn.") and src_has_moe(int(m.group(1))):
+            raise bad(k, f"target layer {m.group(1)} is dense but the source layer is MoE "
+                      f"(MoE-to-dense is not supported)")
+        if k not in src:
+            raise bad(k, f"missing from the source (target shape {_shape(t)})")
+        if _shape(src[k]) != _shape(t):
+            hint = ""
+            if k.endswith("attn.qkv.weight"):
+                hint = " (check d_model, n_heads and n_kv_heads)"
+            elif m and m.group(2).startswith("ffn.w"):
+                hint = " (check d_ff)"
+            raise bad(k, f"source shape {_shape(src[k])} != target shape {_shape(t)}{hint}")
+        new[k] = src[k]
+        loaded.append(k)
+        used.add(k)
+
+    # 2. MoE target layers, whole layer at a time.
+    for i in sorted(moe_layers):
+        pre = f"blocks.{i}.ffn."
+        keys = sorted(k for k in target if k.startswith(pre))
+        tw1 = target[pre + "experts.w1"]
+        E, D, F = tw1.shape
+        if src_has_dense(i):
+            dense = {n: pre + f"{n}.weight" for n in ("w1", "w3", "w2")}
+            for n, k in dense.items():
+                if k not in src:
+                    raise bad(k, f"the dense source layer {i} has no {n}")
+            s1, s3, s2 = (src[dense[n]] for n in ("w1", "w3", "w2"))
+            if _shape(s1)[1:] != (D,) or _shape(s3) != _shape(s1) or _shape(s2) != (D, _shape(s1)[0]):
+                raise bad(pre + "w1.weight", f"source dense FFN shapes w1 {_shape(s1)}, w3 {_shape(s3)}, "
+                          f"w2 {_shape(s2)} do not fit d_model {D} of target {pre}experts.w1 {(E, D, F)}")
+            if s1.shape[0] != F:
+                raise bad(pre + "w1.weight", f"source shape {_shape(s1)} (d_ff {s1.shape[0]}) cannot be "
+                          f"upcycled into target {pre}experts.w1 {(E, D, F)}: dense-to-MoE upcycling needs "
+                          f"d_ff of the source == d_expert of the target ({s1.shape[0]} != {F})")
+            ws, origin = (s1.t(), s3.t(), s2.t()), "dense"
+            used.update(dense.values())
+            extra = [k for k in src if k.startswith(pre) and k not in dense.values()]
+            if extra:
+                raise bad(extra[0], f"source layer {i} mixes a dense FFN with other ffn tensors {extra}")
+        elif src_has_moe(i):
+            sk = pre + "experts.w1"
+            if sk not in src:
+                raise bad(sk, f"source MoE layer {i} has no stacked expert weights")
+            es = src[sk].shape[0]
+            if es == E and es > 1:
+                origin = None
+            elif es == 1:
+                s = {n: src.get(pre + f"experts.{n}") for n in ("w1", "w3", "w2")}
+                for n, t in s.items():
+                    if t is None:
+                        raise bad(pre + f"experts.{n}", f"missing from source MoE layer {i}")
+                if _shape(s["w1"]) != (1, D, F) or _shape(s["w3"]) != (1, D, F) or _shape(s["w2"]) != (1, F, D):
+                    raise bad(sk, f"source one-expert shapes w1 {_shape(s['w1'])}, w3 {_shape(s['w3'])}, "
+                              f"w2 {_shape(s['w2'])} do not fit target {(E, D, F)} / {(E, F, D)}")
+                ws, origin = (s["w1"][0], s["w3"][0], s["w2"][0]), "moe_1_expert"
+                used.update(k for k in src if k.startswith(pre))  # its 1-expert router/bias are dropped
+            else:
+                raise bad(sk, f"source has {es} experts {_shape(src[sk])}, target has {E} {(E, D, F)}: "
+                          f"only a dense FFN, a one-expert MoE or an MoE with the same number of experts "
+                          f"can initialise an MoE layer")
+        else:
+            raise bad(pre + "experts.w1", f"source has no FFN for layer {i} (neither {pre}w1.weight nor "
+                      f"{pre}experts.w1); target shape {(E, D, F)}")
+        if origin is None:  # same E: load as is
+            for k in keys:
+                if k in src:
+                    if _shape(src[k]) != _shape(target[k]):
+                        raise bad(k, f"source shape {_shape(src[k])} != target shape {_shape(target[k])}")
+                    new[k] = src[k]
+                    loaded.append(k)
+                    used.add(k)
+                elif k.rsplit(".", 1)[-1] in _OPTIONAL_MOE_KEYS:
+                    fresh.append(k)
+                else:
+                    raise bad(k, f"missing from the source (target shape {_shape(target[k])})")
+            extra = [k for k in src if k.startswith(pre) and k not in target]
+            if extra:
+                raise bad(extra[0], f"source tensor has no counterpart in the target MoE layer {i}")
+            moe_as_is.append(i)
+            continue
+        gen = torch.Generator().manual_seed(_layer_seed(seed, i))
+        w1, w3, w2 = diversify_experts(*ws, E, cfg, gen)
+        new[pre + "experts.w1"], new[pre + "experts.w3"], new[pre + "experts.w2"] = w1, w3, w2
+        for k in keys:
+            if k not in new:
+                fresh.append(k)  # router, expert_bias, ...: the target's own init
+        upcycled[str(i)] = origin
+
+    unused = sorted(set(src) - used)
+    if unused:
+        k = unused[0]
+        raise bad(k, f"source tensor {_shape(src[k])} has no place in the target model"
+                  + (f" (and {len(unused) - 1} more: {unused[1:6]})" if len(unused) > 1 else "")
+                  + (" -- set model.qkv_bias: true" if k.endswith("attn.qkv.bias") else ""))
+
+    for k in fresh:
+        new[k] = target[k]
+    missing = set(target) - set(new)
+    assert not missing, missing  # every target key was handled above
+    model.load_state_dict(new, strict=True)
+    return {
+        "source": where,
+        "kind": kind,
+        "loaded": loaded,
+        "upcycled_layers": upcycled,  # layer index -> "dense" | "moe_1_expert"
+        "moe_layers_loaded": moe_as_is,
+        "kept_init": sorted(fresh),
+        "num_experts": {str(i): int(target[f"blocks.{i}.ffn.experts.w1"].shape[0]) for i in sorted(moe_layers)},
+        "upcycle": asdict(cfg),
+        "seed": seed,
+    }
