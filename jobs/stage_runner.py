@@ -84,8 +84,10 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
         # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
         init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=spec.run.seed + stage_index)
         if rank == 0:
-            print(f"[moeforge] stage {stage.name}: initialised from {init_ckpt}: {init_report.get('summary', '')}",
-                  flush=True)
+            up = init_report.get("upcycled_layers") or {}
+            print(f"[moeforge] stage {stage.name}: initialised from {init_report.get('kind')} {init_ckpt}: "
+                  f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
+                  + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
 
     from parallel.engine import build_engine
     engine = build_engine(model, stage, spec.parallel, spec.deepspeed, world)

@@ -467,3 +467,68 @@ def test_with_absolute_paths(tmp_path):
     assert fixed.data.sources[0].paths == [str(data_file)]  # already absolute
     assert fixed.stages[1].init_from == "a"  # a stage name, not a path
     assert spec.run.output_dir == "out"  # the original is untouched
+
+
+# ---------------------------------------------------------------- routing and recipes
+
+def test_stage_overrides_merge_into_model_and_experts():
+    spec = parse_spec(_spec(
+        model={"num_experts": 8, "top_k": 1},
+        experts={"router": {"kind": "dts", "dts": {"decay_steps": 50}}},
+        stages=[{"name": "one", "model": {"num_experts": 1}, "experts": {"router": {"kind": "topk"}}},
+                {"name": "evo", "init_from": "one", "upcycle": {"diversify": "mask", "fraction": 0.25}}]))
+    assert spec.stage_model(0).num_experts == 1 and spec.stage_model(1).num_experts == 8
+    assert spec.stage_experts(0).router.kind == "topk"
+    assert spec.stage_experts(1).router.kind == "dts" and spec.stage_experts(1).router.dts.decay_steps == 50
+    assert spec.stage_model(0).top_k == 1  # untouched fields come from the top level
+    assert spec.stages[1].upcycle.fraction == 0.25
+
+
+def test_stage_override_errors_name_the_stage_field():
+    assert "not an integer" in _only(_spec(stages=[{"name": "a", "model": {"num_experts": "many"}}]),
+                                     "stages[0].model.num_experts")
+    assert "unknown key" in _only(_spec(stages=[{"name": "a", "experts": {"router": {"kinds": "dts"}}}]),
+                                  "stages[0].experts.router.kinds")
+    # a cross-field problem the override creates: top_k 2 (top level) > 1 expert
+    assert "exceeds num_experts=1" in _only(_spec(stages=[{"name": "a", "model": {"num_experts": 1}}]),
+                                            "stages[0].model.top_k")
+
+
+def test_routing_fields_are_validated():
+    probs = _problems(_spec(experts={"router": {"kind": "dts", "score": "sigmoid",
+                                                "dts": {"t_min": 3.0, "t_max": 2.0, "hard_top_k": 9}},
+                                     "balancing": {"lbl": "global", "bias_update_rate": -1}}))
+    assert "must be in (0, t_max=2.0]" in probs["experts.router.dts.t_min"]
+    assert "softmax" in probs["experts.router.score"]
+    assert "not one of" in probs["experts.balancing.lbl"]
+    assert "must be in [0, 1]" in probs["experts.balancing.bias_update_rate"]
+    assert "exceeds model.num_experts" in probs["experts.router.dts.hard_top_k"]
+    assert "not one of" in _only(_spec(experts={"backend": "fast"}), "experts.backend")
+    assert "must be in [0, 1]" in _only(_spec(stages=[{"name": "a", "upcycle": {"fraction": 1.5}}]),
+                                        "stages[0].upcycle.fraction")
+
+
+def test_full_state_init_across_an_expert_count_change_is_rejected():
+    msg = _only(_spec(stages=[{"name": "one", "model": {"num_experts": 1, "top_k": 1}},
+                              {"name": "many", "init_from": "one", "init_weights_only": False}]),
+                "stages[1].init_weights_only")
+    assert "optimizer state" in msg and "1 -> 8" in msg
+
+
+def test_init_from_stage_with_other_width_is_rejected():
+    assert "differs from stage 'a'" in _only(
+        _spec(stages=[{"name": "a", "model": {"d_model": 64}}, {"name": "b", "init_from": "a"}]),
+        "stages[1].model.d_model")
+
+
+def test_hf_init_from_mismatch_names_the_field(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=48, vocab_size=300)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    with pytest.raises(SpecError) as ei:
+        parse_spec(_spec(model={"d_model": 64, "n_layers": 2, "n_heads": 2, "vocab_size": 300, "d_expert": 48},
+                         stages=[{"name": "a", "init_from": str(tmp_path / "llama")}]))
+    msgs = [m for p, m in ei.value.problems if p == "stages[0].init_from"]
+    assert any("model.d_model: 64" in m and "hidden_size 32" in m for m in msgs), msgs
+    assert any("tie_embeddings" in m for m in msgs), msgs
