@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+ROUTING_STATS = ("maxvio_global", "maxvio_micro", "dead_experts", "active_per_token", "temperature",
+                 "bias_spread", "entropy", "load_entropy")
 MAX_EXPERT_LABELS = 256  # per-expert series are skipped beyond this many experts
 
 
@@ -24,6 +26,9 @@ class RayGaugeSink:
                              tag_keys=keys + ("layer",))
         self.expert = Gauge("moeforge_expert_tokens", "Tokens routed to each expert in the last step",
                             tag_keys=keys + ("layer", "expert"))
+        self.routing = Gauge("moeforge_routing", "Routing statistic per MoE layer (stat: maxvio_global, "
+                             "maxvio_micro, dead_experts, active_per_token, temperature, bias_spread, "
+                             "entropy, load_entropy)", tag_keys=keys + ("layer", "stat"))
         self.eval = Gauge("moeforge_eval_loss", "Held-out loss per domain", tag_keys=keys + ("domain",))
 
     def log(self, r: dict[str, Any]) -> None:
@@ -42,6 +47,8 @@ class RayGaugeSink:
             elif parts[0] == "moe" and parts[2] == "tokens_per_expert" and len(v) <= MAX_EXPERT_LABELS:
                 for e, c in enumerate(v):
                     self.expert.set(c, tags={**t, "layer": parts[1], "expert": str(e)})
+            elif parts[0] == "moe" and parts[2] in ROUTING_STATS:
+                self.routing.set(float(v), tags={**t, "layer": parts[1], "stat": parts[2]})
             elif parts[0] == "eval" and parts[-1] == "loss":
                 self.eval.set(v, tags={**t, "domain": parts[1]})
 
