@@ -7,6 +7,7 @@ Every error names the dotted path of the bad value, e.g. `stages[1].optimizer.lr
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -145,6 +146,16 @@ def build_dataclass(cls: type, value: Any, path: str, problems: list[tuple[str, 
             if len(problems) == n_before:
                 raise
     return obj
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """`override` laid over `base`: mappings merge key by key, anything else replaces (copied)."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = deep_merge(base.get(k), v)
+        return out
+    return copy.deepcopy(override)
 
 
 def to_dict(obj: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Literal, Optional
 import yaml
 
 from experts.config import ExpertsConfig
-from jobs.configtree import SpecError, build_dataclass, to_dict
+from jobs.configtree import SpecError, build_dataclass, deep_merge, to_dict
 from system.data.config import DataConfig, SourceConfig
 from system.model import ModelConfig
 from system.upcycle import UpcycleConfig
@@ -371,14 +371,7 @@ class JobSpec:
 
 
 def _merged(base: Any, override: dict[str, Any]) -> dict[str, Any]:
-    def merge(a, b):
-        if isinstance(a, dict) and isinstance(b, dict):
-            out = dict(a)
-            for k, v in b.items():
-                out[k] = merge(a.get(k), v)
-            return out
-        return b
-    return merge(to_dict(base), override or {})
+    return deep_merge(to_dict(base), override or {})
 
 
 def _overridden(cls: type, base: Any, override: dict[str, Any], path: str) -> Any:

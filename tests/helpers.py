@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from jobs.configtree import deep_merge
+
 TINY_SPEC: dict[str, Any] = {
     "run": {"name": "tiny", "output_dir": "runs", "seed": 7},
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "moe_layers": "all",
@@ -27,17 +29,8 @@ def tiny_spec(tmp_path: Path, **overrides) -> dict[str, Any]:
     spec = copy.deepcopy(TINY_SPEC)
     spec["run"]["output_dir"] = str(tmp_path / "runs")
     for k, v in overrides.items():
-        spec[k] = _merge(spec.get(k), v)
+        spec[k] = deep_merge(spec.get(k), v)
     return spec
-
-
-def _merge(a, b):
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = _merge(a.get(k), v)
-        return out
-    return copy.deepcopy(b)
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
