@@ -1,16 +1,93 @@
 """Expert compute backends: apply each expert's SwiGLU FFN to its contiguous block of rows.
 
-Every backend takes rows already sorted by expert and the per-expert row counts, and the
-stacked expert weights w1, w3: (E, D, F) and w2: (E, F, D).
+Every backend takes rows already sorted by expert and the per-expert row counts (a host-side
+list), and the stacked expert weights w1, w3: (E, D, F) and w2: (E, F, D); it returns one
+output row per input row, in the same order. All are dropless, and all are differentiable
+with respect to x and the three weights.
+
+Backends (the job spec picks one with `experts.backend`):
+
+reference   a Python loop over experts, one small matmul per expert and projection. Plain and
+            obviously correct; the yardstick for the others.
+
+grouped     one grouped (or batched) matmul per projection instead of the loop. It takes one of
+            three paths per call, chosen by the pure function `choose_grouped_path` from the
+            counts, shapes, dtype and device alone:
+
+            1. no rows at all (N = 0)                                  -> "padded"
+               (zero-size bmm: the output is connected to the weights, which get zero
+               gradients instead of none; `torch._grouped_mm` rejects empty input.)
+            2. `torch._grouped_mm` is usable                           -> "grouped_mm"
+               i.e. this torch has it and it runs for this device and dtype (probed once),
+               the dtype is float32/bfloat16/float16 on CPU or bfloat16 on a CUDA device of
+               compute capability 9.x/10.x (Hopper/Blackwell: the CUTLASS kernel; elsewhere
+               torch falls back to a host-synchronising loop, so it is not used), fewer than
+               1024 experts on CUDA, d_model and d_expert rows 16-byte aligned (multiples of
+               4 in fp32, of 8 in bf16), the weights in a layout the kernel takes, and no
+               autocast. Its backward runs through our own autograd.Function: torch's
+               built-in derivative passes the upstream gradient on as is and the kernel
+               rejects the non-contiguous ones `.sum()` or `.expand()` produce (torch 2.13).
+            3. otherwise (float64, misaligned sizes, CUDA float32 or pre-Hopper, old torch):
+               padded batched matmul if padding wastes at most PAD_ROWS_PER_EXPERT (32)
+               rows per expert on average, i.e. E * max(counts) - N <= 32 * E -> "padded";
+               else the per-expert loop of `reference`                   -> "loop".
+               "padded" scatters the rows into an (E, max count, D) zero buffer, runs
+               `torch.bmm`, and gathers the rows back (skipped when every expert has the same
+               count). The bound comes from `python bench/moe_layer.py --paths` (float64, the
+               2-core CPU; table in docs/benchmarks.md): each padded row costs a full row of
+               compute, while the loop pays a fixed cost per expert (Python, autograd nodes,
+               small matmuls). With up to 32 wasted rows per expert the padded bmm won
+               1.1-2x (experts of 16-64 rows); from 77 wasted rows per expert on it ran at
+               0.95x down to 0.22x the loop's speed (experts of 256-1024 rows); in between
+               (38-64) it won at d_model 128 and lost at 512. The bound picked the faster path in 32 of the 35 cases
+               measured; the three misses ran 5-21% slower than the faster path would have.
+
+            On CPU `torch._grouped_mm` loops over the groups in C++ (bit-identical results to
+            the reference in fp32), so its gain there is the removed Python and autograd
+            per-expert overhead, largest with many small experts; the big win is the fused
+            CUTLASS kernel on Hopper-class GPUs. Why it comes before "padded" whenever it can
+            run: `--paths --dtype fp32` found it the fastest path, or close behind the padded
+            bmm, which beat it only with little padding (<= 26 wasted rows per expert), by up
+            to 38% for tiny experts (d_model 128, 16-64 rows) and 15% at d_model 512; unlike
+            the padded bmm it does not slow down as the load gets more uneven. The
+            CUDA conditions follow torch's kernel requirements; they have not been timed on
+            a GPU yet (`python bench/moe_layer.py --gpu-preset` does that).
+
+megablocks  MegaBlocks' grouped GEMM, the one its dropless MoE (dMoE, `mlp_impl="grouped"`)
+            calls: `megablocks.grouped_gemm_util.ops.gmm` (the `grouped_gemm` package),
+            with our (E, D, F) / (E, F, D) weight layout as is (trans_b=False). Optional:
+            needs CUDA, bfloat16, and megablocks + grouped_gemm built against the installed
+            torch (see MEGABLOCKS_INSTALL). `get_backend("megablocks")` and calling the
+            backend raise `BackendUnavailableError` saying what is missing.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import itertools
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 ExpertBackend = Callable[[torch.Tensor, list[int], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+GroupedPath = Literal["grouped_mm", "padded", "loop"]
+
+# "padded" is used while E * max(counts) - N <= PAD_ROWS_PER_EXPERT * E (see the module docstring).
+PAD_ROWS_PER_EXPERT = 32
+# torch._grouped_mm's CUDA bf16 kernel takes fewer groups than this.
+CUDA_GROUPED_MM_MAX_GROUPS = 1024
+_GMM_ALIGN_BYTES = 16
+_CPU_GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+MEGABLOCKS_INSTALL = (
+    "on a CUDA machine, build MegaBlocks and its grouped GEMM against the installed torch "
+    "(megablocks pins an old torch, hence --no-deps and --no-build-isolation): "
+    "pip install --no-deps --no-build-isolation megablocks==0.10.0 grouped_gemm==0.3.0 stanford-stk==0.7.1"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An optional expert backend cannot run here (missing package or device)."""
 
 
 def swiglu(x_ND: torch.Tensor, w1_DF: torch.Tensor, w3_DF: torch.Tensor, w2_FD: torch.Tensor) -> torch.Tensor:
@@ -33,10 +110,253 @@ def reference_backend(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tenso
     return torch.cat(outs, dim=0)
 
 
-BACKENDS: dict[str, ExpertBackend] = {"reference": reference_backend}
+# ---------------------------------------------------------------------------------------------
+# grouped: the dispatch rule
+
+
+def choose_grouped_path(counts: Sequence[int], *, d_model: int, d_expert: int, dtype: torch.dtype,
+                        device_type: str, cuda_capability: Optional[tuple[int, int]] = None,
+                        grouped_mm_runs: bool = True, weights_ok: bool = True) -> GroupedPath:
+    """Which path the `grouped` backend takes; a pure function of its arguments.
+
+    grouped_mm_runs: `torch._grouped_mm` exists and runs for this device and dtype (probed).
+    weights_ok:      the weights have x's dtype and strides the grouped kernel accepts, and
+                     autocast is off.
+    """
+    n, e = sum(counts), len(counts)
+    if n == 0:
+        return "padded"
+    aligned = all(size * dtype.itemsize % _GMM_ALIGN_BYTES == 0 for size in (d_model, d_expert))
+    if device_type == "cuda":
+        fast_kernel = (dtype == torch.bfloat16 and cuda_capability is not None
+                       and cuda_capability[0] in (9, 10) and e < CUDA_GROUPED_MM_MAX_GROUPS)
+    else:
+        fast_kernel = device_type == "cpu" and dtype in _CPU_GMM_DTYPES
+    if fast_kernel and aligned and grouped_mm_runs and weights_ok:
+        return "grouped_mm"
+    wasted_rows = e * max(counts) - n
+    return "padded" if wasted_rows <= PAD_ROWS_PER_EXPERT * e else "loop"
+
+
+def _gmm_operand_ok(t: torch.Tensor) -> bool:
+    """Strides `torch._grouped_mm` accepts (its own check): row- or column-major last two
+    dims, the leading stride a multiple of 16 bytes."""
+    if t.dim() < 2:
+        return False
+    align = max(1, _GMM_ALIGN_BYTES // t.element_size())
+    s_row, s_col = t.stride(-2), t.stride(-1)
+    rows, cols = t.shape[-2], t.shape[-1]
+    if s_col == 1 and s_row >= max(1, cols):
+        return s_row % align == 0
+    if s_row == 1 and s_col >= max(1, rows):
+        return s_col % align == 0
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_probe(device_type: str, device_index: Optional[int], dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs here, in both forms the grouped path uses (2D x 3D for
+    forward and input gradients, 2D x 2D for weight gradients), with an empty group."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    try:
+        with torch.no_grad():
+            a = torch.ones(6, 16, dtype=dtype, device=device)
+            b = torch.ones(3, 16, 16, dtype=dtype, device=device)
+            offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device)
+            y = torch._grouped_mm(a, b, offs=offs)
+            gw = torch._grouped_mm(a.t(), y, offs=offs)
+            return y.shape == (6, 16) and gw.shape == (3, 16, 16)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: Optional[int]) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_path_for(x_ND: torch.Tensor, counts: Sequence[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
+                     w2_EFD: torch.Tensor) -> GroupedPath:
+    """The path `grouped_backend` takes for these tensors (gathers the facts, then the rule)."""
+    dev = x_ND.device
+    weights = (w1_EDF, w3_EDF, w2_EFD)
+    weights_ok = (all(w.dtype == x_ND.dtype and _gmm_operand_ok(w) for w in weights)
+                  and not torch.is_autocast_enabled(dev.type))
+    return choose_grouped_path(
+        counts, d_model=x_ND.shape[-1], d_expert=w1_EDF.shape[-1], dtype=x_ND.dtype, device_type=dev.type,
+        cuda_capability=_cuda_capability(dev.index) if dev.type == "cuda" else None,
+        grouped_mm_runs=_grouped_mm_probe(dev.type, dev.index, x_ND.dtype), weights_ok=weights_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped: the paths
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of group g] = a[rows of group g] @ b[g], with a backward that accepts any
+    upstream gradient layout (made contiguous before it reaches the kernel)."""
+
+    @staticmethod
+    def forward(ctx, a_NK: torch.Tensor, b_GKM: torch.Tensor, offs_G: torch.Tensor,
+                empty_groups: tuple[int, ...]) -> torch.Tensor:
+        ctx.save_for_backward(a_NK, b_GKM, offs_G)
+        ctx.empty_groups = empty_groups
+        return torch._grouped_mm(a_NK, b_GKM, offs=offs_G)
+
+    @staticmethod
+    def backward(ctx, g_NM: torch.Tensor):
+        a_NK, b_GKM, offs_G = ctx.saved_tensors
+        g_NM = g_NM.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch._grouped_mm(g_NM, b_GKM.transpose(-2, -1), offs=offs_G)
+        if ctx.needs_input_grad[1]:
+            grad_b = torch._grouped_mm(a_NK.t(), g_NM, offs=offs_G)
+            if ctx.empty_groups:  # a group with no rows must get a zero, not unwritten, gradient
+                grad_b[list(ctx.empty_groups)] = 0
+        return grad_a, grad_b, None, None
+
+
+def _grouped_mm_path(x_ND: torch.Tensor, counts: Sequence[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
+                     w2_EFD: torch.Tensor) -> torch.Tensor:
+    offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_ND.device)
+    empty = tuple(e for e, c in enumerate(counts) if c == 0)
+    x_ND = x_ND.contiguous()
+    h_NF = F.silu(_GroupedMM.apply(x_ND, w1_EDF, offs, empty)) * _GroupedMM.apply(x_ND, w3_EDF, offs, empty)
+    return _GroupedMM.apply(h_NF, w2_EFD, offs, empty)
+
+
+def _padded_rows(counts: Sequence[int], capacity: int, device: torch.device) -> torch.Tensor:
+    """For each sorted row, its row in the flattened (E, capacity) padded layout, (N,) int64."""
+    counts_E = torch.tensor(list(counts), dtype=torch.long, device=device)
+    starts_E = torch.tensor([0, *itertools.accumulate(counts)][:-1], dtype=torch.long, device=device)
+    shift_E = torch.arange(len(counts), device=device) * capacity - starts_E
+    n = sum(counts)
+    return torch.arange(n, device=device) + torch.repeat_interleave(shift_E, counts_E, output_size=n)
+
+
+def _padded_path(x_ND: torch.Tensor, counts: Sequence[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
+                 w2_EFD: torch.Tensor) -> torch.Tensor:
+    E, (N, D) = len(counts), x_ND.shape
+    C = max(counts, default=0)
+    if E * C == N:  # every expert has C rows (or there are none): already in the padded layout
+        rows = None
+        x_ECD = x_ND.reshape(E, C, D)
+    else:
+        rows = _padded_rows(counts, C, x_ND.device)
+        x_ECD = x_ND.new_zeros(E * C, D).index_copy(0, rows, x_ND).view(E, C, D)
+    # Padding rows are zero, so they add nothing to the weight gradients, and their outputs are
+    # never gathered, so no gradient flows into them.
+    h_ECF = F.silu(torch.bmm(x_ECD, w1_EDF)) * torch.bmm(x_ECD, w3_EDF)
+    y = torch.bmm(h_ECF, w2_EFD).reshape(E * C, w2_EFD.shape[-1])
+    return y if rows is None else y.index_select(0, rows)
+
+
+GROUPED_PATHS: dict[str, ExpertBackend] = {
+    "grouped_mm": _grouped_mm_path, "padded": _padded_path, "loop": reference_backend}
+
+
+def grouped_backend(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
+                    w2_EFD: torch.Tensor) -> torch.Tensor:
+    """One grouped matmul per projection (`torch._grouped_mm`), else a padded bmm, else the loop;
+    see the module docstring for which, when."""
+    path = grouped_path_for(x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
+    return GROUPED_PATHS[path](x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
+
+
+# ---------------------------------------------------------------------------------------------
+# megablocks (optional)
+
+
+@functools.lru_cache(maxsize=None)
+def _megablocks_gg():
+    """MegaBlocks' grouped GEMM module, or the reason it cannot be loaded (a str)."""
+    if not torch.cuda.is_available():
+        return ("no CUDA device is available (torch.cuda.is_available() is False; torch "
+                f"{torch.__version__}); MegaBlocks' grouped GEMM runs only on CUDA GPUs")
+    try:
+        from megablocks import grouped_gemm_util as gg
+    except Exception as exc:  # ImportError, or a CUDA extension built against another torch
+        return f"the megablocks package cannot be imported ({type(exc).__name__}: {exc})"
+    if not gg.grouped_gemm_is_available() or getattr(gg, "ops", None) is None:
+        return ("megablocks is installed but its grouped GEMM is not (the `grouped_gemm` package, "
+                "megablocks[gg], cannot be imported)")
+    return gg
+
+
+def megablocks_unavailable_reason() -> Optional[str]:
+    """None if the megablocks backend can run here, else why not."""
+    gg = _megablocks_gg()
+    return gg if isinstance(gg, str) else None
+
+
+def _require_megablocks():
+    gg = _megablocks_gg()
+    if isinstance(gg, str):
+        raise BackendUnavailableError(f"expert backend 'megablocks' is unavailable: {gg}. To use it, "
+                                      f"{MEGABLOCKS_INSTALL}; or set experts.backend: grouped.")
+    return gg
+
+
+def megablocks_backend(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
+                       w2_EFD: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU experts through `megablocks.grouped_gemm_util.ops.gmm`, as in MegaBlocks' GroupedGLU.
+
+    gmm(a (N, K), b (E, K, M), batch_sizes) multiplies each group's rows by b[e]; our weights
+    are already (E, in, out), so no transposes. Its backward gives x and weight gradients.
+    """
+    gg = _require_megablocks()
+    if x_ND.device.type != "cuda":
+        raise BackendUnavailableError(f"expert backend 'megablocks' needs CUDA tensors; got {x_ND.device}")
+    if x_ND.dtype != torch.bfloat16 or any(w.dtype != torch.bfloat16 for w in (w1_EDF, w3_EDF, w2_EFD)):
+        raise TypeError("expert backend 'megablocks': its grouped GEMM takes bfloat16 only; got "
+                        f"x {x_ND.dtype}, weights {w1_EDF.dtype}/{w3_EDF.dtype}/{w2_EFD.dtype} "
+                        "(use bf16, or experts.backend: grouped)")
+    return gmm_swiglu(gg.ops.gmm, x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
+
+
+def gmm_swiglu(gmm: Callable[..., torch.Tensor], x_ND: torch.Tensor, counts: Sequence[int], w1_EDF: torch.Tensor,
+               w3_EDF: torch.Tensor, w2_EFD: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU experts through a grouped_gemm-style `gmm(a, b, batch_sizes)` (differentiable,
+    batch_sizes an int64 host tensor, a and b contiguous, no group-free call)."""
+    if sum(counts) == 0:  # grouped_gemm asserts that some group is non-empty
+        return _padded_path(x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
+    batch_sizes = torch.tensor(list(counts), dtype=torch.long)  # on the host, as gmm requires
+    x_ND = x_ND.contiguous()
+    w1_EDF, w3_EDF, w2_EFD = w1_EDF.contiguous(), w3_EDF.contiguous(), w2_EFD.contiguous()
+    h_NF = F.silu(gmm(x_ND, w1_EDF, batch_sizes)) * gmm(x_ND, w3_EDF, batch_sizes)
+    return gmm(h_NF, w2_EFD, batch_sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+BACKENDS: dict[str, ExpertBackend] = {
+    "reference": reference_backend,
+    "grouped": grouped_backend,
+    "megablocks": megablocks_backend,
+}
+
+# Optional backends: name -> () -> None if usable here, else the reason.
+_UNAVAILABLE_REASON: dict[str, Callable[[], Optional[str]]] = {"megablocks": megablocks_unavailable_reason}
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if backend `name` can run on this machine, else why not."""
+    check = _UNAVAILABLE_REASON.get(name)
+    return check() if check else None
+
+
+def available_backends() -> list[str]:
+    """Registered backends that can run on this machine, in registration order."""
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
 def get_backend(name: str) -> ExpertBackend:
     if name not in BACKENDS:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(BACKENDS)}")
+    if name == "megablocks":
+        _require_megablocks()
     return BACKENDS[name]
