@@ -37,7 +37,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             from jobs.ray_metrics import RayGaugeSink
             sinks = (RayGaugeSink(config["run_name"], config["stage_name"]),)
     last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step)
-    ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))})
+    # The stage's headline figures only (Ray logs the report); per-layer routing stats live in
+    # metrics.jsonl and the Ray gauges.
+    ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))
+                      and not k.startswith(("moe/", "eval/moe/"))})
 
 
 def wants_embedded_ray(address: Optional[str]) -> bool:
