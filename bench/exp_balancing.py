@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "exp_balancing.json"))
+    ap.add_argument("--seed", type=int, default=BASE["run"]["seed"], help="model-init and data-order seed")
     ap.add_argument("--fresh", action="store_true", help="delete earlier runs of this experiment first")
     args = ap.parse_args()
     out_root = ROOT / "runs" / "exp_balancing"
@@ -83,7 +84,8 @@ def main() -> None:
     n_layers = BASE["model"]["n_layers"]
     for name in args.variants:
         spec = copy.deepcopy(BASE)
-        spec["run"]["name"] = f"{name}_s{args.steps}"
+        spec["run"]["name"] = f"{name}_s{args.steps}" + (f"_seed{args.seed}" if args.seed != BASE["run"]["seed"] else "")
+        spec["run"]["seed"] = args.seed
         spec["run"]["output_dir"] = str(out_root)
         spec["experts"]["balancing"].update(VARIANTS[name])
         spec["stages"][0]["steps"] = args.steps
@@ -93,7 +95,7 @@ def main() -> None:
         r = results[name]
         print(f"  loss mean {r['loss/mean']:.4f}  MI(bits) {['%.3f' % x for x in r['mi_bits']]}  "
               f"maxvio_global {['%.2f' % x for x in r['maxvio_global_last50']]}", flush=True)
-    write_json(Path(args.out), {"config": BASE, "steps": args.steps, "results": results})
+    write_json(Path(args.out), {"config": BASE, "steps": args.steps, "seed": args.seed, "results": results})
     print(f"wrote {args.out}")
 
 

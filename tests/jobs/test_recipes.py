@@ -125,3 +125,20 @@ def test_single_domain_microbatches_with_global_lbl_and_aux_free(tmp_path):
     assert "eval/moe/1/normalized_mi" in r and "eval/moe/0/top_share/python_code" in r
     consumed = json.loads((Path(spec["run"]["output_dir"]) / "gl" / "stages" / "s" / "consumed.json").read_text())
     assert consumed["sampler"]["group_size"] == 4
+
+
+def _lbl_of_stage(rank: int, world: int, spec: dict) -> float:
+    from jobs.stage_runner import run_stage
+
+    return run_stage(spec, 0)["lbl"]
+
+
+def test_dts_gate_with_exact_global_counts_replays_the_noise(tmp_path):
+    """The exact mode's routing pre-pass must draw the same Gumbel noise as the training pass
+    (the RNG is replayed); `finish_step` raises if the two passes counted differently."""
+    spec = tiny_spec(tmp_path, run={"name": "dtsx"},
+                     experts={"router": {"kind": "dts", "dts": {"decay_steps": 10, "threshold": 0.05}},
+                              "balancing": {"lbl": "global_batch", "global_accumulation": "exact"}},
+                     stages=[{"name": "s", **STAGE, "steps": 3, "micro_batch_size": 2, "grad_accum_steps": 2}])
+    lbls = run_distributed(_lbl_of_stage, 2, spec)
+    assert lbls[0] == lbls[1] and lbls[0] > 0
