@@ -9,7 +9,7 @@ Reported per variant (from the metrics JSON lines): held-out loss per domain (me
 evaluations), the mutual information I(domain; expert) per MoE layer and each domain's share on its
 top expert (hard routing on held-out data), and the global-batch MaxVio during training.
 
-    python bench/exp_balancing.py                # ~15 min on 2 CPU cores
+    python bench/exp_balancing.py                # ~8 min on 2 idle CPU cores (5 variants)
     python bench/exp_balancing.py --steps 40     # a quick look
 """
 from __future__ import annotations

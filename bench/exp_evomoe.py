@@ -13,7 +13,7 @@ Equal tokens is not equal compute: EvoMoE's dense phase runs many experts per to
 Reported: held-out loss per domain along the run (evaluations every `eval_every` steps, stage 2
 steps offset by phase 1), the final loss, and EvoMoE's active experts per token over time.
 
-    python bench/exp_evomoe.py                   # ~15 min on 2 CPU cores
+    python bench/exp_evomoe.py                   # ~5 min on 2 idle CPU cores
 """
 from __future__ import annotations
 

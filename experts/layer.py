@@ -96,7 +96,9 @@ class MoELayer(nn.Module):
 
     def route(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.router(x_TD)
-        bias = self.expert_bias if bool(self.expert_bias.any()) else None
+        # Always applied: a zero bias chooses exactly what no bias would, and testing it for zero
+        # would cost a device->host sync per layer per forward.
+        bias = self.expert_bias
         if self.cfg.kind == "dts":
             return dts_route(logits_TE, self.routing_step, self.cfg.dts, self.hard_top_k, training=self.training,
                              normalize=self.cfg.normalize_topk, bias_E=bias)
