@@ -162,6 +162,11 @@ class Block(nn.Module):
                     if moe else DenseFFN(cfg.d_model, cfg.d_ff))
 
     def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
+        if self.is_moe:
+            # Sharded experts post their SparseAllGather now, so it overlaps the attention.
+            prefetch = getattr(self.ffn.experts, "prefetch", None)
+            if prefetch is not None:
+                prefetch()
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
         h = self.ffn_norm(x_BTD)
         if self.is_moe:

@@ -1,0 +1,477 @@
+"""Sharded experts for `ep` and `fssdp`: every expert, and its optimizer state, on one rank.
+
+`ExpertStore` holds this rank's expert pool: three tensors (S, D, F) / (S, F, D) of S = L*E/N
+slots shared by all MoE layers, so every rank keeps the same number of expert slots whatever
+heterogeneous sharding does. The pool is outside the module tree: DeepSpeed never sees, reduces
+or steps expert parameters; the store has its own AdamW over the pool (one copy of every
+expert's optimizer state in the world) and its own checkpoint files.
+
+Per iteration (`begin_iteration`): the plan says which experts are materialized where (EP: the
+ownership only; FSSDP: Hecate Algorithm 1 on predicted loads). In the forward pass each MoE layer
+gathers its copies (SparseAllGather, posted before the attention of its block so the transfer
+overlaps it), sends tokens to holders with an uneven all-to-all, computes, and sends results
+back. After the last backward of the step, `reduce_grads` sums the copies' gradients into the
+owners (SparseReduceScatter); `step` clips with the global norm and steps owned experts only.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from experts.backends import get_backend
+from parallel import collectives as coll
+from parallel.placement import (FSSDPPlanConfig, IterationPlan, LoadPredictor, Ownership, assign_tokens,
+                                heterogeneous_sharding, moves, plan_iteration)
+
+EXPERT_DIR = "experts"
+
+
+class ExpertStore:
+    def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
+                 plan_cfg: Optional[FSSDPPlanConfig] = None, dtype=torch.float32, device="cpu",
+                 backend: str = "reference", group=None):
+        if strategy not in ("ep", "fssdp"):
+            raise ValueError(f"expert strategy {strategy!r}: the store serves 'ep' and 'fssdp'")
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.L, self.E, self.D, self.F = num_layers, num_experts, d_model, d_expert
+        self.strategy = strategy
+        self.cfg = plan_cfg or FSSDPPlanConfig()
+        self.dtype, self.device = dtype, torch.device(device)
+        self.backend = get_backend(backend)
+        self.own = Ownership.even(num_layers, num_experts, self.world)
+        S = self.own.slots_per_rank
+        self.w1 = nn.Parameter(torch.zeros(S, d_model, d_expert, dtype=dtype, device=self.device))
+        self.w3 = nn.Parameter(torch.zeros(S, d_model, d_expert, dtype=dtype, device=self.device))
+        self.w2 = nn.Parameter(torch.zeros(S, d_expert, d_model, dtype=dtype, device=self.device))
+        for p in self.params():
+            p.moeforge_expert = True
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.predictor = LoadPredictor(self.cfg.window)
+        self.plan = IterationPlan([[[int(o)] for o in self.own.owner_LE[l]] for l in range(num_layers)])
+        self.iteration = 0
+        self.t_budget = self.cfg.overlap_budget if self.cfg.overlap_budget is not None else num_experts
+        self._copies: dict = {}  # (l, e) -> (w1, w3, w2) leaf tensors of this iteration
+        self._pending: dict = {}  # l -> PendingGather
+        self._stacks: dict = {}  # l -> [W1, W3, W2] of the last forward (rematerialization)
+        self.peak_copies = 0
+        self.reshards = 0
+
+    # -- basic views ------------------------------------------------------------------------
+    def params(self) -> list[nn.Parameter]:
+        return [self.w1, self.w3, self.w2]
+
+    @property
+    def expert_numel(self) -> int:
+        return 3 * self.D * self.F
+
+    def owner(self, l: int, e: int) -> int:
+        return int(self.own.owner_LE[l, e])
+
+    def slot(self, l: int, e: int) -> int:
+        return int(self.own.slot_LE[l, e])
+
+    def holders(self, l: int) -> list[list[int]]:
+        return self.plan.holders_L[l]
+
+    def local_experts(self, l: int) -> list[int]:
+        return [e for e, hs in enumerate(self.plan.holders_L[l]) if self.rank in hs]
+
+    def pack(self, l: int, e: int) -> torch.Tensor:
+        s = self.slot(l, e)
+        return torch.cat([self.w1[s].detach().reshape(-1), self.w3[s].detach().reshape(-1),
+                          self.w2[s].detach().reshape(-1)])
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.D * self.F
+        return (flat[:n].view(self.D, self.F), flat[n:2 * n].view(self.D, self.F), flat[2 * n:].view(self.F, self.D))
+
+    # -- building ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_full_layer(self, l: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        """Take this rank's experts of layer l from full (E, ...) tensors."""
+        for e in range(self.E):
+            if self.owner(l, e) == self.rank:
+                s = self.slot(l, e)
+                self.w1[s].copy_(w1[e])
+                self.w3[s].copy_(w3[e])
+                self.w2[s].copy_(w2[e])
+
+    def build_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
+        self.optimizer = torch.optim.AdamW([{"params": self.params(), "weight_decay": weight_decay,
+                                             "name": "expert_sharded"}], lr=lr, betas=tuple(betas), eps=eps)
+
+    # -- the iteration -------------------------------------------------------------------------
+    def begin_iteration(self, step: int) -> None:
+        """Plan this iteration: reshard every `reshard_every` steps, then materialize (FSSDP)."""
+        self.iteration = step
+        self._drop_copies()
+        coll.STATS.reset()
+        if self.strategy == "ep":
+            return
+        load = self.predictor.predict()
+        if load is None:
+            self.plan = plan_iteration(self.own, None, 0, 0)
+            return
+        if self.cfg.reshard_every and step > 0 and step % self.cfg.reshard_every == 0:
+            self.reshard(heterogeneous_sharding(load, self.own, self.t_budget, self.cfg.ranks_per_node))
+        self.plan = plan_iteration(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node)
+
+    def set_plan(self, plan: IterationPlan) -> None:
+        """Use a given plan for this iteration (tests; calibration). It must contain the owners."""
+        for l, hs in enumerate(plan.holders_L):
+            for e, hl in enumerate(hs):
+                if self.owner(l, e) not in hl:
+                    raise ValueError(f"plan for layer {l} expert {e} lacks its owner rank {self.owner(l, e)}")
+        self._drop_copies()
+        self.plan = plan
+
+    def observe(self, counts_LE: torch.Tensor) -> None:
+        """The step's global (L, E) counts (already all-reduced): the load predictor's input."""
+        self.predictor.observe(counts_LE.detach().cpu().numpy())
+
+    def _layer_transfers(self, l: int) -> list[coll.Transfer]:
+        copies = [(l, e, h) for e, hl in enumerate(self.plan.holders_L[l]) for h in hl[1:]]
+        return coll.transfers_for(copies, self.owner, self.E)
+
+    def start_gather(self, l: int) -> None:
+        """Post layer l's SparseAllGather (non-blocking); a no-op when the copies are present."""
+        if l in self._pending or (not self.cfg.rematerialize and any(k[0] == l for k in self._copies)):
+            return
+        trs = self._layer_transfers(l)
+        if not trs:
+            return
+        self._pending[l] = coll.sparse_all_gather_start(trs, self.rank, self.pack, self.expert_numel,
+                                                        self.dtype, self.device)
+
+    def _finish_gather(self, l: int) -> None:
+        self.start_gather(l)
+        pg = self._pending.pop(l, None)
+        if pg is None:
+            return
+        for (ll, e), flat in pg.wait().items():
+            ws = tuple(t.clone().requires_grad_(True) for t in self.unpack(flat))
+            old = self._copies.get((ll, e))
+            if old is not None:  # rematerialized: keep the tensors (and their .grad), new values
+                for o, w in zip(old, ws):
+                    o.data = w.data
+            else:
+                self._copies[(ll, e)] = ws
+        self.peak_copies = max(self.peak_copies, len(self._copies))
+
+    def local_weights(self, l: int, experts: list[int]) -> list[torch.Tensor]:
+        """Stacked (n_local, ...) weights of the experts this rank computes for layer l."""
+        self._finish_gather(l)
+        out = []
+        for i, pool in enumerate(self.params()):
+            rows = [pool[self.slot(l, e)] if self.owner(l, e) == self.rank else self._copies[(l, e)][i]
+                    for e in experts]
+            out.append(torch.stack(rows) if rows else pool[:0])
+        return out
+
+    def _drop_copies(self) -> None:
+        self._copies.clear()
+        for pg in self._pending.values():
+            pg.wait()
+        self._pending.clear()
+        self._stacks.clear()
+
+    # -- rematerialization ------------------------------------------------------------------
+    def release_layer(self, l: int, stacks: list[torch.Tensor]) -> None:
+        """Free layer l's copies after its forward pass (rematerialization)."""
+        if not self.cfg.rematerialize:
+            return
+        for t in stacks:
+            t.untyped_storage().resize_(0)
+        for (ll, e), ws in self._copies.items():
+            if ll == l:
+                for w in ws:
+                    w.untyped_storage().resize_(0)
+        self._stacks[l] = stacks
+
+    def refill_layer(self, l: int, experts: list[int]) -> None:
+        """Gather layer l's copies again (a second spAG) and rebuild the freed stacks in place."""
+        stacks = self._stacks.pop(l, None)
+        if stacks is None:
+            return
+        with torch.no_grad():
+            fresh = self.local_weights(l, experts)
+            for t, f in zip(stacks, fresh):
+                t.untyped_storage().resize_(f.numel() * f.element_size())
+                t.data.copy_(f)
+
+    # -- after the backward pass ------------------------------------------------------------------
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """SparseReduceScatter the copies' gradients into their owners, then average over ranks
+        (each rank's loss is a mean over its own tokens, as DeepSpeed averages dense gradients)."""
+        for p in self.params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        trs = [tr for l in range(self.L) for tr in self._layer_transfers(l)]
+        grads = {}
+        for (l, e), ws in self._copies.items():
+            grads[(l, e)] = torch.cat([(w.grad if w.grad is not None else torch.zeros(w.shape, dtype=self.dtype,
+                                                                                         device=self.device)).reshape(-1)
+                                       for w in ws])
+        recv = coll.sparse_reduce_scatter(trs, self.rank, grads, self.expert_numel, self.dtype, self.device)
+        for (l, e), bufs in recv.items():
+            s = self.slot(l, e)
+            for flat in bufs:
+                g1, g3, g2 = self.unpack(flat)
+                self.w1.grad[s] += g1
+                self.w3.grad[s] += g3
+                self.w2.grad[s] += g2
+        for p in self.params():
+            p.grad.div_(self.world)
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """This rank's owned experts' squared gradient norm (sum over ranks = experts' share)."""
+        return sum((p.grad.double().pow(2).sum() for p in self.params() if p.grad is not None),
+                   torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def step(self, lr: float, clip_coef: float = 1.0) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("ExpertStore.step before build_optimizer")
+        if clip_coef < 1.0:
+            for p in self.params():
+                if p.grad is not None:
+                    p.grad.mul_(clip_coef)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._drop_copies()
+
+    # -- heterogeneous sharding -------------------------------------------------------------------
+    @torch.no_grad()
+    def reshard(self, new: Ownership) -> int:
+        """Move ownership (parameters and Adam moments) to `new`; returns experts moved."""
+        mv = moves(self.own, new)
+        if not mv:
+            return 0
+        tensors = self._slot_tensors()
+        ops, outgoing, incoming = [], [], []
+        for i, (l, e, src, s_slot, dst, d_slot) in enumerate(mv):
+            tag = l * self.E + e
+            if src == self.rank:
+                buf = torch.cat([t[s_slot].reshape(-1) for t in tensors])
+                outgoing.append(buf)
+                coll.STATS.reshard += buf.numel() * buf.element_size()
+                if dst == self.rank:
+                    incoming.append((d_slot, buf))
+                else:
+                    ops.append(dist.P2POp(dist.isend, buf, dst, tag=tag))
+            elif dst == self.rank:
+                buf = torch.empty(sum(t[0].numel() for t in tensors), dtype=self.dtype, device=self.device)
+                incoming.append((d_slot, buf))
+                ops.append(dist.P2POp(dist.irecv, buf, src, tag=tag))
+        for w in (dist.batch_isend_irecv(ops) if ops else []):
+            w.wait()
+        for d_slot, buf in incoming:  # after every send has left, so no slot is overwritten early
+            off = 0
+            for t in tensors:
+                n = t[0].numel()
+                t[d_slot].copy_(buf[off:off + n].view_as(t[d_slot]))
+                off += n
+        self.own = new
+        self.reshards += 1
+        return len(mv)
+
+    def _slot_tensors(self) -> list[torch.Tensor]:
+        out = list(self.params())
+        if self.optimizer is not None:
+            for p in self.params():
+                st = self.optimizer.state.get(p)
+                if st:
+                    out += [st["exp_avg"], st["exp_avg_sq"]]
+        return out
+
+    # -- memory ---------------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Bytes of expert state on this rank: owned parameters, optimizer state, copies."""
+        params = sum(p.numel() * p.element_size() for p in self.params())
+        opt = 0
+        if self.optimizer is not None:
+            for p in self.params():
+                for v in self.optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v):
+                        opt += v.numel() * v.element_size()
+        copies = sum(w.numel() * w.element_size() for ws in self._copies.values() for w in ws)
+        return {"owned_experts": self.own.slots_per_rank, "param_bytes": params, "optimizer_bytes": opt,
+                "copy_bytes": copies, "copies": len(self._copies), "peak_copies": self.peak_copies}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_for_checkpoint(self) -> dict:
+        experts = {}
+        st = {} if self.optimizer is None else self.optimizer.state
+        names = ("w1", "w3", "w2")
+        for l, e, s in self.own.owned(self.rank):
+            rec = {n: p[s].detach().clone() for n, p in zip(names, self.params())}
+            for n, p in zip(names, self.params()):
+                if st.get(p):
+                    rec[f"exp_avg.{n}"] = st[p]["exp_avg"][s].clone()
+                    rec[f"exp_avg_sq.{n}"] = st[p]["exp_avg_sq"][s].clone()
+            experts[f"{l}.{e}"] = rec
+        adam_step = None
+        if st.get(self.w1):
+            adam_step = float(st[self.w1]["step"])
+        return {"format": 1, "num_layers": self.L, "num_experts": self.E, "d_model": self.D, "d_expert": self.F,
+                "rank": self.rank, "world": self.world, "strategy": self.strategy, "adam_step": adam_step,
+                "ownership": self.own.to_dict(), "predictor": self.predictor.state_dict(), "experts": experts}
+
+    def save(self, ckpt_dir: Path) -> None:
+        d = Path(ckpt_dir) / EXPERT_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".rank{self.rank:05d}.pt.tmp"
+        torch.save(self.state_for_checkpoint(), tmp)
+        os.replace(tmp, d / f"rank{self.rank:05d}.pt")
+
+    @torch.no_grad()
+    def load(self, ckpt_dir: Path) -> dict:
+        """Load every expert this rank owns, whatever world size or strategy wrote the files.
+
+        With the same world size the saved ownership is kept (heterogeneous sharding survives a
+        restart); otherwise the new world starts from the even sharding.
+        """
+        files = sorted((Path(ckpt_dir) / EXPERT_DIR).glob("rank*.pt"))
+        if not files:
+            raise ValueError(f"checkpoint {ckpt_dir} has no {EXPERT_DIR}/rank*.pt files (not an ep/fssdp checkpoint)")
+        parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        head = parts[0]
+        for k, v in (("num_layers", self.L), ("num_experts", self.E), ("d_model", self.D), ("d_expert", self.F)):
+            if head[k] != v:
+                raise ValueError(f"checkpoint {ckpt_dir}: experts have {k}={head[k]}, this model has {v}")
+        if len(parts) != head["world"]:
+            raise ValueError(f"checkpoint {ckpt_dir}: {len(parts)} expert files, written by {head['world']} ranks")
+        if head["world"] == self.world:
+            self.own = Ownership.from_dict(head["ownership"])
+        else:
+            self.own = Ownership.even(self.L, self.E, self.world)
+        self.predictor.load_state_dict(head.get("predictor", {}))
+        allx = {}
+        for p in parts:
+            allx.update(p["experts"])
+        if len(allx) != self.L * self.E:
+            raise ValueError(f"checkpoint {ckpt_dir}: {len(allx)} experts on disk, expected {self.L * self.E}")
+        names = ("w1", "w3", "w2")
+        have_state = all(f"exp_avg.{n}" in next(iter(allx.values())) for n in names)
+        if have_state and self.optimizer is not None:
+            for p in self.params():
+                self.optimizer.state[p] = {"step": torch.tensor(float(head["adam_step"])),
+                                           "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for l, e, s in self.own.owned(self.rank):
+            rec = allx[f"{l}.{e}"]
+            for n, p in zip(names, self.params()):
+                p[s].copy_(rec[n])
+                if have_state and self.optimizer is not None:
+                    self.optimizer.state[p]["exp_avg"][s].copy_(rec[f"exp_avg.{n}"])
+                    self.optimizer.state[p]["exp_avg_sq"][s].copy_(rec[f"exp_avg_sq.{n}"])
+        self.plan = plan_iteration(self.own, None, 0, 0)
+        return {"files": len(parts), "experts": len(allx), "optimizer_state": have_state}
+
+
+# ------------------------------------------------------------------------------------------------
+# the sharded expert computation of one layer
+# ------------------------------------------------------------------------------------------------
+class _Refill(torch.autograd.Function):
+    """Identity in the forward pass; in the backward pass, gathers the layer's copies again
+    (rematerialization) before the expert computation's backward needs them."""
+
+    @staticmethod
+    def forward(ctx, y, store, layer, experts):
+        ctx.store, ctx.layer, ctx.experts = store, layer, experts
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.store.refill_layer(ctx.layer, ctx.experts)
+        return g, None, None, None
+
+
+class ShardedExperts(nn.Module):
+    """Drop-in for `GroupedExperts` under ep/fssdp: same call, rows in, rows out; no parameters.
+
+    forward(x_ND, counts_E): rows sorted by expert (this rank's tokens) ->
+      1. all-gather every rank's counts; every rank derives the same token assignment;
+      2. uneven all-to-all of the rows to the holders the assignment names;
+      3. the holder computes its local experts (owned ones from the pool, copies from spAG);
+      4. the reverse all-to-all brings the results back in the input order.
+    """
+
+    def __init__(self, store: ExpertStore, layer: int, num_experts: int):
+        super().__init__()
+        object.__setattr__(self, "store", store)  # not a submodule: its pool is not a module parameter
+        self.layer, self.num_experts = layer, num_experts
+
+    def prefetch(self) -> None:
+        self.store.start_gather(self.layer)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        st, l, E = self.store, self.layer, self.num_experts
+        N, me = st.world, st.rank
+        counts = counts_E.detach().to(torch.int64)
+        if N > 1:
+            gathered = [torch.empty_like(counts) for _ in range(N)]
+            dist.all_gather(gathered, counts, group=st.group)
+            counts_NE = torch.stack(gathered).cpu().numpy()
+        else:
+            counts_NE = counts.cpu().numpy()[None]
+        send = assign_tokens(counts_NE, st.holders(l), st.cfg.ranks_per_node)  # (N, E, N)
+        mine = send[me]  # (E, N)
+        dst_rows = torch.repeat_interleave(torch.arange(N).repeat(E), torch.from_numpy(np.ascontiguousarray(mine).reshape(-1)))
+        order = torch.argsort(dst_rows, stable=True).to(x_ND.device)
+        in_splits = mine.sum(axis=0).tolist()
+        recv_SE = send[:, :, me]  # rows arriving from each source, by expert
+        out_splits = recv_SE.sum(axis=1).tolist()
+        xs = x_ND.index_select(0, order)
+        recv = coll.all_to_all(xs, in_splits, out_splits, st.group) if N > 1 else xs
+        experts = st.local_experts(l)
+        # arriving rows are source-major, expert-minor; the experts want expert-major
+        key = torch.repeat_interleave((torch.arange(N)[:, None] + N * torch.arange(E)[None, :]).reshape(-1),
+                                      torch.from_numpy(np.ascontiguousarray(recv_SE).reshape(-1)))
+        perm = torch.argsort(key, stable=True).to(x_ND.device)
+        rows = recv.index_select(0, perm)
+        local_counts = [int(recv_SE[:, e].sum()) for e in experts]
+        missing = [e for e in range(E) if recv_SE[:, e].sum() > 0 and e not in experts]
+        if missing:
+            raise RuntimeError(f"layer {l}: rank {me} received tokens for experts {missing} it does not hold")
+        W = st.local_weights(l, experts)
+        y = st.backend(rows, local_counts, *W)
+        if rows.requires_grad and not y.requires_grad:
+            # No rows here (e.g. every token went elsewhere): keep the reverse all-to-all in the
+            # graph, or this rank would skip the collective in backward while its peers wait.
+            y = y + rows.sum() * 0
+        if st.cfg.rematerialize and st.strategy == "fssdp":
+            y = _Refill.apply(y, st, l, experts)
+            st.release_layer(l, W)
+        y_src = y.index_select(0, torch.argsort(perm))
+        back = coll.all_to_all(y_src, out_splits, in_splits, st.group) if N > 1 else y_src
+        return back.index_select(0, torch.argsort(order))
+
+
+def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None, group=None) -> Optional[ExpertStore]:
+    """Move the model's experts into an ExpertStore (this rank keeps the ones it owns) and put
+    `ShardedExperts` in their place. The model must be built identically on every rank."""
+    layers = model.moe_layers()
+    if not layers:
+        return None
+    first = layers[0].experts
+    store = ExpertStore(num_layers=len(layers), num_experts=first.num_experts, d_model=first.w1.shape[1],
+                        d_expert=first.w1.shape[2], strategy=strategy, plan_cfg=plan_cfg, dtype=first.w1.dtype,
+                        device=first.w1.device, backend=first.backend_name, group=group)
+    for i, layer in enumerate(layers):
+        ex = layer.experts
+        store.load_full_layer(i, ex.w1.detach(), ex.w3.detach(), ex.w2.detach())
+        layer.experts = ShardedExperts(store, i, ex.num_experts)
+    object.__setattr__(model, "expert_store", store)
+    return store
