@@ -4,6 +4,7 @@
     moeforge run SPEC                run on RAY_ADDRESS's cluster, or an embedded local Ray
     moeforge submit SPEC [--address] submit as a Ray job (working dir = this checkout)
     moeforge status ID | logs ID     follow a submitted job
+    moeforge simulate [CONFIG]       cluster-scale EP/FSSDP/FasterMoE/ZeRO-3 MoE-layer simulator (no GPU)
 """
 from __future__ import annotations
 
@@ -119,6 +120,55 @@ def cmd_logs(args) -> int:
     return 0
 
 
+# `moeforge simulate` flags -> dotted config fields of parallel.simulate.SimConfig
+SIMULATE_FLAGS = (
+    ("gpus", "cluster.gpus", int), ("gpus_per_node", "cluster.gpus_per_node", int),
+    ("experts", "model.experts", int), ("top_k", "model.top_k", int), ("layers", "model.moe_layers", int),
+    ("d_model", "model.d_model", int), ("d_expert", "model.d_expert", int),
+    ("tokens_per_gpu", "load.tokens_per_gpu", int), ("zipf_s", "load.zipf_s", float),
+    ("drift", "load.drift", float), ("seed", "load.seed", int), ("iterations", "sim.iterations", int),
+    ("spag", "fssdp.spag", str),
+)
+
+
+def cmd_simulate(args) -> int:
+    import json
+
+    from parallel.simulate import format_result, format_sweep, load_config, simulate, sweep
+
+    overrides = {path: getattr(args, name) for name, path, _ in SIMULATE_FLAGS if getattr(args, name) is not None}
+    if args.trace:
+        overrides["load.kind"], overrides["load.trace"] = "trace", args.trace
+    elif args.zipf_s is not None:
+        overrides["load.kind"] = "zipf"
+    if args.policies:
+        overrides["sim.policies"] = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for item in args.set or []:  # --set model.moe_every=2: any config field, the value read as YAML
+        import yaml
+
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError([("--set", f"{item!r} is not FIELD=VALUE (e.g. fssdp.memory_cap=4)")], "command line")
+        overrides[key.strip()] = yaml.safe_load(value)
+    cfg = load_config(args.config, overrides)
+    if args.sweep_gpus:
+        try:
+            gpus = [int(x) for x in args.sweep_gpus.split(",") if x.strip()]
+        except ValueError:
+            raise SpecError([("--sweep-gpus", f"{args.sweep_gpus!r} is not a comma-separated list of integers")],
+                            "command line") from None
+        out = sweep(cfg, gpus)
+        print(format_sweep(out))
+    else:
+        out = simulate(cfg)
+        print(format_result(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"[moeforge] wrote {args.json}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeforge", description="Train MoE language models: Ray + DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +186,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output-dir", help="override run.output_dir (use shared storage on a cluster)")
     s.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     s.set_defaults(fn=cmd_submit)
+    m = sub.add_parser("simulate", help="simulate EP/FSSDP/FasterMoE/ZeRO-3 MoE layers at 8-256 GPUs (no GPU needed)")
+    m.add_argument("config", nargs="?", help="YAML simulator config (e.g. examples/simulate.yaml); flags override it")
+    for name, _path, tp in SIMULATE_FLAGS:
+        m.add_argument("--" + name.replace("_", "-"), type=tp, default=None)
+    m.add_argument("--trace", help="metrics.jsonl (or run directory) whose moe/<i>/tokens_per_expert are the loads")
+    m.add_argument("--policies", help="comma-separated subset of ep,fssdp,fssdp_remat,fastermoe,zero3")
+    m.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set fssdp.memory_cap=4 (repeatable)")
+    m.add_argument("--sweep-gpus", help="comma-separated GPU counts, e.g. 8,16,32,64,128,256")
+    m.add_argument("--json", help="write the full results as JSON to this path")
+    m.set_defaults(fn=cmd_simulate)
     for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
                                ("logs", cmd_logs, "a submitted job's logs")):
         c = sub.add_parser(name, help=helptext)

@@ -30,10 +30,44 @@ class RunSection:
 
 
 @dataclass
+class FSSDPSection:
+    """The FSSDP planner (Hecate): `parallel.fssdp` in the spec."""
+
+    window: int = 5  # iterations of global expert counts the load prediction averages
+    overlap_budget: Optional[int] = None  # t: experts a rank may gather per layer; null: derived
+    link_gbps: float = 100.0  # bandwidth between ranks (Gbit/s) used to derive t from attention time
+    memory_cap: int = 2  # m: extra (copied) experts a rank may hold per layer
+    reshard_every: int = 100  # heterogeneous sharding (Algorithm 2) period in steps; 0: never
+    rematerialize: bool = False  # free copies after the forward pass, gather again for backward
+    ranks_per_node: int = 8  # ranks sharing a fast link (token dispatch prefers them)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.window < 1:
+            yield "window", f"{self.window} must be >= 1"
+        if self.overlap_budget is not None and self.overlap_budget < 0:
+            yield "overlap_budget", f"{self.overlap_budget} must be >= 0 (or null to derive it)"
+        if not self.link_gbps > 0:
+            yield "link_gbps", f"{self.link_gbps} must be > 0"
+        if self.memory_cap < 0:
+            yield "memory_cap", f"{self.memory_cap} must be >= 0"
+        if self.reshard_every < 0:
+            yield "reshard_every", f"{self.reshard_every} must be >= 0 (0: never)"
+        if self.ranks_per_node < 1:
+            yield "ranks_per_node", f"{self.ranks_per_node} must be >= 1"
+
+
+EXPERT_STRATEGIES = ("replicated", "ep", "fssdp", "deepspeed_moe")
+
+
+@dataclass
 class ParallelSection:
     world_size: int = 1  # number of training workers (ranks)
-    expert_strategy: Literal["replicated"] = "replicated"
-    expert_parallel_size: int = 1
+    # replicated: every rank holds every expert (data parallel); ep: experts partitioned over the
+    # ranks, tokens by all-to-all; fssdp: ep + load-aware copies (Hecate); deepspeed_moe: DeepSpeed's
+    # own MoE layer (baseline)
+    expert_strategy: Literal["replicated", "ep", "fssdp", "deepspeed_moe"] = "replicated"
+    expert_parallel_size: Optional[int] = None  # default: 1 for replicated, world_size otherwise
+    fssdp: FSSDPSection = field(default_factory=FSSDPSection)
     zero_stage: Literal[0, 1, 2] = 0
     use_gpu: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
@@ -42,14 +76,22 @@ class ParallelSection:
     def check(self) -> Iterator[tuple[str, str]]:
         if not 1 <= self.world_size <= 65536:
             yield "world_size", f"{self.world_size} must be in [1, 65536]"
-        if self.expert_parallel_size < 1:
-            yield "expert_parallel_size", f"{self.expert_parallel_size} must be >= 1"
-        elif self.world_size % self.expert_parallel_size:
-            yield "expert_parallel_size", (f"{self.expert_parallel_size} does not divide "
-                                           f"world_size={self.world_size}")
-        if self.expert_strategy == "replicated" and self.expert_parallel_size != 1:
+        ep = self.expert_parallel_size
+        if ep is None:  # derived: 1 when replicated, every rank otherwise
+            ep = 1 if self.expert_strategy == "replicated" else self.world_size
+        if ep < 1:
+            yield "expert_parallel_size", f"{ep} must be >= 1"
+        elif self.world_size % ep:
+            yield "expert_parallel_size", f"{ep} does not divide world_size={self.world_size}"
+        if self.expert_strategy == "replicated" and ep != 1:
             yield "expert_parallel_size", ("must be 1 with expert_strategy 'replicated' "
                                            "(every rank holds every expert)")
+        if self.expert_strategy in ("ep", "fssdp") and ep != self.world_size:
+            yield "expert_parallel_size", (f"{ep}: expert_strategy {self.expert_strategy!r} shards "
+                                           f"experts over all world_size={self.world_size} ranks (set "
+                                           f"it to {self.world_size} or leave it out)")
+        for k, msg in self.fssdp.check():
+            yield f"fssdp.{k}", msg
         if self.backend == "nccl" and not self.use_gpu:
             yield "backend", "nccl needs use_gpu: true"
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
@@ -203,6 +245,17 @@ class JobSpec:
     def stage_world_size(self, i: int) -> int:
         return self.stages[i].world_size or self.parallel.world_size
 
+    def stage_ep_size(self, i: Optional[int]) -> int:
+        """Expert-parallel ranks of stage i (None: the top-level world): 1 when replicated, the
+        stage's whole world for ep/fssdp, parallel.expert_parallel_size for deepspeed_moe."""
+        strat = self.parallel.expert_strategy
+        if strat == "replicated":
+            return 1
+        ws = self.parallel.world_size if i is None else self.stage_world_size(i)
+        if strat in ("ep", "fssdp"):
+            return ws
+        return min(self.parallel.expert_parallel_size or ws, ws)
+
     def stage_model(self, i: int) -> ModelConfig:
         """The model config of stage i: the top-level `model` with the stage's overrides."""
         return _overridden(ModelConfig, self.model, self.stages[i].model, f"stages[{i}].model")
@@ -267,9 +320,9 @@ class JobSpec:
                 yield f"{p}.global_batch_size", (
                     f"{st.global_batch_size} != micro_batch_size {st.micro_batch_size} x grad_accum_steps "
                     f"{st.grad_accum_steps} x data-parallel size {dp} = {implied}")
-            if st.world_size is not None and ws % self.parallel.expert_parallel_size:
+            if st.world_size is not None and ws % self.stage_ep_size(i):
                 yield f"{p}.world_size", (f"{ws} is not divisible by parallel.expert_parallel_size="
-                                          f"{self.parallel.expert_parallel_size}")
+                                          f"{self.stage_ep_size(i)}")
             if st.init_from is not None:
                 if st.init_from in seen:
                     pass
@@ -289,9 +342,11 @@ class JobSpec:
         if self.data.tokenizer.kind == "hf" and self.data.tokenizer.path and not Path(
                 self.data.tokenizer.path).is_dir():
             yield "data.tokenizer.path", f"{self.data.tokenizer.path!r} is not a directory"
-        if self.model.num_experts % self.parallel.expert_parallel_size:
+        if self.model.num_experts % self.stage_ep_size(None):
             yield "model.num_experts", (f"{self.model.num_experts} is not divisible by "
-                                        f"parallel.expert_parallel_size={self.parallel.expert_parallel_size}")
+                                        f"the {self.stage_ep_size(None)} expert-parallel ranks "
+                                        f"(parallel.expert_parallel_size / expert_strategy "
+                                        f"{self.parallel.expert_strategy!r})")
         sc = self.ray.scaling_config
         if sc.num_workers is not None and sc.num_workers != self.parallel.world_size:
             yield "ray.scaling_config.num_workers", (f"{sc.num_workers} != parallel.world_size="
@@ -328,9 +383,9 @@ class JobSpec:
             hk = ecfg.router.dts.hard_top_k or mcfg.top_k
             if hk > mcfg.num_experts:
                 yield f"{p}.experts.router.dts.hard_top_k", f"{hk} exceeds num_experts={mcfg.num_experts}"
-        if mcfg.num_experts % self.parallel.expert_parallel_size:
-            yield f"{p}.model.num_experts", (f"{mcfg.num_experts} is not divisible by "
-                                             f"parallel.expert_parallel_size={self.parallel.expert_parallel_size}")
+        if mcfg.num_experts % self.stage_ep_size(i):
+            yield f"{p}.model.num_experts", (f"{mcfg.num_experts} is not divisible by the "
+                                             f"{self.stage_ep_size(i)} expert-parallel ranks of this stage")
         if st.init_from is None:
             return
         names = [s.name for s in self.stages[:i]]

@@ -37,6 +37,32 @@ def build_model(spec: JobSpec, vocab_size: int, stage_index: int = 0) -> Transfo
     return Transformer(mcfg, spec.stage_experts(stage_index))
 
 
+def fssdp_plan_config(sec):
+    from parallel.placement import FSSDPPlanConfig
+    return FSSDPPlanConfig(window=sec.window, overlap_budget=sec.overlap_budget, memory_cap=sec.memory_cap,
+                           reshard_every=sec.reshard_every, rematerialize=sec.rematerialize,
+                           ranks_per_node=sec.ranks_per_node, link_gbps=sec.link_gbps)
+
+
+def load_stage_init_state(engine, store, ckpt: Path, strategy: str) -> None:
+    """Optimizer state from the checkpoint a stage starts from (weights are already in).
+
+    Same layout family (replicated -> replicated, ep/fssdp -> ep/fssdp at any world size):
+    DeepSpeed restores the dense state and the store every expert's moments. Across families the
+    optimizer groups differ, so the moments start at zero (the weights still carry over) and we
+    say so.
+    """
+    sharded_ckpt = (ckpt / "experts").is_dir()
+    if sharded_ckpt == (store is not None):
+        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        if store is not None:
+            store.load(ckpt)
+    elif pdist.rank() == 0:
+        print(f"[moeforge] {ckpt} was written with a different expert layout than expert_strategy "
+              f"{strategy!r}: weights carried over, optimizer moments start fresh", flush=True)
+
+
 def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Optional[Path]:
     """The checkpoint a stage starts from: an earlier stage's final one, or a user path."""
     ref = spec.stages[stage_index].init_from
@@ -89,12 +115,17 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
                   f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
                   + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
 
+    store = None
+    if spec.parallel.expert_strategy in ("ep", "fssdp"):
+        # Every rank built (and initialised) the same full model; each keeps the experts it owns.
+        from parallel.expert_store import shard_model
+        store = shard_model(model, spec.parallel.expert_strategy, fssdp_plan_config(spec.parallel.fssdp))
+
     from parallel.engine import build_engine
-    engine = build_engine(model, stage, spec.parallel, spec.deepspeed, world)
+    engine = build_engine(model, stage, spec.parallel, spec.deepspeed, world, store=store)
     if init_ckpt is not None and not stage.init_weights_only and not is_hf_model_dir(init_ckpt):
         # Full state: optimizer moments too (the LR schedule restarts with this stage).
-        engine.load_checkpoint(str(init_ckpt.parent), tag=init_ckpt.name, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        load_stage_init_state(engine, store, init_ckpt, spec.parallel.expert_strategy)
 
     weights = {s.name: s.weight for s in data_cfg.sources}
     group = stage.micro_batch_size if data_cfg.microbatch_domains == "single" else 1

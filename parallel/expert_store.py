@@ -64,6 +64,46 @@ class ExpertStore:
         self._stacks: dict = {}  # l -> [W1, W3, W2] of the last forward (rematerialization)
         self.peak_copies = 0
         self.reshards = 0
+        self._rank_loads: list = []  # per training forward: (N,) expert rows per rank
+        self._attn_times: list = []  # measured attention seconds per block (to derive t)
+
+    # -- the overlap budget t ---------------------------------------------------------------------
+    def attention_clock(self) -> Optional[float]:
+        """Start timing a block's attention while t is still to be derived (first iterations)."""
+        if self.cfg.overlap_budget is not None or len(self._attn_times) >= 4 * self.cfg.window * self.L:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        import time
+        return time.perf_counter()
+
+    def attention_done(self, t0: Optional[float]) -> None:
+        if t0 is None or not torch.is_grad_enabled():
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        import time
+        self._attn_times.append(time.perf_counter() - t0)
+
+    def derive_budget(self) -> int:
+        """t = attention time x link bandwidth / expert bytes (Hecate), from the measured times."""
+        from parallel.placement import overlap_budget
+        if self.cfg.overlap_budget is not None:
+            return min(self.cfg.overlap_budget, self.E)
+        if not self._attn_times:
+            return self.E
+        attn = float(np.median(self._attn_times))
+        expert_bytes = self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
+        return min(self.E, overlap_budget(attn, self.cfg.link_gbps * 1e9 / 8, expert_bytes))
+
+    def record_loads(self, loads) -> None:
+        if torch.is_grad_enabled():
+            self._rank_loads.append(np.asarray(loads, dtype=np.float64))
+
+    def straggler_ratio(self) -> float:
+        """Busiest rank's expert rows over the mean, averaged over this step's layer forwards."""
+        vals = [x.max() / x.mean() for x in self._rank_loads if x.mean() > 0]
+        return float(np.mean(vals)) if vals else 1.0
 
     # -- basic views ------------------------------------------------------------------------
     def params(self) -> list[nn.Parameter]:
@@ -115,6 +155,8 @@ class ExpertStore:
         self.iteration = step
         self._drop_copies()
         coll.STATS.reset()
+        self._rank_loads = []
+        self.t_budget = self.derive_budget()
         if self.strategy == "ep":
             return
         load = self.predictor.predict()
@@ -337,34 +379,23 @@ class ExpertStore:
         os.replace(tmp, d / f"rank{self.rank:05d}.pt")
 
     @torch.no_grad()
-    def load(self, ckpt_dir: Path) -> dict:
+    def load(self, ckpt_dir: Path, optimizer_state: bool = True) -> dict:
         """Load every expert this rank owns, whatever world size or strategy wrote the files.
 
         With the same world size the saved ownership is kept (heterogeneous sharding survives a
         restart); otherwise the new world starts from the even sharding.
         """
-        files = sorted((Path(ckpt_dir) / EXPERT_DIR).glob("rank*.pt"))
-        if not files:
-            raise ValueError(f"checkpoint {ckpt_dir} has no {EXPERT_DIR}/rank*.pt files (not an ep/fssdp checkpoint)")
-        parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-        head = parts[0]
+        head, allx = _read_expert_files(Path(ckpt_dir))
         for k, v in (("num_layers", self.L), ("num_experts", self.E), ("d_model", self.D), ("d_expert", self.F)):
             if head[k] != v:
                 raise ValueError(f"checkpoint {ckpt_dir}: experts have {k}={head[k]}, this model has {v}")
-        if len(parts) != head["world"]:
-            raise ValueError(f"checkpoint {ckpt_dir}: {len(parts)} expert files, written by {head['world']} ranks")
         if head["world"] == self.world:
             self.own = Ownership.from_dict(head["ownership"])
         else:
             self.own = Ownership.even(self.L, self.E, self.world)
         self.predictor.load_state_dict(head.get("predictor", {}))
-        allx = {}
-        for p in parts:
-            allx.update(p["experts"])
-        if len(allx) != self.L * self.E:
-            raise ValueError(f"checkpoint {ckpt_dir}: {len(allx)} experts on disk, expected {self.L * self.E}")
         names = ("w1", "w3", "w2")
-        have_state = all(f"exp_avg.{n}" in next(iter(allx.values())) for n in names)
+        have_state = optimizer_state and all(f"exp_avg.{n}" in next(iter(allx.values())) for n in names)
         if have_state and self.optimizer is not None:
             for p in self.params():
                 self.optimizer.state[p] = {"step": torch.tensor(float(head["adam_step"])),
@@ -377,7 +408,34 @@ class ExpertStore:
                     self.optimizer.state[p]["exp_avg"][s].copy_(rec[f"exp_avg.{n}"])
                     self.optimizer.state[p]["exp_avg_sq"][s].copy_(rec[f"exp_avg_sq.{n}"])
         self.plan = plan_iteration(self.own, None, 0, 0)
-        return {"files": len(parts), "experts": len(allx), "optimizer_state": have_state}
+        return {"world": head["world"], "experts": len(allx), "optimizer_state": have_state}
+
+
+def _read_expert_files(ckpt_dir: Path) -> tuple[dict, dict]:
+    files = sorted((Path(ckpt_dir) / EXPERT_DIR).glob("rank*.pt"))
+    if not files:
+        raise ValueError(f"checkpoint {ckpt_dir} has no {EXPERT_DIR}/rank*.pt files (not an ep/fssdp checkpoint)")
+    parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    head = parts[0]
+    if len(parts) != head["world"]:
+        raise ValueError(f"checkpoint {ckpt_dir}: {len(parts)} expert files, written by {head['world']} ranks")
+    allx = {}
+    for p in parts:
+        allx.update(p["experts"])
+    if len(allx) != head["num_layers"] * head["num_experts"]:
+        raise ValueError(f"checkpoint {ckpt_dir}: {len(allx)} experts on disk, expected "
+                         f"{head['num_layers'] * head['num_experts']}")
+    return head, allx
+
+
+def full_expert_weights(ckpt_dir: Path) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every MoE layer's stacked (E, ...) expert weights from an ep/fssdp checkpoint (any world)."""
+    head, allx = _read_expert_files(ckpt_dir)
+    out = {}
+    for l in range(head["num_layers"]):
+        out[l] = tuple(torch.stack([allx[f"{l}.{e}"][n] for e in range(head["num_experts"])])
+                       for n in ("w1", "w3", "w2"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,6 +485,7 @@ class ShardedExperts(nn.Module):
         else:
             counts_NE = counts.cpu().numpy()[None]
         send = assign_tokens(counts_NE, st.holders(l), st.cfg.ranks_per_node)  # (N, E, N)
+        st.record_loads(send.sum(axis=(0, 1)))
         mine = send[me]  # (E, N)
         dst_rows = torch.repeat_interleave(torch.arange(N).repeat(E), torch.from_numpy(np.ascontiguousarray(mine).reshape(-1)))
         order = torch.argsort(dst_rows, stable=True).to(x_ND.device)

@@ -327,6 +327,7 @@ class FSSDPPlanConfig:
     reshard_every: int = 100  # heterogeneous sharding period (0: never)
     rematerialize: bool = False  # free copies after forward, gather again in backward
     ranks_per_node: int = 8
+    link_gbps: float = 100.0  # to derive t from the measured attention time
 
 
 @dataclass

@@ -115,7 +115,9 @@ class CheckpointManager:
     def __init__(self, root: Path, rank: int, barrier: Callable[[], None], num_to_keep: Optional[int] = None):
         self.root, self.rank, self.barrier, self.num_to_keep = Path(root), rank, barrier, num_to_keep
 
-    def save(self, engine, step: int, client_state: dict[str, Any], manifest: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, client_state: dict[str, Any], manifest: dict[str, Any],
+             extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """`extra(dir)` writes more of this rank's state into the checkpoint (sharded experts)."""
         tag = tag_for(step)
         tmp_tag = f".tmp-{tag}"
         final = self.root / tag
@@ -126,6 +128,8 @@ class CheckpointManager:
         self.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), self.root / tmp_tag / f"rng_rank{self.rank}.pt")
+        if extra is not None:
+            extra(self.root / tmp_tag)
         self.barrier()  # every rank's shards are on disk
         if self.rank == 0:
             atomic_write_text(self.root / tmp_tag / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -162,4 +166,13 @@ def load_module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise ValueError(f"checkpoint {ckpt} has no model state file (mp_rank_*_model_states.pt)")
     state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return state["module"]
+    module = dict(state["module"])
+    if (Path(ckpt) / "experts").is_dir():  # ep/fssdp: experts live in their own files
+        from parallel.expert_store import full_expert_weights
+
+        moe_blocks = sorted({int(k.split(".")[1]) for k in module
+                             if k.startswith("blocks.") and k.endswith(".ffn.router.weight")})
+        for l, ws in full_expert_weights(Path(ckpt)).items():
+            for name, w in zip(("w1", "w3", "w2"), ws):
+                module[f"blocks.{moe_blocks[l]}.ffn.experts.{name}"] = w
+    return module

@@ -162,12 +162,15 @@ class Block(nn.Module):
                     if moe else DenseFFN(cfg.d_model, cfg.d_ff))
 
     def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
-        if self.is_moe:
+        store = getattr(self.ffn.experts, "store", None) if self.is_moe else None
+        t0 = None
+        if store is not None:
             # Sharded experts post their SparseAllGather now, so it overlaps the attention.
-            prefetch = getattr(self.ffn.experts, "prefetch", None)
-            if prefetch is not None:
-                prefetch()
+            self.ffn.experts.prefetch()
+            t0 = store.attention_clock()
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+        if store is not None:
+            store.attention_done(t0)
         h = self.ffn_norm(x_BTD)
         if self.is_moe:
             y, aux = self.ffn(h)

@@ -74,10 +74,13 @@ class Trainer:
         self.rank, self.world = pdist.rank(), pdist.world_size()
         self.state = StageState(data_start=stream.position, data=stream.state_dict())
         self.device = next(model.parameters()).device
+        self.store = getattr(model, "expert_store", None)  # ep/fssdp: sharded experts
 
     # -- resume -------------------------------------------------------------------
     def resume(self, ckpt_dir) -> None:
         client = self.ckpt.load(self.engine, ckpt_dir)
+        if self.store is not None:
+            self.store.load(ckpt_dir)
         st = client["moeforge"]
         self.state = StageState(**st)
         self.stream.load_state_dict(st["data"])
@@ -99,6 +102,8 @@ class Trainer:
         grad_norm = None
         moe = self._moe_layers()
         self._set_routing_step(self.state.step)
+        if self.store is not None:
+            self.store.begin_iteration(self.state.step)
         batches = [self.stream.next_microbatch() for _ in range(n_micro)]
         gbuf = GlobalCountBuffer(n_micro, self.bal.global_accumulation) if self.bal.lbl == "global_batch" else None
         if gbuf is not None and gbuf.mode == "exact" and moe:
@@ -115,9 +120,15 @@ class Trainer:
                 override = list(gbuf.add(reduce_counts(local)))
             loss, parts = training_loss(out, labels, self.bal, counts_override=override)
             self.engine.backward(loss)
-            if micro == n_micro - 1:
+            boundary = micro == n_micro - 1
+            if boundary and self.store is not None:
+                self.store.reduce_grads()  # SparseReduceScatter copies -> owners, average over ranks
+                grad_norm = self.engine.moeforge_clipping.before_step(self.model)
+            elif boundary:
                 grad_norm = self._grad_norm_before_step()
             self.engine.step()
+            if boundary and self.store is not None:
+                self.engine.moeforge_clipping.after_step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             for i, a in enumerate(out.moe_aux):
@@ -136,6 +147,8 @@ class Trainer:
             step_counts = None
         if step_counts is not None and self.bal.aux_free:
             self._update_expert_bias(step_counts)
+        if step_counts is not None and self.store is not None:
+            self.store.observe(step_counts)
         # Reduce for logging only: the mean of each loss part and routing scalar over ranks
         # and micro-batches.
         keys = sorted(sums)
@@ -156,6 +169,8 @@ class Trainer:
             "tokens_per_s": tokens_local * self.world / dt,
             "step_time_s": dt,
         }
+        if self.store is not None:
+            rec.update(self._store_metrics())
         for i, layer in enumerate(moe):
             stats = global_load_stats(step_counts[i], micro_last[i],
                                       layer.expert_bias if self.bal.aux_free else None)
@@ -164,6 +179,22 @@ class Trainer:
                 rec[f"moe/{i}/temperature"] = dts_temperature(layer.routing_step, layer.cfg.dts)
                 rec[f"moe/{i}/dts_hard"] = float(layer.routing_step >= layer.cfg.dts.hard_step())
         return rec
+
+    def _store_metrics(self) -> dict[str, Any]:
+        """Expert-parallel figures of the step: bytes moved (all ranks), the straggler ratio
+        (busiest rank's expert rows / mean, averaged over layers and micro-batches), copies and
+        memory; `ep/...` for both ep and fssdp."""
+        from parallel.collectives import STATS
+
+        st = self.store
+        byt = pdist.all_reduce_sum(torch.tensor([float(v) for v in STATS.as_dict().values()], dtype=torch.float64))
+        mem = st.memory()
+        out = {f"ep/bytes_{k}": float(v) for k, v in zip(STATS.as_dict(), byt.tolist())}
+        out.update({"ep/straggler": st.straggler_ratio(), "ep/copies": float(len(st.plan.copies())),
+                    "ep/expert_bytes_rank": float(mem["param_bytes"] + mem["optimizer_bytes"]),
+                    "ep/peak_copies_rank": float(mem["peak_copies"]), "ep/reshards": float(st.reshards),
+                    "ep/overlap_budget": float(st.t_budget)})
+        return out
 
     def _moe_layers(self) -> list:
         fn = getattr(self.model, "moe_layers", None)
@@ -204,7 +235,7 @@ class Trainer:
         each rank holds the full averaged gradient; with ZeRO the engine reports the norm itself.
         """
         if self.engine.zero_optimization_stage() != 0:
-            return None
+            return None  # the engine reports it
         sq = sum(float(p.grad.float().pow(2).sum()) for p in self.model.parameters() if p.grad is not None)
         return math.sqrt(sq)
 
@@ -226,11 +257,14 @@ class Trainer:
             for domain, batches in all_batches.items():
                 tot = torch.zeros(2, dtype=torch.float64)
                 counts = None
-                for i, b in enumerate(batches):
-                    if i % self.world != self.rank:
+                # Sharded experts need every rank in every forward: ranks short of a batch
+                # repeat one and do not count it.
+                n_rounds = -(-len(batches) // self.world) if self.store is not None else None
+                for i, b in self._eval_batches_of_rank(batches, n_rounds):
+                    res = self.model(b["input_ids"].to(self.device))
+                    if i is None:
                         continue
                     labels = b["labels"].to(self.device)
-                    res = self.model(b["input_ids"].to(self.device))
                     tot[0] += float(lm_cross_entropy(res.logits_BTV, labels)) * labels.numel()
                     tot[1] += labels.numel()
                     local = stack_counts([a.counts_E for a in res.moe_aux]).cpu()
@@ -257,13 +291,21 @@ class Trainer:
                     out[f"eval/moe/{i}/frac/{dom}"] = (c / c.sum().clamp_min(1)).tolist()
         return out
 
+    def _eval_batches_of_rank(self, batches: Sequence[dict], n_rounds: Optional[int]):
+        mine = [(i, b) for i, b in enumerate(batches) if i % self.world == self.rank]
+        yield from mine
+        if n_rounds is not None and batches:
+            for _ in range(n_rounds - len(mine)):
+                yield None, batches[0]
+
     # -- checkpoint ---------------------------------------------------------------
     def save(self) -> None:
         manifest = {**self.manifest_base, "stage": self.stage_name, "step": self.state.step,
                     "tokens": self.state.tokens, "data_start": self.state.data_start,
                     "data_position": self.stream.position, "world_size": self.world,
                     "final": self.state.step >= self.stage.steps}
-        self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest)
+        extra = self.store.save if self.store is not None else None
+        self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest, extra=extra)
 
     # -- the loop -----------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

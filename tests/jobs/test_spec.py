@@ -265,15 +265,19 @@ def test_expert_parallel_size_below_one():
 
 
 def test_jobspec_check_num_experts_and_stage_world_size_divisibility():
-    # With expert_strategy 'replicated' the only strategy, expert_parallel_size > 1 is rejected
-    # by ParallelSection first; JobSpec.check's own divisibility rules are exercised directly.
+    # JobSpec.check's own divisibility rules are exercised directly (ParallelSection.check would
+    # reject expert_parallel_size > 1 with 'replicated' first).
     spec = JobSpec(model=ModelConfig(num_experts=6),
-                   parallel=ParallelSection(world_size=4, expert_parallel_size=4),
-                   stages=[StageSection(name="a", world_size=6)])
+                   parallel=ParallelSection(world_size=4, expert_strategy="ep"),
+                   stages=[StageSection(name="a", world_size=4)])
     probs = dict(spec.check())
     assert "model.num_experts" in probs
-    assert "6" in probs["model.num_experts"] and "expert_parallel_size=4" in probs["model.num_experts"]
-    assert "stages[0].world_size" in probs
+    assert "6" in probs["model.num_experts"] and "4 expert-parallel ranks" in probs["model.num_experts"]
+    assert "stages[0].world_size" not in probs
+    spec = JobSpec(model=ModelConfig(num_experts=6),
+                   parallel=ParallelSection(world_size=4, expert_strategy="deepspeed_moe", expert_parallel_size=4),
+                   stages=[StageSection(name="a", world_size=6)])
+    probs = dict(spec.check())
     assert "expert_parallel_size=4" in probs["stages[0].world_size"]
 
 
@@ -532,3 +536,21 @@ def test_hf_init_from_mismatch_names_the_field(tmp_path):
     msgs = [m for p, m in ei.value.problems if p == "stages[0].init_from"]
     assert any("model.d_model: 64" in m and "hidden_size 32" in m for m in msgs), msgs
     assert any("tie_embeddings" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("strategy", ["ep", "fssdp"])
+def test_sharded_strategies_use_every_rank(strategy):
+    spec = parse_spec(_spec(parallel={"world_size": 2, "expert_strategy": strategy}))
+    assert spec.stage_ep_size(0) == 2
+    msg = _only(_spec(parallel={"world_size": 4, "expert_strategy": strategy, "expert_parallel_size": 2}),
+                "parallel.expert_parallel_size")
+    assert "all world_size=4 ranks" in msg
+
+
+def test_fssdp_section_fields_named():
+    probs = _problems(_spec(parallel={"expert_strategy": "fssdp",
+                                      "fssdp": {"window": 0, "memory_cap": -1, "link_gbps": 0}}))
+    assert {"parallel.fssdp.window", "parallel.fssdp.memory_cap", "parallel.fssdp.link_gbps"} <= set(probs)
+    with pytest.raises(SpecError) as ei:
+        parse_spec(_spec(parallel={"fssdp": {"windw": 3}}))
+    assert any("windw" in p or "windw" in m for p, m in ei.value.problems)
