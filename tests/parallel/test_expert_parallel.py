@@ -1,0 +1,322 @@
+"""ep and fssdp on 2 and 4 gloo ranks against a single-process reference.
+
+Layer level: forward outputs and the gradients of every parameter (router, every expert, the
+input) under random and adversarial routing (every token to one expert), with the ownership plan
+(= ep), hand-made plans that copy experts, random plans, and rematerialization. Store level:
+memory per rank, resharding (heterogeneous sharding moves parameters and Adam state bit for bit)
+and checkpoints loaded on another world size. Trainer level (slow): several optimizer steps of
+the real DeepSpeed trainer equal single-process training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from parallel.testing import run_distributed
+
+E, D, F, TOKENS = 8, 16, 24, 6
+BATCH = 4  # sequences in the global batch
+
+
+def _layer(adversarial: bool, dtype=torch.float32):
+    from experts.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, 2, F).to(dtype)
+    layer.reset_parameters(0.2, 0.2)
+    xs = torch.randn(BATCH, TOKENS, D, dtype=dtype)
+    if adversarial:  # every token's top choice is expert 3 (and the second is expert 5)
+        with torch.no_grad():
+            layer.router.weight.mul_(1e-3)
+            layer.expert_bias[3], layer.expert_bias[5] = 5.0, 4.0
+    return layer, xs
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.l = layer
+
+    def moe_layers(self):
+        return [self.l]
+
+
+def _plans(world: int, owner):
+    """Named plans: the ownership alone, copies of the hot experts everywhere, random ones."""
+    from parallel.placement import IterationPlan
+
+    own = [[int(owner[e])] for e in range(E)]
+    hot = [list(h) for h in own]
+    for e in (3, 5):
+        hot[e] = hot[e] + [r for r in range(world) if r != hot[e][0]]
+    rng = np.random.default_rng(world)
+    rnd = [list(h) + [int(r) for r in rng.permutation(world) if r != h[0] and rng.random() < 0.5] for h in own]
+    return {"ownership": IterationPlan([own]), "hot_everywhere": IterationPlan([hot]),
+            "random": IterationPlan([rnd])}
+
+
+def _layer_worker(rank: int, world: int, cases: list) -> list:
+    from parallel.expert_store import shard_model
+    from parallel.placement import FSSDPPlanConfig
+
+    out = []
+    per = BATCH // world
+    for strategy, plan_name, adversarial, remat in cases:
+        layer, xs = _layer(adversarial)
+        store = shard_model(_Holder(layer), strategy, FSSDPPlanConfig(rematerialize=remat))
+        if plan_name != "ownership":
+            store.set_plan(_plans(world, store.own.owner_LE[0])[plan_name])
+        x = xs[rank * per:(rank + 1) * per].clone().requires_grad_(True)
+        y, _ = layer(x)
+        (y.pow(2).sum() / BATCH).backward()  # this rank's share of the global mean
+        store.reduce_grads()  # spRS, then / world (each rank's loss would be a local mean)
+        experts = {e: tuple(g[s] * world for g in (store.w1.grad, store.w3.grad, store.w2.grad))
+                   for (_, e, s) in store.own.owned(rank)}
+        out.append({"y": y.detach(), "gx": x.grad, "grouter": layer.router.weight.grad, "experts": experts,
+                    "memory": store.memory(), "copies_here": sum(1 for (_, _, h) in store.plan.copies() if h == rank),
+                    "S": store.own.slots_per_rank})
+    return out
+
+
+CASES = [(s, p, adv, remat) for adv in (False, True)
+         for (s, p, remat) in [("ep", "ownership", False), ("fssdp", "ownership", False),
+                               ("fssdp", "hot_everywhere", False), ("fssdp", "random", False),
+                               ("fssdp", "hot_everywhere", True)]]
+
+
+def _reference(adversarial: bool):
+    layer, xs = _layer(adversarial)
+    x = xs.clone().requires_grad_(True)
+    y, aux = layer(x)
+    (y.pow(2).sum() / BATCH).backward()
+    return layer, x, y.detach(), aux
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layer_matches_single_process(world):
+    results = run_distributed(_layer_worker, world, CASES)
+    refs = {adv: _reference(adv) for adv in (False, True)}
+    # adversarial routing really sends every token to experts 3 and 5
+    assert refs[True][3].counts_E[3] == BATCH * TOKENS and refs[True][3].counts_E[5] == BATCH * TOKENS
+    by_case = {}
+    for c, case in enumerate(CASES):
+        strategy, plan, adv, remat = case
+        layer, x, y, _ = refs[adv]
+        ranks = [r[c] for r in results]
+        yd = torch.cat([r["y"] for r in ranks])
+        torch.testing.assert_close(yd, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case} output: {m}")
+        torch.testing.assert_close(torch.cat([r["gx"] for r in ranks]), x.grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{case} input grad: {m}")
+        torch.testing.assert_close(sum(r["grouter"] for r in ranks), layer.router.weight.grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{case} router grad: {m}")
+        seen = set()
+        for r in ranks:
+            for e, (g1, g3, g2) in r["experts"].items():
+                seen.add(e)
+                for g, ref in ((g1, layer.experts.w1.grad[e]), (g3, layer.experts.w3.grad[e]),
+                               (g2, layer.experts.w2.grad[e])):
+                    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case} expert {e}: {m}")
+        assert seen == set(range(E))  # every expert owned exactly once
+        # memory: E/N experts' parameters per rank, plus exactly the copies the plan puts here
+        for r in ranks:
+            assert r["S"] == E // world
+            assert r["memory"]["param_bytes"] == (E // world) * 3 * D * F * 4
+            assert r["memory"]["peak_copies"] == r["copies_here"]
+            if plan == "ownership":
+                assert r["copies_here"] == 0
+        by_case[case] = yd
+    # no copies = ep, bit for bit
+    for adv in (False, True):
+        assert torch.equal(by_case[("ep", "ownership", adv, False)], by_case[("fssdp", "ownership", adv, False)])
+    hot = results[0][CASES.index(("fssdp", "hot_everywhere", True, False))]
+    assert hot["copies_here"] > 0  # the copy plans did copy
+
+
+def _store_worker(rank: int, world: int, ckpt: str) -> dict:
+    """Two optimizer steps, then heterogeneous sharding; every expert's parameters and Adam
+    moments before and after, and a checkpoint of the result."""
+    from parallel.expert_store import shard_model
+    from parallel.placement import heterogeneous_sharding
+
+    layers = [_layer(False)[0] for _ in range(2)]
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ls = torch.nn.ModuleList(layers)
+
+        def moe_layers(self):
+            return list(self.ls)
+
+    model = Two()
+    store = shard_model(model, "fssdp")
+    store.build_optimizer(1e-2, (0.9, 0.95), 1e-8, 0.1)
+    _, xs = _layer(False)
+    per = BATCH // world
+    for _ in range(2):
+        store.begin_iteration(0)
+        h = xs[rank * per:(rank + 1) * per]
+        for lay in model.ls:
+            h = h + lay(h)[0]
+        h.pow(2).mean().backward()
+        store.reduce_grads()
+        store.step(1e-2)
+    before = store.state_for_checkpoint()["experts"]
+    skew = np.stack([1.0 / np.arange(1, E + 1) ** 1.5, 1.0 / np.arange(E, 0, -1) ** 1.5]) * 1000
+    new = heterogeneous_sharding(skew, store.own, 1, ranks_per_node=2)
+    moved = store.reshard(new)
+    after = store.state_for_checkpoint()["experts"]
+    store.save(Path(ckpt))
+    return {"before": before, "after": after, "moved": moved, "owner": store.own.owner_LE.tolist(),
+            "memory": store.memory(), "S": store.own.slots_per_rank}
+
+
+def _load_worker(rank: int, world: int, ckpt: str) -> dict:
+    from parallel.expert_store import shard_model
+
+    layers = [_layer(False)[0] for _ in range(2)]
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ls = torch.nn.ModuleList(layers)
+
+        def moe_layers(self):
+            return list(self.ls)
+
+    store = shard_model(Two(), "ep")
+    store.build_optimizer(1e-2, (0.9, 0.95), 1e-8, 0.1)
+    info = store.load(Path(ckpt))
+    return {"experts": store.state_for_checkpoint()["experts"], "info": info}
+
+
+def _merge(parts, key):
+    out = {}
+    for p in parts:
+        for k, v in p[key].items():
+            assert k not in out, f"expert {k} held by two ranks"
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("world,new_world", [(2, 4), (4, 2)])
+def test_reshard_and_checkpoint_on_other_world_size_bit_for_bit(tmp_path, world, new_world):
+    res = run_distributed(_store_worker, world, str(tmp_path))
+    before, after = _merge(res, "before"), _merge(res, "after")
+    assert len(before) == len(after) == 2 * E
+    assert res[0]["moved"] > 0
+    owners = np.asarray(res[0]["owner"])
+    assert sorted(np.bincount(owners.reshape(-1), minlength=world).tolist()) == [2 * E // world] * world
+    for k in before:
+        assert set(before[k]) == {"w1", "w3", "w2", "exp_avg.w1", "exp_avg.w3", "exp_avg.w2",
+                                  "exp_avg_sq.w1", "exp_avg_sq.w3", "exp_avg_sq.w2"}
+        for n in before[k]:
+            assert torch.equal(before[k][n], after[k][n]), (k, n)
+    for r in res:  # memory stays balanced: same slots, params + two Adam moments
+        assert 0 <= r["memory"]["optimizer_bytes"] - 2 * r["memory"]["param_bytes"] <= 3 * 8  # + step counters
+        assert r["memory"]["param_bytes"] == r["S"] * 3 * D * F * 4
+    loaded = run_distributed(_load_worker, new_world, str(tmp_path))
+    got = _merge(loaded, "experts")
+    assert got.keys() == after.keys()
+    for k in after:
+        for n in after[k]:
+            assert torch.equal(after[k][n], got[k][n]), (k, n)
+    assert all(r["info"]["optimizer_state"] for r in loaded)
+
+
+def test_load_rejects_shape_mismatch(tmp_path):
+    run_distributed(_store_worker, 2, str(tmp_path))
+
+    def bad(rank, world, ckpt):
+        pass
+
+    from parallel.expert_store import ExpertStore
+    store = ExpertStore(num_layers=2, num_experts=E, d_model=D, d_expert=F + 1, strategy="ep")
+    with pytest.raises(ValueError, match="d_expert=24"):
+        store.load(tmp_path)
+    with pytest.raises(ValueError, match="no experts/rank"):
+        store.load(tmp_path / "nowhere")
+
+
+# -- the real trainer and DeepSpeed engine --------------------------------------------------------
+def _run_stage(rank: int, world: int, spec: dict) -> list[dict]:
+    from jobs.stage_runner import run_stage
+    from system.metrics import read_jsonl
+
+    run_stage(spec, 0)
+    if rank != 0:
+        return []
+    return read_jsonl(Path(spec["run"]["output_dir"]) / spec["run"]["name"] / "metrics.jsonl")
+
+
+def _spec(tmp_path: Path, world: int, strategy: str, name: str, zero: int = 0, fssdp=None, steps: int = 4):
+    from tests.helpers import tiny_spec
+
+    return tiny_spec(tmp_path, run={"name": name}, experts={"balancing": {"lbl": "none"}},
+                     parallel={"world_size": world, "zero_stage": zero, "expert_strategy": strategy,
+                               "fssdp": {"window": 1, "memory_cap": 2, "reshard_every": 2, **(fssdp or {})}},
+                     stages=[{"name": "pretrain", "steps": steps, "micro_batch_size": 8 // world,
+                              "checkpoint_every": 2, "optimizer": {"lr": 1e-3},
+                              "lr_schedule": {"kind": "constant"}, "grad_clip": 0.05}])
+
+
+def _weights(spec: dict) -> dict[str, torch.Tensor]:
+    from system.checkpoint import latest_checkpoint, load_module_weights
+
+    root = Path(spec["run"]["output_dir"]) / spec["run"]["name"] / "stages" / "pretrain" / "checkpoints"
+    return load_module_weights(latest_checkpoint(root))
+
+
+@pytest.fixture(scope="module")
+def replicated_reference(tmp_path_factory):
+    spec = _spec(tmp_path_factory.mktemp("ref"), 1, "replicated", "ref")
+    return run_distributed(_run_stage, 1, spec)[0], _weights(spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,strategy,zero,fssdp", [
+    (2, "ep", 0, None),
+    (2, "fssdp", 0, None),
+    (4, "fssdp", 1, {"rematerialize": True, "reshard_every": 1}),
+])
+def test_trainer_matches_single_process(tmp_path, replicated_reference, world, strategy, zero, fssdp):
+    """Four optimizer steps with clipping active (grad_clip below the norm): the loss, the global
+    gradient norm and every final parameter equal single-process replicated training."""
+    ref, ref_w = replicated_reference
+    spec = _spec(tmp_path, world, strategy, f"{strategy}{world}", zero, fssdp)
+    recs = run_distributed(_run_stage, world, spec)[0]
+    assert len(recs) == 4
+    for r, q in zip(recs, ref):
+        assert r["ce"] == pytest.approx(q["ce"], rel=1e-5)
+        assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-5)
+        assert r["grad_norm"] > 0.05  # clipping was active
+        assert r["moe/0/tokens_per_expert"] == q["moe/0/tokens_per_expert"]
+    w = _weights(spec)
+    assert w.keys() == ref_w.keys()  # expert files merged back: the same tensors as replicated
+    for k in w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    last = recs[-1]
+    assert last["ep/bytes_all_to_all"] > 0
+    if strategy == "fssdp":
+        assert last["ep/copies"] > 0 and last["ep/bytes_spag"] > 0 and last["ep/bytes_sprs"] > 0
+    else:
+        assert last["ep/copies"] == 0 and last["ep/bytes_spag"] == 0
+
+
+@pytest.mark.slow
+def test_sharded_resume_equals_uninterrupted(tmp_path, replicated_reference):
+    """Stop an fssdp run after step 2 and resume it: the final weights are those of the run
+    without a stop (expert pools, Adam state, ownership and load history restored)."""
+    ref_w = replicated_reference[1]
+    spec = _spec(tmp_path, 2, "fssdp", "resume", steps=2)
+    run_distributed(_run_stage, 2, spec)
+    ck = Path(spec["run"]["output_dir"]) / "resume" / "stages" / "pretrain" / "checkpoints"
+    assert (ck / "step_00000002" / "experts" / "rank00001.pt").is_file()
+    spec["stages"][0]["steps"] = 4
+    run_distributed(_run_stage, 2, spec)
+    w = _weights(spec)
+    for k in w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
