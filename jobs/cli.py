@@ -134,6 +134,8 @@ SIMULATE_FLAGS = (
 def cmd_simulate(args) -> int:
     import json
 
+    import yaml
+
     from parallel.simulate import format_result, format_sweep, load_config, simulate, sweep
 
     overrides = {path: getattr(args, name) for name, path, _ in SIMULATE_FLAGS if getattr(args, name) is not None}
@@ -144,8 +146,6 @@ def cmd_simulate(args) -> int:
     if args.policies:
         overrides["sim.policies"] = [p.strip() for p in args.policies.split(",") if p.strip()]
     for item in args.set or []:  # --set model.moe_every=2: any config field, the value read as YAML
-        import yaml
-
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SpecError([("--set", f"{item!r} is not FIELD=VALUE (e.g. fssdp.memory_cap=4)")], "command line")

@@ -40,6 +40,7 @@ class FSSDPSection:
     reshard_every: int = 100  # heterogeneous sharding (Algorithm 2) period in steps; 0: never
     rematerialize: bool = False  # free copies after the forward pass, gather again for backward
     ranks_per_node: int = 8  # ranks sharing a fast link (token dispatch prefers them)
+    tolerance: float = 0.05  # no copies while every rank's predicted load is within this of the mean
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.window < 1:
@@ -54,6 +55,27 @@ class FSSDPSection:
             yield "reshard_every", f"{self.reshard_every} must be >= 0 (0: never)"
         if self.ranks_per_node < 1:
             yield "ranks_per_node", f"{self.ranks_per_node} must be >= 1"
+        if not 0 <= self.tolerance < 10:
+            yield "tolerance", f"{self.tolerance} must be in [0, 10)"
+
+
+@dataclass
+class DeepSpeedMoESection:
+    """DeepSpeed's MoE layer knobs (`parallel.deepspeed_moe`), as deepspeed.moe.layer.MoE names them."""
+
+    capacity_factor: float = 1.0  # expert capacity during training, x tokens*k/E
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True  # false: capacity = the largest expert load (dropless, padded)
+    use_rts: bool = True  # random token selection when over capacity (top-1)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.capacity_factor > 0:
+            yield "capacity_factor", f"{self.capacity_factor} must be > 0"
+        if not self.eval_capacity_factor > 0:
+            yield "eval_capacity_factor", f"{self.eval_capacity_factor} must be > 0"
+        if self.min_capacity < 0:
+            yield "min_capacity", f"{self.min_capacity} must be >= 0"
 
 
 EXPERT_STRATEGIES = ("replicated", "ep", "fssdp", "deepspeed_moe")
@@ -68,6 +90,7 @@ class ParallelSection:
     expert_strategy: Literal["replicated", "ep", "fssdp", "deepspeed_moe"] = "replicated"
     expert_parallel_size: Optional[int] = None  # default: 1 for replicated, world_size otherwise
     fssdp: FSSDPSection = field(default_factory=FSSDPSection)
+    deepspeed_moe: DeepSpeedMoESection = field(default_factory=DeepSpeedMoESection)
     zero_stage: Literal[0, 1, 2] = 0
     use_gpu: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
@@ -92,6 +115,8 @@ class ParallelSection:
                                            f"it to {self.world_size} or leave it out)")
         for k, msg in self.fssdp.check():
             yield f"fssdp.{k}", msg
+        for k, msg in self.deepspeed_moe.check():
+            yield f"deepspeed_moe.{k}", msg
         if self.backend == "nccl" and not self.use_gpu:
             yield "backend", "nccl needs use_gpu: true"
         if self.threads_per_worker is not None and self.threads_per_worker < 1:

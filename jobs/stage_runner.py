@@ -34,14 +34,19 @@ def build_model(spec: JobSpec, vocab_size: int, stage_index: int = 0) -> Transfo
     if mcfg.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({vocab_size})")
-    return Transformer(mcfg, spec.stage_experts(stage_index))
+    ds_moe = None
+    if spec.parallel.expert_strategy == "deepspeed_moe":
+        from dataclasses import asdict
+        ds_moe = {"ep_size": spec.stage_ep_size(stage_index), **asdict(spec.parallel.deepspeed_moe)}
+    return Transformer(mcfg, spec.stage_experts(stage_index), ds_moe=ds_moe)
 
 
 def fssdp_plan_config(sec):
     from parallel.placement import FSSDPPlanConfig
     return FSSDPPlanConfig(window=sec.window, overlap_budget=sec.overlap_budget, memory_cap=sec.memory_cap,
                            reshard_every=sec.reshard_every, rematerialize=sec.rematerialize,
-                           ranks_per_node=sec.ranks_per_node, link_gbps=sec.link_gbps)
+                           ranks_per_node=sec.ranks_per_node, link_gbps=sec.link_gbps,
+                           tolerance=sec.tolerance)
 
 
 def load_stage_init_state(engine, store, ckpt: Path, strategy: str) -> None:

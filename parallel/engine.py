@@ -75,7 +75,12 @@ def build_engine(model: nn.Module, stage, parallel, passthrough: dict[str, Any],
     import deepspeed
 
     opt_cfg = stage.optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, opt_cfg.weight_decay), lr=opt_cfg.lr,
+    if parallel.expert_strategy == "deepspeed_moe":
+        from experts.ds_moe import ds_moe_param_groups  # expert groups DeepSpeed's ZeRO can find
+        groups = ds_moe_param_groups(model, opt_cfg.weight_decay)
+    else:
+        groups = param_groups(model, opt_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=opt_cfg.lr,
                                   betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
     sched_cfg, total = stage.lr_schedule, stage.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(sched_cfg, s, total))

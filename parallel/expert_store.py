@@ -165,7 +165,8 @@ class ExpertStore:
             return
         if self.cfg.reshard_every and step > 0 and step % self.cfg.reshard_every == 0:
             self.reshard(heterogeneous_sharding(load, self.own, self.t_budget, self.cfg.ranks_per_node))
-        self.plan = plan_iteration(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node)
+        self.plan = plan_iteration(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node,
+                                   self.cfg.tolerance)
 
     def set_plan(self, plan: IterationPlan) -> None:
         """Use a given plan for this iteration (tests; calibration). It must contain the owners."""

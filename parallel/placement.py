@@ -122,14 +122,15 @@ def overlap_budget(attention_time_s: float, bandwidth_bytes_per_s: float, expert
 # Algorithm 1: the materialization plan of one layer
 # --------------------------------------------------------------------------------------------
 def plan_materialization(load_E: Sequence[float], owner_E: Sequence[int], num_ranks: int, t: int, m: int,
-                         ranks_per_node: int = 8) -> list[list[int]]:
+                         ranks_per_node: int = 8, tolerance: float = 0.05) -> list[list[int]]:
     """Holders of every expert for this iteration: `holders[e]` = [owner, extra ranks...].
 
     Hecate Algorithm 1 with inputs: predicted loads, overlap budget t (experts a rank can gather
     while attention runs) and memory cap m (extra experts a rank may hold).
     t <- min(t, E), m <- min(m, t). Only experts heavier than the uniform share (load > total/E)
-    are candidates (a copy of a lighter expert cannot unload anyone; with uniform loads there
-    are no copies at all), and an expert has at most N holders.
+    are candidates (a copy of a lighter expert cannot unload anyone), and an expert has at most N
+    holders. When the ownership alone already keeps every rank within `tolerance` of the mean
+    load there is nothing to balance and no copies are made (no bytes moved).
     * t <= m: the top-t candidates are copied to every rank (up to their need).
     * t > m: N*m slots are spread over the top-t candidates in proportion to their load (largest
       remainder), each copy on a rank that does not hold the expert, preferring nodes that do not
@@ -144,14 +145,16 @@ def plan_materialization(load_E: Sequence[float], owner_E: Sequence[int], num_ra
     t, m = min(int(t), E), min(int(m), int(t), E)
     if N <= 1 or t <= 0 or m <= 0 or total <= 0:
         return holders
+    owned_load = np.zeros(N)
+    np.add.at(owned_load, owner, load)
+    if owned_load.max() <= (1.0 + tolerance) * owned_load.mean():
+        return holders
     fair = total / E
     need = np.where(load > fair * (1 + 1e-9), N - 1, 0)
     order = [int(e) for e in np.argsort(-load, kind="stable") if need[e] > 0][:t]
     if not order:
         return holders
     extras = np.zeros(N, dtype=np.int64)
-    owned_load = np.zeros(N)
-    np.add.at(owned_load, owner, load)
     if t <= m:
         want = {e: int(need[e]) for e in order}
     else:
@@ -255,7 +258,8 @@ def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
                            ranks_per_node: int = 8) -> Ownership:
     """New ownership for all layers: same slots per rank, each layer's load spread over ranks.
 
-    Hecate Algorithm 2: hold back each layer's top-t experts (they are copied anyway); place the
+    Hecate Algorithm 2: hold back each layer's top-t experts (they are copied anyway; as in the
+    materialization plan only experts above the uniform share count, so at most those); place the
     rest, layers with the largest max load first and experts in descending load, each on the
     least-loaded node (for that layer) then least-loaded rank with a free slot; fill the leftover
     slots with the held-back experts. Experts that stay on their rank keep their slot, so only the
@@ -272,8 +276,11 @@ def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
     held: list[tuple[int, int]] = []
     for l in np.argsort(-load.max(axis=1), kind="stable"):
         order = np.argsort(-load[l], kind="stable")
-        held += [(int(l), int(e)) for e in order[:t]]
-        for e in order[t:]:
+        total = load[l].sum()
+        n_hot = int((load[l] > total / E * (1 + 1e-9)).sum()) if total > 0 else 0
+        th = min(t, n_hot)
+        held += [(int(l), int(e)) for e in order[:th]]
+        for e in order[th:]:
             node_ld = {n: sum(layer_load[l, r] for r in range(N) if node_of(r, ranks_per_node) == n and free[r] > 0)
                        for n in nodes}
             open_nodes = [n for n in nodes if any(free[r] > 0 for r in range(N) if node_of(r, ranks_per_node) == n)]
@@ -325,6 +332,7 @@ class FSSDPPlanConfig:
     overlap_budget: Optional[int] = None  # t; None: derived from measured times (see ExpertStore)
     memory_cap: int = 2  # m: extra experts a rank may hold per layer
     reshard_every: int = 100  # heterogeneous sharding period (0: never)
+    tolerance: float = 0.05  # no copies while every rank is within this fraction of the mean load
     rematerialize: bool = False  # free copies after forward, gather again in backward
     ranks_per_node: int = 8
     link_gbps: float = 100.0  # to derive t from the measured attention time
@@ -340,11 +348,12 @@ class IterationPlan:
 
 
 def plan_iteration(own: Ownership, load_LE: Optional[np.ndarray], t: int, m: int,
-                   ranks_per_node: int = 8) -> IterationPlan:
+                   ranks_per_node: int = 8, tolerance: float = 0.05) -> IterationPlan:
     holders = []
     for l in range(own.num_layers):
         if load_LE is None:
             holders.append(ownership_holders(own.owner_LE[l]))
         else:
-            holders.append(plan_materialization(load_LE[l], own.owner_LE[l], own.num_ranks, t, m, ranks_per_node))
+            holders.append(plan_materialization(load_LE[l], own.owner_LE[l], own.num_ranks, t, m, ranks_per_node,
+                                                tolerance))
     return IterationPlan(holders)

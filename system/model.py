@@ -151,15 +151,23 @@ class DenseFFN(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _moe_ffn(cfg: ModelConfig, experts: ExpertsConfig, ds_moe: Optional[dict]) -> nn.Module:
+    if ds_moe is None:
+        return MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend)
+    from experts.ds_moe import DeepSpeedMoELayer  # DeepSpeed's own MoE layer (expert_strategy deepspeed_moe)
+
+    return DeepSpeedMoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, router=experts.router,
+                             init_std=cfg.init_std, **ds_moe)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, experts: ExpertsConfig):
+    def __init__(self, cfg: ModelConfig, moe: bool, experts: ExpertsConfig, ds_moe: Optional[dict] = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe
-        self.ffn = (MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend)
-                    if moe else DenseFFN(cfg.d_model, cfg.d_ff))
+        self.ffn = _moe_ffn(cfg, experts, ds_moe) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
 
     def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
         store = getattr(self.ffn.experts, "store", None) if self.is_moe else None
@@ -179,7 +187,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, experts: Optional[ExpertsConfig] = None):
+    """`ds_moe`: build DeepSpeed's MoE layer instead of ours, with these keyword arguments
+    (ep_size, capacity_factor, ...); torch.distributed must be up when ep_size > 1."""
+
+    def __init__(self, cfg: ModelConfig, experts: Optional[ExpertsConfig] = None, ds_moe: Optional[dict] = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
@@ -187,7 +198,7 @@ class Transformer(nn.Module):
         self.experts_cfg = experts = experts or ExpertsConfig()
         moe_ids = set(cfg.moe_layer_ids())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, experts) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, experts, ds_moe) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()

@@ -236,6 +236,20 @@ class Trainer:
         """
         if self.engine.zero_optimization_stage() != 0:
             return None  # the engine reports it
+        if getattr(self.engine, "has_moe_layers", False):
+            # DeepSpeed MoE: expert grads differ per rank; each expert sits on world/ep ranks.
+            dense = expert = 0.0
+            for p in self.model.parameters():
+                if p.grad is None:
+                    continue
+                sq = float(p.grad.double().pow(2).sum())
+                if getattr(p, "allreduce", True) is False:
+                    expert += sq
+                else:
+                    dense += sq
+            ep = max(getattr(layer, "ep_size", 1) for layer in self._moe_layers()) if self._moe_layers() else 1
+            expert = float(pdist.all_reduce_sum(torch.tensor(expert, dtype=torch.float64))) * ep / self.world
+            return math.sqrt(dense + expert)
         sq = sum(float(p.grad.float().pow(2).sum()) for p in self.model.parameters() if p.grad is not None)
         return math.sqrt(sq)
 

@@ -14,7 +14,9 @@ from jobs.spec import (JobSpec, ModelConfig, ParallelSection, StageSection, dump
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
-EXAMPLES = sorted(p for ext in ("*.yaml", "*.yml") for p in (ROOT / "examples").rglob(ext))
+# Job specs; examples/simulate.yaml configures `moeforge simulate` (tests/parallel/test_simulate.py).
+EXAMPLES = sorted(p for ext in ("*.yaml", "*.yml") for p in (ROOT / "examples").rglob(ext)
+                  if p.name != "simulate.yaml")
 
 BASE = {"stages": [{"name": "pretrain"}]}
 

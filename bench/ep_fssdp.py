@@ -1,0 +1,266 @@
+"""Expert strategies under skewed routing: ep, fssdp and deepspeed_moe in the same run.
+
+A small MoE network on N gloo ranks: `--layers` blocks, each a dense sub-layer (the compute
+FSSDP's SparseAllGather overlaps with, standing in for attention) followed by an MoE layer whose
+router draws experts from a Zipf law (exponent s) over a ranking of the experts, with Gumbel
+noise per token, so the global load of expert of rank i is proportional to 1 / i^s. With
+`--drift` the ranking rotates by one expert every `--drift-every` iterations (the hot experts
+change and the load predictor must follow).
+
+All strategies are built in the same processes from the same weights and take turns
+iteration by iteration, so a noisy shared machine affects them alike. Per iteration we record:
+* time: wall time of forward + backward + optimizer step, max over ranks (a barrier before);
+* straggler: the busiest rank's expert rows / the mean over ranks (per MoE layer, averaged);
+* bytes: bytes that left their rank in the token all-to-alls, in spAG, in spRS (summed over ranks);
+* expert memory per rank: expert parameters + Adam moments (+ the peak copies for fssdp).
+
+    python bench/ep_fssdp.py                       # 2 and 4 ranks, s in {0, 1.0, 1.5} + drift
+    python bench/ep_fssdp.py --world 2 --zipf 1.5 --iters 20
+    python bench/ep_fssdp.py --json docs/results/ep_fssdp.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class ZipfRouter(nn.Module):
+    """Router logits = log p_zipf[ranking] + Gumbel noise: the top-1 choice of a token is expert j
+    with probability p_j (Gumbel-max), top-k follows Plackett-Luce."""
+
+    def __init__(self, num_experts: int, s: float, seed: int):
+        super().__init__()
+        self.E, self.s, self.seed = num_experts, s, seed
+        self.weight = nn.Parameter(torch.zeros(num_experts, 1))  # so the layer's init code finds one
+        self.iteration, self.shift = 0, 0
+        p = 1.0 / np.arange(1, num_experts + 1) ** s
+        self.logp = torch.tensor(np.log(p / p.sum()), dtype=torch.float32)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        gumbel = -torch.log(-torch.log(torch.rand(x_TD.shape[0], self.E, generator=g).clamp_min(1e-20)))
+        base = torch.roll(self.logp, self.shift)
+        # + 0 * x keeps the router in the graph (its gradient is zero; the layer stays ordinary)
+        return (base + gumbel).to(x_TD.dtype) + 0.0 * x_TD[:, :1]
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, moe: nn.Module):
+        super().__init__()
+        self.dense = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor):
+        experts = getattr(self.moe, "experts", None)
+        if hasattr(experts, "prefetch"):
+            experts.prefetch()  # spAG posted before the dense compute, as in the model
+        x = x + self.dense(x)
+        y, aux = self.moe(x)
+        return x + y, aux
+
+
+class Net(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def moe_layers(self):
+        return [b.moe for b in self.blocks]
+
+    def forward(self, x):
+        auxes = []
+        for b in self.blocks:
+            x, a = b(x)
+            auxes.append(a)
+        return x, auxes
+
+
+def build(strategy: str, cfg: dict, rank: int, world: int):
+    from experts.layer import MoELayer
+
+    torch.manual_seed(cfg["seed"])
+    blocks = []
+    for l in range(cfg["layers"]):
+        if strategy == "deepspeed_moe":
+            from experts.ds_moe import DeepSpeedMoELayer
+            moe = DeepSpeedMoELayer(cfg["d_model"], cfg["experts"], cfg["top_k"], cfg["d_expert"], ep_size=world,
+                                    drop_tokens=False)
+            moe.set_router(ZipfRouter(cfg["experts"], cfg["zipf"], 1 + rank + 100 * l))
+        else:
+            moe = MoELayer(cfg["d_model"], cfg["experts"], cfg["top_k"], cfg["d_expert"], backend=cfg["backend"])
+            moe.reset_parameters(0.02, 0.02)
+            moe.router = ZipfRouter(cfg["experts"], cfg["zipf"], 1 + rank + 100 * l)
+        blocks.append(Block(cfg["d_model"], moe))
+    net = Net(blocks)
+    store = None
+    if strategy in ("ep", "fssdp"):
+        from parallel.expert_store import shard_model
+        from parallel.placement import FSSDPPlanConfig
+        store = shard_model(net, strategy, FSSDPPlanConfig(window=cfg["window"], memory_cap=cfg["memory_cap"],
+                                                           overlap_budget=cfg["overlap_budget"],
+                                                           reshard_every=cfg["reshard_every"],
+                                                           rematerialize=cfg["remat"]))
+        store.build_optimizer(1e-4, (0.9, 0.95), 1e-8, 0.0)
+    dense = [p for n, p in net.named_parameters() if "router" not in n and not getattr(p, "allreduce", True) is False
+             and not getattr(p, "moeforge_expert", False)]
+    expert_ds = [p for p in net.parameters() if getattr(p, "allreduce", True) is False]
+    opt = torch.optim.AdamW(dense + expert_ds, lr=1e-4, weight_decay=0.0)
+    return net, store, opt, dense, expert_ds
+
+
+def _worker(rank: int, world: int, cfg: dict) -> dict:
+    import torch.distributed as dist
+
+    from parallel import collectives as coll
+
+    torch.set_num_threads(cfg["threads"])
+    if "deepspeed_moe" in cfg["strategies"]:
+        from experts.ds_moe import ensure_expert_groups
+        ensure_expert_groups(world)
+    models = {s: build(s, cfg, rank, world) for s in cfg["strategies"]}
+    g = torch.Generator().manual_seed(7 + rank)
+    res = {s: {"time": [], "straggler": [], "a2a": [], "spag": [], "sprs": [], "copies": [], "mem": 0,
+               "dropped": []} for s in cfg["strategies"]}
+    total = cfg["warmup"] + cfg["iters"]
+    for it in range(total):
+        x = torch.randn(cfg["tokens"] // cfg["seq"], cfg["seq"], cfg["d_model"], generator=g)
+        shift = (it // cfg["drift_every"]) if cfg["drift"] else 0
+        for s in cfg["strategies"]:
+            net, store, opt, dense, expert_ds = models[s]
+            for m in net.moe_layers():
+                r = m.ds_router if s == "deepspeed_moe" else m.router
+                r.iteration, r.shift = it, shift
+            if store is not None:
+                store.begin_iteration(it)
+            coll.STATS.reset()
+            ds_bytes = 0
+            dist.barrier()
+            t0 = time.perf_counter()
+            y, auxes = net(x)
+            y.float().pow(2).mean().backward()
+            if store is not None:
+                store.reduce_grads()
+            for p in dense:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if store is not None:
+                store.step(1e-4)
+            dt = time.perf_counter() - t0
+            counts = torch.stack([a.counts_E for a in auxes]).to(torch.int64)
+            dist.all_reduce(counts)
+            if store is not None:
+                store.observe(counts)
+                strag = store.straggler_ratio()
+                mem = store.memory()
+                res[s]["mem"] = max(res[s]["mem"], mem["param_bytes"] + mem["optimizer_bytes"]
+                                    + mem["peak_copies"] * store.expert_numel * 4)
+                res[s]["copies"].append(len(store.plan.copies()))
+            else:  # DeepSpeed: expert e on rank e // (E/N); every rank computes E/N * capacity rows
+                per = cfg["experts"] // world
+                loads = counts.reshape(len(auxes), world, per).sum(-1).double()
+                strag = float((loads.max(1).values / loads.mean(1)).mean())
+                ds_bytes = sum(a.ds_a2a_bytes for a in auxes) * 2  # forward and backward exchanges
+                res[s]["dropped"].append(float(sum(a.ds_dropped for a in auxes)))
+                res[s]["mem"] = sum(p.numel() * 4 * 3 for p in expert_ds)
+            vec = torch.tensor([dt, float(coll.STATS.all_to_all + ds_bytes), float(coll.STATS.spag),
+                                float(coll.STATS.sprs)], dtype=torch.float64)
+            tmax = vec[:1].clone()
+            dist.all_reduce(tmax, op=dist.ReduceOp.MAX)
+            dist.all_reduce(vec)
+            if it >= cfg["warmup"]:
+                res[s]["time"].append(float(tmax))
+                res[s]["straggler"].append(strag)
+                res[s]["a2a"].append(float(vec[1]))
+                res[s]["spag"].append(float(vec[2]))
+                res[s]["sprs"].append(float(vec[3]))
+    return res if rank == 0 else {}
+
+
+def summarize(res: dict) -> dict:
+    out = {}
+    for s, r in res.items():
+        out[s] = {"time_ms": 1e3 * statistics.median(r["time"]), "straggler": statistics.mean(r["straggler"]),
+                  "a2a_MB": statistics.mean(r["a2a"]) / 1e6, "spag_MB": statistics.mean(r["spag"]) / 1e6,
+                  "sprs_MB": statistics.mean(r["sprs"]) / 1e6, "expert_mem_MB_rank": r["mem"] / 1e6,
+                  "copies": statistics.mean(r["copies"]) if r["copies"] else 0.0,
+                  "dropped": statistics.mean(r["dropped"]) if r["dropped"] else 0.0}
+    base = out.get("ep", {}).get("time_ms")
+    for s in out:
+        out[s]["vs_ep"] = out[s]["time_ms"] / base if base else float("nan")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--zipf", type=float, nargs="+", default=[0.0, 1.0, 1.5])
+    ap.add_argument("--drift", action="store_true", help="only the drifting runs (default: both fixed and s=1.5 drift)")
+    ap.add_argument("--drift-every", type=int, default=8)
+    ap.add_argument("--strategies", default="ep,fssdp,deepspeed_moe")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--d-expert", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per rank per iteration")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=12)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--memory-cap", type=int, default=2)
+    ap.add_argument("--overlap-budget", type=int, default=None)
+    ap.add_argument("--reshard-every", type=int, default=10)
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    from parallel.testing import run_distributed
+
+    loads = [(s, False) for s in a.zipf] + ([(1.5, True)] if not a.drift else [])
+    if a.drift:
+        loads = [(s, True) for s in a.zipf]
+    rows = []
+    print(f"{'N':>2} {'zipf':>5} {'drift':>5} {'strategy':>13} {'ms/iter':>8} {'vs ep':>6} {'straggler':>9} "
+          f"{'a2a MB':>7} {'spAG MB':>7} {'spRS MB':>7} {'copies':>6} {'mem MB/rank':>11}")
+    for world in a.world:
+        for s, drift in loads:
+            cfg = dict(vars(a), world=None, zipf=s, drift=drift, strategies=a.strategies.split(","),
+                       d_model=a.d_model, d_expert=a.d_expert, top_k=a.top_k, memory_cap=a.memory_cap,
+                       overlap_budget=a.overlap_budget, reshard_every=a.reshard_every, remat=a.remat)
+            t0 = time.time()
+            res = run_distributed(_worker, world, cfg, timeout_s=1800)[0]
+            summ = summarize(res)
+            for strat, r in summ.items():
+                print(f"{world:>2} {s:>5} {str(drift):>5} {strat:>13} {r['time_ms']:>8.1f} {r['vs_ep']:>6.2f} "
+                      f"{r['straggler']:>9.2f} {r['a2a_MB']:>7.2f} {r['spag_MB']:>7.2f} {r['sprs_MB']:>7.2f} "
+                      f"{r['copies']:>6.1f} {r['expert_mem_MB_rank']:>11.2f}", flush=True)
+                rows.append({"world": world, "zipf": s, "drift": drift, "strategy": strat, **r})
+            print(f"   ({time.time() - t0:.0f}s)", flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": platform.platform(),
+                                            "cpus": os.cpu_count(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
