@@ -35,7 +35,7 @@ class FSSDPSection:
 
     window: int = 5  # iterations of global expert counts the load prediction averages
     overlap_budget: Optional[int] = None  # t: experts a rank may gather per layer; null: derived
-    link_gbps: float = 100.0  # bandwidth between ranks (Gbit/s) used to derive t from attention time
+    link_gbps: float = 400.0  # bandwidth between ranks (Gbit/s) used to derive t from attention time
     memory_cap: int = 2  # m: extra (copied) experts a rank may hold per layer
     reshard_every: int = 100  # heterogeneous sharding (Algorithm 2) period in steps; 0: never
     rematerialize: bool = False  # free copies after the forward pass, gather again for backward

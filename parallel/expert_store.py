@@ -28,7 +28,7 @@ from torch import nn
 from experts.backends import get_backend
 from parallel import collectives as coll
 from parallel.placement import (FSSDPPlanConfig, IterationPlan, LoadPredictor, Ownership, assign_tokens,
-                                heterogeneous_sharding, moves, plan_iteration)
+                                moves, plan_iteration, reshard_decision)
 
 EXPERT_DIR = "experts"
 
@@ -94,7 +94,8 @@ class ExpertStore:
             return self.E
         attn = float(np.median(self._attn_times))
         expert_bytes = self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
-        return min(self.E, overlap_budget(attn, self.cfg.link_gbps * 1e9 / 8, expert_bytes))
+        # At least the hottest expert stays eligible: a straggler costs more than one exposed copy.
+        return min(self.E, max(1, overlap_budget(attn, self.cfg.link_gbps * 1e9 / 8, expert_bytes)))
 
     def record_loads(self, loads) -> None:
         if torch.is_grad_enabled():
@@ -164,9 +165,17 @@ class ExpertStore:
             self.plan = plan_iteration(self.own, None, 0, 0)
             return
         if self.cfg.reshard_every and step > 0 and step % self.cfg.reshard_every == 0:
-            self.reshard(heterogeneous_sharding(load, self.own, self.t_budget, self.cfg.ranks_per_node))
+            self.maybe_reshard(load)
         self.plan = plan_iteration(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node,
                                    self.cfg.tolerance)
+
+    def maybe_reshard(self, load) -> int:
+        """Heterogeneous sharding (Algorithm 2), applied only when the predicted straggler ratio
+        (with this iteration's materialization) is above tolerance and the new ownership lowers
+        it: moving experts costs bytes, so a balanced layout stays where it is."""
+        new = reshard_decision(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node,
+                               self.cfg.tolerance)
+        return 0 if new is None else self.reshard(new)
 
     def set_plan(self, plan: IterationPlan) -> None:
         """Use a given plan for this iteration (tests; calibration). It must contain the owners."""

@@ -284,7 +284,8 @@ def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
             node_ld = {n: sum(layer_load[l, r] for r in range(N) if node_of(r, ranks_per_node) == n and free[r] > 0)
                        for n in nodes}
             open_nodes = [n for n in nodes if any(free[r] > 0 for r in range(N) if node_of(r, ranks_per_node) == n)]
-            n_best = min(open_nodes, key=lambda n: (node_ld[n], n))
+            home = node_of(int(current.owner_LE[l, e]), ranks_per_node)
+            n_best = min(open_nodes, key=lambda n: (node_ld[n], n != home, n))
             cands = [r for r in range(N) if node_of(r, ranks_per_node) == n_best and free[r] > 0]
             r = min(cands, key=lambda r: (layer_load[l, r], int(current.owner_LE[l, e]) != r, r))
             new_owner[l, e] = r
@@ -335,7 +336,7 @@ class FSSDPPlanConfig:
     tolerance: float = 0.05  # no copies while every rank is within this fraction of the mean load
     rematerialize: bool = False  # free copies after forward, gather again in backward
     ranks_per_node: int = 8
-    link_gbps: float = 100.0  # to derive t from the measured attention time
+    link_gbps: float = 400.0  # to derive t from the measured attention time
 
 
 @dataclass
@@ -345,6 +346,36 @@ class IterationPlan:
     def copies(self) -> list[tuple[int, int, int]]:
         """(layer, expert, holder) for every copy (not the owner)."""
         return [(l, e, h) for l, hs in enumerate(self.holders_L) for e, hl in enumerate(hs) for h in hl[1:]]
+
+
+def predicted_straggler(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: int = 8,
+                        tolerance: float = 0.05) -> float:
+    """The worst layer's busiest-rank / mean expert load under `own` and the plan Algorithm 1
+    makes for it, with every rank sending an equal share of each expert's predicted tokens."""
+    load = np.asarray(load_LE, dtype=np.float64)
+    N = own.num_ranks
+    plan = plan_iteration(own, load, t, m, ranks_per_node, tolerance)
+    worst = 1.0
+    for l in range(own.num_layers):
+        counts = np.tile(np.round(load[l] / N).astype(np.int64), (N, 1))
+        r = rank_loads(assign_tokens(counts, plan.holders_L[l], ranks_per_node)).astype(np.float64)
+        if r.mean() > 0:
+            worst = max(worst, float(r.max() / r.mean()))
+    return worst
+
+
+def reshard_decision(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: int = 8,
+                     tolerance: float = 0.05) -> Optional[Ownership]:
+    """Heterogeneous sharding when it pays: None while the predicted straggler ratio (with the
+    materialization plan) is within tolerance, or when Algorithm 2's ownership would not lower
+    it (moving experts costs bytes, so a balanced layout stays where it is)."""
+    before = predicted_straggler(own, load_LE, t, m, ranks_per_node, tolerance)
+    if before <= 1.0 + tolerance:
+        return None
+    new = heterogeneous_sharding(load_LE, own, t, ranks_per_node)
+    if predicted_straggler(new, load_LE, t, m, ranks_per_node, tolerance) >= before - 1e-6:
+        return None
+    return new
 
 
 def plan_iteration(own: Ownership, load_LE: Optional[np.ndarray], t: int, m: int,

@@ -660,14 +660,16 @@ class Simulator:
             reshard_s, mv = 0.0, []
             if want_fs:
                 pred = predictor.predict()
+                kw = {} if cfg.fssdp.tolerance is None else {"tolerance": cfg.fssdp.tolerance}
                 if (cfg.fssdp.reshard_every and it > 0 and it % cfg.fssdp.reshard_every == 0
                         and pred is not None):
-                    new = placement.heterogeneous_sharding(pred, own_fs, d.t, G)
-                    mv = placement.moves(own_fs, new)
-                    n_moves += len(mv)
-                    reshard_s = self._move_time(mv)
-                    own_fs = new
-                kw = {} if cfg.fssdp.tolerance is None else {"tolerance": cfg.fssdp.tolerance}
+                    # the training store's rule: Algorithm 2 only when it lowers the predicted straggler
+                    new = placement.reshard_decision(own_fs, pred, d.t, d.m, G, **kw)
+                    if new is not None:
+                        mv = placement.moves(own_fs, new)
+                        n_moves += len(mv)
+                        reshard_s = self._move_time(mv)
+                        own_fs = new
                 plan = placement.plan_iteration(own_fs, pred, d.t, d.m, G, **kw)
                 copies_all = np.zeros(N)
                 for l in range(L):
