@@ -90,6 +90,27 @@ class Net(nn.Module):
         return x, auxes
 
 
+def _zipf_gate(layer, zipf: ZipfRouter) -> None:
+    """Make DeepSpeed's gate route by the Zipf logits: its own gating functions, our logits."""
+    from deepspeed.moe import sharded_moe as sm
+
+    gate = layer.moe.deepspeed_moe.gate
+
+    def forward(input, used_token=None, sparse_routes=False, use_tutel=False):
+        logits = zipf(input.float())
+        cf = gate.capacity_factor if gate.training else gate.eval_capacity_factor
+        if gate.k == 1:
+            return sm.top1gating(logits, cf, gate.min_capacity, used_token, None, gate.drop_tokens, gate.use_rts,
+                                 gate.ep_group, sparse_routes, use_tutel)
+        if gate.k == 2:
+            return sm.top2gating(logits, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group,
+                                 gate.top2_2nd_expert_sampling, sparse_routes)
+        return sm.topkgating(logits, gate.k, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group,
+                             sparse_routes=sparse_routes)
+
+    gate.forward = forward
+
+
 def build(strategy: str, cfg: dict, rank: int, world: int):
     from experts.layer import MoELayer
 
@@ -99,8 +120,9 @@ def build(strategy: str, cfg: dict, rank: int, world: int):
         if strategy == "deepspeed_moe":
             from experts.ds_moe import DeepSpeedMoELayer
             moe = DeepSpeedMoELayer(cfg["d_model"], cfg["experts"], cfg["top_k"], cfg["d_expert"], ep_size=world,
-                                    drop_tokens=False)
-            moe.set_router(ZipfRouter(cfg["experts"], cfg["zipf"], 1 + rank + 100 * l))
+                                    drop_tokens=False)  # dropless, like ep/fssdp: capacity = largest load
+            moe.ds_router = ZipfRouter(cfg["experts"], cfg["zipf"], 1 + rank + 100 * l)
+            _zipf_gate(moe, moe.ds_router)
         else:
             moe = MoELayer(cfg["d_model"], cfg["experts"], cfg["top_k"], cfg["d_expert"], backend=cfg["backend"])
             moe.reset_parameters(0.02, 0.02)
@@ -129,9 +151,6 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
     from parallel import collectives as coll
 
     torch.set_num_threads(cfg["threads"])
-    if "deepspeed_moe" in cfg["strategies"]:
-        from experts.ds_moe import ensure_expert_groups
-        ensure_expert_groups(world)
     models = {s: build(s, cfg, rank, world) for s in cfg["strategies"]}
     g = torch.Generator().manual_seed(7 + rank)
     res = {s: {"time": [], "straggler": [], "a2a": [], "spag": [], "sprs": [], "copies": [], "mem": 0,
@@ -156,8 +175,9 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
             if store is not None:
                 store.reduce_grads()
             for p in dense:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
+                if p.grad is not None:  # (DeepSpeed's unused gate weight has none, on every rank)
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if store is not None:
@@ -172,12 +192,19 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                 res[s]["mem"] = max(res[s]["mem"], mem["param_bytes"] + mem["optimizer_bytes"]
                                     + mem["peak_copies"] * store.expert_numel * 4)
                 res[s]["copies"].append(len(store.plan.copies()))
-            else:  # DeepSpeed: expert e on rank e // (E/N); every rank computes E/N * capacity rows
+            else:  # DeepSpeed: expert e on rank e // (E/N); dropless = every expert padded to the largest load
+                from experts.ds_moe import tokens_dropped
                 per = cfg["experts"] // world
                 loads = counts.reshape(len(auxes), world, per).sum(-1).double()
                 strag = float((loads.max(1).values / loads.mean(1)).mean())
-                ds_bytes = sum(a.ds_a2a_bytes for a in auxes) * 2  # forward and backward exchanges
-                res[s]["dropped"].append(float(sum(a.ds_dropped for a in auxes)))
+                cap = torch.stack([a.counts_E.max() for a in auxes]).to(torch.int64)
+                dist.all_reduce(cap, op=dist.ReduceOp.MAX)
+                # 2 all-to-alls forward + 2 backward of an (E, capacity, d) buffer; (N-1)/N leaves
+                ds_bytes = int(sum(4 * cfg["experts"] * int(c) * cfg["d_model"] * 4 * (world - 1) / world
+                                   for c in cap))
+                res[s]["dropped"].append(float(sum(tokens_dropped(a) for a in auxes)))
+                res[s]["padded"] = res[s].get("padded", []) + [float(cap.sum() * cfg["experts"]) /
+                                                              float(counts.sum() / 1)]
                 res[s]["mem"] = sum(p.numel() * 4 * 3 for p in expert_ds)
             vec = torch.tensor([dt, float(coll.STATS.all_to_all + ds_bytes), float(coll.STATS.spag),
                                 float(coll.STATS.sprs)], dtype=torch.float64)
@@ -200,7 +227,8 @@ def summarize(res: dict) -> dict:
                   "a2a_MB": statistics.mean(r["a2a"]) / 1e6, "spag_MB": statistics.mean(r["spag"]) / 1e6,
                   "sprs_MB": statistics.mean(r["sprs"]) / 1e6, "expert_mem_MB_rank": r["mem"] / 1e6,
                   "copies": statistics.mean(r["copies"]) if r["copies"] else 0.0,
-                  "dropped": statistics.mean(r["dropped"]) if r["dropped"] else 0.0}
+                  "dropped": statistics.mean(r["dropped"]) if r["dropped"] else 0.0,
+                  "padded_rows_over_real": statistics.mean(r["padded"]) if r.get("padded") else 1.0}
     base = out.get("ep", {}).get("time_ms")
     for s in out:
         out[s]["vs_ep"] = out[s]["time_ms"] / base if base else float("nan")

@@ -60,6 +60,7 @@ class ExpertStore:
         self.iteration = 0
         self.t_budget = self.cfg.overlap_budget if self.cfg.overlap_budget is not None else num_experts
         self._copies: dict = {}  # (l, e) -> (w1, w3, w2) leaf tensors of this iteration
+        self._gathered: set = set()  # layers whose spAG ran this iteration (same on every rank)
         self._pending: dict = {}  # l -> PendingGather
         self._stacks: dict = {}  # l -> [W1, W3, W2] of the last forward (rematerialization)
         self.peak_copies = 0
@@ -196,8 +197,11 @@ class ExpertStore:
 
     def start_gather(self, l: int) -> None:
         """Post layer l's SparseAllGather (non-blocking); a no-op when the copies are present."""
-        if l in self._pending or (not self.cfg.rematerialize and any(k[0] == l for k in self._copies)):
+        # Every rank (sender, receiver or neither) records the gather, so all agree on whether a
+        # later forward of this iteration (another micro-batch, evaluation) gathers again.
+        if l in self._pending or (not self.cfg.rematerialize and l in self._gathered):
             return
+        self._gathered.add(l)
         trs = self._layer_transfers(l)
         if not trs:
             return
@@ -231,6 +235,7 @@ class ExpertStore:
 
     def _drop_copies(self) -> None:
         self._copies.clear()
+        self._gathered.clear()
         for pg in self._pending.values():
             pg.wait()
         self._pending.clear()

@@ -252,14 +252,18 @@ def _run_stage(rank: int, world: int, spec: dict) -> list[dict]:
     return read_jsonl(Path(spec["run"]["output_dir"]) / spec["run"]["name"] / "metrics.jsonl")
 
 
-def _spec(tmp_path: Path, world: int, strategy: str, name: str, zero: int = 0, fssdp=None, steps: int = 4):
+def _spec(tmp_path: Path, world: int, strategy: str, name: str, zero: int = 0, fssdp=None, steps: int = 4,
+          accum: int = 1):
     from tests.helpers import tiny_spec
 
     return tiny_spec(tmp_path, run={"name": name}, experts={"balancing": {"lbl": "none"}},
                      parallel={"world_size": world, "zero_stage": zero, "expert_strategy": strategy,
-                               "fssdp": {"window": 1, "memory_cap": 2, "reshard_every": 2, **(fssdp or {})}},
-                     stages=[{"name": "pretrain", "steps": steps, "micro_batch_size": 8 // world,
-                              "checkpoint_every": 2, "optimizer": {"lr": 1e-3},
+                               "fssdp": {"window": 1, "memory_cap": 2, "reshard_every": 2, "tolerance": 0.0,
+                                         **(fssdp or {})}},
+                     stages=[{"name": "pretrain", "steps": steps, "micro_batch_size": 8 // (world * accum),
+                              "grad_accum_steps": accum, "checkpoint_every": 2, "eval_every": 2,
+                              "eval_batches": 3 * world * accum,  # the same 24 held-out sequences
+                              "optimizer": {"lr": 1e-3},
                               "lr_schedule": {"kind": "constant"}, "grad_clip": 0.05}])
 
 
@@ -277,16 +281,18 @@ def replicated_reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,strategy,zero,fssdp", [
-    (2, "ep", 0, None),
-    (2, "fssdp", 0, None),
-    (4, "fssdp", 1, {"rematerialize": True, "reshard_every": 1}),
+@pytest.mark.parametrize("world,strategy,zero,fssdp,accum", [
+    (2, "ep", 0, None, 1),
+    (2, "fssdp", 0, None, 2),
+    (4, "fssdp", 0, None, 2),
+    (4, "fssdp", 1, {"rematerialize": True, "reshard_every": 1}, 1),
 ])
-def test_trainer_matches_single_process(tmp_path, replicated_reference, world, strategy, zero, fssdp):
-    """Four optimizer steps with clipping active (grad_clip below the norm): the loss, the global
-    gradient norm and every final parameter equal single-process replicated training."""
+def test_trainer_matches_single_process(tmp_path, replicated_reference, world, strategy, zero, fssdp, accum):
+    """Four optimizer steps with clipping active (grad_clip below the norm), evaluations in
+    between (forwards that reuse or re-gather copies): the loss, the global gradient norm, the
+    held-out losses and every final parameter equal single-process replicated training."""
     ref, ref_w = replicated_reference
-    spec = _spec(tmp_path, world, strategy, f"{strategy}{world}", zero, fssdp)
+    spec = _spec(tmp_path, world, strategy, f"{strategy}{world}", zero, fssdp, accum=accum)
     recs = run_distributed(_run_stage, world, spec)[0]
     assert len(recs) == 4
     for r, q in zip(recs, ref):
@@ -294,6 +300,9 @@ def test_trainer_matches_single_process(tmp_path, replicated_reference, world, s
         assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-5)
         assert r["grad_norm"] > 0.05  # clipping was active
         assert r["moe/0/tokens_per_expert"] == q["moe/0/tokens_per_expert"]
+        for k in [k for k in q if k.startswith("eval/") and k.endswith("/loss")]:
+            assert r[k] == pytest.approx(q[k], rel=1e-5), k
+    assert any(k.startswith("eval/") for k in recs[1])
     w = _weights(spec)
     assert w.keys() == ref_w.keys()  # expert files merged back: the same tensors as replicated
     for k in w:
@@ -339,3 +348,39 @@ def test_deepspeed_moe_strategy_trains_and_resumes(tmp_path, zero):
     assert recs[1]["ce"] == first[1]["ce"]
     k = parse_spec(spec).model.top_k
     assert sum(recs[-1]["moe/0/tokens_per_expert"]) == 8 * 32 * k  # every route counted
+
+
+def _repeat_worker(rank: int, world: int) -> dict:
+    """One iteration, three forwards (two micro-batches and an evaluation-style no-grad pass)
+    with a plan where rank 0 only sends and rank 1 only receives."""
+    from parallel import collectives as coll
+    from parallel.expert_store import shard_model
+    from parallel.placement import IterationPlan
+
+    layer, xs = _layer(True)
+    store = shard_model(_Holder(layer), "fssdp")
+    holders = [[int(store.owner(0, e))] for e in range(E)]
+    holders[0] = [0, 1]  # expert 0 is owned by rank 0
+    store.set_plan(IterationPlan([holders]))
+    coll.STATS.reset()
+    outs = []
+    per = BATCH // world
+    for i in range(2):
+        y, _ = layer(xs[rank * per:(rank + 1) * per])
+        y.sum().backward()
+        outs.append(y.detach())
+    with torch.no_grad():
+        outs.append(layer(xs[rank * per:(rank + 1) * per])[0])
+    spag = coll.STATS.spag
+    store.reduce_grads()
+    return {"spag": spag, "outs": outs, "copies": len(store._copies)}
+
+
+def test_copies_gathered_once_per_iteration():
+    """Later forwards of an iteration reuse the copies on every rank: a sender that re-sent while
+    its receiver reused would leave a stale message for the next gather (or hang)."""
+    res = run_distributed(_repeat_worker, 2, timeout_s=90)
+    assert res[0]["spag"] == 3 * D * F * 4  # one expert sent once
+    assert res[1]["spag"] == 0 and res[1]["copies"] == 1
+    for r in res:
+        assert torch.equal(r["outs"][0], r["outs"][1]) and torch.equal(r["outs"][0], r["outs"][2])
