@@ -125,7 +125,9 @@ class ExpertStore:
         return self.plan.holders_L[l]
 
     def local_experts(self, l: int) -> list[int]:
-        return [e for e, hs in enumerate(self.plan.holders_L[l]) if self.rank in hs]
+        """The experts this rank computes for layer l: the owned ones, then the copies (each by id)."""
+        held = [e for e, hs in enumerate(self.plan.holders_L[l]) if self.rank in hs]
+        return [e for e in held if self.owner(l, e) == self.rank] + [e for e in held if self.owner(l, e) != self.rank]
 
     def pack(self, l: int, e: int) -> torch.Tensor:
         s = self.slot(l, e)
@@ -226,11 +228,15 @@ class ExpertStore:
     def local_weights(self, l: int, experts: list[int]) -> list[torch.Tensor]:
         """Stacked (n_local, ...) weights of the experts this rank computes for layer l."""
         self._finish_gather(l)
+        owned = [e for e in experts if self.owner(l, e) == self.rank]
+        copies = experts[len(owned):]
+        idx = torch.tensor([self.slot(l, e) for e in owned], dtype=torch.long, device=self.device)
         out = []
         for i, pool in enumerate(self.params()):
-            rows = [pool[self.slot(l, e)] if self.owner(l, e) == self.rank else self._copies[(l, e)][i]
-                    for e in experts]
-            out.append(torch.stack(rows) if rows else pool[:0])
+            w = _PoolRows.apply(pool, idx)
+            if copies:
+                w = torch.cat([w, torch.stack([self._copies[(l, e)][i] for e in copies])])
+            out.append(w)
         return out
 
     def _drop_copies(self) -> None:
@@ -246,8 +252,10 @@ class ExpertStore:
         """Free layer l's copies after its forward pass (rematerialization)."""
         if not self.cfg.rematerialize:
             return
+        pools = {p.untyped_storage().data_ptr() for p in self.params()}
         for t in stacks:
-            t.untyped_storage().resize_(0)
+            if t.untyped_storage().data_ptr() not in pools:  # never free a view of the pool itself
+                t.untyped_storage().resize_(0)
         for (ll, e), ws in self._copies.items():
             if ll == l:
                 for w in ws:
@@ -259,9 +267,12 @@ class ExpertStore:
         stacks = self._stacks.pop(l, None)
         if stacks is None:
             return
+        pools = {p.untyped_storage().data_ptr() for p in self.params()}
         with torch.no_grad():
             fresh = self.local_weights(l, experts)
             for t, f in zip(stacks, fresh):
+                if t.untyped_storage().data_ptr() in pools:
+                    continue  # a view of the pool: never freed
                 t.untyped_storage().resize_(f.numel() * f.element_size())
                 t.data.copy_(f)
 
@@ -456,6 +467,39 @@ def full_expert_weights(ckpt_dir: Path) -> dict[int, tuple[torch.Tensor, torch.T
 # ------------------------------------------------------------------------------------------------
 # the sharded expert computation of one layer
 # ------------------------------------------------------------------------------------------------
+def _monotone(counts_AB: np.ndarray) -> bool:
+    """Rows laid out B-major (b, then a within b) are already A-major: true when the non-empty
+    (a, b) segments, visited B-major, never go back in a. `counts_AB[a, b]` = segment sizes."""
+    a_idx = np.nonzero(np.asarray(counts_AB).T)[1]  # a of each non-empty segment, in B-major order
+    return bool(np.all(np.diff(a_idx) >= 0)) if a_idx.size else True
+
+
+class _PoolRows(torch.autograd.Function):
+    """pool[idx] whose backward adds straight into pool.grad (index_add_), instead of building a
+    pool-sized zero gradient per MoE layer and per micro-batch for autograd to sum."""
+
+    @staticmethod
+    def forward(ctx, pool, idx):
+        ctx.pool, ctx.idx = pool, idx
+        n = idx.numel()
+        ctx.start = int(idx[0]) if n and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + n,
+                                                                     device=idx.device)).all()) else None
+        if ctx.start is not None:  # a contiguous run of slots (the usual case): a view, no copy
+            return pool.detach().narrow(0, ctx.start, n)
+        return pool.detach().index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        pool = ctx.pool
+        if pool.grad is None:
+            pool.grad = torch.zeros_like(pool)
+        if ctx.start is not None:
+            pool.grad.narrow(0, ctx.start, ctx.idx.numel()).add_(g.to(pool.grad.dtype))
+        else:
+            pool.grad.index_add_(0, ctx.idx, g.to(pool.grad.dtype))
+        return None, None
+
+
 class _Refill(torch.autograd.Function):
     """Identity in the forward pass; in the backward pass, gathers the layer's copies again
     (rematerialization) before the expert computation's backward needs them."""
@@ -507,14 +551,22 @@ class ShardedExperts(nn.Module):
         in_splits = mine.sum(axis=0).tolist()
         recv_SE = send[:, :, me]  # rows arriving from each source, by expert
         out_splits = recv_SE.sum(axis=1).tolist()
-        xs = x_ND.index_select(0, order)
+        # Classic EP's contiguous ownership makes these row permutations identities: skip them
+        # (each is a full copy of the tokens' activations, forward and backward).
+        send_id = _monotone(mine.T)  # segments in (expert, dst) order already grouped by dst
+        xs = x_ND if send_id else x_ND.index_select(0, order)
         recv = coll.all_to_all(xs, in_splits, out_splits, st.group) if N > 1 else xs
-        experts = st.local_experts(l)
-        # arriving rows are source-major, expert-minor; the experts want expert-major
-        key = torch.repeat_interleave((torch.arange(N)[:, None] + N * torch.arange(E)[None, :]).reshape(-1),
+        experts = st.local_experts(l)  # owned first, then copies: the order of the weight stacks
+        pos = torch.full((E,), E, dtype=torch.long)
+        pos[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+        # arriving rows are source-major, expert-minor; the experts want (local order)-major
+        key = torch.repeat_interleave((torch.arange(N)[:, None] + N * pos[None, :]).reshape(-1),
                                       torch.from_numpy(np.ascontiguousarray(recv_SE).reshape(-1)))
         perm = torch.argsort(key, stable=True).to(x_ND.device)
-        rows = recv.index_select(0, perm)
+        # arrival visits (source, expert id); identity when the local positions never go back
+        arrival_pos = pos.numpy()[np.nonzero(recv_SE)[1]]
+        recv_id = bool(np.all(np.diff(arrival_pos) >= 0))
+        rows = recv if recv_id else recv.index_select(0, perm)
         local_counts = [int(recv_SE[:, e].sum()) for e in experts]
         missing = [e for e in range(E) if recv_SE[:, e].sum() > 0 and e not in experts]
         if missing:
@@ -528,9 +580,9 @@ class ShardedExperts(nn.Module):
         if st.cfg.rematerialize and st.strategy == "fssdp":
             y = _Refill.apply(y, st, l, experts)
             st.release_layer(l, W)
-        y_src = y.index_select(0, torch.argsort(perm))
+        y_src = y if recv_id else y.index_select(0, torch.argsort(perm))
         back = coll.all_to_all(y_src, out_splits, in_splits, st.group) if N > 1 else y_src
-        return back.index_select(0, torch.argsort(order))
+        return back if send_id else back.index_select(0, torch.argsort(order))
 
 
 def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None, group=None) -> Optional[ExpertStore]:
