@@ -190,7 +190,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                 strag = store.straggler_ratio()
                 mem = store.memory()
                 res[s]["mem"] = max(res[s]["mem"], mem["param_bytes"] + mem["optimizer_bytes"]
-                                    + mem["peak_copies"] * store.expert_numel * 4)
+                                    + mem["peak_copy_bytes"])
                 res[s]["copies"].append(len(store.plan.copies()))
             else:  # DeepSpeed: expert e on rank e // (E/N); dropless = every expert padded to the largest load
                 from experts.ds_moe import tokens_dropped

@@ -59,11 +59,11 @@ class ExpertStore:
         self.plan = IterationPlan([[[int(o)] for o in self.own.owner_LE[l]] for l in range(num_layers)])
         self.iteration = 0
         self.t_budget = self.cfg.overlap_budget if self.cfg.overlap_budget is not None else num_experts
-        self._copies: dict = {}  # (l, e) -> (w1, w3, w2) leaf tensors of this iteration
+        self._copies: dict = {}  # l -> (expert ids, [w1, w3, w2] stacked leaf tensors) of this iteration
         self._gathered: set = set()  # layers whose spAG ran this iteration (same on every rank)
         self._pending: dict = {}  # l -> PendingGather
-        self._stacks: dict = {}  # l -> [W1, W3, W2] of the last forward (rematerialization)
-        self.peak_copies = 0
+        self.peak_copies = 0  # most copies held at once (all layers)
+        self.peak_copy_bytes = 0  # most bytes of copies resident at once (rematerialization frees them)
         self.reshards = 0
         self._rank_loads: list = []  # per training forward: (N,) expert rows per rank
         self._attn_times: list = []  # measured attention seconds per block (to derive t)
@@ -211,33 +211,46 @@ class ExpertStore:
                                                         self.dtype, self.device)
 
     def _finish_gather(self, l: int) -> None:
+        """Complete layer l's spAG into one stacked leaf per weight, (n_copies, ...), in the
+        order of `local_experts` (copies by expert id). Rematerialization refills the same leaf
+        tensors in place: autograd saved them, and their `.grad` accumulates across forwards."""
         self.start_gather(l)
         pg = self._pending.pop(l, None)
         if pg is None:
             return
-        for (ll, e), flat in pg.wait().items():
-            ws = tuple(t.clone().requires_grad_(True) for t in self.unpack(flat))
-            old = self._copies.get((ll, e))
-            if old is not None:  # rematerialized: keep the tensors (and their .grad), new values
-                for o, w in zip(old, ws):
-                    o.data = w.data
-            else:
-                self._copies[(ll, e)] = ws
-        self.peak_copies = max(self.peak_copies, len(self._copies))
+        got = pg.wait()
+        order = sorted(e for (ll, e) in got if ll == l)
+        if not order:  # this rank only sent
+            return
+        parts = [self.unpack(got[(l, e)]) for e in order]
+        stacks = [torch.stack([p[i] for p in parts]) for i in range(3)]
+        old = self._copies.get(l)
+        if old is not None:
+            for o, new in zip(old[1], stacks):
+                o.untyped_storage().resize_(new.numel() * new.element_size())
+                o.data.copy_(new)
+        else:
+            self._copies[l] = (order, [t.requires_grad_(True) for t in stacks])
+        self.peak_copy_bytes = max(self.peak_copy_bytes, self._live_copy_bytes())
+        self.peak_copies = max(self.peak_copies, sum(len(c[0]) for c in self._copies.values()))
 
-    def local_weights(self, l: int, experts: list[int]) -> list[torch.Tensor]:
-        """Stacked (n_local, ...) weights of the experts this rank computes for layer l."""
+    def _live_copy_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for _, ts in self._copies.values() for t in ts)
+
+    def local_weights(self, l: int, experts: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's weights for layer l: the owned experts (views of the pool when their
+        slots are contiguous) and the copies (the gathered stacks), each in `experts` order."""
         self._finish_gather(l)
         owned = [e for e in experts if self.owner(l, e) == self.rank]
-        copies = experts[len(owned):]
         idx = torch.tensor([self.slot(l, e) for e in owned], dtype=torch.long, device=self.device)
-        out = []
-        for i, pool in enumerate(self.params()):
-            w = _PoolRows.apply(pool, idx)
-            if copies:
-                w = torch.cat([w, torch.stack([self._copies[(l, e)][i] for e in copies])])
-            out.append(w)
-        return out
+        own_w = [_PoolRows.apply(pool, idx) for pool in self.params()]
+        copies = experts[len(owned):]
+        if not copies:
+            return own_w, []
+        order, stacks = self._copies[l]
+        if order != copies:
+            raise RuntimeError(f"layer {l}: gathered copies {order} differ from the plan's {copies}")
+        return own_w, stacks
 
     def _drop_copies(self) -> None:
         self._copies.clear()
@@ -245,36 +258,21 @@ class ExpertStore:
         for pg in self._pending.values():
             pg.wait()
         self._pending.clear()
-        self._stacks.clear()
 
     # -- rematerialization ------------------------------------------------------------------
-    def release_layer(self, l: int, stacks: list[torch.Tensor]) -> None:
-        """Free layer l's copies after its forward pass (rematerialization)."""
+    def release_layer(self, l: int) -> None:
+        """Free layer l's copies right after its forward pass (rematerialization)."""
+        if not self.cfg.rematerialize or l not in self._copies:
+            return
+        for t in self._copies[l][1]:
+            t.untyped_storage().resize_(0)
+
+    def refill_layer(self, l: int) -> None:
+        """Gather layer l's copies again (a second spAG) into the freed tensors, for backward."""
         if not self.cfg.rematerialize:
             return
-        pools = {p.untyped_storage().data_ptr() for p in self.params()}
-        for t in stacks:
-            if t.untyped_storage().data_ptr() not in pools:  # never free a view of the pool itself
-                t.untyped_storage().resize_(0)
-        for (ll, e), ws in self._copies.items():
-            if ll == l:
-                for w in ws:
-                    w.untyped_storage().resize_(0)
-        self._stacks[l] = stacks
-
-    def refill_layer(self, l: int, experts: list[int]) -> None:
-        """Gather layer l's copies again (a second spAG) and rebuild the freed stacks in place."""
-        stacks = self._stacks.pop(l, None)
-        if stacks is None:
-            return
-        pools = {p.untyped_storage().data_ptr() for p in self.params()}
         with torch.no_grad():
-            fresh = self.local_weights(l, experts)
-            for t, f in zip(stacks, fresh):
-                if t.untyped_storage().data_ptr() in pools:
-                    continue  # a view of the pool: never freed
-                t.untyped_storage().resize_(f.numel() * f.element_size())
-                t.data.copy_(f)
+            self._finish_gather(l)
 
     # -- after the backward pass ------------------------------------------------------------------
     @torch.no_grad()
@@ -286,10 +284,11 @@ class ExpertStore:
                 p.grad = torch.zeros_like(p)
         trs = [tr for l in range(self.L) for tr in self._layer_transfers(l)]
         grads = {}
-        for (l, e), ws in self._copies.items():
-            grads[(l, e)] = torch.cat([(w.grad if w.grad is not None else torch.zeros(w.shape, dtype=self.dtype,
-                                                                                         device=self.device)).reshape(-1)
-                                       for w in ws])
+        for l, (order, ws) in self._copies.items():
+            gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=self.dtype, device=self.device)
+                  for w in ws]
+            for i, e in enumerate(order):
+                grads[(l, e)] = torch.cat([g[i].reshape(-1) for g in gs])
         recv = coll.sparse_reduce_scatter(trs, self.rank, grads, self.expert_numel, self.dtype, self.device)
         for (l, e), bufs in recv.items():
             s = self.slot(l, e)
@@ -298,8 +297,9 @@ class ExpertStore:
                 self.w1.grad[s] += g1
                 self.w3.grad[s] += g3
                 self.w2.grad[s] += g2
-        for p in self.params():
-            p.grad.div_(self.world)
+        if self.world > 1:
+            for p in self.params():
+                p.grad.div_(self.world)
 
     def grad_sq_norm(self) -> torch.Tensor:
         """This rank's owned experts' squared gradient norm (sum over ranks = experts' share)."""
@@ -374,9 +374,9 @@ class ExpertStore:
                 for v in self.optimizer.state.get(p, {}).values():
                     if torch.is_tensor(v):
                         opt += v.numel() * v.element_size()
-        copies = sum(w.numel() * w.element_size() for ws in self._copies.values() for w in ws)
         return {"owned_experts": self.own.slots_per_rank, "param_bytes": params, "optimizer_bytes": opt,
-                "copy_bytes": copies, "copies": len(self._copies), "peak_copies": self.peak_copies}
+                "copy_bytes": self._live_copy_bytes(), "copies": sum(len(c[0]) for c in self._copies.values()),
+                "peak_copies": self.peak_copies, "peak_copy_bytes": self.peak_copy_bytes}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:
@@ -505,14 +505,14 @@ class _Refill(torch.autograd.Function):
     (rematerialization) before the expert computation's backward needs them."""
 
     @staticmethod
-    def forward(ctx, y, store, layer, experts):
-        ctx.store, ctx.layer, ctx.experts = store, layer, experts
+    def forward(ctx, y, store, layer):
+        ctx.store, ctx.layer = store, layer
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.store.refill_layer(ctx.layer, ctx.experts)
-        return g, None, None, None
+        ctx.store.refill_layer(ctx.layer)
+        return g, None, None
 
 
 class ShardedExperts(nn.Module):
@@ -571,15 +571,22 @@ class ShardedExperts(nn.Module):
         missing = [e for e in range(E) if recv_SE[:, e].sum() > 0 and e not in experts]
         if missing:
             raise RuntimeError(f"layer {l}: rank {me} received tokens for experts {missing} it does not hold")
-        W = st.local_weights(l, experts)
-        y = st.backend(rows, local_counts, *W)
+        own_w, copy_w = st.local_weights(l, experts)
+        n_own = len(experts) - (copy_w[0].shape[0] if copy_w else 0)
+        rows_own = sum(local_counts[:n_own])
+        # owned experts straight from the pool, copies from the gathered stacks: no weight copies
+        y = st.backend(rows[:rows_own], local_counts[:n_own], *own_w)
+        if copy_w:
+            y = torch.cat([y, st.backend(rows[rows_own:], local_counts[n_own:], *copy_w)])
         if rows.requires_grad and not y.requires_grad:
             # No rows here (e.g. every token went elsewhere): keep the reverse all-to-all in the
             # graph, or this rank would skip the collective in backward while its peers wait.
             y = y + rows.sum() * 0
         if st.cfg.rematerialize and st.strategy == "fssdp":
-            y = _Refill.apply(y, st, l, experts)
-            st.release_layer(l, W)
+            # On every rank (senders too): backward gathers the copies again before it needs them.
+            if y.requires_grad:
+                y = _Refill.apply(y, st, l)
+            st.release_layer(l)
         y_src = y if recv_id else y.index_select(0, torch.argsort(perm))
         back = coll.all_to_all(y_src, out_splits, in_splits, st.group) if N > 1 else y_src
         return back if send_id else back.index_select(0, torch.argsort(order))

@@ -125,6 +125,8 @@ def test_layer_matches_single_process(world):
             assert r["S"] == E // world
             assert r["memory"]["param_bytes"] == (E // world) * 3 * D * F * 4
             assert r["memory"]["peak_copies"] == r["copies_here"]
+            # the copies' own bytes and nothing else (no stacked duplicate of owned experts)
+            assert r["memory"]["peak_copy_bytes"] == r["copies_here"] * 3 * D * F * 4
             if plan == "ownership":
                 assert r["copies_here"] == 0
         by_case[case] = yd
