@@ -30,6 +30,9 @@ class RayGaugeSink:
                              "maxvio_micro, dead_experts, active_per_token, temperature, bias_spread, "
                              "entropy, load_entropy)", tag_keys=keys + ("layer", "stat"))
         self.eval = Gauge("moeforge_eval_loss", "Held-out loss per domain", tag_keys=keys + ("domain",))
+        self.ep = Gauge("moeforge_expert_parallel", "ep/fssdp figures of the last step (stat: straggler, "
+                        "copies, bytes_all_to_all, bytes_spag, bytes_sprs, bytes_reshard, expert_bytes_rank, "
+                        "peak_copies_rank, reshards, overlap_budget)", tag_keys=keys + ("stat",))
 
     def log(self, r: dict[str, Any]) -> None:
         t = self._tags
@@ -51,6 +54,8 @@ class RayGaugeSink:
                 self.routing.set(float(v), tags={**t, "layer": parts[1], "stat": parts[2]})
             elif parts[0] == "eval" and parts[-1] == "loss":
                 self.eval.set(v, tags={**t, "domain": parts[1]})
+            elif parts[0] == "ep" and len(parts) == 2:
+                self.ep.set(float(v), tags={**t, "stat": parts[1]})
 
     def close(self) -> None:
         pass
