@@ -12,7 +12,8 @@ iteration by iteration, so a noisy shared machine affects them alike. Per iterat
 * time: wall time of forward + backward + optimizer step, max over ranks (a barrier before);
 * straggler: the busiest rank's expert rows / the mean over ranks (per MoE layer, averaged);
 * bytes: bytes that left their rank in the token all-to-alls, in spAG, in spRS (summed over ranks);
-* expert memory per rank: expert parameters + Adam moments (+ the peak copies for fssdp).
+* expert memory per rank: expert parameters + Adam moments (+ the peak resident copies for
+  fssdp), on the fullest rank.
 
     python bench/ep_fssdp.py                       # 2 and 4 ranks, s in {0, 1.0, 1.5} + drift
     python bench/ep_fssdp.py --world 2 --zipf 1.5 --iters 20
@@ -217,6 +218,10 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                 res[s]["a2a"].append(float(vec[1]))
                 res[s]["spag"].append(float(vec[2]))
                 res[s]["sprs"].append(float(vec[3]))
+    for s in cfg["strategies"]:  # memory: the fullest rank (copies land on the non-owners)
+        m = torch.tensor([float(res[s]["mem"])], dtype=torch.float64)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        res[s]["mem"] = float(m)
     return res if rank == 0 else {}
 
 
