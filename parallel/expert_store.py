@@ -500,6 +500,22 @@ class _PoolRows(torch.autograd.Function):
         return None, None
 
 
+class _ReleaseAfterBackward(torch.autograd.Function):
+    """Identity on a copy's weights; its backward runs once the expert computation's backward has
+    used them and frees their storage again (rematerialization keeps copies resident only while
+    their layer computes)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.w = w
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.w.untyped_storage().resize_(0)
+        return g
+
+
 class _Refill(torch.autograd.Function):
     """Identity in the forward pass; in the backward pass, gathers the layer's copies again
     (rematerialization) before the expert computation's backward needs them."""
@@ -577,6 +593,8 @@ class ShardedExperts(nn.Module):
         # owned experts straight from the pool, copies from the gathered stacks: no weight copies
         y = st.backend(rows[:rows_own], local_counts[:n_own], *own_w)
         if copy_w:
+            if st.cfg.rematerialize and torch.is_grad_enabled():
+                copy_w = [_ReleaseAfterBackward.apply(w) for w in copy_w]
             y = torch.cat([y, st.backend(rows[rows_own:], local_counts[n_own:], *copy_w)])
         if rows.requires_grad and not y.requires_grad:
             # No rows here (e.g. every token went elsewhere): keep the reverse all-to-all in the
