@@ -137,23 +137,24 @@ def test_layer_matches_single_process(world):
     assert hot["copies_here"] > 0  # the copy plans did copy
 
 
+class _TwoLayers(torch.nn.Module):
+    """Two MoE layers with the same initial weights on every rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.ls = torch.nn.ModuleList(_layer(False)[0] for _ in range(2))
+
+    def moe_layers(self):
+        return list(self.ls)
+
+
 def _store_worker(rank: int, world: int, ckpt: str) -> dict:
     """Two optimizer steps, then heterogeneous sharding; every expert's parameters and Adam
     moments before and after, and a checkpoint of the result."""
     from parallel.expert_store import shard_model
     from parallel.placement import heterogeneous_sharding
 
-    layers = [_layer(False)[0] for _ in range(2)]
-
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ls = torch.nn.ModuleList(layers)
-
-        def moe_layers(self):
-            return list(self.ls)
-
-    model = Two()
+    model = _TwoLayers()
     store = shard_model(model, "fssdp")
     store.build_optimizer(1e-2, (0.9, 0.95), 1e-8, 0.1)
     _, xs = _layer(False)
@@ -179,17 +180,7 @@ def _store_worker(rank: int, world: int, ckpt: str) -> dict:
 def _load_worker(rank: int, world: int, ckpt: str) -> dict:
     from parallel.expert_store import shard_model
 
-    layers = [_layer(False)[0] for _ in range(2)]
-
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ls = torch.nn.ModuleList(layers)
-
-        def moe_layers(self):
-            return list(self.ls)
-
-    store = shard_model(Two(), "ep")
+    store = shard_model(_TwoLayers(), "ep")
     store.build_optimizer(1e-2, (0.9, 0.95), 1e-8, 0.1)
     info = store.load(Path(ckpt))
     return {"experts": store.state_for_checkpoint()["experts"], "info": info}
@@ -231,10 +222,6 @@ def test_reshard_and_checkpoint_on_other_world_size_bit_for_bit(tmp_path, world,
 
 def test_load_rejects_shape_mismatch(tmp_path):
     run_distributed(_store_worker, 2, str(tmp_path))
-
-    def bad(rank, world, ckpt):
-        pass
-
     from parallel.expert_store import ExpertStore
     store = ExpertStore(num_layers=2, num_experts=E, d_model=D, d_expert=F + 1, strategy="ep")
     with pytest.raises(ValueError, match="d_expert=24"):
