@@ -588,6 +588,11 @@ class ShardedExperts(nn.Module):
         if missing:
             raise RuntimeError(f"layer {l}: rank {me} received tokens for experts {missing} it does not hold")
         own_w, copy_w = st.local_weights(l, experts)
+        if own_w[0].dtype != rows.dtype:
+            # The pool keeps fp32 master weights outside DeepSpeed; under bf16 the engine casts the
+            # dense module only, so compute in the activations' dtype (gradients flow back in fp32).
+            own_w = [w.to(rows.dtype) for w in own_w]
+            copy_w = [w.to(rows.dtype) for w in copy_w]
         n_own = len(experts) - (copy_w[0].shape[0] if copy_w else 0)
         rows_own = sum(local_counts[:n_own])
         # owned experts straight from the pool, copies from the gathered stacks: no weight copies

@@ -373,3 +373,26 @@ def test_copies_gathered_once_per_iteration():
     assert res[1]["spag"] == 0 and res[1]["copies"] == 1
     for r in res:
         assert torch.equal(r["outs"][0], r["outs"][1]) and torch.equal(r["outs"][0], r["outs"][2])
+
+
+def _bf16_worker(rank: int, world: int) -> dict:
+    from parallel.expert_store import shard_model
+
+    layer, xs = _layer(False)
+    ref = layer.experts.w1.detach().clone()
+    store = shard_model(_Holder(layer), "fssdp")
+    layer.router.to(torch.bfloat16)  # what a bf16 engine does to the dense module
+    x = xs.to(torch.bfloat16).requires_grad_(True)
+    y, _ = layer(x)
+    y.float().pow(2).sum().backward()
+    store.reduce_grads()
+    return {"y": y.dtype, "pool": store.w1.dtype, "grad": store.w1.grad.dtype,
+            "moved": float(store.w1.grad.abs().sum()), "kept": torch.equal(store.w1.detach(), ref[:E // world])}
+
+
+def test_bf16_activations_with_fp32_expert_pool():
+    """Under a bf16 engine the experts compute in bf16 from the fp32 pool (the master weights),
+    and their gradients arrive in fp32."""
+    r = run_distributed(_bf16_worker, 1)[0]
+    assert (r["y"], r["pool"], r["grad"]) == (torch.bfloat16, torch.float32, torch.float32)
+    assert r["moved"] > 0 and r["kept"]
