@@ -28,3 +28,9 @@ class RunLayout:
 
     def consumed_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "consumed.json"
+
+    def consumed_samples_file(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "consumed.npz"
+
+    def teacher_cache(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "teacher_topk"

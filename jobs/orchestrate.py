@@ -103,6 +103,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
             print(f"[moeforge] stage {stage.name}: already finished, skipping", flush=True)
             continue
         ws = spec.stage_world_size(i)
+        par = spec.stage_parallel(i)
         res = dict(spec.ray.scaling_config.resources_per_worker)
         actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
         actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
@@ -112,15 +113,16 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
             train_loop_config={"spec": spec.to_dict(), "stage_index": i, "stage_name": stage.name,
                                "run_name": spec.run.name, "progress_actor": actor_name, "namespace": namespace,
                                "ray_metrics": spec.metrics.ray_metrics,
-                               "threads": spec.parallel.threads_per_worker or max(1, int(res.get("CPU", 1)))},
-            torch_config=TorchConfig(backend=resolve_backend(spec.parallel.backend, spec.parallel.use_gpu)),
-            scaling_config=ScalingConfig(num_workers=ws, use_gpu=spec.parallel.use_gpu, resources_per_worker=res),
+                               "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
+            torch_config=TorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
+            scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),
             run_config=RunConfig(
                 name=rc.name or f"{spec.run.name}-{stage.name}",
                 storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
                 failure_config=FailureConfig(max_failures=spec.ray.failure_config.max_failures)),
         )
-        print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers", flush=True)
+        print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers, "
+              f"experts {par.expert_strategy}", flush=True)
         try:
             with ProgressBar(actor, stage.name, stage.steps, enabled=spec.metrics.progress_bar):
                 result = trainer.fit()

@@ -33,16 +33,24 @@ class RayGaugeSink:
         self.ep = Gauge("moeforge_expert_parallel", "ep/fssdp figures of the last step (stat: straggler, "
                         "copies, bytes_all_to_all, bytes_spag, bytes_sprs, bytes_reshard, expert_bytes_rank, "
                         "peak_copies_rank, reshards, overlap_budget)", tag_keys=keys + ("stat",))
+        self.continual = Gauge("moeforge_continual", "Continual pretraining (stat: forgetting, adaptation, "
+                               "old|new/loss, old|new/gap_depth, old|new/recovery_step, mean_loss, "
+                               "replay_fraction, replay_fraction_total)", tag_keys=keys + ("stat",))
+        self.distill = Gauge("moeforge_distill", "Distillation (stat: kd, agreement, teacher_missing_mass, "
+                             "eval_agreement/<domain>)", tag_keys=keys + ("stat",))
 
     def log(self, r: dict[str, Any]) -> None:
         t = self._tags
         for part in ("loss", "ce", "lbl", "z_loss"):
             if part in r:
                 self.loss.set(r[part], tags={**t, "part": part})
-        self.lr.set(r["lr"], tags=t)
-        self.tps.set(r["tokens_per_s"], tags=t)
-        self.gnorm.set(r["grad_norm"], tags=t)
-        self.step.set(r["step"], tags=t)
+        for gauge, key in ((self.lr, "lr"), (self.tps, "tokens_per_s"), (self.gnorm, "grad_norm"),
+                           (self.step, "step")):
+            if key in r:  # an evaluation-only record (step 0) has no training figures
+                gauge.set(r[key], tags=t)
+        for part in ("kd", "agreement", "teacher_missing_mass"):
+            if part in r:
+                self.distill.set(float(r[part]), tags={**t, "stat": part})
         for key, v in r.items():
             parts = key.split("/")
             if parts[0] == "moe" and parts[2] == "max_over_mean":
@@ -52,8 +60,14 @@ class RayGaugeSink:
                     self.expert.set(c, tags={**t, "layer": parts[1], "expert": str(e)})
             elif parts[0] == "moe" and parts[2] in ROUTING_STATS:
                 self.routing.set(float(v), tags={**t, "layer": parts[1], "stat": parts[2]})
-            elif parts[0] == "eval" and parts[-1] == "loss":
+            elif parts[0] == "eval" and parts[-1] == "loss" and len(parts) == 3:
                 self.eval.set(v, tags={**t, "domain": parts[1]})
+            elif parts[0] == "eval" and parts[-1] == "teacher_agreement":
+                self.distill.set(float(v), tags={**t, "stat": f"eval_agreement/{parts[1]}"})
+            elif parts[0] == "cl" and parts[1] != "delta":
+                self.continual.set(float(v), tags={**t, "stat": "/".join(parts[1:])})
+            elif parts[0] == "data" and parts[1].startswith("replay_fraction"):
+                self.continual.set(float(v), tags={**t, "stat": parts[1]})
             elif parts[0] == "ep" and len(parts) == 2:
                 self.ep.set(float(v), tags={**t, "stat": parts[1]})
 

@@ -143,10 +143,51 @@ class OptimizerSection:
 
 
 @dataclass
+class ReplaySection:
+    """Replay of earlier data in a (continual) stage: `stages[*].data.replay`."""
+
+    fraction: float = 0.0  # r: share of every batch drawn from samples earlier stages consumed
+    # Earlier stages whose consumed samples are replayed; null: every earlier stage.
+    stages: Optional[list[str]] = None
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not 0.0 <= self.fraction < 1.0:
+            yield "fraction", f"{self.fraction} must be in [0, 1)"
+        if self.stages is not None and self.fraction > 0 and not self.stages:
+            yield "stages", "an empty list replays nothing; name earlier stages or leave it null"
+
+
+@dataclass
 class StageDataSection:
     """Per-stage data overrides; unset fields take the top-level `data` section's values."""
 
     sources: Optional[list[SourceConfig]] = None
+    replay: ReplaySection = field(default_factory=ReplaySection)
+
+
+@dataclass
+class DistillSection:
+    """A `distill` stage's teacher and objective: (1-alpha)*CE + alpha*T^2*D(teacher_T, student_T)."""
+
+    teacher: Optional[str] = None  # an earlier stage's name, a checkpoint directory or a HF model dir
+    alpha: float = 0.5  # weight of the distillation term
+    temperature: float = 1.0  # T: both logits divided by T; the KD term is scaled by T^2
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5  # jsd only: M = beta*p_teacher + (1-beta)*q_student
+    top_k: Optional[int] = None  # keep the teacher's top-k log-probs (+ the missing mass); null: full
+    mode: Literal["online", "offline"] = "online"  # offline: cache the teacher's top-k to disk once
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not 0.0 <= self.alpha <= 1.0:
+            yield "alpha", f"{self.alpha} must be in [0, 1]"
+        if not self.temperature > 0:
+            yield "temperature", f"{self.temperature} must be > 0"
+        if not 0.0 < self.beta < 1.0:
+            yield "beta", f"{self.beta} must be in (0, 1)"
+        if self.top_k is not None and self.top_k < 1:
+            yield "top_k", f"{self.top_k} must be >= 1 (or null for the full distribution)"
+        if self.mode == "offline" and self.top_k is None:
+            yield "top_k", "offline mode caches the teacher's top-k log-probs: set top_k (e.g. 64)"
 
 
 @dataclass
@@ -167,6 +208,11 @@ class StageSection:
     init_from: Optional[str] = None  # an earlier stage's name, a checkpoint directory or a HF model dir
     init_weights_only: bool = True  # load only weights from init_from (not optimizer/data state)
     world_size: Optional[int] = None  # overrides parallel.world_size for this stage
+    # Partial override of the top-level `parallel` section (e.g. another expert_strategy).
+    parallel: dict[str, Any] = field(default_factory=dict)
+    # Held-out domains evaluated every eval_every steps; null: every source of every stage.
+    eval_domains: Optional[list[str]] = None
+    distill: DistillSection = field(default_factory=DistillSection)  # kind distill only
     # Partial overrides of the top-level `model` / `experts` sections for this stage (e.g. EvoMoE:
     # a 1-expert stage, then an 8-expert stage with the DTS gate). Keys as in those sections.
     model: dict[str, Any] = field(default_factory=dict)
@@ -187,9 +233,11 @@ class StageSection:
             yield "grad_clip", f"{self.grad_clip} must be >= 0"
         if self.world_size is not None and self.world_size < 1:
             yield "world_size", f"{self.world_size} must be >= 1"
-        if self.kind == "distill":
-            yield "kind", ("'distill' stages (teacher, KD losses) are not available in this version; "
-                           "use 'pretrain' or 'continual'")
+        if self.kind == "distill" and not self.distill.teacher:
+            yield "distill.teacher", ("a distill stage needs a teacher: an earlier stage's name, a "
+                                      "checkpoint directory or a Hugging Face model directory")
+        if self.kind != "distill" and self.distill.teacher:
+            yield "distill.teacher", f"is only used by kind 'distill' stages (this one is {self.kind!r})"
 
 
 @dataclass
@@ -268,18 +316,68 @@ class JobSpec:
 
     # -- derived values -------------------------------------------------------------
     def stage_world_size(self, i: int) -> int:
-        return self.stages[i].world_size or self.parallel.world_size
+        st = self.stages[i]
+        ov = st.parallel.get("world_size") if isinstance(st.parallel, dict) else None
+        return st.world_size or (ov if isinstance(ov, int) else None) or self.parallel.world_size
+
+    def stage_parallel(self, i: Optional[int]) -> ParallelSection:
+        """The parallel section in force for stage i (None: the top level): the top-level section
+        with the stage's `parallel` overrides, world_size = the stage's world size."""
+        if i is None:
+            return self.parallel
+        st = self.stages[i]
+        par = _overridden(ParallelSection, self.parallel, st.parallel, f"stages[{i}].parallel")
+        if st.world_size is not None and st.world_size != par.world_size:
+            from dataclasses import replace
+            par = replace(par, world_size=st.world_size)
+        return par
 
     def stage_ep_size(self, i: Optional[int]) -> int:
         """Expert-parallel ranks of stage i (None: the top-level world): 1 when replicated, the
         stage's whole world for ep/fssdp, parallel.expert_parallel_size for deepspeed_moe."""
-        strat = self.parallel.expert_strategy
+        try:
+            par = self.stage_parallel(i)
+        except SpecError:
+            par = self.parallel  # the stage's override is reported by check()
+        strat = par.expert_strategy
         if strat == "replicated":
             return 1
-        ws = self.parallel.world_size if i is None else self.stage_world_size(i)
+        ws = par.world_size if i is None else self.stage_world_size(i)
         if strat in ("ep", "fssdp"):
             return ws
-        return min(self.parallel.expert_parallel_size or ws, ws)
+        return min(par.expert_parallel_size or ws, ws)
+
+    def job_data(self) -> DataConfig:
+        """The job's whole corpus: the top-level sources, then each stage's new ones by name.
+
+        Every stage tokenizes with the tokenizer trained on (or chosen for) this corpus, so that
+        weights, replayed samples and teacher logits mean the same ids in every stage; the
+        held-out sets of all these domains are what evaluation compares across stages.
+        """
+        from dataclasses import replace
+        sources = list(self.data.sources)
+        names = {s.name for s in sources}
+        for st in self.stages:
+            for src in st.data.sources or []:
+                if src.name not in names:
+                    sources.append(src)
+                    names.add(src.name)
+        return replace(self.data, sources=sources)
+
+    def replay_stages(self, i: int) -> list[str]:
+        """The earlier stages whose consumed samples stage i replays (empty without replay)."""
+        rp = self.stages[i].data.replay
+        if rp.fraction <= 0:
+            return []
+        if rp.stages is not None:
+            return list(rp.stages)
+        return [s.name for s in self.stages[:i]]
+
+    def stage_eval_domains(self, i: int) -> list[str]:
+        st = self.stages[i]
+        if st.eval_domains is not None:
+            return list(st.eval_domains)
+        return [s.name for s in self.job_data().sources]
 
     def stage_model(self, i: int) -> ModelConfig:
         """The model config of stage i: the top-level `model` with the stage's overrides."""
@@ -359,6 +457,8 @@ class JobSpec:
                                              f"({list(seen) or 'none'}) nor an existing checkpoint directory")
             if st.data.sources is not None:
                 yield from _check_sources(st.data.sources, f"{p}.data.sources")
+            yield from self._check_stage_refs(i, seen, all_names)
+            yield from _override_problems(ParallelSection, self.parallel, st.parallel, f"{p}.parallel")
             yield from _override_problems(ModelConfig, self.model, st.model, f"{p}.model")
             yield from _override_problems(ExpertsConfig, self.experts, st.experts, f"{p}.experts")
             yield from self._check_stage_model(i)
@@ -388,6 +488,100 @@ class JobSpec:
         if "zero_optimization" in self.deepspeed and "stage" in (self.deepspeed["zero_optimization"] or {}):
             yield "deepspeed.zero_optimization.stage", "is set by the spec; use parallel.zero_stage instead"
 
+
+    def _check_stage_refs(self, i: int, seen: dict[str, int], all_names: list[str]) -> Iterator[tuple[str, str]]:
+        """Replay sources, evaluation domains and the teacher of stage i."""
+        p = f"stages[{i}]"
+        st = self.stages[i]
+
+        def earlier(name: str, key: str, what: str) -> Iterator[tuple[str, str]]:
+            if name in seen:
+                return
+            if name in all_names:
+                yield key, (f"{name!r} names a later stage (or this one); {what} can only come "
+                            "from an earlier stage")
+            else:
+                yield key, f"{name!r} is not a stage of this job (earlier stages: {list(seen) or 'none'})"
+
+        rp = st.data.replay
+        if rp.fraction > 0:
+            names = self.replay_stages(i)
+            if not names:
+                yield f"{p}.data.replay", ("replay needs an earlier stage that consumed data; this is "
+                                           "the first stage")
+            for j, name in enumerate(names):
+                yield from earlier(name, f"{p}.data.replay.stages[{j}]", "replay")
+        first = {s.name: s for s in self.job_data().sources}
+        for j, src in enumerate(st.data.sources or []):
+            a, b = _source_body(src), _source_body(first[src.name])
+            if a != b:
+                diff = sorted(k for k in a if a[k] != b[k])
+                yield f"{p}.data.sources[{j}]", (
+                    f"source {src.name!r} is defined differently from its first definition in this job "
+                    f"({', '.join(f'{k}: {a[k]!r} vs {b[k]!r}' for k in diff)}); a source name means one "
+                    "corpus across stages (only its weight may change): give it another name")
+        known = set(first)
+        for j, d in enumerate(st.eval_domains or []):
+            if d not in known:
+                yield f"{p}.eval_domains[{j}]", f"{d!r} is not a data source of this job ({sorted(known)})"
+        if st.kind == "distill" and st.distill.teacher:
+            t = st.distill.teacher
+            if t in all_names:
+                yield from earlier(t, f"{p}.distill.teacher", "a teacher")
+                if t in seen:
+                    yield from self._check_teacher_vocab(i)
+            elif not Path(t).is_dir():
+                yield f"{p}.distill.teacher", (f"{t!r} is neither an earlier stage ({list(seen) or 'none'}) "
+                                               "nor an existing checkpoint or Hugging Face model directory")
+            else:
+                yield from self._check_teacher_vocab(i)
+
+    def tokenizer_vocab_size(self) -> Optional[int]:
+        """The vocabulary the job's tokenizer will have, when known before building it."""
+        tok = self.data.tokenizer
+        if tok.kind == "byte":
+            return 257
+        if tok.kind == "bpe":
+            return tok.vocab_size
+        return None
+
+    def stage_vocab_size(self, i: int) -> Optional[int]:
+        try:
+            m = self.stage_model(i)
+        except SpecError:
+            return None
+        return m.vocab_size if m.vocab_size is not None else self.tokenizer_vocab_size()
+
+    def _check_teacher_vocab(self, i: int) -> Iterator[tuple[str, str]]:
+        """A student must predict over its teacher's vocabulary (the KD term compares them id by id)."""
+        p = f"stages[{i}]"
+        t = self.stages[i].distill.teacher
+        student = self.stage_vocab_size(i)
+        names = [s.name for s in self.stages[:i]]
+        teacher: Optional[int] = None
+        where = ""
+        if t in names:
+            teacher, where = self.stage_vocab_size(names.index(t)), f"stage {t!r}"
+        else:
+            from system.hf_import import hf_model_config_fields, is_hf_model_dir
+            try:
+                if is_hf_model_dir(t):
+                    teacher, where = hf_model_config_fields(t).get("vocab_size"), f"{t}/config.json"
+                else:
+                    from system.checkpoint import read_manifest, resolve_checkpoint
+                    ck = resolve_checkpoint(t)
+                    man = read_manifest(ck)
+                    tspec = parse_spec(man["spec"], f"{ck}/manifest spec")
+                    tnames = [s.name for s in tspec.stages]
+                    if man.get("stage") in tnames:
+                        teacher = tspec.stage_vocab_size(tnames.index(man["stage"]))
+                        where = f"checkpoint {ck}"
+            except (ValueError, KeyError, OSError, SpecError) as e:
+                yield f"{p}.distill.teacher", f"{t!r} cannot be read as a teacher: {e}"
+                return
+        if teacher is not None and student is not None and teacher != student:
+            yield f"{p}.model.vocab_size", (f"the student's vocabulary ({student}) differs from its teacher's "
+                                            f"({teacher}, {where}); distillation compares them token by token")
 
     def _stage_cfgs(self, i: int):
         try:
@@ -476,6 +670,12 @@ def _override_problems(cls: type, base: Any, override: dict[str, Any], path: str
     top: list[tuple[str, str]] = []
     build_dataclass(cls, to_dict(base), path, top)
     yield from (pm for pm in merged if pm not in top)
+
+
+def _source_body(src: SourceConfig) -> dict[str, Any]:
+    d = to_dict(src)
+    d.pop("weight", None)
+    return d
 
 
 def _check_sources(sources: list[SourceConfig], path: str) -> Iterator[tuple[str, str]]:

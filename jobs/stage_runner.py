@@ -35,9 +35,10 @@ def build_model(spec: JobSpec, vocab_size: int, stage_index: int = 0) -> Transfo
         raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({vocab_size})")
     ds_moe = None
-    if spec.parallel.expert_strategy == "deepspeed_moe":
+    par = spec.stage_parallel(stage_index)
+    if par.expert_strategy == "deepspeed_moe":
         from dataclasses import asdict
-        ds_moe = {"ep_size": spec.stage_ep_size(stage_index), **asdict(spec.parallel.deepspeed_moe)}
+        ds_moe = {"ep_size": spec.stage_ep_size(stage_index), **asdict(par.deepspeed_moe)}
     return Transformer(mcfg, spec.stage_experts(stage_index), ds_moe=ds_moe)
 
 
@@ -85,28 +86,56 @@ def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Opt
     return resolve_checkpoint(ref)
 
 
+def stage_mixture(spec: JobSpec, stage_index: int, layout: RunLayout, corpus: PackedCorpus):
+    """(chunk arrays per sampler domain, mixture weights) of a stage: its own sources, plus one
+    replay pool per source the replayed stages consumed (see `system.data.replay`)."""
+    from system.data.replay import replay_pools, replay_weights
+
+    data_cfg = spec.stage_data(stage_index)
+    train = {s.name: corpus.train[s.name] for s in data_cfg.sources}
+    weights = {s.name: s.weight for s in data_cfg.sources}
+    names = spec.replay_stages(stage_index)
+    if not names:
+        return train, weights
+    records = []
+    for name in names:
+        path = layout.consumed_samples_file(name)
+        if not path.is_file():
+            raise ValueError(f"stages[{stage_index}].data.replay: stage {name!r} has no record of the samples "
+                             f"it consumed ({path}); it must finish before it can be replayed")
+        records.append((name, path))
+    pools = replay_pools(records, corpus.train, corpus.tokenizer.fingerprint, corpus.seq_len)
+    train.update(pools)
+    return train, replay_weights(weights, {k: len(v) for k, v in pools.items()},
+                                 spec.stages[stage_index].data.replay.fraction)
+
+
 def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple[MetricSink, ...] = (),
               on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
     """Train stage `stage_index` of the spec on this rank; return the last step's metrics."""
     spec = parse_spec(spec_dict)
     stage = spec.stages[stage_index]
     rank, world = pdist.rank(), pdist.world_size()
-    pdist.configure_accelerator(spec.parallel.use_gpu)
+    pdist.configure_accelerator(spec.stage_parallel(stage_index).use_gpu)
     import deepspeed  # after DS_ACCELERATOR is set
 
     if not pdist.is_dist():
-        pdist.init_single_process_group(spec.parallel.backend, spec.parallel.use_gpu)
+        pdist.init_single_process_group(spec.stage_parallel(stage_index).backend,
+                                        spec.stage_parallel(stage_index).use_gpu)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    if spec.parallel.threads_per_worker:
-        torch.set_num_threads(spec.parallel.threads_per_worker)
+    if spec.stage_parallel(stage_index).threads_per_worker:
+        torch.set_num_threads(spec.stage_parallel(stage_index).threads_per_worker)
     layout = RunLayout(spec.run_dir())
 
     data_cfg = spec.stage_data(stage_index)
-    corpus = PackedCorpus.build(data_cfg)
+    # The job's whole corpus (every stage's sources, one tokenizer): this stage trains on its own
+    # sources (plus replay pools) and evaluates on any of them.
+    corpus = PackedCorpus.build(spec.job_data())
+    par = spec.stage_parallel(stage_index)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(spec.run.seed + 1000 * stage_index)
     model = build_model(spec, corpus.tokenizer.vocab_size, stage_index)
-    if spec.parallel.use_gpu and torch.cuda.is_available():
+    if par.use_gpu and torch.cuda.is_available():
         model = model.cuda(int(os.environ.get("LOCAL_RANK", 0)))
     init_ckpt = resolve_init_from(spec, stage_index, layout)
     init_report = None
@@ -121,26 +150,34 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
                   + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
 
     store = None
-    if spec.parallel.expert_strategy in ("ep", "fssdp"):
+    if par.expert_strategy in ("ep", "fssdp"):
         # Every rank built (and initialised) the same full model; each keeps the experts it owns.
         from parallel.expert_store import shard_model
-        store = shard_model(model, spec.parallel.expert_strategy, fssdp_plan_config(spec.parallel.fssdp))
+        store = shard_model(model, par.expert_strategy, fssdp_plan_config(par.fssdp))
 
     from parallel.engine import build_engine
-    engine = build_engine(model, stage, spec.parallel, spec.deepspeed, world, store=store)
+    engine = build_engine(model, stage, par, spec.deepspeed, world, store=store)
     if init_ckpt is not None and not stage.init_weights_only and not is_hf_model_dir(init_ckpt):
         # Full state: optimizer moments too (the LR schedule restarts with this stage).
-        load_stage_init_state(engine, store, init_ckpt, spec.parallel.expert_strategy)
+        load_stage_init_state(engine, store, init_ckpt, par.expert_strategy)
 
-    weights = {s.name: s.weight for s in data_cfg.sources}
+    train, weights = stage_mixture(spec, stage_index, layout, corpus)
     group = stage.micro_batch_size if data_cfg.microbatch_domains == "single" else 1
-    sampler = MixtureSampler({d: len(corpus.train[d]) for d in corpus.domains}, weights,
+    sampler = MixtureSampler({d: len(v) for d, v in train.items()}, weights,
                              seed=spec.run.seed + stage_index, group_size=group)
-    stream = DataStream(corpus.train, sampler, rank, world, stage.micro_batch_size)
+    stream = DataStream(train, sampler, rank, world, stage.micro_batch_size)
+    eval_domains = spec.stage_eval_domains(stage_index)
+    new_domains = [s.name for s in data_cfg.sources if s.weight > 0]
 
     def eval_batches():
         return {d: list(holdout_batches(corpus.holdout, d, stage.micro_batch_size, stage.eval_batches))
-                for d in corpus.domains}
+                for d in eval_domains}
+
+    teacher = None
+    if stage.kind == "distill":
+        from jobs.teacher import build_teacher_source
+        teacher = build_teacher_source(spec, stage_index, layout, corpus, train, sampler, model,
+                                       eval_domains)
 
     sinks: list[MetricSink] = list(extra_sinks)
     if rank == 0:
@@ -153,7 +190,11 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     trainer = Trainer(engine=engine, model=model, stream=stream, holdout_batches=eval_batches, stage=stage,
                       balancing=spec.stage_experts(stage_index).balancing, stage_name=stage.name, sinks=sinks, ckpt=ckpt,
                       manifest_base=manifest_base, log_every=spec.metrics.log_every,
-                      hooks=TrainerHooks(on_step=on_step))
+                      hooks=TrainerHooks(on_step=on_step), teacher=teacher,
+                      # Forgetting / adaptation only mean something for a stage that starts from a
+                      # trained model: "old" is what it knew, "new" what this stage trains on.
+                      domain_groups=None if stage.init_from is None else
+                      {"new": new_domains, "old": [d for d in eval_domains if d not in new_domains]})
     resume_from = latest_checkpoint(ckpt.root)
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -168,10 +209,17 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     if rank == 0:
         final = latest_checkpoint(ckpt.root)
         consumed = {"sampler": {"seed": sampler.seed, "weights": weights, "group_size": sampler.group_size,
-                                "sizes": {d: len(corpus.train[d]) for d in corpus.domains}},
+                                "sizes": {d: len(v) for d, v in train.items()}},
                     "positions": [trainer.state.data_start, stream.position],
                     "data": to_dict(data_cfg), "tokenizer": corpus.tokenizer.fingerprint}
         atomic_write_text(layout.consumed_file(stage.name), json.dumps(consumed, indent=1))
+        # The samples themselves, as base-corpus chunk ids per source: what later stages replay.
+        from system.data.replay import base_chunks, save_consumed
+        doms, idxs = sampler.lookup_range(trainer.state.data_start, stream.position)
+        save_consumed(layout.consumed_samples_file(stage.name), base_chunks(sampler.domains, train, doms, idxs),
+                      {"stage": stage.name, "tokenizer": corpus.tokenizer.fingerprint, "seq_len": corpus.seq_len,
+                       "sizes": {d: len(corpus.train[d]) for d in corpus.domains},
+                       "positions": [trainer.state.data_start, stream.position]})
         atomic_write_text(layout.done_file(stage.name), json.dumps(
             {"step": trainer.state.step, "tokens": trainer.state.tokens, "checkpoint": str(final),
              "last": {k: v for k, v in last.items() if not k.startswith("moe/")}}, indent=1))

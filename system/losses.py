@@ -1,4 +1,5 @@
-"""The training objective: next-token cross-entropy plus the MoE auxiliary losses."""
+"""The training objective: next-token cross-entropy (or the distillation objective) plus the MoE
+auxiliary losses."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -16,7 +17,7 @@ def lm_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch
 
 
 def training_loss(out: ModelOutput, labels_BT: torch.Tensor, bal: BalancingConfig,
-                  counts_override: Optional[Sequence[torch.Tensor]] = None
+                  counts_override: Optional[Sequence[torch.Tensor]] = None, distill: Optional[dict] = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts (each detached, for logging).
 
@@ -26,9 +27,17 @@ def training_loss(out: ModelOutput, labels_BT: torch.Tensor, bal: BalancingConfi
     micro-batch LBL is still reported (not added) so runs can be compared.
     Auxiliary terms are averaged over MoE layers, then scaled by their coefficients.
     """
-    ce = lm_cross_entropy(out.logits_BTV, labels_BT)
-    total = ce
-    parts = {"ce": ce.detach()}
+    if distill is not None:
+        # (1-alpha)*CE + alpha*T^2*D(teacher, student): `distill` holds the teacher and the
+        # keyword arguments of system.distill.distillation_loss.
+        from system.distill import distillation_loss
+        total, dparts = distillation_loss(out.logits_BTV, labels_BT, **distill)
+        parts = {k: (v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+                 for k, v in dparts.items() if k != "loss"}
+    else:
+        ce = lm_cross_entropy(out.logits_BTV, labels_BT)
+        total = ce
+        parts = {"ce": ce.detach()}
     if out.moe_aux:
         n = len(out.moe_aux)
         if bal.lbl == "global_batch" and counts_override is None:

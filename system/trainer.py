@@ -21,6 +21,7 @@ from parallel.balancing import GlobalCountBuffer, reduce_counts, stack_counts
 from system.checkpoint import CheckpointManager
 from system.losses import lm_cross_entropy, training_loss
 from system.metrics import MetricSink
+from system.schedules import lr_phase
 
 
 @dataclass
@@ -31,9 +32,13 @@ class StageState:
     tokens: int = 0  # training tokens consumed in this stage (all ranks)
     data_start: int = 0  # stream position at the start of the stage
     data: dict[str, Any] = field(default_factory=dict)  # stream state_dict
+    drawn: int = 0  # samples drawn in this stage (all ranks)
+    replay_drawn: int = 0  # of which from replay pools
+    evals: list = field(default_factory=list)  # [(step, {domain: held-out loss})], step 0 first
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "data_start": self.data_start, "data": self.data}
+        return {"step": self.step, "tokens": self.tokens, "data_start": self.data_start, "data": self.data,
+                "drawn": self.drawn, "replay_drawn": self.replay_drawn, "evals": self.evals}
 
 
 def maybe_inject_fault(step: int) -> None:
@@ -65,7 +70,8 @@ class TrainerHooks:
 class Trainer:
     def __init__(self, *, engine, model, stream, holdout_batches: Callable[[], dict[str, Sequence[dict]]],
                  stage, balancing, stage_name: str, sinks: Sequence[MetricSink], ckpt: CheckpointManager,
-                 manifest_base: dict[str, Any], log_every: int = 1, hooks: TrainerHooks = TrainerHooks()):
+                 manifest_base: dict[str, Any], log_every: int = 1, hooks: TrainerHooks = TrainerHooks(),
+                 teacher=None, domain_groups: Optional[dict[str, list[str]]] = None):
         self.engine, self.model, self.stream = engine, model, stream
         self.holdout_batches = holdout_batches
         self.stage, self.bal, self.stage_name = stage, balancing, stage_name
@@ -75,6 +81,10 @@ class Trainer:
         self.state = StageState(data_start=stream.position, data=stream.state_dict())
         self.device = next(model.parameters()).device
         self.store = getattr(model, "expert_store", None)  # ep/fssdp: sharded experts
+        self.teacher = teacher  # distill stages: jobs.teacher.TeacherSource
+        self.domain_groups = domain_groups or {}  # {"new": [...], "old": [...]} for the cl/ metrics
+        names = getattr(getattr(stream, "sampler", None), "domains", [])
+        self._replay_ids = [i for i, n in enumerate(names) if n.startswith("replay/")]
 
     # -- resume -------------------------------------------------------------------
     def resume(self, ckpt_dir) -> None:
@@ -104,6 +114,7 @@ class Trainer:
         self._set_routing_step(self.state.step)
         if self.store is not None:
             self.store.begin_iteration(self.state.step)
+        pos0 = self.stream.position
         batches = [self.stream.next_microbatch() for _ in range(n_micro)]
         gbuf = GlobalCountBuffer(n_micro, self.bal.global_accumulation) if self.bal.lbl == "global_batch" else None
         if gbuf is not None and gbuf.mode == "exact" and moe:
@@ -118,7 +129,8 @@ class Trainer:
             override = None
             if gbuf is not None and out.moe_aux:
                 override = list(gbuf.add(reduce_counts(local)))
-            loss, parts = training_loss(out, labels, self.bal, counts_override=override)
+            distill = self.teacher.objective(batch) if self.teacher is not None else None
+            loss, parts = training_loss(out, labels, self.bal, counts_override=override, distill=distill)
             self.engine.backward(loss)
             boundary = micro == n_micro - 1
             if boundary and self.store is not None:
@@ -171,6 +183,8 @@ class Trainer:
         }
         if self.store is not None:
             rec.update(self._store_metrics())
+        if self._replay_ids:
+            rec.update(self._replay_metrics(pos0, self.stream.position))
         for i, layer in enumerate(moe):
             stats = global_load_stats(step_counts[i], micro_last[i],
                                       layer.expert_bias if self.bal.aux_free else None)
@@ -179,6 +193,16 @@ class Trainer:
                 rec[f"moe/{i}/temperature"] = dts_temperature(layer.routing_step, layer.cfg.dts)
                 rec[f"moe/{i}/dts_hard"] = float(layer.routing_step >= layer.cfg.dts.hard_step())
         return rec
+
+    def _replay_metrics(self, start: int, stop: int) -> dict[str, float]:
+        """The replayed share of the step's samples (all ranks; exact, from the sampler) and of
+        the stage so far."""
+        doms, _ = self.stream.sampler.lookup_range(start, stop)
+        n_replay = int(sum((doms == i).sum() for i in self._replay_ids))
+        self.state.drawn += len(doms)
+        self.state.replay_drawn += n_replay
+        return {"data/replay_fraction": n_replay / max(1, len(doms)),
+                "data/replay_fraction_total": self.state.replay_drawn / max(1, self.state.drawn)}
 
     def _store_metrics(self) -> dict[str, Any]:
         """Expert-parallel figures of the step: bytes moved (all ranks), the straggler ratio
@@ -269,7 +293,7 @@ class Trainer:
         dom_counts: list[torch.Tensor] = []  # per domain: (L, E)
         try:
             for domain, batches in all_batches.items():
-                tot = torch.zeros(2, dtype=torch.float64)
+                tot = torch.zeros(3, dtype=torch.float64)
                 counts = None
                 # Sharded experts need every rank in every forward: ranks short of a batch
                 # repeat one and do not count it.
@@ -281,11 +305,15 @@ class Trainer:
                     labels = b["labels"].to(self.device)
                     tot[0] += float(lm_cross_entropy(res.logits_BTV, labels)) * labels.numel()
                     tot[1] += labels.numel()
+                    if self.teacher is not None:
+                        tot[2] += float(self.teacher.eval_agreement(domain, b, res.logits_BTV)) * labels.numel()
                     local = stack_counts([a.counts_E for a in res.moe_aux]).cpu()
                     counts = local if counts is None else counts + local
                 tot = pdist.all_reduce_sum(tot)
                 if tot[1] > 0:
                     out[f"eval/{domain}/loss"] = float(tot[0] / tot[1])
+                    if self.teacher is not None:
+                        out[f"eval/{domain}/teacher_agreement"] = float(tot[2] / tot[1])
                 n_layers = len(self._moe_layers())
                 if counts is None:
                     e = self._moe_layers()[0].num_experts if n_layers else 0
@@ -305,6 +333,19 @@ class Trainer:
                     out[f"eval/moe/{i}/frac/{dom}"] = (c / c.sum().clamp_min(1)).tolist()
         return out
 
+    def _evaluate_and_track(self) -> dict[str, Any]:
+        """Evaluate, append the per-domain losses to the stage's history and add the `cl/`
+        metrics (forgetting, adaptation, stability gap; see `system.continual`)."""
+        from system.continual import continual_metrics
+
+        out = self.evaluate()
+        losses = {k.split("/")[1]: v for k, v in out.items()
+                  if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2}
+        self.state.evals.append([self.state.step, losses])
+        if self.domain_groups:
+            out.update(continual_metrics(self.state.evals, self.domain_groups))
+        return out
+
     def _eval_batches_of_rank(self, batches: Sequence[dict], n_rounds: Optional[int]):
         mine = [(i, b) for i, b in enumerate(batches) if i % self.world == self.rank]
         yield from mine
@@ -317,7 +358,10 @@ class Trainer:
         manifest = {**self.manifest_base, "stage": self.stage_name, "step": self.state.step,
                     "tokens": self.state.tokens, "data_start": self.state.data_start,
                     "data_position": self.stream.position, "world_size": self.world,
-                    "final": self.state.step >= self.stage.steps}
+                    "final": self.state.step >= self.stage.steps,
+                    # e.g. "constant": a later stage may continue from here without re-warming
+                    "lr_phase": lr_phase(self.stage.lr_schedule, self.state.step, self.stage.steps),
+                    "lr": float(self.engine.get_lr()[0])}
         extra = self.store.save if self.store is not None else None
         self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest, extra=extra)
 
@@ -326,11 +370,17 @@ class Trainer:
         """Train until the stage's step count; checkpoint every N steps and at the end."""
         self.model.train()
         last: dict[str, Any] = {}
+        if self.stage.eval_every and self.state.step == 0 and not self.state.evals:
+            # The starting point every continual metric is measured from.
+            rec = {"stage": self.stage_name, "step": 0, "time": time.time(), **self._evaluate_and_track()}
+            if self.rank == 0:
+                for s in self.sinks:
+                    s.log(rec)
         while self.state.step < self.stage.steps:
             rec = self.train_step()
             step = self.state.step
             if self.stage.eval_every and step % self.stage.eval_every == 0:
-                rec.update(self.evaluate())
+                rec.update(self._evaluate_and_track())
             if step % self.log_every == 0 or step == self.stage.steps:
                 if self.rank == 0:
                     for s in self.sinks:

@@ -220,7 +220,8 @@ class DataStream:
         return self.dp_size * self.micro_batch_size
 
     def next_microbatch(self) -> dict[str, torch.Tensor]:
-        """{"input_ids": (B, T), "labels": (B, T), "domain": (B,)} int64 tensors for this rank."""
+        """{"input_ids": (B, T), "labels": (B, T), "domain": (B,), "chunk": (B,)} int64 tensors
+        for this rank ("domain" indexes `sampler.domains`, "chunk" that domain's chunk array)."""
         first = self.position + self.dp_rank * self.micro_batch_size
         doms_B, idxs_B = self.sampler.lookup_range(first, first + self.micro_batch_size)
         width = self.corpus[self.sampler.domains[int(doms_B[0])]].shape[1]  # W = seq_len + 1
@@ -232,7 +233,7 @@ class DataStream:
         tokens_BW = torch.from_numpy(tokens_BW)
         return {"input_ids": tokens_BW[:, :-1].contiguous(),
                 "labels": tokens_BW[:, 1:].contiguous(),
-                "domain": torch.from_numpy(doms_B)}
+                "domain": torch.from_numpy(doms_B), "chunk": torch.from_numpy(idxs_B)}
 
     def consumed(self, start: int = 0, stop: Optional[int] = None) -> dict[str, np.ndarray]:
         """Per domain, the sorted unique chunks drawn by all ranks in [start, stop or position)."""
@@ -286,7 +287,9 @@ def holdout_batches(holdout: Mapping[str, np.ndarray], name: str, batch_size: in
     for b in range(n_batches):
         tokens_BW = torch.from_numpy(
             np.asarray(chunks[b * batch_size:(b + 1) * batch_size], dtype=np.int64))
-        yield {"input_ids": tokens_BW[:, :-1].contiguous(), "labels": tokens_BW[:, 1:].contiguous()}
+        chunk = torch.arange(b * batch_size, b * batch_size + len(tokens_BW), dtype=torch.int64)
+        yield {"input_ids": tokens_BW[:, :-1].contiguous(), "labels": tokens_BW[:, 1:].contiguous(),
+               "chunk": chunk}
 
 
 def _remember(cache: OrderedDict, key, value):

@@ -46,7 +46,7 @@ def test_evomoe_recipe_single_expert_then_diversify_and_dts(tmp_path):
                               "upcycle": {"diversify": "mask", "fraction": 0.5}, "eval_every": 8}])
     recs = run_distributed(_run_all, 1, spec)[0]
     one = [r for r in recs if r["stage"] == "one_expert"]
-    evo = [r for r in recs if r["stage"] == "evolve"]
+    evo = [r for r in recs if r["stage"] == "evolve" and r["step"] > 0]  # step 0: the starting evaluation
     assert len(one) == 6 and len(evo) == 8
     assert one[0]["moe/0/tokens_per_expert"] == [4 * 32]  # every token on the single expert
     # The DTS gate: temperature anneals 2.0 -> 0.5 over 6 steps, then hard top-1.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -215,9 +216,9 @@ def test_literal_string_not_allowed():
     assert "'sentencepiece'" in msg
 
 
-def test_distill_stage_rejected():
-    msg = _only({"stages": [{"name": "a", "kind": "distill"}]}, "stages[0].kind")
-    assert "distill" in msg
+def test_distill_stage_needs_a_teacher():
+    msg = _only({"stages": [{"name": "a", "kind": "distill"}]}, "stages[0].distill.teacher")
+    assert "needs a teacher" in msg
 
 
 def test_nccl_needs_gpu():
@@ -556,3 +557,81 @@ def test_fssdp_section_fields_named():
     with pytest.raises(SpecError) as ei:
         parse_spec(_spec(parallel={"fssdp": {"windw": 3}}))
     assert any("windw" in p or "windw" in m for p, m in ei.value.problems)
+
+
+# ---------------------------------------------------------------- pipelines (issue 5)
+
+def _stages(*stages) -> dict:
+    return {"stages": list(stages)}
+
+
+def test_replay_must_name_an_earlier_stage():
+    later = _stages({"name": "a"}, {"name": "b", "data": {"replay": {"fraction": 0.1, "stages": ["c"]}}},
+                    {"name": "c"})
+    assert "later stage" in _only(later, "stages[1].data.replay.stages[0]")
+    unknown = _stages({"name": "a"}, {"name": "b", "data": {"replay": {"fraction": 0.1, "stages": ["zz"]}}})
+    assert "not a stage of this job" in _only(unknown, "stages[1].data.replay.stages[0]")
+    first = _stages({"name": "a", "data": {"replay": {"fraction": 0.1}}})
+    assert "first stage" in _only(first, "stages[0].data.replay")
+    assert "[0, 1)" in _only(_stages({"name": "a"}, {"name": "b", "data": {"replay": {"fraction": 1.0}}}),
+                             "stages[1].data.replay.fraction")
+    ok = parse_spec(_stages({"name": "a"}, {"name": "b", "data": {"replay": {"fraction": 0.25}}}))
+    assert ok.replay_stages(1) == ["a"] and ok.replay_stages(0) == []
+
+
+def test_distill_teacher_must_exist_and_come_earlier():
+    assert "later stage" in _only(_stages({"name": "s", "kind": "distill", "distill": {"teacher": "t"}},
+                                          {"name": "t"}), "stages[0].distill.teacher")
+    assert "neither an earlier stage" in _only(
+        _stages({"name": "s", "kind": "distill", "distill": {"teacher": "/nonexistent/dir"}}),
+        "stages[0].distill.teacher")
+    assert "only used by kind 'distill'" in _only(_stages({"name": "s", "distill": {"teacher": "x"}}),
+                                                 "stages[0].distill.teacher")
+    assert "set top_k" in _only(_stages({"name": "t"}, {"name": "s", "kind": "distill",
+                                                        "distill": {"teacher": "t", "mode": "offline"}}),
+                                "stages[1].distill.top_k")
+    parse_spec(_stages({"name": "t"}, {"name": "s", "kind": "distill", "model": {"d_model": 32},
+                                       "distill": {"teacher": "t", "divergence": "jsd", "beta": 0.9}}))
+
+
+def test_student_vocabulary_must_match_the_teacher():
+    msg = _only(_stages({"name": "t"}, {"name": "s", "kind": "distill", "model": {"vocab_size": 300},
+                                        "distill": {"teacher": "t"}}), "stages[1].model.vocab_size")
+    assert "300" in msg and "257" in msg
+
+
+def test_student_vocabulary_checked_against_an_hf_teacher(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 1000, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "hidden_act": "silu"}))
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    msg = _only(_stages({"name": "s", "kind": "distill", "distill": {"teacher": str(tmp_path / "hf")}}),
+                "stages[0].model.vocab_size")
+    assert "1000" in msg and "257" in msg
+
+
+def test_stage_parallel_override_and_eval_domains():
+    spec = parse_spec({"parallel": {"world_size": 2},
+                       "stages": [{"name": "a"}, {"name": "b", "parallel": {"expert_strategy": "ep"},
+                                                  "world_size": 4}]})
+    assert spec.stage_parallel(0).expert_strategy == "replicated"
+    assert spec.stage_parallel(1).expert_strategy == "ep" and spec.stage_parallel(1).world_size == 4
+    assert spec.stage_ep_size(1) == 4 and spec.stage_world_size(1) == 4
+    assert "zero_stage" in " ".join(_problems(_stages({"name": "a", "parallel": {"zero_stage": 5}})))
+    assert "not a data source" in _only(_stages({"name": "a", "eval_domains": ["klingon"]}),
+                                        "stages[0].eval_domains[0]")
+
+
+def test_a_source_name_means_one_corpus_across_stages():
+    data = {"sources": [{"name": "english_docs", "max_documents": 30}]}
+    bad = {"data": data, "stages": [{"name": "a"}, {"name": "b", "data": {"sources": [
+        {"name": "english_docs", "max_documents": 60, "weight": 2.0}]}}]}
+    msg = _only(bad, "stages[1].data.sources[0]")
+    assert "max_documents: 60 vs 30" in msg
+    ok = {"data": data, "stages": [{"name": "a"}, {"name": "b", "data": {"sources": [
+        {"name": "english_docs", "max_documents": 30, "weight": 2.0}, {"name": "python_code"}]}}]}
+    spec = parse_spec(ok)
+    assert [s.name for s in spec.job_data().sources] == ["english_docs", "python_code"]
+    assert spec.stage_eval_domains(0) == ["english_docs", "python_code"]
