@@ -106,6 +106,9 @@ def test_offline_distill_stage_trains_from_the_cache(offline_run):
     assert [r["step"] for r in ev] == [0, 2, 4]
     done = json.loads((run / "stages" / "distill" / "DONE.json").read_text())
     assert done["step"] == 4
+    from system.checkpoint import read_manifest
+    man = read_manifest(Path(done["checkpoint"]))
+    assert man["lr_phase"] == "done" and man["lr"] == pytest.approx(3e-4)  # cosine ended at peak/10
 
 
 def test_offline_cache_holds_exactly_what_the_online_teacher_computes(offline_run):

@@ -190,3 +190,24 @@ def test_unsupported_models_are_rejected(hf_dirs, tmp_path, kind, changes, words
         assert str(path / "config.json") in msg
         for w in words:
             assert w in msg, msg
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_hf_directory_as_a_distillation_teacher(hf_dirs, kind, tmp_path):
+    """A distill stage's teacher from a HF directory: the dense converted model, frozen, whose
+    logits (and so its top-k) equal the HF model's."""
+    from jobs.layout import RunLayout
+    from jobs.spec import parse_spec
+    from jobs.teacher import OnlineTeacher, load_teacher
+
+    path = hf_dirs[kind]
+    spec = parse_spec({"model": {"vocab_size": V}, "stages": [
+        {"name": "s", "kind": "distill", "distill": {"teacher": str(path), "top_k": 5}}]})
+    model, what = load_teacher(spec, 0, RunLayout(tmp_path), V, "any", torch.device("cpu"))
+    assert str(path) in what and not any(p.requires_grad for p in model.parameters())
+    ids = _ids()
+    ref = _hf_logits(path, ids)
+    t = OnlineTeacher(spec.stages[0].distill, ["d"], model).train_teacher({"input_ids": ids})
+    torch.testing.assert_close(t.logp_NK, torch.log_softmax(ref, -1).topk(5, -1).values, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="predicts over"):
+        load_teacher(spec, 0, RunLayout(tmp_path), V + 1, "any", torch.device("cpu"))
