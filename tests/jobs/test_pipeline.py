@@ -145,3 +145,30 @@ def test_offline_cache_holds_exactly_what_the_online_teacher_computes(offline_ru
         corpus.holdout, "english_docs", 4, 1)))
     student = torch.randn(*held["labels"].shape, corpus.tokenizer.vocab_size)
     assert off.eval_agreement("english_docs", held, student) == on.eval_agreement("english_docs", held, student)
+
+
+def test_interrupted_continual_stage_resumes_exactly(offline_run, tmp_path, monkeypatch):
+    """The continual stage (2 ranks, replay, evaluations) crashes after step 4, the job is run again:
+    the finished pretraining is skipped, the stage resumes from its step-3 checkpoint and ends with
+    the uninterrupted run's losses, replay share and forgetting / stability-gap metrics."""
+    import shutil
+
+    spec, recs = offline_run
+    src = Path(spec["run"]["output_dir"]) / "pipe"
+    again = copy.deepcopy(spec)
+    again["run"].update(name="pipe_resume", output_dir=str(tmp_path / "runs"))
+    again["stages"] = again["stages"][:2]
+    again["stages"][1]["checkpoint_every"] = 3
+    run = tmp_path / "runs" / "pipe_resume"
+    shutil.copytree(src / "stages" / "pretrain", run / "stages" / "pretrain")  # finished: skipped
+    monkeypatch.setenv("MOEFORGE_FAULT_AT_STEP", "4")
+    with pytest.raises(RuntimeError, match="injected fault after step 4"):
+        run_pipeline(again)
+    monkeypatch.delenv("MOEFORGE_FAULT_AT_STEP")
+    got = [r for r in run_pipeline(again) if r["stage"] == "continual"]
+    assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4, 4, 5, 6]  # steps 4.. redone from step 3
+    want = {r["step"]: r for r in recs if r["stage"] == "continual" and "loss" in r}
+    last = got[-1]
+    for key in ("loss", "ce", "data/replay_fraction_total", "eval/english_docs/loss", "cl/forgetting",
+                "cl/adaptation", "cl/old/gap_depth", "cl/old/gap_step"):
+        assert last[key] == pytest.approx(want[6][key], rel=1e-5), key
