@@ -6,7 +6,7 @@ fraction r adds one *replay pool* per earlier source, `replay/<source>`, holding
 chunks, to its mixture: the new sources keep their relative weights scaled by (1 - r), the pools
 share r in proportion to their sizes (each consumed sample equally likely). The mixture sampler
 makes the proportions exact over every block of positions, so the replayed share is r in
-expectation and exactly over each window of `BLOCK` draws (up to rounding of r * BLOCK).
+expectation and over each window of `BLOCK` draws up to the rounding of each pool's count (exact with one pool).
 """
 from __future__ import annotations
 
