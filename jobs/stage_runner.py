@@ -115,23 +115,22 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     """Train stage `stage_index` of the spec on this rank; return the last step's metrics."""
     spec = parse_spec(spec_dict)
     stage = spec.stages[stage_index]
+    par = spec.stage_parallel(stage_index)
     rank, world = pdist.rank(), pdist.world_size()
-    pdist.configure_accelerator(spec.stage_parallel(stage_index).use_gpu)
+    pdist.configure_accelerator(par.use_gpu)
     import deepspeed  # after DS_ACCELERATOR is set
 
     if not pdist.is_dist():
-        pdist.init_single_process_group(spec.stage_parallel(stage_index).backend,
-                                        spec.stage_parallel(stage_index).use_gpu)
+        pdist.init_single_process_group(par.backend, par.use_gpu)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    if spec.stage_parallel(stage_index).threads_per_worker:
-        torch.set_num_threads(spec.stage_parallel(stage_index).threads_per_worker)
+    if par.threads_per_worker:
+        torch.set_num_threads(par.threads_per_worker)
     layout = RunLayout(spec.run_dir())
 
     data_cfg = spec.stage_data(stage_index)
     # The job's whole corpus (every stage's sources, one tokenizer): this stage trains on its own
     # sources (plus replay pools) and evaluates on any of them.
     corpus = PackedCorpus.build(spec.job_data())
-    par = spec.stage_parallel(stage_index)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(spec.run.seed + 1000 * stage_index)
     model = build_model(spec, corpus.tokenizer.vocab_size, stage_index)

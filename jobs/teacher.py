@@ -8,6 +8,7 @@ a local Hugging Face Llama/Qwen2 directory (converted to our dense Transformer).
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import shutil
 from dataclasses import replace
@@ -76,7 +77,7 @@ def load_teacher(spec: JobSpec, stage_index: int, layout: RunLayout, vocab_size:
     return model, f"{ckpt} ({n / 1e6:.2f}M parameters, {mcfg.num_experts if mcfg.moe_layer_ids() else 0} experts)"
 
 
-class TeacherSource:
+class TeacherSource(ABC):
     """What the trainer asks a distill stage's teacher for: the objective's teacher for a
     training micro-batch, and the top-1 agreement of the student on a held-out batch."""
 
@@ -90,11 +91,13 @@ class TeacherSource:
         return {"teacher": teacher, "alpha": c.alpha, "temperature": c.temperature,
                 "kind": c.divergence, "beta": c.beta}
 
+    @abstractmethod
     def train_teacher(self, batch):
-        raise NotImplementedError
+        """The teacher for a training micro-batch: full logits or a TopKTeacher."""
 
+    @abstractmethod
     def eval_agreement(self, domain: str, batch, student_logits: torch.Tensor) -> float:
-        raise NotImplementedError
+        """Share of the held-out batch's tokens where the student's top-1 is the teacher's."""
 
 
 class OnlineTeacher(TeacherSource):
