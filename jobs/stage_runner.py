@@ -17,7 +17,7 @@ from jobs.layout import RunLayout
 from jobs.spec import JobSpec, parse_spec
 from parallel import dist as pdist
 from system.checkpoint import (CheckpointManager, atomic_write_text, latest_checkpoint,
-                               load_module_weights, read_manifest, resolve_checkpoint)
+                               read_manifest, resolve_checkpoint)
 from system.hf_import import is_hf_model_dir
 from system.upcycle import init_model_from
 from system.data import DataStream, MixtureSampler, PackedCorpus, holdout_batches
@@ -69,6 +69,15 @@ def load_stage_init_state(engine, store, ckpt: Path, strategy: str) -> None:
               f"{strategy!r}: weights carried over, optimizer moments start fresh", flush=True)
 
 
+def final_checkpoint(layout: RunLayout, stage: str, where: str) -> Path:
+    """The final checkpoint of a finished stage of this run; `where` names the referring field."""
+    ckpt = latest_checkpoint(layout.checkpoints(stage))
+    if ckpt is None or not read_manifest(ckpt).get("final"):
+        raise ValueError(f"{where}: stage {stage!r} has not finished "
+                         f"(no final checkpoint under {layout.checkpoints(stage)})")
+    return ckpt
+
+
 def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Optional[Path]:
     """The checkpoint a stage starts from: an earlier stage's final one, or a user path."""
     ref = spec.stages[stage_index].init_from
@@ -76,11 +85,7 @@ def resolve_init_from(spec: JobSpec, stage_index: int, layout: RunLayout) -> Opt
         return None
     names = [s.name for s in spec.stages[:stage_index]]
     if ref in names:
-        ckpt = latest_checkpoint(layout.checkpoints(ref))
-        if ckpt is None or not read_manifest(ckpt).get("final"):
-            raise ValueError(f"stages[{stage_index}].init_from: stage {ref!r} has not finished "
-                             f"(no final checkpoint under {layout.checkpoints(ref)})")
-        return ckpt
+        return final_checkpoint(layout, ref, f"stages[{stage_index}].init_from")
     if is_hf_model_dir(ref):
         return Path(ref)
     return resolve_checkpoint(ref)

@@ -20,8 +20,9 @@ import torch
 
 from jobs.layout import RunLayout
 from jobs.spec import JobSpec, parse_spec
+from jobs.stage_runner import final_checkpoint
 from parallel import dist as pdist
-from system.checkpoint import atomic_write_text, latest_checkpoint, read_manifest, resolve_checkpoint
+from system.checkpoint import atomic_write_text, read_manifest, resolve_checkpoint
 from system.distill import TopKTeacher, agreement, teacher_topk
 from system.hf_import import hf_model_config_fields, is_hf_model_dir
 from system.model import ModelConfig, Transformer
@@ -39,10 +40,7 @@ def load_teacher(spec: JobSpec, stage_index: int, layout: RunLayout, vocab_size:
     routing_step = 1 << 30  # a DTS teacher routes with its final, hard gate
     if ref in names:
         j = names.index(ref)
-        ckpt = latest_checkpoint(layout.checkpoints(ref))
-        if ckpt is None or not read_manifest(ckpt).get("final"):
-            raise ValueError(f"{where}: stage {ref!r} has not finished (no final checkpoint under "
-                             f"{layout.checkpoints(ref)})")
+        ckpt = final_checkpoint(layout, ref, where)
         mcfg, ecfg = spec.stage_model(j), spec.stage_experts(j)
         source: Any = ckpt
     elif is_hf_model_dir(ref):
@@ -270,7 +268,7 @@ def build_teacher_source(spec: JobSpec, stage_index: int, layout: RunLayout, cor
     arrays = {("train", s): corpus.train[s] for s in corpus.domains}
     arrays.update({("holdout", s): corpus.holdout[s] for s in corpus.domains})
     teacher_ref = spec.stages[stage_index].distill.teacher
-    ref_ckpt = str(latest_checkpoint(layout.checkpoints(teacher_ref))) if teacher_ref in \
+    ref_ckpt = str(final_checkpoint(layout, teacher_ref, "distill.teacher")) if teacher_ref in \
         [s.name for s in spec.stages[:stage_index]] else str(Path(teacher_ref).absolute())
     key = hashlib.sha256(json.dumps(
         {"teacher": ref_ckpt, "k": cfg.top_k, "T": cfg.temperature, "tok": corpus.tokenizer.fingerprint,
