@@ -29,18 +29,19 @@ def _stage_worker(rank: int, world: int, spec: dict, index: int, threads: int) -
 def run_job(spec: dict[str, Any], world: int = 1, threads: int = 1) -> list[dict[str, Any]]:
     """Run all stages in order (skipping finished ones); return the run's metric records."""
     from jobs.layout import RunLayout
+    from jobs.plan import plan_job
     from jobs.spec import parse_spec
     from parallel.testing import run_distributed
     from system.metrics import read_jsonl
 
-    js = parse_spec(spec)
-    layout = RunLayout(js.run_dir())
-    for i, st in enumerate(js.stages):
+    plan = plan_job(parse_spec(spec))
+    layout = RunLayout(plan.run_dir)
+    for st in plan.stages:
         if layout.done_file(st.name).exists():
             continue
         t0 = time.time()
-        run_distributed(_stage_worker, js.stage_world_size(i), spec, i, threads, timeout_s=6 * 3600)
-        print(f"  [{js.run.name}] stage {st.name}: {time.time() - t0:.0f}s", flush=True)
+        run_distributed(_stage_worker, st.world_size, spec, st.index, threads, timeout_s=6 * 3600)
+        print(f"  [{plan.run.name}] stage {st.name}: {time.time() - t0:.0f}s", flush=True)
     return read_jsonl(layout.metrics_file)
 
 

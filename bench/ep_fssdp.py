@@ -119,7 +119,7 @@ def build(strategy: str, cfg: dict, rank: int, world: int):
     blocks = []
     for l in range(cfg["layers"]):
         if strategy == "deepspeed_moe":
-            from experts.ds_moe import DeepSpeedMoELayer
+            from parallel.ds_moe import DeepSpeedMoELayer
             moe = DeepSpeedMoELayer(cfg["d_model"], cfg["experts"], cfg["top_k"], cfg["d_expert"], ep_size=world,
                                     drop_tokens=False)  # dropless, like ep/fssdp: capacity = largest load
             moe.ds_router = ZipfRouter(cfg["experts"], cfg["zipf"], 1 + rank + 100 * l)
@@ -132,7 +132,7 @@ def build(strategy: str, cfg: dict, rank: int, world: int):
     net = Net(blocks)
     store = None
     if strategy in ("ep", "fssdp"):
-        from parallel.expert_store import shard_model
+        from parallel.sharded_experts import shard_model
         from parallel.placement import FSSDPPlanConfig
         store = shard_model(net, strategy, FSSDPPlanConfig(window=cfg["window"], memory_cap=cfg["memory_cap"],
                                                            overlap_budget=cfg["overlap_budget"],
@@ -149,7 +149,7 @@ def build(strategy: str, cfg: dict, rank: int, world: int):
 def _worker(rank: int, world: int, cfg: dict) -> dict:
     import torch.distributed as dist
 
-    from parallel import collectives as coll
+    from parallel.collectives import CommStats
 
     torch.set_num_threads(cfg["threads"])
     models = {s: build(s, cfg, rank, world) for s in cfg["strategies"]}
@@ -167,7 +167,8 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                 r.iteration, r.shift = it, shift
             if store is not None:
                 store.begin_iteration(it)
-            coll.STATS.reset()
+            comm = store.comm if store is not None else CommStats()
+            comm.reset()
             ds_bytes = 0
             dist.barrier()
             t0 = time.perf_counter()
@@ -194,7 +195,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                                     + mem["peak_copy_bytes"])
                 res[s]["copies"].append(len(store.plan.copies()))
             else:  # DeepSpeed: expert e on rank e // (E/N); dropless = every expert padded to the largest load
-                from experts.ds_moe import tokens_dropped
+                from parallel.ds_moe import tokens_dropped
                 per = cfg["experts"] // world
                 loads = counts.reshape(len(auxes), world, per).sum(-1).double()
                 strag = float((loads.max(1).values / loads.mean(1)).mean())
@@ -207,8 +208,8 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                 res[s]["padded"] = res[s].get("padded", []) + [float(cap.sum() * cfg["experts"]) /
                                                               float(counts.sum() / 1)]
                 res[s]["mem"] = sum(p.numel() * 4 * 3 for p in expert_ds)
-            vec = torch.tensor([dt, float(coll.STATS.all_to_all + ds_bytes), float(coll.STATS.spag),
-                                float(coll.STATS.sprs)], dtype=torch.float64)
+            vec = torch.tensor([dt, float(comm.all_to_all + ds_bytes), float(comm.spag),
+                                float(comm.sprs)], dtype=torch.float64)
             tmax = vec[:1].clone()
             dist.all_reduce(tmax, op=dist.ReduceOp.MAX)
             dist.all_reduce(vec)

@@ -72,7 +72,7 @@ def layer_costs(a) -> dict:
 
     from experts.layer import MoELayer
     from parallel.dist import init_single_process_group
-    from parallel.expert_store import shard_model
+    from parallel.sharded_experts import shard_model
 
     if not dist.is_initialized():
         init_single_process_group("gloo" if a.device == "cpu" else "nccl", a.device != "cpu")

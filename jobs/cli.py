@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from jobs.configtree import SpecError
+from system.configtree import SpecError
 
 EXIT_SPEC = 2
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -45,7 +45,7 @@ def cmd_validate(args) -> int:
     spec = _load(args.spec)
     n = len(spec.stages)
     print(f"{args.spec}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(s.name for s in spec.stages)}; "
-          f"run dir {spec.run_dir()})")
+          f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name})")
     return 0
 
 
@@ -58,7 +58,8 @@ def cmd_run(args) -> int:
 
     t0 = time.time()
     run_job(spec, address=args.address)
-    print(f"[moeforge] job {spec.run.name} finished in {time.time() - t0:.1f}s; run dir {spec.run_dir()}",
+    print(f"[moeforge] job {spec.run.name} finished in {time.time() - t0:.1f}s; "
+          f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name}",
           flush=True)
     return 0
 
@@ -120,7 +121,7 @@ def cmd_logs(args) -> int:
     return 0
 
 
-# `moeforge simulate` flags -> dotted config fields of parallel.simulate.SimConfig
+# `moeforge simulate` flags -> dotted config fields of parallel.simulator.SimConfig
 SIMULATE_FLAGS = (
     ("gpus", "cluster.gpus", int), ("gpus_per_node", "cluster.gpus_per_node", int),
     ("experts", "model.experts", int), ("top_k", "model.top_k", int), ("layers", "model.moe_layers", int),
@@ -136,7 +137,7 @@ def cmd_simulate(args) -> int:
 
     import yaml
 
-    from parallel.simulate import format_result, format_sweep, load_config, simulate, sweep
+    from parallel.simulator import format_result, format_sweep, load_config, simulate, sweep
 
     overrides = {path: getattr(args, name) for name, path, _ in SIMULATE_FLAGS if getattr(args, name) is not None}
     if args.trace:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jobs.layout import RunLayout
-from jobs.spec import JobSpec, dump_spec
+from jobs.plan import JobPlan, plan_job
+from jobs.schema import JobSpec
+from jobs.spec import dump_spec, with_absolute_paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_EXCLUDES = [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"]
@@ -56,7 +58,7 @@ def pin_loopback() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def init_ray(spec: JobSpec, address: Optional[str] = None) -> None:
+def init_ray(plan: JobPlan, address: Optional[str] = None) -> None:
     """Connect to the cluster named by `address`/RAY_ADDRESS, or start an embedded local Ray."""
     import ray
 
@@ -69,8 +71,7 @@ def init_ray(spec: JobSpec, address: Optional[str] = None) -> None:
         runtime_env = None if _inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    cpus_needed = max(spec.stage_world_size(i) for i in range(len(spec.stages))) * \
-        spec.ray.scaling_config.resources_per_worker.get("CPU", 1)
+    cpus_needed = plan.max_world_size() * plan.ray.scaling_config.resources_per_worker.get("CPU", 1)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
              _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env_vars}, log_to_driver=True)
@@ -91,40 +92,40 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
     from parallel.dist import resolve_backend
     from system.checkpoint import atomic_write_text
 
-    spec = spec.with_absolute_paths()
-    layout = RunLayout(spec.run_dir())
+    spec = with_absolute_paths(spec)
+    plan = plan_job(spec)
+    layout = RunLayout(plan.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.spec_file, dump_spec(spec))
-    init_ray(spec, address)
+    init_ray(plan, address)
     namespace = ray.get_runtime_context().namespace
     results: dict[str, Any] = {}
-    for i, stage in enumerate(spec.stages):
+    for stage in plan.stages:
         if layout.done_file(stage.name).is_file():
             print(f"[moeforge] stage {stage.name}: already finished, skipping", flush=True)
             continue
-        ws = spec.stage_world_size(i)
-        par = spec.stage_parallel(i)
-        res = dict(spec.ray.scaling_config.resources_per_worker)
+        ws, par = stage.world_size, stage.parallel
+        res = dict(plan.ray.scaling_config.resources_per_worker)
         actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
         actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
-        rc = spec.ray.run_config
+        rc = plan.ray.run_config
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"spec": spec.to_dict(), "stage_index": i, "stage_name": stage.name,
-                               "run_name": spec.run.name, "progress_actor": actor_name, "namespace": namespace,
-                               "ray_metrics": spec.metrics.ray_metrics,
+            train_loop_config={"spec": spec.to_dict(), "stage_index": stage.index, "stage_name": stage.name,
+                               "run_name": plan.run.name, "progress_actor": actor_name, "namespace": namespace,
+                               "ray_metrics": plan.metrics.ray_metrics,
                                "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
             torch_config=TorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
             scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),
             run_config=RunConfig(
-                name=rc.name or f"{spec.run.name}-{stage.name}",
+                name=rc.name or f"{plan.run.name}-{stage.name}",
                 storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
-                failure_config=FailureConfig(max_failures=spec.ray.failure_config.max_failures)),
+                failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
         )
         print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers, "
               f"experts {par.expert_strategy}", flush=True)
         try:
-            with ProgressBar(actor, stage.name, stage.steps, enabled=spec.metrics.progress_bar):
+            with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar):
                 result = trainer.fit()
         finally:
             ray.kill(actor)

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 @dataclass
 class CommStats:
-    """Bytes this rank sent, by collective (reset by the caller once per step)."""
+    """Bytes this rank sent, by collective. Each expert strategy owns one (reset once per step)
+    and passes it to the collectives it calls; None counts nothing."""
 
     all_to_all: int = 0
     spag: int = 0
@@ -34,35 +35,36 @@ class CommStats:
         return {"all_to_all": self.all_to_all, "spag": self.spag, "sprs": self.sprs, "reshard": self.reshard}
 
 
-STATS = CommStats()
-
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, in_splits: list[int], out_splits: list[int], group) -> torch.Tensor:
-        ctx.in_splits, ctx.out_splits, ctx.group = in_splits, out_splits, group
-        return _a2a(x.contiguous(), in_splits, out_splits, group)
+    def forward(ctx, x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, stats) -> torch.Tensor:
+        ctx.in_splits, ctx.out_splits, ctx.group, ctx.stats = in_splits, out_splits, group, stats
+        return _a2a(x.contiguous(), in_splits, out_splits, group, stats)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return _a2a(g.contiguous(), ctx.out_splits, ctx.in_splits, ctx.group), None, None, None
+        return _a2a(g.contiguous(), ctx.out_splits, ctx.in_splits, ctx.group, ctx.stats), None, None, None, None
 
 
-def _a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group) -> torch.Tensor:
+def _a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group,
+         stats: Optional[CommStats]) -> torch.Tensor:
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    row = x[0].numel() * x.element_size() if x.shape[0] else 0
-    me = dist.get_rank(group)
-    STATS.all_to_all += row * (sum(in_splits) - in_splits[me])  # rows that leave this rank
+    if stats is not None:
+        row = x[0].numel() * x.element_size() if x.shape[0] else 0
+        me = dist.get_rank(group)
+        stats.all_to_all += row * (sum(in_splits) - in_splits[me])  # rows that leave this rank
     dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
     return out
 
 
-def all_to_all(x: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], group=None) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], group=None,
+               stats: Optional[CommStats] = None) -> torch.Tensor:
     """Rows [sum(in_splits[:d]), ...) go to rank d; rows from rank s arrive in order of s.
 
     Differentiable: the backward pass is the reverse all-to-all of the gradient.
     """
-    return _AllToAll.apply(x, [int(v) for v in in_splits], [int(v) for v in out_splits], group)
+    return _AllToAll.apply(x, [int(v) for v in in_splits], [int(v) for v in out_splits], group, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +101,8 @@ def _post(ops: list) -> list:
     return dist.batch_isend_irecv(ops)
 
 
-def sparse_all_gather_start(transfers: Sequence[Transfer], rank: int, pack, numel: int, dtype, device) -> PendingGather:
+def sparse_all_gather_start(transfers: Sequence[Transfer], rank: int, pack, numel: int, dtype, device,
+                            stats: Optional[CommStats] = None) -> PendingGather:
     """Post spAG: each owner sends `pack(layer, expert)` (a flat tensor) to every extra holder.
 
     Returns at once; the received flat buffers are valid after `wait()`.
@@ -110,8 +113,9 @@ def sparse_all_gather_start(transfers: Sequence[Transfer], rank: int, pack, nume
             buf = pack(tr.layer, tr.expert)
             sent.append(buf)  # keep alive until the send completes
             ops.append(dist.P2POp(dist.isend, buf, tr.dst, tag=tr.tag))
-            STATS.spag += buf.numel() * buf.element_size()
-            STATS.messages += 1
+            if stats is not None:
+                stats.spag += buf.numel() * buf.element_size()
+                stats.messages += 1
         elif tr.dst == rank:
             buf = torch.empty(numel, dtype=dtype, device=device)
             recv[(tr.layer, tr.expert)] = buf
@@ -121,7 +125,8 @@ def sparse_all_gather_start(transfers: Sequence[Transfer], rank: int, pack, nume
     return pg
 
 
-def sparse_reduce_scatter(transfers: Sequence[Transfer], rank: int, grads: dict, numel: int, dtype, device) -> dict:
+def sparse_reduce_scatter(transfers: Sequence[Transfer], rank: int, grads: dict, numel: int, dtype, device,
+                          stats: Optional[CommStats] = None) -> dict:
     """spRS: every holder sends its gradient of a copy (`grads[(layer, expert)]`, flat) back to
     the owner; returns, on the owner, the list of received gradients by (layer, expert)."""
     ops, recv, sent = [], {}, []
@@ -130,8 +135,9 @@ def sparse_reduce_scatter(transfers: Sequence[Transfer], rank: int, grads: dict,
             g = grads[(tr.layer, tr.expert)].contiguous()
             sent.append(g)
             ops.append(dist.P2POp(dist.isend, g, tr.src, tag=tr.tag))
-            STATS.sprs += g.numel() * g.element_size()
-            STATS.messages += 1
+            if stats is not None:
+                stats.sprs += g.numel() * g.element_size()
+                stats.messages += 1
         elif tr.src == rank:
             buf = torch.empty(numel, dtype=dtype, device=device)
             recv.setdefault((tr.layer, tr.expert), []).append(buf)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,13 @@ def configure_accelerator(use_gpu: bool) -> None:
 
 def init_single_process_group(requested_backend: str, use_gpu: bool) -> None:
     """A 1-rank process group on loopback, for running the distributed code path alone."""
-    from parallel.testing import free_port
-
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
     dist.init_process_group(resolve_backend(requested_backend, use_gpu), rank=0, world_size=1,
                             init_method=f"tcp://127.0.0.1:{free_port()}")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a loopback rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

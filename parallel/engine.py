@@ -64,97 +64,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return out
 
 
-def build_engine(model: nn.Module, stage, parallel, passthrough: dict[str, Any], world_size: int,
-                 store=None):
-    """deepspeed.initialize with our optimizer and LR schedule. Returns the engine.
+def build_engine(model: nn.Module, stage, passthrough: dict[str, Any], world_size: int, strategy):
+    """deepspeed.initialize with our optimizer and LR schedule, as the expert strategy wants them
+    (its parameter groups and config changes; it is attached to the engine afterwards).
 
-    With an ExpertStore (ep/fssdp) the engine holds the dense parameters only; the store gets an
-    AdamW of its own with the same hyper-parameters, and gradient clipping uses the global norm
-    of both (see `ExpertClipping`).
-    """
+    `stage` carries the optimisation settings (optimizer, lr_schedule, steps, batch sizes,
+    grad_clip) and `stage.parallel` the ZeRO stage and device."""
     import deepspeed
 
+    parallel = stage.parallel
     opt_cfg = stage.optimizer
-    if parallel.expert_strategy == "deepspeed_moe":
-        from experts.ds_moe import ds_moe_param_groups  # expert groups DeepSpeed's ZeRO can find
-        groups = ds_moe_param_groups(model, opt_cfg.weight_decay)
-    else:
-        groups = param_groups(model, opt_cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=opt_cfg.lr,
-                                  betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
+    groups = strategy.param_groups(model, opt_cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
     sched_cfg, total = stage.lr_schedule, stage.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(sched_cfg, s, total))
     on_gpu = parallel.use_gpu and torch.cuda.is_available()
-    config = deepspeed_config(stage, parallel, passthrough, world_size, on_gpu)
-    if store is not None:
-        store.build_optimizer(opt_cfg.lr, opt_cfg.betas, opt_cfg.eps, opt_cfg.weight_decay)
-        if parallel.zero_stage == 0:
-            config["gradient_clipping"] = 0.0  # ExpertClipping clips dense and expert grads together
+    config = strategy.configure(deepspeed_config(stage, parallel, passthrough, world_size, on_gpu))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
-    if store is not None:
-        engine.moeforge_clipping = ExpertClipping(engine, store, stage.grad_clip)
+    strategy.attach(engine, opt_cfg)
     return engine
-
-
-class ExpertClipping:
-    """Global-norm gradient clipping over dense (DeepSpeed) and sharded expert (store) grads.
-
-    The global squared norm = dense part (replicated after DeepSpeed's reduction, counted once)
-    + the sum over ranks of each rank's owned experts. ZeRO 0: we clip both ourselves (DeepSpeed's
-    clipping is off). ZeRO 1/2: the dense gradients are partitioned inside DeepSpeed's optimizer,
-    so its norm function is wrapped to add the experts' part; DeepSpeed then clips the dense
-    gradients by the global norm and we clip the experts by the same.
-    """
-
-    def __init__(self, engine, store, max_norm: float):
-        import torch.distributed as dist
-
-        self.engine, self.store, self.max_norm = engine, store, float(max_norm or 0.0)
-        self.zero = engine.zero_optimization_stage()
-        self._dist = dist
-        self.expert_sq = 0.0
-        self.last_norm: float | None = None
-        if self.zero != 0:
-            opt = engine.optimizer
-            orig = opt.scaled_global_norm
-
-            def scaled_global_norm(*a, **kw):
-                dense = orig(*a, **kw)
-                total = torch.sqrt(dense.double() ** 2 + self.expert_sq).to(dense.dtype)
-                self.last_norm = float(total)
-                return total
-
-            opt.scaled_global_norm = scaled_global_norm
-
-    def _expert_sq(self) -> float:
-        sq = self.store.grad_sq_norm()
-        if self._dist.is_initialized():
-            self._dist.all_reduce(sq)
-        return float(sq)
-
-    def before_step(self, model: nn.Module) -> float | None:
-        """At the boundary micro-batch, after backward and spRS: returns the global norm (ZeRO 0)
-        and clips the dense gradients; ZeRO 1/2 hand the experts' part to DeepSpeed's norm."""
-        self.lr = float(self.engine.get_lr()[0])  # the LR this step uses (the scheduler moves in step())
-        self.expert_sq = self._expert_sq()
-        if self.zero != 0:
-            return None
-        dense_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
-        norm = (dense_sq + self.expert_sq) ** 0.5
-        self.last_norm = norm
-        coef = self.coef(norm)
-        if coef < 1.0:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return norm
-
-    def coef(self, norm: float | None) -> float:
-        if not self.max_norm or norm is None or not norm > self.max_norm:
-            return 1.0
-        return self.max_norm / (norm + 1e-6)
-
-    def after_step(self) -> None:
-        """Step the experts with the LR the dense step used and the same clip coefficient."""
-        self.store.step(self.lr, self.coef(self.last_norm))

@@ -2,7 +2,7 @@
 
 Everything here is a deterministic function of small integer/float arrays (numpy), with no
 torch.distributed: every rank computes the same answer from the same inputs, and the cluster
-simulator (`parallel.simulate`) runs the very same functions at 8-256 simulated GPUs.
+simulator (`parallel.simulator`) runs the very same functions at 8-256 simulated GPUs.
 
 Vocabulary (methods.md section 1, Hecate):
 * ownership P0: `owner_LE[l, e]` is the one rank that holds expert e of MoE layer l, its

@@ -168,7 +168,7 @@ def load_module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(files[0], map_location="cpu", weights_only=False)
     module = dict(state["module"])
     if (Path(ckpt) / "experts").is_dir():  # ep/fssdp: experts live in their own files
-        from parallel.expert_store import full_expert_weights
+        from system.expert_files import full_expert_weights
 
         moe_blocks = sorted({int(k.split(".")[1]) for k in module
                              if k.startswith("blocks.") and k.endswith(".ffn.router.weight")})

@@ -5,8 +5,9 @@ Token embedding -> N x [RMSNorm -> causal attention (RoPE, SDPA) -> RMSNorm -> F
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -151,34 +152,33 @@ class DenseFFN(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def _moe_ffn(cfg: ModelConfig, experts: ExpertsConfig, ds_moe: Optional[dict]) -> nn.Module:
-    if ds_moe is None:
-        return MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend)
-    from experts.ds_moe import DeepSpeedMoELayer  # DeepSpeed's own MoE layer (expert_strategy deepspeed_moe)
+# Builds a MoE feed-forward layer from the model and experts configs; the default is ours.
+MoEFactory = Callable[[ModelConfig, ExpertsConfig], nn.Module]
 
-    return DeepSpeedMoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, router=experts.router,
-                             init_std=cfg.init_std, **ds_moe)
+
+def default_moe_layer(cfg: ModelConfig, experts: ExpertsConfig) -> nn.Module:
+    return MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, experts: ExpertsConfig, ds_moe: Optional[dict] = None):
+    """Pre-norm attention and feed-forward (dense or MoE) with residuals.
+
+    `attention_hook`: a context manager entered around the attention (None: nothing). An expert
+    strategy sets it to start work that overlaps the attention (FSSDP posts the layer's
+    SparseAllGather there)."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, experts: ExpertsConfig, moe_factory: MoEFactory):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe
-        self.ffn = _moe_ffn(cfg, experts, ds_moe) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
+        self.ffn = moe_factory(cfg, experts) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
+        self.attention_hook: Optional[ContextManager] = None
 
     def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
-        store = getattr(self.ffn.experts, "store", None) if self.is_moe else None
-        t0 = None
-        if store is not None:
-            # Sharded experts post their SparseAllGather now, so it overlaps the attention.
-            self.ffn.experts.prefetch()
-            t0 = store.attention_clock()
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
-        if store is not None:
-            store.attention_done(t0)
+        with self.attention_hook or contextlib.nullcontext():
+            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
         h = self.ffn_norm(x_BTD)
         if self.is_moe:
             y, aux = self.ffn(h)
@@ -187,10 +187,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`ds_moe`: build DeepSpeed's MoE layer instead of ours, with these keyword arguments
-    (ep_size, capacity_factor, ...); torch.distributed must be up when ep_size > 1."""
+    """`moe_factory` builds each MoE layer (default: `experts.layer.MoELayer`); an expert
+    strategy may supply another with the same interface (DeepSpeed's MoE layer)."""
 
-    def __init__(self, cfg: ModelConfig, experts: Optional[ExpertsConfig] = None, ds_moe: Optional[dict] = None):
+    def __init__(self, cfg: ModelConfig, experts: Optional[ExpertsConfig] = None,
+                 moe_factory: Optional[MoEFactory] = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
@@ -198,7 +199,8 @@ class Transformer(nn.Module):
         self.experts_cfg = experts = experts or ExpertsConfig()
         moe_ids = set(cfg.moe_layer_ids())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, experts, ds_moe) for i in range(cfg.n_layers))
+        factory = moe_factory or default_moe_layer
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids, experts, factory) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()

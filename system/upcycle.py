@@ -46,7 +46,7 @@ class UpcycleConfig:
     seed: Optional[int] = None  # default: the run's seed
 
     def check(self) -> Iterator[tuple[str, str]]:
-        # `diversify` is a Literal: jobs.configtree rejects other values before check() runs.
+        # `diversify` is a Literal: system.configtree rejects other values before check() runs.
         if not (isinstance(self.fraction, (int, float)) and 0.0 <= self.fraction <= 1.0):
             yield "fraction", f"{self.fraction} must be in [0, 1]"
         if not (isinstance(self.noise_std, (int, float)) and math.isfinite(self.noise_std)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from jobs.configtree import deep_merge
+from system.configtree import deep_merge
 
 TINY_SPEC: dict[str, Any] = {
     "run": {"name": "tiny", "output_dir": "runs", "seed": 7},

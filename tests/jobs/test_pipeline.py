@@ -41,14 +41,15 @@ def _stage(rank: int, world: int, spec: dict, i: int) -> None:
 
 
 def run_pipeline(spec: dict) -> list[dict]:
+    from jobs.plan import plan_job
     from jobs.spec import parse_spec
     from system.metrics import read_jsonl
 
-    js = parse_spec(spec)
-    for i in range(len(js.stages)):
-        if not (js.run_dir() / "stages" / js.stages[i].name / "DONE.json").is_file():
-            run_distributed(_stage, js.stage_world_size(i), spec, i)
-    return read_jsonl(js.run_dir() / "metrics.jsonl")
+    plan = plan_job(parse_spec(spec))
+    for st in plan.stages:
+        if not (plan.run_dir / "stages" / st.name / "DONE.json").is_file():
+            run_distributed(_stage, st.world_size, spec, st.index)
+    return read_jsonl(plan.run_dir / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +118,22 @@ def test_offline_cache_holds_exactly_what_the_online_teacher_computes(offline_ru
     import torch
 
     from jobs.layout import RunLayout
+    from jobs.plan import plan_job
+    from jobs.sources import resolve_teacher
     from jobs.spec import parse_spec
-    from jobs.teacher import OfflineTeacher, OnlineTeacher, load_teacher
+    from parallel.teacher import OfflineTeacher, OnlineTeacher, load_teacher
     from system.data import PackedCorpus
 
     spec, _ = offline_run
-    js = parse_spec(spec)
-    layout = RunLayout(js.run_dir())
-    corpus = PackedCorpus.build(js.job_data())
-    model, what = load_teacher(js, 2, layout, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint,
-                               torch.device("cpu"))
+    plan = plan_job(parse_spec(spec))
+    layout = RunLayout(plan.run_dir)
+    corpus = PackedCorpus.build(plan.corpus)
+    teacher = resolve_teacher(plan, plan.stages[2], layout)
+    model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint,
+                               torch.device("cpu"), "distill.teacher")
     assert "continual" in what
     cache = next((layout.stage_dir("distill") / "teacher_topk").glob("*/manifest.json")).parent
-    cfg = js.stages[2].distill
+    cfg = plan.stages[2].distill
     names = list(corpus.domains)
     off = OfflineTeacher(cfg, names, corpus.train, cache)
     on = OnlineTeacher(cfg, names, model)

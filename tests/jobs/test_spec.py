@@ -9,9 +9,12 @@ import pytest
 import yaml
 
 from jobs.cli import EXIT_SPEC, main
-from jobs.configtree import SpecError
-from jobs.spec import (JobSpec, ModelConfig, ParallelSection, StageSection, dump_spec, load_spec,
-                       parse_spec)
+from system.configtree import SpecError
+from jobs.plan import plan_job
+from jobs.validate import check_job
+from jobs.schema import JobSpec, ParallelSection, StageSection
+from jobs.spec import dump_spec, load_spec, parse_spec, with_absolute_paths
+from system.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
@@ -239,7 +242,7 @@ def test_inconsistent_global_batch_size():
 def test_global_batch_size_uses_stage_world_size():
     ok = {"parallel": {"world_size": 2},
           "stages": [{"name": "a", "world_size": 3, "micro_batch_size": 2, "global_batch_size": 6}]}
-    assert parse_spec(ok).stage_world_size(0) == 3
+    assert plan_job(parse_spec(ok)).stages[0].world_size == 3
     bad = copy.deepcopy(ok)
     bad["stages"][0]["global_batch_size"] = 4
     msg = _only(bad, "stages[0].global_batch_size")
@@ -268,19 +271,19 @@ def test_expert_parallel_size_below_one():
 
 
 def test_jobspec_check_num_experts_and_stage_world_size_divisibility():
-    # JobSpec.check's own divisibility rules are exercised directly (ParallelSection.check would
+    # jobs.validate.check_job's own divisibility rules are exercised directly (ParallelSection.check would
     # reject expert_parallel_size > 1 with 'replicated' first).
     spec = JobSpec(model=ModelConfig(num_experts=6),
                    parallel=ParallelSection(world_size=4, expert_strategy="ep"),
                    stages=[StageSection(name="a", world_size=4)])
-    probs = dict(spec.check())
+    probs = dict(check_job(spec))
     assert "model.num_experts" in probs
     assert "6" in probs["model.num_experts"] and "4 expert-parallel ranks" in probs["model.num_experts"]
     assert "stages[0].world_size" not in probs
     spec = JobSpec(model=ModelConfig(num_experts=6),
                    parallel=ParallelSection(world_size=4, expert_strategy="deepspeed_moe", expert_parallel_size=4),
                    stages=[StageSection(name="a", world_size=6)])
-    probs = dict(spec.check())
+    probs = dict(check_job(spec))
     assert "expert_parallel_size=4" in probs["stages[0].world_size"]
 
 
@@ -469,7 +472,7 @@ def test_with_absolute_paths(tmp_path):
     spec = parse_spec({"run": {"output_dir": "out"},
                        "data": {"sources": [{"name": "t", "kind": "text", "paths": [str(data_file)]}]},
                        "stages": [{"name": "a"}, {"name": "b", "init_from": "a"}]})
-    fixed = spec.with_absolute_paths(tmp_path / "base")
+    fixed = with_absolute_paths(spec, tmp_path / "base")
     assert fixed.run.output_dir == str(tmp_path / "base" / "out")
     assert fixed.data.sources[0].paths == [str(data_file)]  # already absolute
     assert fixed.stages[1].init_from == "a"  # a stage name, not a path
@@ -484,10 +487,12 @@ def test_stage_overrides_merge_into_model_and_experts():
         experts={"router": {"kind": "dts", "dts": {"decay_steps": 50}}},
         stages=[{"name": "one", "model": {"num_experts": 1}, "experts": {"router": {"kind": "topk"}}},
                 {"name": "evo", "init_from": "one", "upcycle": {"diversify": "mask", "fraction": 0.25}}]))
-    assert spec.stage_model(0).num_experts == 1 and spec.stage_model(1).num_experts == 8
-    assert spec.stage_experts(0).router.kind == "topk"
-    assert spec.stage_experts(1).router.kind == "dts" and spec.stage_experts(1).router.dts.decay_steps == 50
-    assert spec.stage_model(0).top_k == 1  # untouched fields come from the top level
+    one, evo = plan_job(spec).stages
+    assert one.model.num_experts == 1 and evo.model.num_experts == 8
+    assert one.experts.router.kind == "topk"
+    assert evo.experts.router.kind == "dts" and evo.experts.router.dts.decay_steps == 50
+    assert one.model.top_k == 1  # untouched fields come from the top level
+    assert evo.init.kind == "stage" and evo.init.ref == "one" and evo.upcycle.diversify == "mask"
     assert spec.stages[1].upcycle.fraction == 0.25
 
 
@@ -544,7 +549,7 @@ def test_hf_init_from_mismatch_names_the_field(tmp_path):
 @pytest.mark.parametrize("strategy", ["ep", "fssdp"])
 def test_sharded_strategies_use_every_rank(strategy):
     spec = parse_spec(_spec(parallel={"world_size": 2, "expert_strategy": strategy}))
-    assert spec.stage_ep_size(0) == 2
+    assert plan_job(spec).stages[0].ep_size == 2
     msg = _only(_spec(parallel={"world_size": 4, "expert_strategy": strategy, "expert_parallel_size": 2}),
                 "parallel.expert_parallel_size")
     assert "all world_size=4 ranks" in msg
@@ -576,7 +581,8 @@ def test_replay_must_name_an_earlier_stage():
     assert "[0, 1)" in _only(_stages({"name": "a"}, {"name": "b", "data": {"replay": {"fraction": 1.0}}}),
                              "stages[1].data.replay.fraction")
     ok = parse_spec(_stages({"name": "a"}, {"name": "b", "data": {"replay": {"fraction": 0.25}}}))
-    assert ok.replay_stages(1) == ["a"] and ok.replay_stages(0) == []
+    a, b = plan_job(ok).stages
+    assert b.replay_stages == ("a",) and a.replay_stages == () and b.replay_fraction == 0.25
 
 
 def test_distill_teacher_must_exist_and_come_earlier():
@@ -616,9 +622,10 @@ def test_stage_parallel_override_and_eval_domains():
     spec = parse_spec({"parallel": {"world_size": 2},
                        "stages": [{"name": "a"}, {"name": "b", "parallel": {"expert_strategy": "ep"},
                                                   "world_size": 4}]})
-    assert spec.stage_parallel(0).expert_strategy == "replicated"
-    assert spec.stage_parallel(1).expert_strategy == "ep" and spec.stage_parallel(1).world_size == 4
-    assert spec.stage_ep_size(1) == 4 and spec.stage_world_size(1) == 4
+    a, b = plan_job(spec).stages
+    assert a.parallel.expert_strategy == "replicated"
+    assert b.parallel.expert_strategy == "ep" and b.parallel.world_size == 4
+    assert b.ep_size == 4 and b.world_size == 4 and b.global_batch_size == 4 * b.micro_batch_size
     assert "zero_stage" in " ".join(_problems(_stages({"name": "a", "parallel": {"zero_stage": 5}})))
     assert "not a data source" in _only(_stages({"name": "a", "eval_domains": ["klingon"]}),
                                         "stages[0].eval_domains[0]")
@@ -633,5 +640,7 @@ def test_a_source_name_means_one_corpus_across_stages():
     ok = {"data": data, "stages": [{"name": "a"}, {"name": "b", "data": {"sources": [
         {"name": "english_docs", "max_documents": 30, "weight": 2.0}, {"name": "python_code"}]}}]}
     spec = parse_spec(ok)
-    assert [s.name for s in spec.job_data().sources] == ["english_docs", "python_code"]
-    assert spec.stage_eval_domains(0) == ["english_docs", "python_code"]
+    plan = plan_job(spec)
+    assert [s.name for s in plan.corpus.sources] == ["english_docs", "python_code"]
+    assert plan.stages[0].eval_domains == ("english_docs", "python_code")
+    assert plan.stages[1].new_domains == ("english_docs", "python_code")

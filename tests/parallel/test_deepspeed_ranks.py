@@ -71,11 +71,12 @@ def test_multi_rank_matches_single_process(tmp_path, reference, world, zero):
 
 
 def _initial_weights(spec: dict) -> dict[str, torch.Tensor]:
+    from jobs.plan import plan_job
     from jobs.spec import parse_spec
     from jobs.stage_runner import build_model
 
     torch.manual_seed(parse_spec(spec).run.seed)
-    m = build_model(parse_spec(spec), 257)
+    m = build_model(plan_job(parse_spec(spec)).stages[0], 257)
     return {k: v.detach() for k, v in m.state_dict().items()}
 
 

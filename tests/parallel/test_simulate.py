@@ -11,7 +11,7 @@ import pytest
 
 from jobs.cli import EXIT_SPEC, main
 from parallel import placement
-from parallel import simulate as sim
+from parallel import simulator as sim
 
 ROOT = Path(__file__).resolve().parents[2]
 

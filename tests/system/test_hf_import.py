@@ -197,17 +197,21 @@ def test_hf_directory_as_a_distillation_teacher(hf_dirs, kind, tmp_path):
     """A distill stage's teacher from a HF directory: the dense converted model, frozen, whose
     logits (and so its top-k) equal the HF model's."""
     from jobs.layout import RunLayout
+    from jobs.plan import plan_job
+    from jobs.sources import resolve_teacher
     from jobs.spec import parse_spec
-    from jobs.teacher import OnlineTeacher, load_teacher
+    from parallel.teacher import OnlineTeacher, load_teacher
 
     path = hf_dirs[kind]
     spec = parse_spec({"model": {"vocab_size": V}, "stages": [
         {"name": "s", "kind": "distill", "distill": {"teacher": str(path), "top_k": 5}}]})
-    model, what = load_teacher(spec, 0, RunLayout(tmp_path), V, "any", torch.device("cpu"))
+    plan = plan_job(spec)
+    teacher = resolve_teacher(plan, plan.stages[0], RunLayout(tmp_path))
+    model, what = load_teacher(teacher, V, "any", torch.device("cpu"), "s.distill.teacher")
     assert str(path) in what and not any(p.requires_grad for p in model.parameters())
     ids = _ids()
     ref = _hf_logits(path, ids)
     t = OnlineTeacher(spec.stages[0].distill, ["d"], model).train_teacher({"input_ids": ids})
     torch.testing.assert_close(t.logp_NK, torch.log_softmax(ref, -1).topk(5, -1).values, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="predicts over"):
-        load_teacher(spec, 0, RunLayout(tmp_path), V + 1, "any", torch.device("cpu"))
+        load_teacher(teacher, V + 1, "any", torch.device("cpu"), "s.distill.teacher")

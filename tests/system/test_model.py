@@ -10,7 +10,7 @@ import torch
 from experts.config import BalancingConfig
 from experts.layer import MoELayer
 from experts.losses import load_balancing_loss, router_z_loss
-from jobs.configtree import SpecError
+from system.configtree import SpecError
 from jobs.spec import parse_spec
 from system.losses import lm_cross_entropy, training_loss
 from system.model import DenseFFN, ModelConfig, Transformer

@@ -1,8 +1,10 @@
-"""The training loop of one stage, over a DeepSpeed-like engine.
+"""The training loop of one stage, over a DeepSpeed-like engine and an expert strategy.
 
 The engine is duck-typed (`__call__`, `backward`, `step`, `save_checkpoint`,
 `load_checkpoint`, `get_lr`, `get_global_grad_norm`), so this module never imports
-deepspeed; `parallel.engine` builds the real one.
+deepspeed; `parallel.engine` builds the real one. Everything that depends on how experts are
+laid out over the ranks goes through the strategy (`parallel.strategy`): this loop has no
+branch on it.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ class TrainerHooks:
 
 
 class Trainer:
-    def __init__(self, *, engine, model, stream, holdout_batches: Callable[[], dict[str, Sequence[dict]]],
+    def __init__(self, *, engine, model, strategy, stream, holdout_batches: Callable[[], dict[str, Sequence[dict]]],
                  stage, balancing, stage_name: str, sinks: Sequence[MetricSink], ckpt: CheckpointManager,
                  manifest_base: dict[str, Any], log_every: int = 1, hooks: TrainerHooks = TrainerHooks(),
                  teacher=None, domain_groups: Optional[dict[str, list[str]]] = None):
@@ -80,7 +82,7 @@ class Trainer:
         self.rank, self.world = pdist.rank(), pdist.world_size()
         self.state = StageState(data_start=stream.position, data=stream.state_dict())
         self.device = next(model.parameters()).device
-        self.store = getattr(model, "expert_store", None)  # ep/fssdp: sharded experts
+        self.strategy = strategy  # parallel.strategy.ExpertStrategy
         self.teacher = teacher  # distill stages: jobs.teacher.TeacherSource
         self.domain_groups = domain_groups or {}  # {"new": [...], "old": [...]} for the cl/ metrics
         names = getattr(getattr(stream, "sampler", None), "domains", [])
@@ -89,8 +91,7 @@ class Trainer:
     # -- resume -------------------------------------------------------------------
     def resume(self, ckpt_dir) -> None:
         client = self.ckpt.load(self.engine, ckpt_dir)
-        if self.store is not None:
-            self.store.load(ckpt_dir)
+        self.strategy.load(ckpt_dir)
         st = client["moeforge"]
         self.state = StageState(**st)
         self.stream.load_state_dict(st["data"])
@@ -112,8 +113,7 @@ class Trainer:
         grad_norm = None
         moe = self._moe_layers()
         self._set_routing_step(self.state.step)
-        if self.store is not None:
-            self.store.begin_iteration(self.state.step)
+        self.strategy.begin_step(self.state.step)
         pos0 = self.stream.position
         batches = [self.stream.next_microbatch() for _ in range(n_micro)]
         gbuf = GlobalCountBuffer(n_micro, self.bal.global_accumulation) if self.bal.lbl == "global_batch" else None
@@ -132,15 +132,10 @@ class Trainer:
             distill = self.teacher.objective(batch) if self.teacher is not None else None
             loss, parts = training_loss(out, labels, self.bal, counts_override=override, distill=distill)
             self.engine.backward(loss)
-            boundary = micro == n_micro - 1
-            if boundary and self.store is not None:
-                self.store.reduce_grads()  # SparseReduceScatter copies -> owners, average over ranks
-                grad_norm = self.engine.moeforge_clipping.before_step(self.model)
-            elif boundary:
-                grad_norm = self._grad_norm_before_step()
-            self.engine.step()
-            if boundary and self.store is not None:
-                self.engine.moeforge_clipping.after_step()
+            if micro == n_micro - 1:  # the accumulation boundary: reduce, clip, update
+                grad_norm = self.strategy.optimizer_step(self.engine, self.model)
+            else:
+                self.engine.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             for i, a in enumerate(out.moe_aux):
@@ -159,8 +154,8 @@ class Trainer:
             step_counts = None
         if step_counts is not None and self.bal.aux_free:
             self._update_expert_bias(step_counts)
-        if step_counts is not None and self.store is not None:
-            self.store.observe(step_counts)
+        if step_counts is not None:
+            self.strategy.observe(step_counts)
         # Reduce for logging only: the mean of each loss part and routing scalar over ranks
         # and micro-batches.
         keys = sorted(sums)
@@ -181,8 +176,7 @@ class Trainer:
             "tokens_per_s": tokens_local * self.world / dt,
             "step_time_s": dt,
         }
-        if self.store is not None:
-            rec.update(self._store_metrics())
+        rec.update(self.strategy.step_metrics())
         if self._replay_ids:
             rec.update(self._replay_metrics(pos0, self.stream.position))
         for i, layer in enumerate(moe):
@@ -203,22 +197,6 @@ class Trainer:
         self.state.replay_drawn += n_replay
         return {"data/replay_fraction": n_replay / max(1, len(doms)),
                 "data/replay_fraction_total": self.state.replay_drawn / max(1, self.state.drawn)}
-
-    def _store_metrics(self) -> dict[str, Any]:
-        """Expert-parallel figures of the step: bytes moved (all ranks), the straggler ratio
-        (busiest rank's expert rows / mean, averaged over layers and micro-batches), copies and
-        memory; `ep/...` for both ep and fssdp."""
-        from parallel.collectives import STATS
-
-        st = self.store
-        byt = pdist.all_reduce_sum(torch.tensor([float(v) for v in STATS.as_dict().values()], dtype=torch.float64))
-        mem = st.memory()
-        out = {f"ep/bytes_{k}": float(v) for k, v in zip(STATS.as_dict(), byt.tolist())}
-        out.update({"ep/straggler": st.straggler_ratio(), "ep/copies": float(len(st.plan.copies())),
-                    "ep/expert_bytes_rank": float(mem["param_bytes"] + mem["optimizer_bytes"]),
-                    "ep/peak_copies_rank": float(mem["peak_copies"]), "ep/reshards": float(st.reshards),
-                    "ep/overlap_budget": float(st.t_budget)})
-        return out
 
     def _moe_layers(self) -> list:
         fn = getattr(self.model, "moe_layers", None)
@@ -252,31 +230,6 @@ class Trainer:
             layer.expert_bias.copy_(aux_free_bias_update(layer.expert_bias, c.to(layer.expert_bias.device),
                                                          self.bal.bias_update_rate))
 
-    def _grad_norm_before_step(self) -> Optional[float]:
-        """The global gradient norm before clipping, where the grads are whole on every rank.
-
-        Without ZeRO, DeepSpeed has all-reduced the gradients in the boundary `backward`, so
-        each rank holds the full averaged gradient; with ZeRO the engine reports the norm itself.
-        """
-        if self.engine.zero_optimization_stage() != 0:
-            return None  # the engine reports it
-        if getattr(self.engine, "has_moe_layers", False):
-            # DeepSpeed MoE: expert grads differ per rank; each expert sits on world/ep ranks.
-            dense = expert = 0.0
-            for p in self.model.parameters():
-                if p.grad is None:
-                    continue
-                sq = float(p.grad.double().pow(2).sum())
-                if getattr(p, "allreduce", True) is False:
-                    expert += sq
-                else:
-                    dense += sq
-            ep = max(getattr(layer, "ep_size", 1) for layer in self._moe_layers()) if self._moe_layers() else 1
-            expert = float(pdist.all_reduce_sum(torch.tensor(expert, dtype=torch.float64))) * ep / self.world
-            return math.sqrt(dense + expert)
-        sq = sum(float(p.grad.float().pow(2).sum()) for p in self.model.parameters() if p.grad is not None)
-        return math.sqrt(sq)
-
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -295,9 +248,9 @@ class Trainer:
             for domain, batches in all_batches.items():
                 tot = torch.zeros(3, dtype=torch.float64)
                 counts = None
-                # Sharded experts need every rank in every forward: ranks short of a batch
-                # repeat one and do not count it.
-                n_rounds = -(-len(batches) // self.world) if self.store is not None else None
+                # Strategies with collectives in the forward need every rank in every forward:
+                # ranks short of a batch repeat one and do not count it.
+                n_rounds = -(-len(batches) // self.world) if self.strategy.joins_every_forward else None
                 for i, b in self._eval_batches_of_rank(batches, n_rounds):
                     res = self.model(b["input_ids"].to(self.device))
                     if i is None:
@@ -362,8 +315,8 @@ class Trainer:
                     # e.g. "constant": a later stage may continue from here without re-warming
                     "lr_phase": lr_phase(self.stage.lr_schedule, self.state.step, self.stage.steps),
                     "lr": float(self.engine.get_lr()[0])}
-        extra = self.store.save if self.store is not None else None
-        self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest, extra=extra)
+        self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest,
+                       extra=self.strategy.save)
 
     # -- the loop -----------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

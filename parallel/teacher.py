@@ -11,68 +11,58 @@ import hashlib
 from abc import ABC, abstractmethod
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
-from jobs.layout import RunLayout
-from jobs.spec import JobSpec, parse_spec
-from jobs.stage_runner import final_checkpoint
+from experts.config import ExpertsConfig
 from parallel import dist as pdist
-from system.checkpoint import atomic_write_text, read_manifest, resolve_checkpoint
+from system.checkpoint import atomic_write_text
 from system.distill import TopKTeacher, agreement, teacher_topk
-from system.hf_import import hf_model_config_fields, is_hf_model_dir
 from system.model import ModelConfig, Transformer
 from system.upcycle import init_model_from
 
 
-def load_teacher(spec: JobSpec, stage_index: int, layout: RunLayout, vocab_size: int,
-                 tokenizer_fp: str, device: torch.device) -> tuple[Transformer, str]:
-    """The teacher model (eval mode, no gradients) and a string naming exactly what was loaded."""
-    from experts.config import ExpertsConfig
+@dataclass(frozen=True)
+class ResolvedTeacher:
+    """A distill stage's teacher, resolved by the job: what to load and the model it is.
 
-    ref = spec.stages[stage_index].distill.teacher
-    names = [s.name for s in spec.stages[:stage_index]]
-    where = f"stages[{stage_index}].distill.teacher"
+    `source`: a checkpoint directory (an earlier stage's final one, or a user's) or a Hugging
+    Face model directory; `key_ref`: what names it in the offline cache's key; `tokenizer`: the
+    tokenizer fingerprint a user checkpoint was trained with (None: this job's, or a HF dir)."""
+
+    source: Path
+    model: ModelConfig
+    experts: ExpertsConfig
+    key_ref: str
+    tokenizer: Optional[str] = None
+
+
+def load_teacher(teacher: ResolvedTeacher, vocab_size: int, tokenizer_fp: str, device: torch.device,
+                 where: str) -> tuple[Transformer, str]:
+    """The teacher model (eval mode, no gradients) and a string naming exactly what was loaded."""
     routing_step = 1 << 30  # a DTS teacher routes with its final, hard gate
-    if ref in names:
-        j = names.index(ref)
-        ckpt = final_checkpoint(layout, ref, where)
-        mcfg, ecfg = spec.stage_model(j), spec.stage_experts(j)
-        source: Any = ckpt
-    elif is_hf_model_dir(ref):
-        fields = hf_model_config_fields(ref)
-        mcfg, ecfg = ModelConfig(**{**fields, "moe_layers": "none"}), ExpertsConfig()
-        source = ckpt = Path(ref)
-    else:
-        ckpt = resolve_checkpoint(ref)
-        man = read_manifest(ckpt)
-        if man.get("tokenizer") != tokenizer_fp:
-            raise ValueError(f"{where}: {ckpt} was trained with tokenizer {man.get('tokenizer')!r}, this job "
-                             f"uses {tokenizer_fp!r}; the teacher must share the student's vocabulary")
-        tspec = parse_spec(man["spec"], f"{ckpt} manifest")
-        tnames = [s.name for s in tspec.stages]
-        if man.get("stage") not in tnames:
-            raise ValueError(f"{where}: {ckpt}'s manifest names stage {man.get('stage')!r}, not in its spec")
-        j = tnames.index(man["stage"])
-        mcfg, ecfg = tspec.stage_model(j), tspec.stage_experts(j)
-        source = ckpt
+    if teacher.tokenizer is not None and teacher.tokenizer != tokenizer_fp:
+        raise ValueError(f"{where}: {teacher.source} was trained with tokenizer {teacher.tokenizer!r}, this job "
+                         f"uses {tokenizer_fp!r}; the teacher must share the student's vocabulary")
+    mcfg = teacher.model
     if mcfg.vocab_size is None:
         mcfg = replace(mcfg, vocab_size=vocab_size)
     if mcfg.vocab_size != vocab_size:
         raise ValueError(f"{where}: the teacher predicts over {mcfg.vocab_size} ids, the student over "
                          f"{vocab_size}; distillation compares them token by token")
-    model = Transformer(mcfg, ecfg)
-    init_model_from(model, source)
+    model = Transformer(mcfg, teacher.experts)
+    init_model_from(model, teacher.source)
     model.set_routing_step(routing_step)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     n = sum(p.numel() for p in model.parameters())
-    return model, f"{ckpt} ({n / 1e6:.2f}M parameters, {mcfg.num_experts if mcfg.moe_layer_ids() else 0} experts)"
+    return model, (f"{teacher.source} ({n / 1e6:.2f}M parameters, "
+                   f"{mcfg.num_experts if mcfg.moe_layer_ids() else 0} experts)")
 
 
 class TeacherSource(ABC):
@@ -246,16 +236,16 @@ def cache_is_complete(cache_dir: Path, key: str) -> bool:
         return False
 
 
-def build_teacher_source(spec: JobSpec, stage_index: int, layout: RunLayout, corpus, views: Mapping[str, Any],
+def build_teacher_source(stage, teacher: ResolvedTeacher, cache_root: Path, corpus, views: Mapping[str, Any],
                          sampler, student: Transformer, eval_domains: list[str]) -> TeacherSource:
-    """The stage's teacher: online, or offline with its cache written first when missing."""
-    stage = spec.stages[stage_index]
+    """The stage's teacher: online, or offline with its cache (under `cache_root`) written first
+    when missing. `stage` gives the name, steps, batch sizes and the `distill` section."""
     cfg = stage.distill
     device = next(student.parameters()).device
     rank = pdist.rank()
+    where = f"stages[{stage.index}].distill.teacher"
     if cfg.mode == "online":
-        model, what = load_teacher(spec, stage_index, layout, corpus.tokenizer.vocab_size,
-                                   corpus.tokenizer.fingerprint, device)
+        model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where)
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: teacher {what}, online, {cfg.divergence}"
                   + (f", top-{cfg.top_k}" if cfg.top_k else ", full logits"), flush=True)
@@ -267,18 +257,14 @@ def build_teacher_source(spec: JobSpec, stage_index: int, layout: RunLayout, cor
         work[("holdout", d)] = np.arange(n, dtype=np.int64)
     arrays = {("train", s): corpus.train[s] for s in corpus.domains}
     arrays.update({("holdout", s): corpus.holdout[s] for s in corpus.domains})
-    teacher_ref = spec.stages[stage_index].distill.teacher
-    ref_ckpt = str(final_checkpoint(layout, teacher_ref, "distill.teacher")) if teacher_ref in \
-        [s.name for s in spec.stages[:stage_index]] else str(Path(teacher_ref).absolute())
     key = hashlib.sha256(json.dumps(
-        {"teacher": ref_ckpt, "k": cfg.top_k, "T": cfg.temperature, "tok": corpus.tokenizer.fingerprint,
+        {"teacher": teacher.key_ref, "k": cfg.top_k, "T": cfg.temperature, "tok": corpus.tokenizer.fingerprint,
          "seq": corpus.seq_len, "work": {f"{a}/{b}": hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
                                          for (a, b), v in sorted(work.items())}}, sort_keys=True).encode()
     ).hexdigest()[:20]
-    cache_dir = layout.teacher_cache(stage.name) / key
+    cache_dir = cache_root / key
     if not cache_is_complete(cache_dir, key):
-        model, what = load_teacher(spec, stage_index, layout, corpus.tokenizer.vocab_size,
-                                   corpus.tokenizer.fingerprint, device)
+        model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where)
         n = sum(len(v) for v in work.values())
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: writing the teacher's top-{cfg.top_k} log-probs for {n} "

@@ -15,7 +15,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from experts.backends import swiglu  # noqa: E402
 from experts.config import BalancingConfig, RouterConfig  # noqa: E402
-from experts.ds_moe import DeepSpeedMoELayer, ds_moe_param_groups, tokens_dropped  # noqa: E402
+from parallel.ds_moe import DeepSpeedMoELayer, ds_moe_param_groups, tokens_dropped  # noqa: E402
 from experts.losses import load_balancing_loss, router_z_loss  # noqa: E402
 from parallel.testing import run_distributed  # noqa: E402
 

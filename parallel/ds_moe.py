@@ -61,6 +61,7 @@ from torch import nn
 from experts.backends import swiglu
 from experts.config import RouterConfig
 from experts.layer import MoEAux
+from parallel.engine import param_groups
 
 
 class SwiGLUExpert(nn.Module):
@@ -231,8 +232,6 @@ def ds_moe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     `moeforge_name` (expert_decay, expert_no_decay). Groups left empty are dropped.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    from parallel.engine import param_groups
 
     groups = param_groups(model, weight_decay)
     for g in groups:

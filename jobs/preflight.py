@@ -1,0 +1,93 @@
+"""Pre-flight: the checks of a job spec that read files, run before anything launches.
+
+`jobs.validate` holds the pure cross-field rules; this module looks at the disk: data files,
+the tokenizer directory, `init_from` and teacher directories, a Hugging Face `config.json`'s
+compatibility with the stage's model, and a teacher checkpoint's vocabulary from its manifest.
+`moeforge validate` and `moeforge run` run it on the driver; workers do not repeat it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+from jobs.schema import JobSpec
+from jobs.validate import stage_cfgs, stage_vocab_size, vocab_problem
+from system.configtree import SpecError
+from system.data.config import SourceConfig
+
+Problems = Iterator[tuple[str, str]]
+
+
+def preflight(spec: JobSpec) -> Problems:
+    names = [s.name for s in spec.stages]
+    for i, st in enumerate(spec.stages):
+        p = f"stages[{i}]"
+        earlier = names[:i]
+        if st.init_from is not None and st.init_from not in names and not Path(st.init_from).is_dir():
+            yield f"{p}.init_from", (f"{st.init_from!r} is neither an earlier stage "
+                                     f"({earlier or 'none'}) nor an existing checkpoint directory")
+        if st.data.sources is not None:
+            yield from _check_sources(st.data.sources, f"{p}.data.sources")
+        if st.init_from is not None and st.init_from not in names:
+            yield from _check_hf_init(spec, i)
+        t = st.distill.teacher if st.kind == "distill" else None
+        if t and t not in names:
+            if not Path(t).is_dir():
+                yield f"{p}.distill.teacher", (f"{t!r} is neither an earlier stage ({earlier or 'none'}) "
+                                               "nor an existing checkpoint or Hugging Face model directory")
+            else:
+                yield from _check_teacher_dir(spec, i, t)
+    yield from _check_sources(spec.data.sources, "data.sources")
+    tok = spec.data.tokenizer
+    if tok.kind == "hf" and tok.path and not Path(tok.path).is_dir():
+        yield "data.tokenizer.path", f"{tok.path!r} is not a directory"
+
+
+def _check_sources(sources: list[SourceConfig], path: str) -> Problems:
+    for j, src in enumerate(sources):
+        for k, f in enumerate(src.paths):
+            if not Path(f).exists():
+                yield f"{path}[{j}].paths[{k}]", f"{f!r} does not exist"
+
+
+def _check_hf_init(spec: JobSpec, i: int) -> Problems:
+    from system.hf_import import check_hf_compat, is_hf_model_dir
+
+    ref = spec.stages[i].init_from
+    mcfg, _ = stage_cfgs(spec, i)
+    if mcfg is None or not (Path(ref).is_dir() and is_hf_model_dir(ref)):
+        return
+    try:
+        hf_problems = check_hf_compat(ref, mcfg)
+    except ValueError as e:
+        hf_problems = [("", str(e))]
+    for _key, msg in hf_problems:
+        yield f"stages[{i}].init_from", msg
+
+
+def teacher_dir_vocab(ref: str) -> tuple[Optional[int], str]:
+    """(vocabulary, where it was read) of a teacher directory: a HF model's config.json or a
+    checkpoint's manifest spec; raises ValueError/KeyError/OSError/SpecError when unreadable."""
+    from system.checkpoint import read_manifest, resolve_checkpoint
+    from system.hf_import import hf_model_config_fields, is_hf_model_dir
+
+    if is_hf_model_dir(ref):
+        return hf_model_config_fields(ref).get("vocab_size"), f"{ref}/config.json"
+    from jobs.spec import parse_spec
+
+    ck = resolve_checkpoint(ref)
+    man = read_manifest(ck)
+    tspec = parse_spec(man["spec"], f"{ck}/manifest spec", preflight=False)
+    tnames = [s.name for s in tspec.stages]
+    if man.get("stage") not in tnames:
+        return None, ""
+    return stage_vocab_size(tspec, tnames.index(man["stage"])), f"checkpoint {ck}"
+
+
+def _check_teacher_dir(spec: JobSpec, i: int, ref: str) -> Problems:
+    try:
+        teacher, where = teacher_dir_vocab(ref)
+    except (ValueError, KeyError, OSError, SpecError) as e:
+        yield f"stages[{i}].distill.teacher", f"{ref!r} cannot be read as a teacher: {e}"
+        return
+    yield from vocab_problem(spec, i, teacher, where)

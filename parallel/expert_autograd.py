@@ -1,0 +1,74 @@
+"""The autograd pieces of sharded experts: pool rows as views, and rematerialization's free/refill."""
+from __future__ import annotations
+
+import torch
+
+
+class _PoolRows(torch.autograd.Function):
+    """pool[idx] whose backward adds straight into pool.grad (index_add_), instead of building a
+    pool-sized zero gradient per MoE layer and per micro-batch for autograd to sum."""
+
+    @staticmethod
+    def forward(ctx, pool, idx):
+        ctx.pool, ctx.idx = pool, idx
+        n = idx.numel()
+        ctx.start = int(idx[0]) if n and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + n,
+                                                                     device=idx.device)).all()) else None
+        if ctx.start is not None:  # a contiguous run of slots (the usual case): a view, no copy
+            return pool.detach().narrow(0, ctx.start, n)
+        return pool.detach().index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        pool = ctx.pool
+        if pool.grad is None:
+            pool.grad = torch.zeros_like(pool)
+        if ctx.start is not None:
+            pool.grad.narrow(0, ctx.start, ctx.idx.numel()).add_(g.to(pool.grad.dtype))
+        else:
+            pool.grad.index_add_(0, ctx.idx, g.to(pool.grad.dtype))
+        return None, None
+
+
+class _ReleaseAfterBackward(torch.autograd.Function):
+    """Identity on a copy's weights; its backward runs once the expert computation's backward has
+    used them and frees their storage again (rematerialization keeps copies resident only while
+    their layer computes)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.w = w
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.w.untyped_storage().resize_(0)
+        return g
+
+
+class _Refill(torch.autograd.Function):
+    """Identity in the forward pass; in the backward pass, gathers the layer's copies again
+    (rematerialization) before the expert computation's backward needs them."""
+
+    @staticmethod
+    def forward(ctx, y, store, layer):
+        ctx.store, ctx.layer = store, layer
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.store.refill_layer(ctx.layer)
+        return g, None, None
+
+
+def pool_rows(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """pool[idx] (a view when contiguous) whose gradient adds into pool.grad."""
+    return _PoolRows.apply(pool, idx)
+
+
+def release_after_backward(w: torch.Tensor) -> torch.Tensor:
+    return _ReleaseAfterBackward.apply(w)
+
+
+def refill_before_backward(y: torch.Tensor, store, layer: int) -> torch.Tensor:
+    return _Refill.apply(y, store, layer)

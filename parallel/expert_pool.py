@@ -1,0 +1,225 @@
+"""The expert pool of `ep` and `fssdp`: this rank's owned experts, their AdamW and their files.
+
+Three tensors (S, D, F) / (S, F, D) of S = L*E/N slots shared by all MoE layers, so every rank
+keeps the same number of expert slots whatever heterogeneous sharding does. The pool is outside
+the module tree: DeepSpeed never sees, reduces or steps expert parameters; the pool has its own
+AdamW (one copy of every expert's optimizer state in the world), moves rows and moments when
+ownership changes (`reshard`), and writes its own checkpoint files (`system.expert_files`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.collectives import CommStats
+from parallel.placement import Ownership, moves
+from system.expert_files import read_expert_files, write_expert_file
+
+WEIGHT_NAMES = ("w1", "w3", "w2")
+
+
+class ExpertPool:
+    def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
+                 dtype=torch.float32, device="cpu", group=None):
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.L, self.E, self.D, self.F = num_layers, num_experts, d_model, d_expert
+        self.strategy = strategy
+        self.dtype, self.device = dtype, torch.device(device)
+        self.comm = CommStats()  # bytes this rank sent in this step, by collective
+        self.own = Ownership.even(num_layers, num_experts, self.world)
+        S = self.own.slots_per_rank
+        self.w1 = nn.Parameter(torch.zeros(S, d_model, d_expert, dtype=dtype, device=self.device))
+        self.w3 = nn.Parameter(torch.zeros(S, d_model, d_expert, dtype=dtype, device=self.device))
+        self.w2 = nn.Parameter(torch.zeros(S, d_expert, d_model, dtype=dtype, device=self.device))
+        for p in self.params():
+            p.moeforge_expert = True
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.reshards = 0
+
+    # -- basic views ------------------------------------------------------------------------
+    def params(self) -> list[nn.Parameter]:
+        return [self.w1, self.w3, self.w2]
+
+    @property
+    def expert_numel(self) -> int:
+        return 3 * self.D * self.F
+
+    def owner(self, l: int, e: int) -> int:
+        return int(self.own.owner_LE[l, e])
+
+    def slot(self, l: int, e: int) -> int:
+        return int(self.own.slot_LE[l, e])
+
+    def pack(self, l: int, e: int) -> torch.Tensor:
+        s = self.slot(l, e)
+        return torch.cat([self.w1[s].detach().reshape(-1), self.w3[s].detach().reshape(-1),
+                          self.w2[s].detach().reshape(-1)])
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.D * self.F
+        return (flat[:n].view(self.D, self.F), flat[n:2 * n].view(self.D, self.F), flat[2 * n:].view(self.F, self.D))
+
+    # -- building ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_full_layer(self, l: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        """Take this rank's experts of layer l from full (E, ...) tensors."""
+        for e in range(self.E):
+            if self.owner(l, e) == self.rank:
+                s = self.slot(l, e)
+                self.w1[s].copy_(w1[e])
+                self.w3[s].copy_(w3[e])
+                self.w2[s].copy_(w2[e])
+
+    def build_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
+        self.optimizer = torch.optim.AdamW([{"params": self.params(), "weight_decay": weight_decay,
+                                             "name": "expert_sharded"}], lr=lr, betas=tuple(betas), eps=eps)
+
+    # -- the update ---------------------------------------------------------------------------
+    def grad_sq_norm(self) -> torch.Tensor:
+        """This rank's owned experts' squared gradient norm (sum over ranks = experts' share)."""
+        return sum((p.grad.double().pow(2).sum() for p in self.params() if p.grad is not None),
+                   torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def step(self, lr: float, clip_coef: float = 1.0) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("ExpertStore.step before build_optimizer")
+        if clip_coef < 1.0:
+            for p in self.params():
+                if p.grad is not None:
+                    p.grad.mul_(clip_coef)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- heterogeneous sharding -------------------------------------------------------------------
+    @torch.no_grad()
+    def reshard(self, new: Ownership) -> int:
+        """Move ownership (parameters and Adam moments) to `new`; returns experts moved."""
+        mv = moves(self.own, new)
+        if not mv:
+            return 0
+        tensors = self._slot_tensors()
+        ops, outgoing, incoming = [], [], []
+        for i, (l, e, src, s_slot, dst, d_slot) in enumerate(mv):
+            tag = l * self.E + e
+            if src == self.rank:
+                buf = torch.cat([t[s_slot].reshape(-1) for t in tensors])
+                outgoing.append(buf)
+                self.comm.reshard += buf.numel() * buf.element_size()
+                if dst == self.rank:
+                    incoming.append((d_slot, buf))
+                else:
+                    ops.append(dist.P2POp(dist.isend, buf, dst, tag=tag))
+            elif dst == self.rank:
+                buf = torch.empty(sum(t[0].numel() for t in tensors), dtype=self.dtype, device=self.device)
+                incoming.append((d_slot, buf))
+                ops.append(dist.P2POp(dist.irecv, buf, src, tag=tag))
+        for w in (dist.batch_isend_irecv(ops) if ops else []):
+            w.wait()
+        for d_slot, buf in incoming:  # after every send has left, so no slot is overwritten early
+            off = 0
+            for t in tensors:
+                n = t[0].numel()
+                t[d_slot].copy_(buf[off:off + n].view_as(t[d_slot]))
+                off += n
+        self.own = new
+        self.reshards += 1
+        return len(mv)
+
+    def _slot_tensors(self) -> list[torch.Tensor]:
+        out = list(self.params())
+        if self.optimizer is not None:
+            for p in self.params():
+                st = self.optimizer.state.get(p)
+                if st:
+                    out += [st["exp_avg"], st["exp_avg_sq"]]
+        return out
+
+    # -- memory ---------------------------------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of this rank's owned expert parameters and their optimizer state."""
+        params = sum(p.numel() * p.element_size() for p in self.params())
+        opt = 0
+        if self.optimizer is not None:
+            for p in self.params():
+                for v in self.optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v):
+                        opt += v.numel() * v.element_size()
+        return {"owned_experts": self.own.slots_per_rank, "param_bytes": params, "optimizer_bytes": opt}
+
+    # -- full weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def full_layer(self, l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer l's (E, ...) weights of every expert, assembled on every rank (a collective)."""
+        out = [torch.zeros((self.E,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.params()]
+        for e in range(self.E):
+            if self.owner(l, e) == self.rank:
+                s = self.slot(l, e)
+                for o, p in zip(out, self.params()):
+                    o[e].copy_(p[s])
+        if self.world > 1:
+            for o in out:
+                dist.all_reduce(o, group=self.group)  # each expert is non-zero on its owner only
+        return tuple(out)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_for_checkpoint(self) -> dict:
+        experts = {}
+        st = {} if self.optimizer is None else self.optimizer.state
+        names = ("w1", "w3", "w2")
+        for l, e, s in self.own.owned(self.rank):
+            rec = {n: p[s].detach().clone() for n, p in zip(names, self.params())}
+            for n, p in zip(names, self.params()):
+                if st.get(p):
+                    rec[f"exp_avg.{n}"] = st[p]["exp_avg"][s].clone()
+                    rec[f"exp_avg_sq.{n}"] = st[p]["exp_avg_sq"][s].clone()
+            experts[f"{l}.{e}"] = rec
+        adam_step = None
+        if st.get(self.w1):
+            adam_step = float(st[self.w1]["step"])
+        return {"format": 1, "num_layers": self.L, "num_experts": self.E, "d_model": self.D, "d_expert": self.F,
+                "rank": self.rank, "world": self.world, "strategy": self.strategy, "adam_step": adam_step,
+                "ownership": self.own.to_dict(), "experts": experts}
+
+    def save(self, ckpt_dir: Path) -> None:
+        write_expert_file(ckpt_dir, self.rank, self.state_for_checkpoint())
+
+    @torch.no_grad()
+    def load(self, ckpt_dir: Path, optimizer_state: bool = True) -> dict:
+        """Load every expert this rank owns, whatever world size or strategy wrote the files.
+
+        With the same world size the saved ownership is kept (heterogeneous sharding survives a
+        restart); otherwise the new world starts from the even sharding.
+        """
+        head, allx = read_expert_files(Path(ckpt_dir))
+        for k, v in (("num_layers", self.L), ("num_experts", self.E), ("d_model", self.D), ("d_expert", self.F)):
+            if head[k] != v:
+                raise ValueError(f"checkpoint {ckpt_dir}: experts have {k}={head[k]}, this model has {v}")
+        if head["world"] == self.world:
+            self.own = Ownership.from_dict(head["ownership"])
+        else:
+            self.own = Ownership.even(self.L, self.E, self.world)
+        names = ("w1", "w3", "w2")
+        have_state = optimizer_state and all(f"exp_avg.{n}" in next(iter(allx.values())) for n in names)
+        if have_state and self.optimizer is not None:
+            for p in self.params():
+                self.optimizer.state[p] = {"step": torch.tensor(float(head["adam_step"])),
+                                           "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for l, e, s in self.own.owned(self.rank):
+            rec = allx[f"{l}.{e}"]
+            for n, p in zip(names, self.params()):
+                p[s].copy_(rec[n])
+                if have_state and self.optimizer is not None:
+                    self.optimizer.state[p]["exp_avg"][s].copy_(rec[f"exp_avg.{n}"])
+                    self.optimizer.state[p]["exp_avg_sq"][s].copy_(rec[f"exp_avg_sq.{n}"])
+        return {"world": head["world"], "experts": len(allx), "optimizer_state": have_state, "head": head}
+
+
