@@ -1,0 +1,69 @@
+"""The package layering of docs/architecture.md, checked on the source: which package may import
+which, no library module imports test helpers, files stay small, and the trainer and the model
+hold no expert-strategy branches."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("experts", "system", "parallel", "jobs")
+# what each package may import of the project (besides itself)
+ALLOWED = {"experts": set(), "system": {"experts"}, "parallel": {"experts", "system"},
+           "jobs": {"experts", "system", "parallel"}}
+TEST_HELPERS = ("tests", "parallel.testing")
+
+
+def _modules(pkg: str):
+    for f in sorted((ROOT / pkg).rglob("*.py")):
+        yield f, ast.parse(f.read_text(), str(f))
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):  # lazy imports inside functions count too
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+@pytest.mark.parametrize("pkg", LIBRARY)
+def test_package_imports_follow_the_layering(pkg):
+    bad = []
+    for f, tree in _modules(pkg):
+        for name in _imports(tree):
+            top = name.split(".")[0]
+            if top in LIBRARY and top != pkg and top not in ALLOWED[pkg]:
+                bad.append(f"{f.relative_to(ROOT)} imports {name}")
+            if f.name != "testing.py" and any(name == h or name.startswith(h + ".") for h in TEST_HELPERS):
+                bad.append(f"{f.relative_to(ROOT)} imports the test helper {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_experts_is_single_device():
+    for f, tree in _modules("experts"):
+        names = _imports(tree)
+        assert not {n for n in names if n.split(".")[0] in ("ray", "deepspeed")}, f
+        assert "torch.distributed" not in names, f
+
+
+@pytest.mark.parametrize("pkg", LIBRARY)
+def test_library_files_stay_small(pkg):
+    big = [f"{f.relative_to(ROOT)}: {n} lines" for f in (ROOT / pkg).rglob("*.py")
+           if (n := len(f.read_text().splitlines())) > 500]
+    assert not big, big
+
+
+@pytest.mark.parametrize("path", ["parallel/trainer.py", "system/model.py"])
+def test_trainer_and_model_have_no_strategy_branches(path):
+    src = (ROOT / path).read_text()
+    for word in ("expert_strategy", "expert_store", "store", "has_moe_layers", "deepspeed_moe", "fssdp",
+                 "import deepspeed", "ds_moe"):
+        assert not re.search(rf"\b{word}\b", src), \
+            f"{path} mentions {word!r}: strategy-specific code belongs in parallel/strategy*"
