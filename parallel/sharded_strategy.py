@@ -8,7 +8,8 @@ after DeepSpeed's reduction, counted once) plus the sum over ranks of each rank'
 * ZeRO 1/2: the dense gradients are partitioned inside DeepSpeed's optimizer. We ask it for the
   dense norm (its public `scaled_global_norm`), form the global norm, and set the optimizer's
   clip threshold for this step so that DeepSpeed's own coefficient, computed from the dense
-  norm, is exactly the global one; the experts are clipped by the same coefficient.
+  norm, is the global one (bit for bit where a float32 threshold can express it, otherwise
+  within two float32 ulps); the experts are clipped by the global coefficient.
 """
 from __future__ import annotations
 
@@ -160,25 +161,32 @@ def _ds_clip(dense: torch.Tensor, loss_scale, threshold: float) -> torch.Tensor:
     return torch.clamp(((dense / loss_scale) + 1e-6) / threshold, min=1.0)
 
 
+def _ds_multiplier(dense: torch.Tensor, loss_scale, threshold: float) -> torch.Tensor:
+    """What DeepSpeed multiplies the gradient partitions by: 1 / (clip x loss scale)."""
+    return 1. / (_ds_clip(dense, loss_scale, threshold) * loss_scale)
+
+
 def _matching_threshold(dense: torch.Tensor, total: torch.Tensor, loss_scale, max_norm: float) -> float:
-    """A threshold at which DeepSpeed's coefficient from the dense norm equals, bit for bit, the
-    coefficient the global norm gives at `max_norm`: the float32 neighbours of
-    (dense + 1e-6) / want are searched for one whose quotient rounds to `want`."""
-    want = _ds_clip(total, loss_scale, max_norm)
-    if float(want) == 1.0:
+    """A threshold at which the multiplier DeepSpeed derives from the dense norm equals, bit for
+    bit, the one the global norm gives at `max_norm`. DeepSpeed's division rounds the threshold
+    to float32 and the multiplier grows with the threshold, so a binary search over the float32
+    thresholds near (dense + 1e-6) / clip finds the smallest one reaching the wanted multiplier;
+    when no float32 threshold gives it exactly, the nearest multiplier is taken (one ulp off)."""
+    want_clip = _ds_clip(total, loss_scale, max_norm)
+    if float(want_clip) == 1.0:
         return math.inf  # no clipping: DeepSpeed's coefficient becomes max(0, 1) = 1
+    want = float(_ds_multiplier(total, loss_scale, max_norm))
     num = (dense / loss_scale) + 1e-6
-    guess = torch.tensor(float(num.double() / want.double()), dtype=torch.float32)
-    best, cand = None, guess
-    up, down = guess.clone(), guess.clone()
-    inf32 = torch.tensor(math.inf, dtype=torch.float32)
-    for _ in range(64):
-        for cand in (up, down):
-            got = _ds_clip(dense, loss_scale, float(cand))
-            if torch.equal(got, want):
-                return float(cand)
-            if best is None:
-                best = float(cand)
-        up = torch.nextafter(up, inf32)
-        down = torch.nextafter(down, -inf32)
-    return best  # never seen in practice; the coefficient is then off by an ulp
+    guess = torch.tensor(float(num.double() / want_clip.double()), dtype=torch.float32)
+    bits = int(guess.view(torch.int32))
+    as_float = lambda b: float(torch.tensor(b, dtype=torch.int32).view(torch.float32))  # noqa: E731
+    mult = lambda b: float(_ds_multiplier(dense, loss_scale, as_float(b)))  # noqa: E731
+    lo, hi = max(1, bits - (1 << 16)), bits + (1 << 16)  # positive float32s order as their bits
+    while lo < hi:  # the smallest threshold whose multiplier reaches `want`
+        mid = (lo + hi) // 2
+        if mult(mid) >= want:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min((lo, lo - 1), key=lambda b: abs(mult(b) - want))
+    return as_float(best)

@@ -122,3 +122,25 @@ def test_full_expert_weights_equal_the_single_process_model(strategy):
             assert [t.shape for t in got[l]] == [(4, 16, 24), (4, 16, 24), (4, 24, 16)]
             for a, b in zip(got[l], ref[l]):
                 assert torch.equal(a, b)
+
+
+def test_zero_clip_threshold_reproduces_the_global_multiplier():
+    """ZeRO 1/2: DeepSpeed multiplies its dense partitions by 1/clip, clip computed from the
+    dense norm; the threshold the sharded strategy sets makes that multiplier the one the global
+    (dense + expert) norm gives at grad_clip: bit for bit where a float32 threshold can express
+    it (most steps), otherwise within two float32 ulps (DeepSpeed rounds the threshold to
+    float32, so some multipliers are out of reach of any threshold)."""
+    from parallel.sharded_strategy import _ds_multiplier, _matching_threshold
+
+    g = torch.Generator().manual_seed(0)
+    exact, n = 0, 5000
+    for _ in range(n):
+        dense = (torch.rand((), generator=g) * 20).to(torch.float32)
+        expert_sq = float(torch.rand((), generator=g) * 50)
+        max_norm = float(torch.tensor(float(torch.rand((), generator=g) * 3 + 0.05), dtype=torch.float32))
+        total = torch.sqrt(dense.double() ** 2 + expert_sq).to(dense.dtype)
+        got = _ds_multiplier(dense, 1.0, _matching_threshold(dense, total, 1.0, max_norm))
+        want = _ds_multiplier(total, 1.0, max_norm)
+        exact += bool(torch.equal(got, want))
+        assert abs(float(got) - float(want)) <= 2.5e-7 * float(want), (float(got), float(want))
+    assert exact >= 0.9 * n, exact
