@@ -121,10 +121,11 @@ def cmd_logs(args) -> int:
     return 0
 
 
-# `moeforge simulate` flags -> dotted config fields of parallel.simulator.SimConfig
+# `moeforge simulate` flags -> dotted config fields of parallel.simulator.SimConfig (whose model section is
+# the training ModelConfig: --layers sets the blocks, all of them MoE under the default moe_layers: all)
 SIMULATE_FLAGS = (
     ("gpus", "cluster.gpus", int), ("gpus_per_node", "cluster.gpus_per_node", int),
-    ("experts", "model.experts", int), ("top_k", "model.top_k", int), ("layers", "model.moe_layers", int),
+    ("experts", "model.num_experts", int), ("top_k", "model.top_k", int), ("layers", "model.n_layers", int),
     ("d_model", "model.d_model", int), ("d_expert", "model.d_expert", int),
     ("tokens_per_gpu", "load.tokens_per_gpu", int), ("zipf_s", "load.zipf_s", float),
     ("drift", "load.drift", float), ("seed", "load.seed", int), ("iterations", "sim.iterations", int),
@@ -146,7 +147,7 @@ def cmd_simulate(args) -> int:
         overrides["load.kind"] = "zipf"
     if args.policies:
         overrides["sim.policies"] = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for item in args.set or []:  # --set model.moe_every=2: any config field, the value read as YAML
+    for item in args.set or []:  # --set model.moe_layers=every_2: any config field, the value read as YAML
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SpecError([("--set", f"{item!r} is not FIELD=VALUE (e.g. fssdp.memory_cap=4)")], "command line")
@@ -189,12 +190,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_submit)
     m = sub.add_parser("simulate", help="simulate EP/FSSDP/FasterMoE/ZeRO-3 MoE layers at 8-256 GPUs (no GPU needed)")
     m.add_argument("config", nargs="?", help="YAML simulator config (e.g. examples/simulate.yaml); flags override it")
-    for name, _path, tp in SIMULATE_FLAGS:
-        m.add_argument("--" + name.replace("_", "-"), type=tp, default=None)
+    for name, path, tp in SIMULATE_FLAGS:
+        m.add_argument("--" + name.replace("_", "-"), type=tp, default=None, help=f"sets {path}")
     m.add_argument("--trace", help="metrics.jsonl (or run directory) whose moe/<i>/tokens_per_expert are the loads")
     m.add_argument("--policies", help="comma-separated subset of ep,fssdp,fssdp_remat,fastermoe,zero3")
     m.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set fssdp.memory_cap=4 (repeatable)")
+                   help="override any config field, e.g. --set fssdp.memory_cap=4 or --set model.moe_layers=every_2 "
+                        "(repeatable)")
     m.add_argument("--sweep-gpus", help="comma-separated GPU counts, e.g. 8,16,32,64,128,256")
     m.add_argument("--json", help="write the full results as JSON to this path")
     m.set_defaults(fn=cmd_simulate)

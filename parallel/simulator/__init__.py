@@ -27,12 +27,14 @@ class. docs/simulator.md states every modelling choice; the short version:
   all-reduce their gradients (a ring across the groups, hidden behind the backward like spRS).
   ZeRO-3 shards over all N ranks.
 
-Files: `config` (the YAML config), `loads` (traces, the load generator), `network` (alpha-beta
-links, copy messages), `derived` (per-config constants: expert size, overlap window, t),
-`engine` (the simulation loop, `simulate`, `sweep`), `report` (text tables).
+Files: `config` (the YAML config; its model section is the training `ModelConfig`), `loads`
+(traces, the load generator), `network` (alpha-beta links, copy messages), `derived` (per-config
+constants: MoE layers and spacing, expert size, overlap window, t), `engine` (the simulation
+loop, `simulate`, `sweep`), `report` (text tables).
 """
-from parallel.simulator.config import (POLICIES, ClusterConfig, FSSDPKnobs, LoadConfig, RunConfig, SimConfig,
-                                       SimModelConfig, config_from_dict, load_config)
+from parallel.simulator.config import (MODEL_DEFAULTS, POLICIES, ClusterConfig, CostModelConfig, FSSDPKnobs,
+                                       LoadConfig, RunConfig, SimConfig, config_from_dict, load_config,
+                                       moe_spacing)
 from parallel.simulator.derived import Derived, derive
 from parallel.simulator.engine import Simulator, simulate, straggler, sweep, token_matrix
 from parallel.simulator.loads import LoadGenerator, read_trace
@@ -40,8 +42,9 @@ from parallel.simulator.network import Network, broadcast_chain, copy_hops, copy
 from parallel.simulator.report import format_result, format_sweep
 
 __all__ = [
-    "POLICIES", "ClusterConfig", "Derived", "FSSDPKnobs", "LoadConfig", "LoadGenerator", "Network", "RunConfig",
-    "SimConfig", "SimModelConfig", "Simulator", "broadcast_chain", "config_from_dict", "copy_hops",
-    "copy_traffic", "derive", "format_result", "format_sweep", "load_config", "read_trace", "simulate",
-    "straggler", "sweep", "token_matrix",
+    "MODEL_DEFAULTS", "POLICIES", "ClusterConfig", "CostModelConfig", "Derived", "FSSDPKnobs", "LoadConfig",
+    "LoadGenerator", "Network", "RunConfig",
+    "SimConfig", "Simulator", "broadcast_chain", "config_from_dict", "copy_hops", "copy_traffic", "derive",
+    "format_result", "format_sweep", "load_config", "moe_spacing", "read_trace", "simulate", "straggler",
+    "sweep", "token_matrix",
 ]

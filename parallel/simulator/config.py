@@ -1,13 +1,14 @@
-"""The simulator's typed config: the YAML sections cluster, model, load, fssdp and sim.
+"""The simulator's typed config: the YAML sections cluster, model, cost_model, load, fssdp and sim.
 
 Built with the project's `system.configtree` (unknown keys, wrong types and out-of-range values
 are `SpecError`s naming the dotted field, e.g. `cluster.gpus: 300 is outside 8..256`).
 
-The `model` section is `SimModelConfig`, not the training `system.model.ModelConfig`: its keys
-describe a layer count and a cost model (`moe_layers` is the number of MoE layers L and
-`moe_every` their spacing, where the training config's `moe_layers` selects layer indices;
-`experts`, `matrices`, byte sizes, `seq_len`, `attention_time_ms`), and `system.model` imports
-torch, which this GPU-free simulator must not need.
+The `model` section is the training model config, `system.model_config.ModelConfig` (torch-free):
+the simulator reads its d_model, num_experts, top_k, d_expert, d_ff (the dense blocks' FFN) and
+n_layers with the moe_layers pattern, which must space the MoE layers evenly (`moe_spacing`: L
+MoE layers, one closing every k-th block); its other keys are validated and otherwise unused.
+Keys the model section leaves out take `MODEL_DEFAULTS` (a Hecate-like GPT-MoE), not the
+training defaults. What only the cost model needs is `cost_model` (`CostModelConfig`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from system.configtree import SpecError, build_dataclass
+from system.model_config import ModelConfig
 
 POLICIES = ("ep", "fssdp", "fssdp_remat", "fastermoe", "zero3")
 
@@ -46,36 +48,61 @@ class ClusterConfig:
                 yield k, f"{getattr(self, k)} must be >= 0"
 
 
-@dataclass
-class SimModelConfig:
-    """The simulated MoE layers and the shape of the compute around them (see the module doc)."""
+# the simulated model where the config's model section is silent (ModelConfig's own defaults are
+# a toy training model)
+MODEL_DEFAULTS: dict[str, Any] = {"d_model": 1024, "n_layers": 12, "moe_layers": "all", "num_experts": 64,
+                                  "top_k": 2, "d_expert": 4096, "d_ff": 4096}
 
-    d_model: int = 1024  # H
-    d_expert: int = 4096  # F, hidden size of one expert
-    experts: int = 64  # E per MoE layer
-    top_k: int = 2
-    moe_layers: int = 12  # L
+# keys of the former simulator-only model section, and where they went
+RENAMED = {
+    "experts": "model.num_experts",
+    "moe_every": "model.moe_layers: every_K, with model.n_layers = (MoE layers) x K",
+    "d_ffn_dense": "model.d_ff",
+    **{k: f"cost_model.{k}" for k in ("matrices", "bytes_per_param", "bytes_per_activation", "seq_len",
+                                      "attention_time_ms")},
+}
+
+
+def moe_spacing(model: ModelConfig) -> tuple[int, int]:
+    """(L, k): the number of MoE layers and their spacing, a MoE layer closing every k-th block.
+
+    The cost model prices every MoE layer alike, behind k blocks of attention and k-1 dense FFNs,
+    so the pattern must be 'all', 'every_k' with n_layers a multiple of k, or the same as a list.
+    Raises ValueError otherwise (and for a pattern ModelConfig.check rejects).
+    """
+    ids = model.moe_layer_ids()
+    n, spec = model.n_layers, model.moe_layers
+    if not ids:
+        raise ValueError(f"{spec!r} leaves no MoE layer to simulate")
+    k = n // len(ids)
+    if n == k * len(ids) and ids == list(range(k - 1, n, k)):
+        return len(ids), k
+    if isinstance(spec, str):  # every_k with n_layers not a multiple of k
+        k = int(spec[6:])
+        raise ValueError(f"{spec} with n_layers={n} ends in {n % k} dense block(s) after the last MoE layer; "
+                         f"the simulator prices {k} blocks per MoE layer: make n_layers a multiple of {k}")
+    raise ValueError(f"MoE layers {ids} of n_layers={n} are not evenly spaced with one closing every k-th "
+                     f"block ('all', 'every_k' or that list), and the simulator prices every MoE layer alike")
+
+
+@dataclass
+class CostModelConfig:
+    """What the cost model needs besides the model's shapes (see docs/simulator.md)."""
+
     matrices: int = 3  # 3: SwiGLU expert (gate, up, down); 2: GELU expert
     bytes_per_param: int = 2  # bf16 parameters and gradients
     bytes_per_activation: int = 2  # bf16 tokens in the all-to-all
     seq_len: int = 1024  # for the attention flops when attention_time_ms is null
     attention_time_ms: Optional[float] = None  # forward time of the non-MoE compute before each MoE layer
-    moe_every: int = 1  # a MoE layer every k transformer blocks (the others have a dense FFN)
-    d_ffn_dense: Optional[int] = None  # hidden size of those dense FFNs (null: d_expert)
 
     def check(self):
-        for k in ("d_model", "d_expert", "experts", "top_k", "moe_layers", "bytes_per_param",
-                  "bytes_per_activation", "seq_len", "moe_every"):
+        for k in ("bytes_per_param", "bytes_per_activation", "seq_len"):
             if getattr(self, k) < 1:
                 yield k, f"{getattr(self, k)} must be >= 1"
-        if self.top_k > self.experts:
-            yield "top_k", f"{self.top_k} is more than experts={self.experts}"
         if self.matrices not in (2, 3):
             yield "matrices", f"{self.matrices} is not 2 or 3"
         if self.attention_time_ms is not None and self.attention_time_ms < 0:
             yield "attention_time_ms", f"{self.attention_time_ms} must be >= 0"
-        if self.d_ffn_dense is not None and self.d_ffn_dense < 1:
-            yield "d_ffn_dense", f"{self.d_ffn_dense} must be >= 1"
 
 
 @dataclass
@@ -146,16 +173,25 @@ class RunConfig:
 @dataclass
 class SimConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    model: SimModelConfig = field(default_factory=SimModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**MODEL_DEFAULTS))
+    cost_model: CostModelConfig = field(default_factory=CostModelConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
     fssdp: FSSDPKnobs = field(default_factory=FSSDPKnobs)
     sim: RunConfig = field(default_factory=RunConfig)
 
     def check(self):
-        N, E = self.cluster.gpus, self.model.experts
+        N, E = self.cluster.gpus, self.model.num_experts
         if self.load.kind != "trace" and E % N and N % E:
-            yield "model.experts", (f"experts={E} and gpus={N}: one must divide the other "
-                                    f"(E/N experts per GPU, or expert groups of E GPUs)")
+            yield "model.num_experts", (f"num_experts={E} and gpus={N}: one must divide the other "
+                                        f"(E/N experts per GPU, or expert groups of E GPUs)")
+        try:
+            self.model.moe_layer_ids()
+        except ValueError:
+            return  # ModelConfig.check reported it
+        try:
+            moe_spacing(self.model)
+        except ValueError as e:
+            yield "model.moe_layers", str(e)
 
     def policies(self) -> list[str]:
         if self.sim.policies:
@@ -181,11 +217,33 @@ def config_from_dict(data: Any, overrides: Optional[dict[str, Any]] = None, sour
                 d[p] = {}
             d = d[p]
         d[leaf] = value
-    problems: list[tuple[str, str]] = []
+    problems = _old_model_keys(data)
+    if data.get("model") is None:
+        data["model"] = {}
+    if isinstance(data["model"], dict):
+        data["model"] = {**MODEL_DEFAULTS, **data["model"]}
     cfg = build_dataclass(SimConfig, data, "", problems)
     if problems:
         raise SpecError(problems, source)
     return cfg
+
+
+def _old_model_keys(data: dict) -> list[tuple[str, str]]:
+    """Problems for keys of the former simulator model section, which are removed from `data`
+    (the builder would call them unknown without saying where they went)."""
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return []
+    out = [(f"model.{k}", f"no longer a key: the model section is the training ModelConfig; use {RENAMED[k]}")
+           for k in model if k in RENAMED]
+    for k in RENAMED:
+        model.pop(k, None)
+    if isinstance(model.get("moe_layers"), int) and not isinstance(model["moe_layers"], bool):
+        L = model.pop("moe_layers")
+        out.append(("model.moe_layers", f"{L} is a count; moe_layers now selects MoE layers of model.n_layers "
+                                        f"blocks as the training config does: 'all', 'every_K' or a list "
+                                        f"(e.g. n_layers: {L} with moe_layers: all)"))
+    return out
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> SimConfig:

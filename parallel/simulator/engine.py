@@ -9,7 +9,7 @@ import numpy as np
 
 from parallel import placement
 from parallel.placement import LoadPredictor, Ownership
-from parallel.simulator.config import SimConfig, config_from_dict
+from parallel.simulator.config import SimConfig, config_from_dict, moe_spacing
 from parallel.simulator.derived import derive
 from parallel.simulator.loads import LoadGenerator, read_trace
 from parallel.simulator.network import Network, copy_hops, copy_traffic
@@ -62,14 +62,16 @@ class Simulator:
     def __init__(self, cfg: SimConfig, trace: Optional[np.ndarray] = None):
         if cfg.load.kind == "trace" and trace is None:
             trace = read_trace(cfg.load.trace)
-        if trace is not None:  # the trace fixes L and E
+        if trace is not None:  # the trace fixes L and E; the spacing k stays the config's
+            k = moe_spacing(cfg.model)[1]
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-                cfg.model, moe_layers=int(trace.shape[1]), experts=int(trace.shape[2])))
+                cfg.model, n_layers=int(trace.shape[1]) * k, moe_layers="all" if k == 1 else f"every_{k}",
+                num_experts=int(trace.shape[2])))
         self.cfg = cfg
         self.trace = trace
         self.d = derive(cfg)
         self.policies = cfg.policies()
-        self.L, self.E = cfg.model.moe_layers, cfg.model.experts
+        self.L, self.E = self.d.moe_layers, cfg.model.num_experts
         self.Ng, self.G = self.d.group, cfg.cluster.gpus_per_node
         self.net = Network(cfg.cluster, self.Ng)  # one expert group (ranks 0..Ng-1 of the cluster)
         self.net_all = Network(cfg.cluster, cfg.cluster.gpus)
@@ -77,14 +79,14 @@ class Simulator:
 
     # ---- building blocks -------------------------------------------------------------------
     def _a2a(self, tok: np.ndarray) -> float:
-        return self.net.all_to_all(tok, self.cfg.model.d_model * self.cfg.model.bytes_per_activation)
+        return self.net.all_to_all(tok, self.cfg.model.d_model * self.cfg.cost_model.bytes_per_activation)
 
     def _compute(self, loads: np.ndarray) -> float:
         return float(loads.max()) * self.d.flops_per_token / self.cfg.cluster.flops
 
     def _a2a_bytes(self, tok: np.ndarray) -> float:
         off = tok.sum() - np.trace(tok)
-        return 4.0 * float(off) * self.cfg.model.d_model * self.cfg.model.bytes_per_activation
+        return 4.0 * float(off) * self.cfg.model.d_model * self.cfg.cost_model.bytes_per_activation
 
     def _copy_time(self, B: np.ndarray, M: np.ndarray) -> float:
         return float(self.net.rank_times(B, M).max()) if B.any() else 0.0
@@ -262,7 +264,7 @@ class Simulator:
             "fssdp": S * P * ADAM_BYTES + float(peak_copies_all.max()) * P * COPY_BYTES,
             "fssdp_remat": S * P * ADAM_BYTES + float(peak_copies_layer.max()) * P * COPY_BYTES,
             "fastermoe": S * P * ADAM_BYTES + float(peak_shadow_all.max()) * P * COPY_BYTES,
-            "zero3": ADAM_BYTES * E * P * L / cfg.cluster.gpus + E * P * cfg.model.bytes_per_param,
+            "zero3": ADAM_BYTES * E * P * L / cfg.cluster.gpus + E * P * cfg.cost_model.bytes_per_param,
         }
         non_moe_iter = L * 3 * d.non_moe_fwd_s  # forward + backward of the non-MoE compute
         out: dict[str, Any] = {}

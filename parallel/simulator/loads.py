@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from parallel.simulator.config import SimConfig
+from parallel.simulator.config import SimConfig, moe_spacing
 from system.configtree import SpecError
 
 _TPE = re.compile(r"^moe/(\d+)/tokens_per_expert$")
@@ -65,7 +65,7 @@ class LoadGenerator:
 
     def __init__(self, cfg: SimConfig, num_ranks: int, trace: Optional[np.ndarray] = None):
         self.kind = cfg.load.kind
-        self.L, self.E, self.N = cfg.model.moe_layers, cfg.model.experts, num_ranks
+        self.L, self.E, self.N = moe_spacing(cfg.model)[0], cfg.model.num_experts, num_ranks
         self.pairs = cfg.load.tokens_per_gpu * cfg.model.top_k
         self.drift = cfg.load.drift
         self.rng = np.random.default_rng(cfg.load.seed)

@@ -1,14 +1,18 @@
 """Text tables of simulation results: one configuration, or a sweep over GPU counts."""
 from __future__ import annotations
 
+from parallel.simulator.config import moe_spacing
+from system.model_config import ModelConfig
+
 
 def _describe(res: dict) -> str:
     d, c = res["derived"], res["config"]
     m, ld, fs = c["model"], c["load"], c["fssdp"]
+    L = moe_spacing(ModelConfig(**m))[0]
     src = (f"trace {ld['trace']}" if ld["kind"] == "trace" else
            f"zipf s={ld['zipf_s']} drift={ld['drift']}" if ld["kind"] == "zipf" else "uniform")
-    return (f"{m['moe_layers']} MoE layers x {m['experts']} experts top-{m['top_k']}, H={m['d_model']} "
-            f"F={m['d_expert']} ({m['matrices']} matrices, {d['expert_mib']:.1f} MiB/expert), "
+    return (f"{L} MoE layers x {m['num_experts']} experts top-{m['top_k']}, H={m['d_model']} "
+            f"F={m['d_expert']} ({c['cost_model']['matrices']} matrices, {d['expert_mib']:.1f} MiB/expert), "
             f"{ld['tokens_per_gpu']} tokens/GPU, {src}; {d['iterations']} iterations; "
             f"{c['cluster']['gpus_per_node']} GPUs/node; spAG {fs['spag']}, m={d['m']}, "
             f"non-MoE forward {d['non_moe_fwd_ms']:.3f} ms/layer")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 from jobs.cli import EXIT_SPEC, main
 from parallel import placement
 from parallel import simulator as sim
+from system.model_config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # small and fast: 8 GPUs in 2 nodes of 4, 16 experts, 2 MoE layers
 SMALL = {
     "cluster": {"gpus": 8, "gpus_per_node": 4},
-    "model": {"experts": 16, "moe_layers": 2, "d_model": 512, "d_expert": 1024},
+    "model": {"num_experts": 16, "n_layers": 2, "d_model": 512, "d_expert": 1024},
     "load": {"tokens_per_gpu": 2048, "seed": 3},
     "sim": {"iterations": 12},
 }
@@ -211,6 +213,12 @@ def test_simulate_from_trace(tmp_path):
     # unscaled: the trace's own pairs split over the 8 GPUs
     cfg2 = sim.config_from_dict(SMALL, {"load.kind": "trace", "load.trace": str(tmp_path), "load.trace_scale": False})
     assert sim.Simulator(cfg2).gen.next().sum(axis=2).max() == 1000 // 8
+    # the trace's 2 MoE layers keep the config's spacing (every 2nd of 6 blocks -> every 2nd of 4)
+    cfg3 = sim.config_from_dict(SMALL, {"load.kind": "trace", "load.trace": str(tmp_path), "model.n_layers": 6,
+                                        "model.moe_layers": "every_2"})
+    s3 = sim.Simulator(cfg3)
+    assert (s3.L, s3.E, s3.d.moe_every) == (2, 8, 2)
+    assert (s3.cfg.model.n_layers, s3.cfg.model.moe_layers, s3.cfg.model.num_experts) == (4, "every_2", 8)
 
 
 def test_bad_trace_names_the_field(tmp_path):
@@ -226,7 +234,14 @@ def test_bad_trace_names_the_field(tmp_path):
     ({"cluster": {"gpuz": 8}}, "cluster.gpuz"),
     ({"cluster": {"gpus": 300}}, "cluster.gpus"),
     ({"model": {"top_k": 100}}, "model.top_k"),
-    ({"model": {"experts": 48}}, "model.experts"),  # 48 experts on 32 GPUs
+    ({"model": {"num_experts": 48}}, "model.num_experts"),  # 48 experts on 32 GPUs
+    ({"model": {"n_heads": 5}}, "model.n_heads"),  # the training ModelConfig's own checks
+    ({"model": {"moe_layers": "none"}}, "model.moe_layers"),  # nothing to simulate
+    ({"model": {"moe_layers": [0, 1, 5]}}, "model.moe_layers"),  # irregular spacing
+    ({"model": {"n_layers": 13, "moe_layers": "every_2"}}, "model.moe_layers"),  # a dense block left over
+    ({"model": {"moe_layers": [0, 2, 4, 6, 8, 10]}}, "model.moe_layers"),  # every 2nd, but MoE first
+    ({"cost_model": {"matrices": 4}}, "cost_model.matrices"),
+    ({"cost_model": {"attention_time_ms": -1.0}}, "cost_model.attention_time_ms"),
     ({"load": {"zipf_s": "steep"}}, "load.zipf_s"),
     ({"fssdp": {"spag": "tree"}}, "fssdp.spag"),
     ({"sim": {"policies": ["ep", "deepspeed"]}}, "sim.policies[1]"),
@@ -237,6 +252,53 @@ def test_bad_field_is_named(data, field):
         sim.config_from_dict(data)
 
 
+@pytest.mark.parametrize("old, new", [
+    ("experts", "model.num_experts"), ("moe_every", "model.moe_layers"), ("d_ffn_dense", "model.d_ff"),
+    ("matrices", "cost_model.matrices"), ("bytes_per_param", "cost_model.bytes_per_param"),
+    ("bytes_per_activation", "cost_model.bytes_per_activation"), ("seq_len", "cost_model.seq_len"),
+    ("attention_time_ms", "cost_model.attention_time_ms"),
+])
+def test_old_model_keys_name_the_new_field(old, new):
+    with pytest.raises(ValueError, match=rf"model\.{old}: .*{re.escape(new)}"):
+        sim.config_from_dict({"model": {old: 2}})
+
+
+def test_old_moe_layer_count_is_explained():
+    with pytest.raises(ValueError, match=r"model\.moe_layers: 12 is a count.*n_layers: 12 with moe_layers: all"):
+        sim.config_from_dict({"model": {"moe_layers": 12}})
+
+
+def test_model_section_is_the_training_model_config():
+    cfg = sim.config_from_dict({"model": {"d_expert": 2048}})
+    assert isinstance(cfg.model, ModelConfig)
+    # keys left out take the simulator's model, not the training defaults
+    assert cfg.model == ModelConfig(**{**sim.MODEL_DEFAULTS, "d_expert": 2048})
+    assert sim.config_from_dict({}).model == sim.config_from_dict({"model": None}).model == sim.SimConfig().model
+
+
+@pytest.mark.parametrize("n_layers, moe_layers, spacing", [
+    (12, "all", (12, 1)), (24, "every_2", (12, 2)), (12, "every_3", (4, 3)), (3, "every_3", (1, 3)),
+    (6, [1, 3, 5], (3, 2)), (4, [0, 1, 2, 3], (4, 1)),
+])
+def test_moe_spacing_from_the_pattern(n_layers, moe_layers, spacing):
+    assert sim.moe_spacing(ModelConfig(n_layers=n_layers, moe_layers=moe_layers)) == spacing
+
+
+def test_dense_blocks_widen_the_overlap_window():
+    # MoE every 2nd of 4 blocks: before each MoE layer 2 attentions and 1 dense FFN of width d_ff
+    cfg = _cfg(**{"model.n_layers": 4, "model.moe_layers": "every_2", "model.d_ff": 768})
+    d = sim.derive(cfg)
+    H, T, S = 512, 2048, 1024
+    attn = T * (8.0 * H * H + 4.0 * S * H)
+    dense = T * 2.0 * 3 * H * 768
+    assert (d.moe_layers, d.moe_every) == (2, 2)
+    assert d.non_moe_fwd_s == pytest.approx((2 * attn + dense) / cfg.cluster.flops)
+    s = sim.Simulator(cfg)
+    assert s.L == 2 and s.gen.next().shape == (2, 8, 16)
+    # with every block MoE, d_ff is not priced
+    assert sim.derive(_cfg(**{"model.d_ff": 1})).non_moe_fwd_s == sim.derive(_cfg()).non_moe_fwd_s
+
+
 def test_cli_bad_field_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("cluster:\n  gpus: 16\n  nvlink_bw: 1.0e+11\n")
@@ -244,6 +306,8 @@ def test_cli_bad_field_exits_2(tmp_path, capsys):
     assert "cluster.nvlink_bw" in capsys.readouterr().err
     assert main(["simulate", "--gpus", "7"]) == EXIT_SPEC
     assert "cluster.gpus" in capsys.readouterr().err
+    assert main(["simulate", "--set", "model.experts=16"]) == EXIT_SPEC  # a key of the old model section
+    assert "model.experts: no longer a key" in capsys.readouterr().err
 
 
 def test_cli_json_and_sweep(tmp_path, capsys):
