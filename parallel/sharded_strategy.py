@@ -26,8 +26,6 @@ from parallel.strategy import ExpertStrategy
 
 
 class ShardedStrategy(ExpertStrategy):
-    sharded_checkpoint = True
-
     def __init__(self, parallel, ep_size: int, grad_clip: float):
         super().__init__(parallel, ep_size, grad_clip)
         self.name = parallel.expert_strategy
@@ -64,6 +62,10 @@ class ShardedStrategy(ExpertStrategy):
     @property
     def joins_every_forward(self) -> bool:
         return self.store is not None  # tokens travel by all-to-all in every MoE forward
+
+    @property
+    def sharded_checkpoint(self) -> bool:
+        return self.store is not None  # a model without MoE layers has nothing sharded
 
     def begin_step(self, step: int) -> None:
         if self.store is not None:
@@ -143,11 +145,6 @@ class ShardedStrategy(ExpertStrategy):
     def load(self, ckpt_dir: Path) -> None:
         if self.store is not None:
             self.store.load(ckpt_dir)
-
-    def load_init_state(self, engine, ckpt: Path) -> None:
-        if self.store is None:
-            self.sharded_checkpoint = False  # no MoE layer: nothing was sharded
-        super().load_init_state(engine, ckpt)
 
     @torch.no_grad()
     def full_expert_weights(self, model: nn.Module) -> dict[int, tuple[torch.Tensor, ...]]:
