@@ -90,6 +90,18 @@ class BackendUnavailableError(RuntimeError):
     """An optional expert backend cannot run here (missing package or device)."""
 
 
+def recomputing(backend: ExpertBackend) -> ExpertBackend:
+    """`backend` with activation checkpointing: only its inputs are kept for the backward pass,
+    which runs the expert FFNs again (the (N, F) hidden activations are never stored)."""
+    import torch.utils.checkpoint
+
+    def run(x_ND, counts, w1, w3, w2):
+        if not torch.is_grad_enabled():
+            return backend(x_ND, counts, w1, w3, w2)
+        return torch.utils.checkpoint.checkpoint(backend, x_ND, counts, w1, w3, w2, use_reentrant=False)
+    return run
+
+
 def swiglu(x_ND: torch.Tensor, w1_DF: torch.Tensor, w3_DF: torch.Tensor, w2_FD: torch.Tensor) -> torch.Tensor:
     return (F.silu(x_ND @ w1_DF) * (x_ND @ w3_DF)) @ w2_FD
 

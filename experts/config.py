@@ -48,11 +48,24 @@ class RouterConfig:
     kind: Literal["topk", "dts"] = "topk"
     score: Literal["softmax", "sigmoid"] = "softmax"  # scores of each expert from its logit
     normalize_topk: bool = True  # renormalise the k chosen weights to sum to 1
+    # DeepSeek-V3's group-limited routing: experts in n_group contiguous groups, each token
+    # chooses only inside its topk_group best groups (n_group 1: no limit).
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the combine weights are multiplied by this (DeepSeek-V3)
     dts: DTSConfig = field(default_factory=DTSConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.kind == "dts" and self.score != "softmax":
             yield "score", "the DTS gate uses softmax scores (EvoMoE); set score: softmax"
+        if self.n_group < 1:
+            yield "n_group", f"{self.n_group} must be >= 1"
+        elif not 1 <= self.topk_group <= self.n_group:
+            yield "topk_group", f"{self.topk_group} must be in [1, n_group={self.n_group}]"
+        if self.kind == "dts" and (self.n_group > 1 or self.routed_scaling_factor != 1.0):
+            yield "kind", "the DTS gate does not take n_group or routed_scaling_factor"
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and 0 < self.routed_scaling_factor <= 100):
+            yield "routed_scaling_factor", f"{self.routed_scaling_factor} must be in (0, 100]"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from experts.backends import get_backend
+from experts.backends import get_backend, recomputing
 from experts.config import RouterConfig
 from experts.dispatch import combine, permute, plan_dispatch
 from experts.router import RouterOutput, dts_route, topk_route
@@ -52,6 +52,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
         self.backend_name = backend
         self._backend = get_backend(backend)
+        self.recompute = False  # activation checkpointing: redo the FFN in the backward pass
         for p in self.parameters():
             p.moeforge_expert = True  # tells parallel/ these are expert parameters
 
@@ -62,7 +63,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # The backend needs host-side split sizes; one small device->host copy per layer.
-        return self._backend(x_ND, counts_E.tolist(), self.w1, self.w3, self.w2)
+        backend = recomputing(self._backend) if self.recompute else self._backend
+        return backend(x_ND, counts_E.tolist(), self.w1, self.w3, self.w2)
 
 
 class MoELayer(nn.Module):
@@ -102,8 +104,9 @@ class MoELayer(nn.Module):
         if self.cfg.kind == "dts":
             return dts_route(logits_TE, self.routing_step, self.cfg.dts, self.hard_top_k, training=self.training,
                              normalize=self.cfg.normalize_topk, bias_E=bias)
-        return topk_route(logits_TE, self.top_k, score=self.cfg.score, normalize=self.cfg.normalize_topk,
-                          bias_E=bias)
+        c = self.cfg
+        return topk_route(logits_TE, self.top_k, score=c.score, normalize=c.normalize_topk, bias_E=bias,
+                          n_group=c.n_group, topk_group=c.topk_group, scaling=c.routed_scaling_factor)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """

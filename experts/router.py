@@ -56,27 +56,63 @@ def expert_scores(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
     raise ValueError(f"unknown router score {score!r}; expected 'softmax' or 'sigmoid'")
 
 
+def group_limited_mask(select_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3's node-limited routing: which experts each token may choose, (T, E) bool.
+
+    The E experts form `n_group` contiguous groups; a group's score is the sum of its two
+    largest selection scores (its largest when a group has one expert); each token keeps the
+    `topk_group` best groups and may only choose experts inside them."""
+    T, E = select_TE.shape
+    if E % n_group:
+        raise ValueError(f"n_group={n_group} does not divide num_experts={E}")
+    per = E // n_group
+    grouped = select_TE.view(T, n_group, per)
+    group_TG = grouped.topk(min(2, per), dim=-1).values.sum(dim=-1)
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, group_TG.topk(topk_group, dim=-1).indices, True)
+    return keep_TG.unsqueeze(-1).expand(T, n_group, per).reshape(T, E)
+
+
 def topk_route(logits_TE: torch.Tensor, top_k: int, *, score: str = "softmax", normalize: bool = True,
-               bias_E: Optional[torch.Tensor] = None) -> RouterOutput:
+               bias_E: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
+               scaling: float = 1.0) -> RouterOutput:
     """Token-choice top-k.
 
-    The experts are chosen on `scores + bias` (the auxiliary-loss-free bias, never part of the
-    gradient); the combine weights are the unbiased scores of the chosen experts, renormalised to
-    sum to 1 when `normalize` and k > 1 (with k = 1 normalising would make every weight 1 and
-    cut the router off from the language-model gradient).
+    The experts are chosen on `scores + bias` (the auxiliary-loss-free bias -- DeepSeek-V3's
+    `e_score_correction_bias` -- never part of the gradient), within the `topk_group` best of
+    `n_group` expert groups when n_group > 1 (`group_limited_mask`); the combine weights are the
+    unbiased scores of the chosen experts, renormalised to sum to 1 when `normalize` and k > 1
+    (with k = 1 normalising would make every weight 1 and cut the router off from the
+    language-model gradient), then multiplied by `scaling` (DeepSeek-V3's routed_scaling_factor).
     """
     logits_TE = _at_least_fp32(logits_TE)  # routing decisions are precision-sensitive
     scores_TE = expert_scores(logits_TE, score)
     select_TE = scores_TE if bias_E is None else scores_TE.detach() + bias_E.detach().to(scores_TE.dtype)
+    if n_group > 1:
+        allowed_TE = group_limited_mask(select_TE.detach(), n_group, topk_group)
+        select_TE = select_TE.masked_fill(~allowed_TE, float("-inf"))
     ids_TK = torch.topk(select_TE, top_k, dim=-1).indices
     weights_TK = scores_TE.gather(1, ids_TK)
     if normalize and top_k > 1:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if scaling != 1.0:
+        weights_TK = weights_TK * scaling
     if score == "softmax":
         probs_TE = scores_TE
     else:
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE)
+
+
+def topk_then_softmax(logits_TE: torch.Tensor, top_k: int) -> RouterOutput:
+    """The original Mixtral router: the k largest logits, then a softmax over those k only.
+
+    Mathematically the same choice and weights as `topk_route(score="softmax", normalize=True)`
+    (softmax over all, keep k, renormalise), which is what transformers' Mixtral computes and
+    what we import Mixtral as; the two agree to float rounding (a test checks it)."""
+    logits_TE = _at_least_fp32(logits_TE)
+    top_TK, ids_TK = torch.topk(logits_TE, top_k, dim=-1)
+    return RouterOutput(torch.softmax(top_TK, dim=-1), ids_TK, logits_TE, torch.softmax(logits_TE, dim=-1))
 
 
 def topk_softmax(logits_TE: torch.Tensor, top_k: int, normalize: bool = True) -> RouterOutput:

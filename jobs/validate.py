@@ -15,7 +15,8 @@ from system.data.config import SourceConfig
 from system.model import ModelConfig
 
 Problems = Iterator[tuple[str, str]]
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias", "vocab_size", "tie_embeddings")
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias", "vocab_size", "tie_embeddings",
+              "head_dim", "qk_norm", "d_shared", "shared_expert_gate")
 
 
 def check_job(spec: JobSpec) -> Problems:
@@ -167,6 +168,8 @@ def _check_stage_model(spec: JobSpec, i: int) -> Problems:
         hk = ecfg.router.dts.hard_top_k or mcfg.top_k
         if hk > mcfg.num_experts:
             yield f"{p}.experts.router.dts.hard_top_k", f"{hk} exceeds num_experts={mcfg.num_experts}"
+    if st.model or st.experts or st.parallel:
+        yield from group_routing_problems(mcfg, ecfg, _stage_strategy(spec, i), f"{p}.")
     if mcfg.num_experts % stage_ep_size(spec, i):
         yield f"{p}.model.num_experts", (f"{mcfg.num_experts} is not divisible by the "
                                          f"{stage_ep_size(spec, i)} expert-parallel ranks of this stage")
@@ -189,8 +192,32 @@ def _check_stage_model(spec: JobSpec, i: int) -> Problems:
                                      f"{getattr(src, k)}; init_from needs the same shape")
 
 
+def _stage_strategy(spec: JobSpec, i: Optional[int]) -> str:
+    if i is not None and spec.stages[i].parallel.get("expert_strategy"):
+        return spec.stages[i].parallel["expert_strategy"]
+    return spec.parallel.expert_strategy
+
+
+def group_routing_problems(mcfg, ecfg, strategy: str, prefix: str = "") -> Problems:
+    """Group-limited routing must fit the experts; DeepSpeed's MoE layer has its own gate."""
+    r = ecfg.router
+    if r.n_group > 1:
+        if mcfg.num_experts % r.n_group:
+            yield f"{prefix}experts.router.n_group", (f"{r.n_group} does not divide model.num_experts="
+                                                      f"{mcfg.num_experts}")
+        elif mcfg.top_k > r.topk_group * (mcfg.num_experts // r.n_group):
+            yield f"{prefix}experts.router.topk_group", (
+                f"{r.topk_group} groups of {mcfg.num_experts // r.n_group} experts hold fewer than "
+                f"model.top_k={mcfg.top_k} experts")
+    if strategy == "deepspeed_moe":
+        if r.n_group > 1 or r.routed_scaling_factor != 1.0:
+            yield f"{prefix}experts.router", ("deepspeed_moe uses DeepSpeed's own top-k gate: n_group and "
+                                              "routed_scaling_factor are not available there")
+
+
 def _check_routing(spec: JobSpec) -> Problems:
     ecfg = spec.experts
+    yield from group_routing_problems(spec.model, ecfg, spec.parallel.expert_strategy)
     if ecfg.router.kind == "dts":
         hk = ecfg.router.dts.hard_top_k or spec.model.top_k
         if hk > spec.model.num_experts:

@@ -159,6 +159,20 @@ class DeepSpeedMoELayer(nn.Module):
     def experts(self) -> nn.Module:
         return self.moe.deepspeed_moe.experts
 
+    def enable_expert_recompute(self) -> None:
+        """Activation checkpointing of the local experts' FFNs (DeepSpeed's all-to-alls around
+        them are not redone)."""
+        import torch.utils.checkpoint
+
+        ex = self.experts
+        plain = ex.forward
+
+        def forward(inputs):
+            if not torch.is_grad_enabled():
+                return plain(inputs)
+            return torch.utils.checkpoint.checkpoint(plain, inputs, use_reentrant=False)
+        ex.forward = forward
+
     @property
     def group_name(self) -> str:
         return self.moe.expert_group_name

@@ -138,6 +138,10 @@ def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None
     store = ExpertStore(num_layers=len(layers), num_experts=first.num_experts, d_model=first.w1.shape[1],
                         d_expert=first.w1.shape[2], strategy=strategy, plan_cfg=plan_cfg, dtype=first.w1.dtype,
                         device=first.w1.device, backend=first.backend_name, group=group)
+    if getattr(first, "recompute", False):
+        from experts.backends import recomputing
+
+        store.backend = recomputing(store.backend)  # local expert rows only; collectives are not redone
     for i, layer in enumerate(layers):
         ex = layer.experts
         store.load_full_layer(i, ex.w1.detach(), ex.w3.detach(), ex.w2.detach())

@@ -1,40 +1,33 @@
-"""Import dense Llama / Qwen2 causal LMs from a local Hugging Face directory into our naming.
+"""Import local Hugging Face causal LMs (Llama, Qwen2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
-Only local directories are read (`local_files_only=True`); nothing is downloaded.
+Only local directories are read; nothing is downloaded. `system.hf.families` maps config.json
+onto our config, `system.hf.tensors` the tensor names (the layout table is there). Weights are
+read tensor by tensor from the safetensors (or .bin) shards -- transformers never builds the
+model -- and copied into ours one tensor at a time, so the host holds the model plus one tensor.
 
-Name mapping (HF -> ours), per layer i:
-    model.embed_tokens.weight                        -> embed.weight
-    model.layers.i.input_layernorm.weight            -> blocks.i.attn_norm.weight
-    model.layers.i.self_attn.{q,k,v}_proj.weight     -> blocks.i.attn.qkv.weight  (rows [q; k; v])
-    model.layers.i.self_attn.{q,k,v}_proj.bias       -> blocks.i.attn.qkv.bias    (Qwen2)
-    model.layers.i.self_attn.o_proj.weight           -> blocks.i.attn.proj.weight
-    model.layers.i.post_attention_layernorm.weight   -> blocks.i.ffn_norm.weight
-    model.layers.i.mlp.gate_proj.weight              -> blocks.i.ffn.w1.weight
-    model.layers.i.mlp.up_proj.weight                -> blocks.i.ffn.w3.weight
-    model.layers.i.mlp.down_proj.weight              -> blocks.i.ffn.w2.weight
-    model.norm.weight                                -> norm.weight
-    lm_head.weight                                   -> head.weight  (only when not tied)
-
-Conventions checked against transformers' Llama/Qwen2 code: HF's `rotate_half` RoPE with
-cos/sin = cat(freqs, freqs) rotates the pairs (x[i], x[i + d/2]), exactly our `apply_rope`
-(HF-format checkpoints are already permuted from Meta's interleaved layout), with inv_freq
+Conventions checked against transformers' code: HF's `rotate_half` RoPE with cos/sin =
+cat(freqs, freqs) rotates the pairs (x[i], x[i + d/2]), exactly our `apply_rope`, with inv_freq
 1 / theta^(2j/d) as in our `rope_tables`; query/key heads are contiguous row blocks of
-q_proj/k_proj, and query head h uses key/value head h // (n_heads / n_kv_heads) (HF
-`repeat_kv`, SDPA `enable_gqa`); RMSNorm computes in float32 and scales by the weight after
-casting back, as ours does.
+q_proj/k_proj, and query head h uses key/value head h // (n_heads / n_kv_heads) (`repeat_kv`,
+SDPA `enable_gqa`); RMSNorm computes in float32 and scales by the weight after casting back,
+as ours does; QK-norm comes before RoPE (Qwen3-MoE per head on the (.., heads, head_dim) view,
+OLMoE over the whole projection); the routers are softmax -> top-k (-> renormalise when
+`norm_topk_prob`; always for Mixtral), combine weights in fp32; Qwen2-MoE adds
+sigmoid(shared_expert_gate(x)) * shared_expert(x).
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-CONFIG_FILE = "config.json"
+from system.hf.families import (CONFIG_FILE, HF_NAMES, HFConfigError, read_family, read_raw_config, same_value,
+                                show)
+from system.hf.tensors import HFReader, assemble, model_pieces
+
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -44,224 +37,196 @@ def is_hf_model_dir(path: str | Path) -> bool:
     "not a checkpoint"); a moeforge checkpoint (with `moeforge.json`) never counts.
     """
     p = Path(path)
-    cfg = p / CONFIG_FILE
-    if not p.is_dir() or not cfg.is_file() or (p / "moeforge.json").exists():
+    if not p.is_dir() or not (p / CONFIG_FILE).is_file() or (p / "moeforge.json").exists():
         return False
     try:
-        raw = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = read_raw_config(p)
+    except ValueError:
         return False
-    return isinstance(raw, dict) and "model_type" in raw and any(any(p.glob(g)) for g in _WEIGHT_PATTERNS)
-
-
-def _raw_config(path: Path) -> dict[str, Any]:
-    f = path / CONFIG_FILE
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{f}: not a readable Hugging Face config: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{f}: not a JSON object")
-    return raw
-
-
-def _load_config(path: Path):
-    """The transformers config of a supported model directory (rejects the unsupported)."""
-    raw = _raw_config(path)
-    cfg_file = path / CONFIG_FILE
-    mt = raw.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{cfg_file}: model_type {mt!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    _reject_unsupported(cfg, raw, cfg_file)
-    return cfg
-
-
-def _rope_params(cfg, raw: dict[str, Any], cfg_file: Path) -> float:
-    """rope_theta, after checking that the RoPE is the plain (unscaled, full-rotary) kind."""
-    field = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
-    params = getattr(cfg, "rope_parameters", None)
-    if params is None:  # transformers 4.x: rope_theta + rope_scaling attributes
-        scaling = getattr(cfg, "rope_scaling", None)
-        params = dict(scaling or {})
-        params.setdefault("rope_type", params.get("type", "default"))
-        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    per_type = [params] if "rope_type" in params or "rope_theta" in params else list(params.values())
-    thetas = set()
-    for p in per_type:
-        rtype = p.get("rope_type", p.get("type", "default"))
-        if rtype != "default":
-            raise ValueError(f"{cfg_file}: {field} {json.dumps(raw.get(field))} selects rope_type "
-                             f"{rtype!r}; only plain RoPE (no rope scaling) is supported")
-        prf = p.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
-        if prf not in (None, 1.0):
-            raise ValueError(f"{cfg_file}: partial_rotary_factor {prf} is not supported (full rotary only)")
-        thetas.add(float(p["rope_theta"]))
-    if len(thetas) != 1:
-        raise ValueError(f"{cfg_file}: {field} sets different rope_theta values per layer type {sorted(thetas)}")
-    return thetas.pop()
-
-
-def _reject_unsupported(cfg, raw: dict[str, Any], cfg_file: Path) -> None:
-    mt = cfg.model_type
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ValueError(f"{cfg_file}: hidden_act {cfg.hidden_act!r} is not supported (SwiGLU with silu only)")
-    if getattr(cfg, "mlp_bias", False):
-        raise ValueError(f"{cfg_file}: mlp_bias true is not supported (our FFN has no biases)")
-    if mt == "llama" and getattr(cfg, "attention_bias", False):
-        raise ValueError(f"{cfg_file}: attention_bias true is not supported: Llama then also has a bias on "
-                         f"o_proj, which our attention output projection does not have")
-    n_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None)
-    if head_dim is not None and head_dim * n_heads != cfg.hidden_size:
-        raise ValueError(f"{cfg_file}: head_dim {head_dim} is not hidden_size / num_attention_heads "
-                         f"({cfg.hidden_size} / {n_heads}); our attention needs head_dim = d_model / n_heads")
-    layer_types = getattr(cfg, "layer_types", None) or []
-    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
-    if sliding:
-        raise ValueError(f"{cfg_file}: layer_types makes layers {sliding} {layer_types[sliding[0]]!r} "
-                         f"(use_sliding_window={raw.get('use_sliding_window')}, "
-                         f"max_window_layers={raw.get('max_window_layers')}); only full causal attention "
-                         f"is supported")
-    if not layer_types and getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None) \
-            and getattr(cfg, "max_window_layers", 0) < cfg.num_hidden_layers:
-        raise ValueError(f"{cfg_file}: use_sliding_window true with max_window_layers "
-                         f"{cfg.max_window_layers} < num_hidden_layers {cfg.num_hidden_layers}: sliding-window "
-                         f"attention is not supported")
-    _rope_params(cfg, raw, cfg_file)
-
-
-def _fields_from_config(cfg, raw: dict[str, Any], cfg_file: Path) -> dict[str, Any]:
-    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return {
-        "d_model": cfg.hidden_size,
-        "n_layers": cfg.num_hidden_layers,
-        "n_heads": cfg.num_attention_heads,
-        "n_kv_heads": n_kv,
-        "d_ff": cfg.intermediate_size,
-        "d_expert": cfg.intermediate_size,
-        "vocab_size": cfg.vocab_size,
-        "tie_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-        "rope_theta": _rope_params(cfg, raw, cfg_file),
-        "norm_eps": float(cfg.rms_norm_eps),
-        "qkv_bias": cfg.model_type == "qwen2",  # Qwen2: q/k/v biases always; Llama: attention_bias (rejected)
-    }
+    return "model_type" in raw and any(any(p.glob(g)) for g in _WEIGHT_PATTERNS)
 
 
 def hf_model_config_fields(path: str | Path) -> dict[str, Any]:
     """Our `ModelConfig` fields implied by the HF model at `path` (raises ValueError if unsupported).
 
-    `d_ff` and `d_expert` are both the HF intermediate_size (dense layers load it as is, MoE
-    layers upcycle it); `n_kv_heads` is always an int.
+    Dense families give `d_ff` and `d_expert` both as intermediate_size (dense layers load it as
+    is, MoE layers upcycle it) and no MoE fields; MoE families give every MoE field too."""
+    return dict(read_family(path).model)
+
+
+def hf_router_fields(path: str | Path) -> dict[str, Any]:
+    """The `experts.router` fields the HF MoE model at `path` implies ({} for dense models)."""
+    return dict(read_family(path).router)
+
+
+def check_hf_compat(path: str | Path, model_cfg, experts_cfg=None) -> list[tuple[str, str]]:
+    """Every config field of ours that disagrees with the HF model at `path`, field by field.
+
+    Returns (field, message) pairs: field is the bare name ("d_model", or "router.normalize_topk"),
+    message names it again, e.g. "model.d_model: 64 but the Hugging Face checkpoint at P has
+    hidden_size 128". From a dense checkpoint, `d_ff` is compared only when the model has dense
+    layers and `d_expert` only when it has MoE layers (they are upcycled from the dense FFN, so
+    need d_expert == intermediate_size). From an MoE checkpoint every MoE field is compared
+    (the experts load as they are). `vocab_size: null` is reported too: the embedding must match
+    the checkpoint's (often padded) vocabulary, not the tokenizer's. An unsupported checkpoint
+    raises ValueError.
     """
-    p = Path(path)
-    cfg = _load_config(p)
-    return _fields_from_config(cfg, _raw_config(p), p / CONFIG_FILE)
-
-
-# ours -> (HF config name, how to display our value)
-_HF_NAMES = {
-    "d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "d_expert": "intermediate_size",
-    "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings", "rope_theta": "rope_theta",
-    "norm_eps": "rms_norm_eps", "qkv_bias": "q/k/v projection biases",
-}
-
-
-def check_hf_compat(path: str | Path, model_cfg) -> list[tuple[str, str]]:
-    """Every `ModelConfig` field of `model_cfg` that disagrees with the HF model at `path`.
-
-    Returns (field, message) pairs: field is the bare ModelConfig name ("d_model"), message
-    names it again so it reads on its own, e.g. "model.d_model: 64 but the Hugging Face
-    checkpoint at P has hidden_size 128". `d_ff` is compared only when the model has
-    dense layers, `d_expert` only when it has MoE layers (they are upcycled from the dense
-    FFN, so need d_expert == intermediate_size). `vocab_size: null` is reported too: the
-    embedding must match the checkpoint's (often padded) vocabulary, not the tokenizer's.
-    An unsupported checkpoint raises ValueError (see `hf_model_config_fields`).
-    """
-    hf = hf_model_config_fields(path)
+    fam = read_family(path)
     try:
         moe_ids = model_cfg.moe_layer_ids()
     except ValueError:
         moe_ids = []
     has_moe, has_dense = bool(moe_ids), len(moe_ids) < model_cfg.n_layers
     problems: list[tuple[str, str]] = []
-    for name, theirs in hf.items():
-        if (name == "d_ff" and not has_dense) or (name == "d_expert" and not has_moe):
+    for name, theirs in fam.model.items():
+        if name == "d_ff" and not has_dense:
+            continue
+        if name == "d_expert" and not has_moe:
             continue
         ours = getattr(model_cfg, name)
-        shown = repr(ours).lower() if isinstance(ours, bool) else ("null" if ours is None else ours)
+        shown = show(ours)
         if name == "n_kv_heads" and ours is None:
             ours, shown = model_cfg.n_heads, f"null (= n_heads = {model_cfg.n_heads})"
-        if isinstance(theirs, float):
-            same = ours is not None and math.isclose(float(ours), theirs, rel_tol=1e-9, abs_tol=0.0)
-        else:
-            same = ours == theirs
-        if not same:
-            their_shown = repr(theirs).lower() if isinstance(theirs, bool) else theirs
-            msg = (f"model.{name}: {shown} but the Hugging Face checkpoint at {path} has "
-                   f"{_HF_NAMES[name]} {their_shown}")
-            if name == "d_expert":
+        if name == "head_dim" and ours is not None and ours == model_cfg.d_model // model_cfg.n_heads:
+            ours = None
+        if name == "moe_layers":
+            ours, theirs = moe_ids, _layer_ids(theirs, model_cfg.n_layers)
+        if not same_value(ours, theirs):
+            their_shown = show(theirs)
+            msg = f"model.{name}: {shown} but the Hugging Face checkpoint at {path} has {HF_NAMES[name]} {their_shown}"
+            if name == "d_expert" and not fam.is_moe:
                 msg += " (upcycled experts start as copies of the dense FFN)"
             if name == "vocab_size" and ours is None:
                 msg += f"; set model.vocab_size: {theirs}"
             problems.append((name, msg))
+    if experts_cfg is not None and fam.is_moe:
+        r = experts_cfg.router
+        for name, theirs in fam.router.items():
+            ours = getattr(r, name)
+            if not same_value(ours, theirs):
+                problems.append((f"router.{name}", f"experts.router.{name}: {show(ours)} but the Hugging Face "
+                                 f"{fam.model_type} checkpoint at {path} routes with {name} {show(theirs)}"
+                                 + (f" ({HF_NAMES[name]})" if name in HF_NAMES else "")))
     return problems
 
 
+def _layer_ids(spec, n_layers: int) -> list[int]:
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "none":
+        return []
+    return list(spec)
+
+
+def _config_of(fields: dict[str, Any]):
+    from system.model_config import ModelConfig
+
+    return ModelConfig(**fields)
+
+
 def load_hf_dense_state_dict(path: str | Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """The HF model's weights in our naming, for a dense Transformer (moe_layers "none").
+    """The HF model's weights in our naming as a state dict (dense families: the upcycling path).
 
-    `dtype`: None keeps the dtype stored in the checkpoint. Raises ValueError for
-    unsupported architectures or tensors this mapping does not account for.
-    """
+    `dtype`: None keeps the stored dtype. Raises ValueError for unsupported architectures or
+    tensors this mapping does not account for."""
     p = Path(path)
-    cfg = _load_config(p)
-    fields = _fields_from_config(cfg, _raw_config(p), p / CONFIG_FILE)
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
-                                              dtype=dtype if dtype is not None else "auto")
-    src = {k: v.detach() for k, v in hf.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    del hf
+    fam = read_family(p)
+    fields = dict(fam.model)
+    if fam.is_moe:
+        raise HFConfigError(f"{p / CONFIG_FILE}: {fam.model_type} is an MoE model; load it with load_hf_into_model")
+    cfg = _config_of({**fields, "moe_layers": "none"})
+    reader = HFReader(p)
+    out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
+    for piece in model_pieces(fam.model_type, cfg, []):
+        _require(reader, piece, p)
+        t = assemble(piece, reader)
+        out[piece.ours] = t if dtype is None else t.to(dtype)
+        used.update(piece.hf)
+    _no_leftovers(reader, used, cfg.tie_embeddings, p)
+    _check_qkv(out, cfg, p)
+    return {k: v.contiguous() for k, v in out.items()}
 
-    def take(key: str) -> torch.Tensor:
-        if key not in src:
-            raise ValueError(f"Hugging Face checkpoint at {p} has no tensor {key!r}")
-        used.add(key)
-        return src[key]
 
-    out: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
-    for i in range(fields["n_layers"]):
-        hp, op = f"model.layers.{i}.", f"blocks.{i}."
-        at = hp + "self_attn."
-        out[op + "attn_norm.weight"] = take(hp + "input_layernorm.weight")
-        out[op + "attn.qkv.weight"] = torch.cat([take(at + f"{n}_proj.weight") for n in "qkv"], dim=0)
-        if fields["qkv_bias"]:
-            out[op + "attn.qkv.bias"] = torch.cat([take(at + f"{n}_proj.bias") for n in "qkv"], dim=0)
-        out[op + "attn.proj.weight"] = take(at + "o_proj.weight")
-        out[op + "ffn_norm.weight"] = take(hp + "post_attention_layernorm.weight")
-        out[op + "ffn.w1.weight"] = take(hp + "mlp.gate_proj.weight")
-        out[op + "ffn.w3.weight"] = take(hp + "mlp.up_proj.weight")
-        out[op + "ffn.w2.weight"] = take(hp + "mlp.down_proj.weight")
-    out["norm.weight"] = take("model.norm.weight")
-    if fields["tie_embeddings"]:
-        used.add("lm_head.weight")  # the same tensor as the embedding
-    else:
-        out["head.weight"] = take("lm_head.weight")
-    left = sorted(set(src) - used)
+def _require(reader: HFReader, piece, p: Path) -> None:
+    missing = [k for k in piece.hf if k not in reader]
+    if missing:
+        raise ValueError(f"Hugging Face checkpoint at {p} has no tensor {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _no_leftovers(reader: HFReader, used: set[str], tied: bool, p: Path) -> None:
+    left = sorted(k for k in reader.keys() - used
+                  if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight"))
     if left:
         raise ValueError(f"Hugging Face checkpoint at {p} has tensors this import does not map: "
                          f"{left[:8]}{' ...' if len(left) > 8 else ''}")
-    D, H = fields["d_model"], fields["n_heads"]
-    qkv_shape = ((H + 2 * fields["n_kv_heads"]) * (D // H), D)
-    for i in range(fields["n_layers"]):
+
+
+def _check_qkv(out: dict[str, torch.Tensor], cfg, p: Path) -> None:
+    d = cfg.attn_head_dim()
+    want = ((cfg.n_heads + 2 * cfg.kv_heads()) * d, cfg.d_model)
+    for i in range(cfg.n_layers):
         got = tuple(out[f"blocks.{i}.attn.qkv.weight"].shape)
-        if got != qkv_shape:
+        if got != want:
             raise ValueError(f"Hugging Face checkpoint at {p}: layer {i}'s fused q/k/v weight has shape "
-                             f"{got}, expected {qkv_shape} from {CONFIG_FILE}")
-    return {k: v.contiguous() for k, v in out.items()}
+                             f"{got}, expected {want} from {CONFIG_FILE}")
+
+
+def is_hf_moe_dir(path: str | Path) -> bool:
+    try:
+        return is_hf_model_dir(path) and read_family(path).is_moe
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def load_hf_into_model(model, path: str | Path,
+                       want_expert: Optional[Callable[[int, int], bool]] = None) -> dict[str, Any]:
+    """Copy the HF model at `path` into `model` (a Transformer of the same shape), tensor by tensor.
+
+    `want_expert(moe_layer_pos, e)`: False skips reading that expert (an ep/fssdp rank reads only
+    the experts it will own; the others stay as built and are dropped when the model is
+    sharded). Every model tensor must come from the checkpoint (the aux-free `expert_bias`
+    starts at zero) and every checkpoint tensor must be used; shapes must agree. Returns a
+    report with the tensors loaded and the bytes read."""
+    p = Path(path)
+    fam = read_family(p)
+    cfg = model.cfg
+    problems = check_hf_compat(p, cfg)
+    if problems:
+        raise ValueError("; ".join(m for _, m in problems))
+    moe_ids = cfg.moe_layer_ids()
+    pos = {blk: j for j, blk in enumerate(moe_ids)}
+    target = dict(model.state_dict(keep_vars=True))
+    reader = HFReader(p)
+    used: set[str] = set()
+    loaded: list[str] = []
+    pieces = model_pieces(fam.model_type, cfg, moe_ids)
+    for piece in pieces:
+        _require(reader, piece, p)
+    for piece in pieces:
+        if piece.ours not in target:
+            raise ValueError(f"init from {p}: our model has no {piece.ours} (built differently from {CONFIG_FILE})")
+        dst = target[piece.ours]
+        want = None
+        if piece.kind == "experts" and want_expert is not None:
+            layer = pos[int(piece.ours.split(".")[1])]
+            want = lambda e, _l=layer: want_expert(_l, e)  # noqa: E731
+        t = assemble(piece, reader, want, like=dst.detach())
+        if tuple(t.shape) != tuple(dst.shape):
+            raise ValueError(f"init from {p}: {piece.ours}: checkpoint shape {tuple(t.shape)} != model shape "
+                             f"{tuple(dst.shape)} ({piece.hf[0]}...)")
+        dst.data.copy_(t)
+        used.update(piece.hf)
+        loaded.append(piece.ours)
+        del t
+    _no_leftovers(reader, used, cfg.tie_embeddings, p)
+    kept = sorted(set(target) - set(loaded))
+    unexpected = [k for k in kept if not k.endswith("expert_bias")]
+    if unexpected:
+        raise ValueError(f"init from {p}: model tensors with no counterpart in the checkpoint: {unexpected[:6]}")
+    for k in kept:
+        target[k].data.zero_()
+    return {"source": str(p), "kind": f"huggingface:{fam.model_type}", "loaded": loaded, "upcycled_layers": {},
+            "moe_layers_loaded": list(range(len(moe_ids))), "kept_init": kept, "bytes_read": reader.bytes_read}

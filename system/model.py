@@ -11,6 +11,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from experts.config import ExpertsConfig
@@ -52,29 +53,45 @@ class Attention(nn.Module):
     """Causal self-attention with RoPE; grouped-query when n_kv_heads < n_heads.
 
     `qkv` is one fused projection whose output rows are [q (n_heads*d); k (n_kv_heads*d);
-    v (n_kv_heads*d)], heads contiguous within each; query head h reads key/value head
-    h // (n_heads / n_kv_heads). With n_kv_heads = n_heads this is the plain (3D, D) layout.
+    v (n_kv_heads*d)], heads contiguous within each (d = head_dim, d_model / n_heads unless set);
+    query head h reads key/value head h // (n_heads / n_kv_heads). With n_kv_heads = n_heads and
+    d = d_model / n_heads this is the plain (3D, D) layout. QK-norm (`qk_norm`) normalises the
+    queries and keys before RoPE, per head (weights of size d) or over the whole projection
+    (n_heads*d for q, n_kv_heads*d for k).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.attn_head_dim()
         self.n_kv_heads = cfg.kv_heads()
-        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * G) * d, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(H * d, cfg.d_model, bias=False)
         if self.qkv.bias is not None:
             nn.init.zeros_(self.qkv.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(d if per_head else H * d, cfg.norm_eps)
+            self.k_norm = RMSNorm(d if per_head else G * d, cfg.norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cos_TH, sin_TH) -> torch.Tensor:
-        B, T, D = x_BTD.shape
+        B, T, _ = x_BTD.shape
         H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x_BTD).view(B, T, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+        if self.qk_norm == "full":
+            q, k, v = self.qkv(x_BTD).split([H * d, G * d, G * d], dim=-1)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.reshape(B, T, -1, d).transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = self.qkv(x_BTD).view(B, T, H + 2 * G, d).transpose(1, 2).split([H, G, G], dim=1)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_TH, sin_TH), apply_rope(k, cos_TH, sin_TH)  # (B, H|G, T, d)
         if G == H:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * d))
 
 
 class DenseFFN(nn.Module):
@@ -97,11 +114,17 @@ def default_moe_layer(cfg: ModelConfig, experts: ExpertsConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm attention and feed-forward (dense or MoE) with residuals.
+    """Pre-norm attention and feed-forward (dense or MoE, plus an optional shared expert) with
+    residuals.
 
     `attention_hook`: a context manager entered around the attention (None: nothing). An expert
     strategy sets it to start work that overlaps the attention (FSSDP posts the layer's
-    SparseAllGather there)."""
+    SparseAllGather there); it stays outside any recomputation.
+    Activation checkpointing (`cfg.activation_checkpointing`): "full" recomputes the attention
+    sublayer and the feed-forward compute in the backward pass, "moe" only the experts' and the
+    shared expert's FFNs. Routing and the expert strategies' communication are never redone: the
+    MoE layer's experts recompute their own rows (`recompute` on the experts module).
+    """
 
     def __init__(self, cfg: ModelConfig, moe: bool, experts: ExpertsConfig, moe_factory: MoEFactory):
         super().__init__()
@@ -110,16 +133,49 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe
         self.ffn = moe_factory(cfg, experts) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
+        self.shared = DenseFFN(cfg.d_model, cfg.d_shared) if moe and cfg.d_shared else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if self.shared is not None and \
+            cfg.shared_expert_gate else None
         self.attention_hook: Optional[ContextManager] = None
+        self.checkpointing = cfg.activation_checkpointing
+        if moe and self.checkpointing != "none":
+            set_expert_recompute(self.ffn)
+
+    def _attend(self, x_BTD, cos_TH, sin_TH):
+        return self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+
+    def _shared_ffn(self, h):
+        y = self.shared(h)
+        return y if self.shared_gate is None else torch.sigmoid(self.shared_gate(h)) * y
 
     def forward(self, x_BTD, cos_TH, sin_TH) -> tuple[torch.Tensor, Optional[MoEAux]]:
+        full = self.checkpointing == "full" and torch.is_grad_enabled()
         with self.attention_hook or contextlib.nullcontext():
-            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+            a = _recompute(self._attend, x_BTD, cos_TH, sin_TH) if full else self._attend(x_BTD, cos_TH, sin_TH)
+            x_BTD = x_BTD + a
         h = self.ffn_norm(x_BTD)
-        if self.is_moe:
-            y, aux = self.ffn(h)
-            return x_BTD + y, aux
-        return x_BTD + self.ffn(h), None
+        if not self.is_moe:
+            return x_BTD + (_recompute(self.ffn, h) if full else self.ffn(h)), None
+        y, aux = self.ffn(h)
+        if self.shared is not None:
+            again = self.checkpointing != "none" and torch.is_grad_enabled()
+            y = y + (_recompute(self._shared_ffn, h) if again else self._shared_ffn(h))
+        return x_BTD + y, aux
+
+
+def _recompute(fn, *args):
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def set_expert_recompute(moe_layer: nn.Module) -> None:
+    """Make a MoE layer's experts recompute their FFN activations in the backward pass."""
+    if hasattr(moe_layer, "enable_expert_recompute"):
+        moe_layer.enable_expert_recompute()
+        return
+    experts = getattr(moe_layer, "experts", None)
+    if experts is None or not hasattr(experts, "recompute"):
+        raise ValueError(f"{type(moe_layer).__name__} does not support activation checkpointing of its experts")
+    experts.recompute = True
 
 
 class Transformer(nn.Module):
@@ -152,6 +208,12 @@ class Transformer(nn.Module):
             nn.init.normal_(blk.attn.proj.weight, std=out_std)
             if blk.is_moe:
                 blk.ffn.reset_parameters(std, out_std)
+                if blk.shared is not None:
+                    nn.init.normal_(blk.shared.w1.weight, std=std)
+                    nn.init.normal_(blk.shared.w3.weight, std=std)
+                    nn.init.normal_(blk.shared.w2.weight, std=out_std)
+                if blk.shared_gate is not None:
+                    nn.init.normal_(blk.shared_gate.weight, std=std)
             else:
                 nn.init.normal_(blk.ffn.w1.weight, std=std)
                 nn.init.normal_(blk.ffn.w3.weight, std=std)
@@ -167,7 +229,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor) -> ModelOutput:
         B, T = input_ids_BT.shape
-        cos_TH, sin_TH = rope_tables(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
+        cos_TH, sin_TH = rope_tables(T, self.cfg.attn_head_dim(), self.cfg.rope_theta,
                                      input_ids_BT.device)
         x_BTD = self.embed(input_ids_BT)
         aux: list[MoEAux] = []

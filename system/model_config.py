@@ -4,7 +4,7 @@ cluster simulator `parallel.simulator`) can read and validate it without importi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 
 @dataclass
@@ -25,16 +25,36 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2, Qwen2-MoE)
+    head_dim: Optional[int] = None  # per-head width; null: d_model / n_heads (Qwen3-MoE sets its own)
+    # RMSNorm on queries and keys before RoPE: "head" over each head (Qwen3-MoE), "full" over the
+    # whole q / k projection (OLMoE), "none".
+    qk_norm: Literal["none", "head", "full"] = "none"
+    # A shared expert beside the routed ones in every MoE layer: a SwiGLU FFN of this hidden size
+    # that every token passes (0: none). DeepSeek's n_shared_experts x moe_intermediate_size;
+    # Qwen2-MoE's shared_expert_intermediate_size.
+    d_shared: int = 0
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(w . x) (Qwen2-MoE)
+    # Recompute activations in the backward pass: "full" (attention and feed-forward compute of
+    # every block), "moe" (only the expert and shared-expert FFNs), "none".
+    activation_checkpointing: Literal["none", "full", "moe"] = "none"
 
     def check(self) -> Iterator[tuple[str, str]]:
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "num_experts", "top_k", "d_expert"):
             if getattr(self, name) < 1:
                 yield name, f"{getattr(self, name)} must be >= 1"
-        if self.n_heads >= 1 and self.d_model % self.n_heads:
-            yield "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+        if self.head_dim is not None:
+            if self.head_dim < 2 or self.head_dim % 2:
+                yield "head_dim", f"{self.head_dim} must be an even number >= 2 (rotary embeddings rotate pairs)"
+        elif self.n_heads >= 1 and self.d_model % self.n_heads:
+            yield "n_heads", (f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} "
+                              f"(or set head_dim)")
         elif self.n_heads >= 1 and (self.d_model // self.n_heads) % 2:
             yield "n_heads", f"head dim {self.d_model // self.n_heads} must be even for rotary embeddings"
+        if self.d_shared < 0:
+            yield "d_shared", f"{self.d_shared} must be >= 0 (0: no shared expert)"
+        if self.shared_expert_gate and self.d_shared == 0:
+            yield "shared_expert_gate", "true needs a shared expert (d_shared > 0)"
         if self.n_kv_heads is not None:
             if self.n_kv_heads < 1:
                 yield "n_kv_heads", f"{self.n_kv_heads} must be >= 1"
@@ -48,6 +68,10 @@ class ModelConfig:
             self.moe_layer_ids()
         except ValueError as e:
             yield "moe_layers", str(e)
+
+    def attn_head_dim(self) -> int:
+        """The width of one attention head (head_dim, or d_model / n_heads when unset)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     def kv_heads(self) -> int:
         """The number of key/value heads (n_kv_heads, or n_heads when unset)."""

@@ -141,11 +141,14 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 @torch.no_grad()
 def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleConfig] = None,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, want_expert=None) -> dict[str, Any]:
     """Load `source` into `model` (a `system.model.Transformer`), upcycling where needed.
 
     `source`: a moeforge checkpoint (a directory with moeforge.json, or a root holding them),
-    a local Hugging Face Llama/Qwen2 directory, or a state dict in our naming.
+    a local Hugging Face directory, or a state dict in our naming. A Hugging Face MoE model
+    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) streams into a model of its own shape
+    (`system.hf_import.load_hf_into_model`; `want_expert(layer, e)` limits which experts are
+    read); dense ones (Llama, Qwen2) go through the state-dict path below (and may upcycle).
 
     Per target key: equal shapes load as is. A target MoE layer whose source layer is a dense
     FFN (`ffn.w1.weight`) or an MoE layer with one expert gets its E experts from
@@ -164,6 +167,12 @@ def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleC
     if problems:
         raise ValueError("invalid upcycle config: " + "; ".join(f"{k}: {m}" for k, m in problems))
     seed = cfg.seed if cfg.seed is not None else seed
+    if not isinstance(source, Mapping):
+        from system.checkpoint import is_complete
+        from system.hf_import import is_hf_moe_dir, load_hf_into_model
+
+        if not is_complete(Path(source)) and is_hf_moe_dir(source):
+            return load_hf_into_model(model, source, want_expert)
     src, kind, where = _load_source(source)
     target = model.state_dict()
     blocks = getattr(model, "blocks", [])

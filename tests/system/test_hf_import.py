@@ -123,7 +123,7 @@ def test_config_fields(hf_dirs):
     f = hf_model_config_fields(hf_dirs["llama"])
     assert f == {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48, "d_expert": 48,
                  "vocab_size": V, "tie_embeddings": True, "rope_theta": 5000.0, "norm_eps": 1e-5,
-                 "qkv_bias": False}
+                 "qkv_bias": False, "head_dim": None, "qk_norm": "none"}
     assert hf_model_config_fields(hf_dirs["qwen2"])["qkv_bias"] is True
 
 
@@ -176,7 +176,7 @@ def _edited(src: Path, dst: Path, **changes) -> Path:
     ("llama", dict(attention_bias=True), ["attention_bias", "o_proj"]),
     ("llama", dict(mlp_bias=True), ["mlp_bias"]),
     ("llama", dict(hidden_act="gelu"), ["hidden_act"]),
-    ("llama", dict(head_dim=16), ["head_dim"]),
+    ("qwen2", dict(head_dim=16), ["head_dim"]),
     ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=None),
      ["sliding", "max_window_layers"]),
 ])
