@@ -5,6 +5,7 @@
     moeforge submit SPEC [--address] submit as a Ray job (working dir = this checkout)
     moeforge status ID | logs ID     follow a submitted job
     moeforge simulate [CONFIG]       cluster-scale EP/FSSDP/FasterMoE/ZeRO-3 MoE-layer simulator (no GPU)
+    moeforge export RUN_DIR --to DIR a run's checkpoint as a Hugging Face model directory
 """
 from __future__ import annotations
 
@@ -171,6 +172,26 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from jobs.export import export_run
+    from system.hf.families import NotRepresentable
+
+    try:
+        rep = export_run(args.run_dir, args.to, stage=args.stage, step=args.step, dtype=args.dtype,
+                         max_shard_bytes=int(args.max_shard_mb * 2 ** 20) if args.max_shard_mb else None,
+                         overwrite=args.overwrite)
+    except NotRepresentable as e:
+        print(f"error: cannot export: {e} (nothing was written)", file=sys.stderr)
+        return EXIT_SPEC
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    shards = sum(1 for f in rep["files"] if f.endswith(".safetensors"))
+    print(f"[moeforge] exported stage {rep['stage']} step {rep['step']} ({rep['expert_strategy']}) as a Hugging Face "
+          f"{rep['family']} model ({rep['dtype']}, {shards} shard{'s' if shards != 1 else ''}) to {args.to}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeforge", description="Train MoE language models: Ray + DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,6 +221,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--sweep-gpus", help="comma-separated GPU counts, e.g. 8,16,32,64,128,256")
     m.add_argument("--json", help="write the full results as JSON to this path")
     m.set_defaults(fn=cmd_simulate)
+    x = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory")
+    x.add_argument("run_dir")
+    x.add_argument("--to", required=True, help="output directory (must not exist or be empty)")
+    x.add_argument("--stage", help="stage to export (default: the last stage with a checkpoint)")
+    x.add_argument("--step", type=int, help="checkpoint step (default: the stage's latest)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="tensor dtype (default: as trained)")
+    x.add_argument("--max-shard-mb", type=float, help="largest safetensors shard in MiB (default 2048)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to directory")
+    x.set_defaults(fn=cmd_export)
     for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
                                ("logs", cmd_logs, "a submitted job's logs")):
         c = sub.add_parser(name, help=helptext)

@@ -176,3 +176,52 @@ def load_module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
             for name, w in zip(("w1", "w3", "w2"), ws):
                 module[f"blocks.{moe_blocks[l]}.ffn.experts.{name}"] = w
     return module
+
+
+class CheckpointTensors:
+    """A checkpoint's model tensors in our naming, read lazily (memory-mapped files).
+
+    Dense tensors come from DeepSpeed's model-state file; under ep/fssdp the experts of one
+    MoE layer are stacked from every rank's expert file when asked for, so a reader (export)
+    holds one layer's experts at a time, never the whole model twice."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt = Path(ckpt)
+        files = sorted(self.ckpt.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ValueError(f"checkpoint {ckpt} has no model state file (mp_rank_*_model_states.pt)")
+        state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        self.module = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state["module"].items()}
+        self.experts: dict[str, dict] = {}
+        self.moe_blocks: list[int] = []
+        if (self.ckpt / "experts").is_dir():
+            from system.expert_files import EXPERT_DIR
+
+            parts = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+                     for f in sorted((self.ckpt / EXPERT_DIR).glob("rank*.pt"))]
+            if not parts or len(parts) != parts[0]["world"]:
+                raise ValueError(f"checkpoint {ckpt}: {len(parts)} expert files, written by "
+                                 f"{parts[0]['world'] if parts else '?'} ranks")
+            self.num_experts = parts[0]["num_experts"]
+            for p in parts:
+                self.experts.update(p["experts"])
+            self.moe_blocks = sorted({int(k.split(".")[1]) for k in self.module
+                                      if k.startswith("blocks.") and k.endswith(".ffn.router.weight")})
+
+    def keys(self) -> list[str]:
+        out = list(self.module)
+        for b in self.moe_blocks:
+            out += [f"blocks.{b}.ffn.experts.{n}" for n in ("w1", "w3", "w2")]
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.module:
+            return self.module[key]
+        parts = key.split(".")
+        if self.experts and len(parts) == 5 and parts[2:4] == ["ffn", "experts"] and int(parts[1]) in self.moe_blocks:
+            layer = self.moe_blocks.index(int(parts[1]))
+            recs = [self.experts.get(f"{layer}.{e}") for e in range(self.num_experts)]
+            if any(r is None for r in recs):
+                raise ValueError(f"checkpoint {self.ckpt}: experts of MoE layer {layer} are missing from the expert files")
+            return torch.stack([r[parts[4]] for r in recs])
+        raise KeyError(f"checkpoint {self.ckpt} has no tensor {key!r}")

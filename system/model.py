@@ -240,3 +240,14 @@ class Transformer(nn.Module):
         h = self.norm(x_BTD)
         logits = h @ self.embed.weight.t() if self.head is None else self.head(h)
         return ModelOutput(logits, aux)
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, input_ids_BT: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Append `new_tokens` argmax tokens to each prompt (full recompute per token: a checking and
+    sampling tool, not a server)."""
+    ids = input_ids_BT
+    for _ in range(new_tokens):
+        nxt = model(ids).logits_BTV[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids

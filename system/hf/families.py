@@ -169,6 +169,10 @@ def parse_family_config(raw: dict[str, Any], where: str) -> HFModel:
                 raise HFConfigError(f"{where}: shared_expert_intermediate_size {m['d_shared']} must be >= 1")
         else:
             m["qk_norm"] = "head"
+    if router["normalize_topk"] and m["top_k"] == 1:
+        raise HFConfigError(f"{where}: num_experts_per_tok 1 with renormalised top-k"
+                            f"{' (Mixtral always renormalises)' if mt == 'mixtral' else ' (norm_topk_prob true)'} "
+                            f"makes every combine weight 1: not supported (our top-1 weight is the probability)")
     if m["top_k"] > m["num_experts"]:
         raise HFConfigError(f"{where}: num_experts_per_tok {m['top_k']} exceeds the {m['num_experts']} experts")
     return HFModel(mt, m, router, raw)
@@ -214,6 +218,8 @@ def choose_family(m, r, moe_ids: list[int], bias_nonzero: bool = False) -> str:
     `bias_nonzero`: the aux-loss-free expert bias holds non-zero values."""
     if r.kind != "topk":
         raise NotRepresentable(f"router kind {r.kind!r} has no Hugging Face equivalent")
+    # With k = 1 our router never renormalises (the weight stays the probability).
+    r = effective_normalize(r, m.top_k)
     feats = []
     if r.score != "softmax":
         feats.append(f"router score {r.score!r}")
@@ -260,9 +266,16 @@ def choose_family(m, r, moe_ids: list[int], bias_nonzero: bool = False) -> str:
                            f"and Qwen2-MoE / Qwen3-MoE / OLMoE always add a shared expert or QK-norm")
 
 
+def effective_normalize(r, top_k: int):
+    from dataclasses import replace
+
+    return replace(r, normalize_topk=bool(r.normalize_topk and top_k > 1))
+
+
 def family_config(family: str, m, r, moe_ids: list[int], *, dtype: str = "float32",
                   bos: Optional[int] = None, eos: Optional[int] = None) -> dict[str, Any]:
     """config.json for our model in `family` (which `choose_family` picked)."""
+    r = effective_normalize(r, m.top_k)
     hd = m.head_dim or m.d_model // m.n_heads
     cfg: dict[str, Any] = {
         "architectures": [ARCHITECTURES[family]], "model_type": family, "hidden_size": m.d_model,
