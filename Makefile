@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (see scripts/bootstrap.sh).
-.PHONY: setup quickstart test bench
+.PHONY: setup quickstart test bench continual-hf
 
 setup:
 	bash scripts/bootstrap.sh
@@ -12,3 +12,11 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/moe_layer.py
+
+# An imported Hugging Face MoE: continual pretraining with replay -> distillation -> export (docs/hf.md).
+continual-hf: setup
+	.venv/bin/python scripts/make_tiny_hf_moe.py --family qwen3_moe --out runs/tiny-qwen3-moe
+	.venv/bin/moeforge run examples/continual_hf.yaml
+	.venv/bin/moeforge export runs/continual_hf --stage continual --to runs/continual_hf/hf/continual --overwrite
+	.venv/bin/moeforge export runs/continual_hf --stage distill --to runs/continual_hf/hf/student --overwrite
+	.venv/bin/python scripts/hf_generate.py runs/continual_hf/hf/continual runs/continual_hf/hf/student

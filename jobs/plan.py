@@ -60,6 +60,7 @@ class StagePlan:
     weights: dict[str, float]
     replay_stages: tuple[str, ...]
     replay_fraction: float
+    replay_sources: tuple[str, ...]  # corpus sources replayed whole (pre-job data proxies)
     eval_domains: tuple[str, ...]
     new_domains: tuple[str, ...]  # the sources this stage trains on (weight > 0)
     # where the weights start from, and how experts are spawned from fewer
@@ -178,6 +179,8 @@ def replay_stages(spec: JobSpec, i: int) -> list[str]:
         return []
     if rp.stages is not None:
         return list(rp.stages)
+    if rp.sources:
+        return []
     return [s.name for s in spec.stages[:i]]
 
 
@@ -211,6 +214,7 @@ def plan_stage(spec: JobSpec, i: int) -> StagePlan:
         checkpoint_every=st.checkpoint_every, eval_every=st.eval_every, eval_batches=st.eval_batches,
         data=data, weights={s.name: s.weight for s in data.sources},
         replay_stages=tuple(replay_stages(spec, i)), replay_fraction=st.data.replay.fraction,
+        replay_sources=tuple(st.data.replay.sources or ()) if st.data.replay.fraction > 0 else (),
         eval_domains=tuple(stage_eval_domains(spec, i)),
         new_domains=tuple(s.name for s in data.sources if s.weight > 0),
         init=source_ref(spec, i, st.init_from), init_weights_only=st.init_weights_only, upcycle=st.upcycle,

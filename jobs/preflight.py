@@ -54,11 +54,11 @@ def _check_hf_init(spec: JobSpec, i: int) -> Problems:
     from system.hf_import import check_hf_compat, is_hf_model_dir
 
     ref = spec.stages[i].init_from
-    mcfg, _ = stage_cfgs(spec, i)
+    mcfg, ecfg = stage_cfgs(spec, i)
     if mcfg is None or not (Path(ref).is_dir() and is_hf_model_dir(ref)):
         return
     try:
-        hf_problems = check_hf_compat(ref, mcfg)
+        hf_problems = check_hf_compat(ref, mcfg, ecfg)
     except ValueError as e:
         hf_problems = [("", str(e))]
     for _key, msg in hf_problems:

@@ -147,14 +147,20 @@ class ReplaySection:
     """Replay of earlier data in a (continual) stage: `stages[*].data.replay`."""
 
     fraction: float = 0.0  # r: share of every batch drawn from samples earlier stages consumed
-    # Earlier stages whose consumed samples are replayed; null: every earlier stage.
+    # Earlier stages whose consumed samples are replayed; null: every earlier stage (none when
+    # `sources` is set).
     stages: Optional[list[str]] = None
+    # Sources of the job's corpus replayed whole: data the model saw before it came to this job
+    # (a proxy of an imported model's pretraining mix that you supply).
+    sources: Optional[list[str]] = None
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not 0.0 <= self.fraction < 1.0:
             yield "fraction", f"{self.fraction} must be in [0, 1)"
-        if self.stages is not None and self.fraction > 0 and not self.stages:
+        if self.stages is not None and self.fraction > 0 and not self.stages and not self.sources:
             yield "stages", "an empty list replays nothing; name earlier stages or leave it null"
+        if self.sources is not None and self.fraction > 0 and not self.sources:
+            yield "sources", "an empty list replays nothing; name sources of the job's corpus or leave it null"
 
 
 @dataclass

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from experts.config import ExpertsConfig
+from experts.config import ExpertsConfig, RouterConfig
 from jobs.layout import RunLayout
 from jobs.plan import JobPlan, StagePlan, plan_job
 from parallel.teacher import ResolvedTeacher
 from system.checkpoint import latest_checkpoint, read_manifest, resolve_checkpoint
-from system.hf_import import hf_model_config_fields, is_hf_model_dir
+from system.hf.families import read_family
+from system.hf_import import is_hf_model_dir
 from system.model import ModelConfig
 
 
@@ -52,8 +53,9 @@ def resolve_teacher(plan: JobPlan, stage: StagePlan, layout: RunLayout) -> Resol
         return ResolvedTeacher(ckpt, t.model, t.experts, key_ref=str(ckpt))
     key_ref = str(Path(ref.ref).absolute())
     if is_hf_model_dir(ref.ref):
-        fields = hf_model_config_fields(ref.ref)
-        return ResolvedTeacher(Path(ref.ref), ModelConfig(**{**fields, "moe_layers": "none"}), ExpertsConfig(),
+        fam = read_family(ref.ref)
+        fields = fam.model if fam.is_moe else {**fam.model, "moe_layers": "none"}
+        return ResolvedTeacher(Path(ref.ref), ModelConfig(**fields), ExpertsConfig(router=RouterConfig(**fam.router)),
                                key_ref=key_ref)
     ckpt = resolve_checkpoint(ref.ref)
     man = read_manifest(ckpt)

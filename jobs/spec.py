@@ -28,6 +28,9 @@ def parse_spec(data: Any, source: str = "spec", *, preflight: bool = True) -> Jo
     problems: list[tuple[str, str]] = []
     if not isinstance(data, dict):
         raise SpecError([("", f"the top level must be a mapping, got {type(data).__name__}")], source)
+    from jobs.model_from import resolve_model_from
+
+    data = resolve_model_from(data, problems)
     spec = build_dataclass(JobSpec, data, "", problems)
     if spec is not None:
         passes = [check_job] + ([run_preflight] if preflight else [])

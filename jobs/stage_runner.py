@@ -42,11 +42,11 @@ def build_model(stage: StagePlan, vocab_size: int, strategy: Optional[ExpertStra
 def stage_mixture(stage: StagePlan, layout: RunLayout, corpus: PackedCorpus):
     """(chunk arrays per sampler domain, mixture weights) of a stage: its own sources, plus one
     replay pool per source the replayed stages consumed (see `system.data.replay`)."""
-    from system.data.replay import replay_pools, replay_weights
+    from system.data.replay import replay_pools, replay_weights, source_pools
 
     train = {s.name: corpus.train[s.name] for s in stage.data.sources}
     weights = dict(stage.weights)
-    if not stage.replay_stages:
+    if not stage.replay_stages and not stage.replay_sources:
         return train, weights
     records = []
     for name in stage.replay_stages:
@@ -55,7 +55,8 @@ def stage_mixture(stage: StagePlan, layout: RunLayout, corpus: PackedCorpus):
             raise ValueError(f"stages[{stage.index}].data.replay: stage {name!r} has no record of the samples "
                              f"it consumed ({path}); it must finish before it can be replayed")
         records.append((name, path))
-    pools = replay_pools(records, corpus.train, corpus.tokenizer.fingerprint, corpus.seq_len)
+    pools = replay_pools(records, corpus.train, corpus.tokenizer.fingerprint, corpus.seq_len) if records else {}
+    pools.update(source_pools(stage.replay_sources, corpus.train))
     train.update(pools)
     return train, replay_weights(weights, {k: len(v) for k, v in pools.items()}, stage.replay_fraction)
 
@@ -98,7 +99,8 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     if init_ckpt is not None:
         # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts
         # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
-        init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=stage.data_seed)
+        init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=stage.data_seed,
+                                      want_expert=lambda l, e: strategy.owns_initially(l, e, stage.model.num_experts))
         if rank == 0:
             up = init_report.get("upcycled_layers") or {}
             print(f"[moeforge] stage {stage.name}: initialised from {init_report.get('kind')} {init_ckpt}: "

@@ -122,11 +122,20 @@ def _check_stage_refs(spec: JobSpec, i: int, seen: dict[str, int], all_names: li
     st = spec.stages[i]
     if st.data.replay.fraction > 0:
         names = P.replay_stages(spec, i)
-        if not names:
-            yield f"{p}.data.replay", ("replay needs an earlier stage that consumed data; this is "
-                                       "the first stage")
+        srcs = st.data.replay.sources or []
+        if not names and not srcs:
+            yield f"{p}.data.replay", ("replay needs an earlier stage that consumed data (this is the first "
+                                       "stage) or replay.sources naming data the model saw before")
         for j, name in enumerate(names):
             yield from earlier_stage_problem(name, f"{p}.data.replay.stages[{j}]", "replay", seen, all_names)
+        corpus = [s.name for s in P.job_corpus(spec).sources]
+        own = [s.name for s in P.stage_data(spec, i).sources]
+        for j, name in enumerate(srcs):
+            if name not in corpus:
+                yield f"{p}.data.replay.sources[{j}]", f"{name!r} is not a source of this job's data ({corpus})"
+            elif name in own:
+                yield f"{p}.data.replay.sources[{j}]", (f"{name!r} is one of this stage's own training sources; "
+                                                        f"replay sources are data the stage does not train on")
     first = {s.name: s for s in P.job_corpus(spec).sources}
     for j, src in enumerate(st.data.sources or []):
         a, b = _source_body(src), _source_body(first[src.name])

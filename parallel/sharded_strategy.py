@@ -34,6 +34,11 @@ class ShardedStrategy(ExpertStrategy):
         self.last_norm: Optional[float] = None
 
     # -- building -----------------------------------------------------------------------------
+    def owns_initially(self, moe_layer: int, expert: int, num_experts: int) -> bool:
+        from parallel.placement import Ownership  # the store's initial (classic EP) ownership
+
+        return int(Ownership.even(1, num_experts, pdist.world_size()).owner_LE[0, expert]) == pdist.rank()
+
     def prepare(self, model: nn.Module) -> None:
         """Every rank built (and initialised) the same full model; each keeps the experts it owns."""
         from parallel.placement import FSSDPPlanConfig

@@ -13,6 +13,7 @@ The trainer and the model never branch on the strategy; they call these hooks:
     observe(counts)      the step's global (L, E) expert counts
     step_metrics()       the strategy's own figures of the step (bytes moved, copies, ...)
     joins_every_forward  whether every rank must run every forward (collectives inside)
+    owns_initially(l, e, E) whether this rank keeps expert e of MoE layer l after prepare
     save / load / load_init_state / full_expert_weights   checkpoints and export
 
 `build_strategy` picks the class from the stage's parallel section.
@@ -47,6 +48,11 @@ class ExpertStrategy:
 
     def prepare(self, model: nn.Module) -> None:
         self.model = model
+
+    def owns_initially(self, moe_layer: int, expert: int, num_experts: int) -> bool:
+        """Whether this rank keeps `expert` of the `moe_layer`-th MoE layer when `prepare` shards
+        the model (loaders skip reading the others)."""
+        return True
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         return param_groups(model, weight_decay)

@@ -130,3 +130,14 @@ def replay_pools(records: list[tuple[str, Path]], train: Mapping[str, np.ndarray
         union = merge_consumed(union, chunks)
     return {REPLAY_PREFIX + src: ChunkView(train[src], ids, src) for src, ids in union.items()
             if len(ids) and (only is None or src in only)}
+
+
+def source_pools(names, train: Mapping[str, np.ndarray]) -> dict[str, ChunkView]:
+    """Replay pools `replay/<source>` holding every train chunk of the named corpus sources
+    (data from before the job, e.g. a proxy of an imported model's pretraining mix)."""
+    out = {}
+    for src in names:
+        if src not in train:
+            raise ValueError(f"replay.sources: {src!r} is not in this job's corpus")
+        out[REPLAY_PREFIX + src] = ChunkView(train[src], np.arange(len(train[src]), dtype=np.int64), src)
+    return out
