@@ -57,6 +57,13 @@ def _check_hf_init(spec: JobSpec, i: int) -> Problems:
     mcfg, ecfg = stage_cfgs(spec, i)
     if mcfg is None or not (Path(ref).is_dir() and is_hf_model_dir(ref)):
         return
+    from jobs.validate import stage_strategy
+    from system.hf_import import is_hf_moe_dir
+
+    if stage_strategy(spec, i) == "deepspeed_moe" and is_hf_moe_dir(ref):
+        yield f"stages[{i}].init_from", (f"{ref} is a Hugging Face MoE model: import it with expert_strategy "
+                                         f"replicated, ep or fssdp (DeepSpeed's MoE layer names its experts its own way)")
+        return
     try:
         hf_problems = check_hf_compat(ref, mcfg, ecfg)
     except ValueError as e:

@@ -178,7 +178,7 @@ def _check_stage_model(spec: JobSpec, i: int) -> Problems:
         if hk > mcfg.num_experts:
             yield f"{p}.experts.router.dts.hard_top_k", f"{hk} exceeds num_experts={mcfg.num_experts}"
     if st.model or st.experts or st.parallel:
-        yield from group_routing_problems(mcfg, ecfg, _stage_strategy(spec, i), f"{p}.")
+        yield from group_routing_problems(mcfg, ecfg, stage_strategy(spec, i), f"{p}.")
     if mcfg.num_experts % stage_ep_size(spec, i):
         yield f"{p}.model.num_experts", (f"{mcfg.num_experts} is not divisible by the "
                                          f"{stage_ep_size(spec, i)} expert-parallel ranks of this stage")
@@ -201,7 +201,7 @@ def _check_stage_model(spec: JobSpec, i: int) -> Problems:
                                      f"{getattr(src, k)}; init_from needs the same shape")
 
 
-def _stage_strategy(spec: JobSpec, i: Optional[int]) -> str:
+def stage_strategy(spec: JobSpec, i: Optional[int]) -> str:
     if i is not None and spec.stages[i].parallel.get("expert_strategy"):
         return spec.stages[i].parallel["expert_strategy"]
     return spec.parallel.expert_strategy

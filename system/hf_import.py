@@ -180,6 +180,38 @@ def is_hf_moe_dir(path: str | Path) -> bool:
         return False
 
 
+def _copy_into(dst: torch.Tensor, piece, reader: HFReader, p: Path, want_expert, pos) -> None:
+    """Copy the checkpoint tensors of `piece` straight into their place in `dst`, one at a time
+    (no assembled copy of a stacked or fused tensor is ever made)."""
+    def put(view: torch.Tensor, key: str, t: torch.Tensor) -> None:
+        if tuple(t.shape) != tuple(view.shape):
+            raise ValueError(f"init from {p}: {key}: checkpoint shape {tuple(t.shape)} does not fit {piece.ours} "
+                             f"{tuple(dst.shape)} (expected {tuple(view.shape)})")
+        view.copy_(t)
+
+    if piece.kind == "same":
+        put(dst, piece.hf[0], reader.get(piece.hf[0]))
+    elif piece.kind == "rows":
+        row = 0
+        for k in piece.hf:
+            t = reader.get(k)
+            if row + t.shape[0] > dst.shape[0]:
+                raise ValueError(f"init from {p}: {k}: its {t.shape[0]} rows overflow {piece.ours} {tuple(dst.shape)}")
+            put(dst[row:row + t.shape[0]], k, t)
+            row += t.shape[0]
+        if row != dst.shape[0]:
+            raise ValueError(f"init from {p}: {piece.ours}: the checkpoint's {'/'.join(piece.hf)} have {row} rows, "
+                             f"the model {dst.shape[0]} (check n_heads, n_kv_heads, head_dim)")
+    else:
+        if len(piece.hf) != dst.shape[0]:
+            raise ValueError(f"init from {p}: {piece.ours}: {len(piece.hf)} experts in the checkpoint, "
+                             f"{dst.shape[0]} in the model")
+        layer = pos[int(piece.ours.split(".")[1])]
+        for e, k in enumerate(piece.hf):
+            if want_expert is None or want_expert(layer, e):
+                put(dst[e], k, reader.get(k).t())
+
+
 @torch.no_grad()
 def load_hf_into_model(model, path: str | Path,
                        want_expert: Optional[Callable[[int, int], bool]] = None) -> dict[str, Any]:
@@ -209,18 +241,9 @@ def load_hf_into_model(model, path: str | Path,
         if piece.ours not in target:
             raise ValueError(f"init from {p}: our model has no {piece.ours} (built differently from {CONFIG_FILE})")
         dst = target[piece.ours]
-        want = None
-        if piece.kind == "experts" and want_expert is not None:
-            layer = pos[int(piece.ours.split(".")[1])]
-            want = lambda e, _l=layer: want_expert(_l, e)  # noqa: E731
-        t = assemble(piece, reader, want, like=dst.detach())
-        if tuple(t.shape) != tuple(dst.shape):
-            raise ValueError(f"init from {p}: {piece.ours}: checkpoint shape {tuple(t.shape)} != model shape "
-                             f"{tuple(dst.shape)} ({piece.hf[0]}...)")
-        dst.data.copy_(t)
+        _copy_into(dst.data, piece, reader, p, want_expert, pos)
         used.update(piece.hf)
         loaded.append(piece.ours)
-        del t
     _no_leftovers(reader, used, cfg.tie_embeddings, p)
     kept = sorted(set(target) - set(loaded))
     unexpected = [k for k in kept if not k.endswith("expert_bias")]

@@ -163,7 +163,7 @@ def _train(rank: int, world: int, spec: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,world", [("replicated", 1), ("fssdp", 2)])
+@pytest.mark.parametrize("strategy,world", [("replicated", 1), ("ep", 2), ("fssdp", 2)])
 def test_export_a_run_directory(strategy, world, tmp_path):
     """A real (tiny) run on gloo ranks, exported with the CLI: transformers' logits equal our
     model's loaded from the same checkpoint."""

@@ -136,3 +136,71 @@ def test_refusals_name_the_field(hf_dirs, tmp_path, change, words):
     for w in words:
         assert w in str(ei.value)
     assert str(dst / "config.json") in str(ei.value)
+
+
+def test_an_hf_moe_directory_as_a_distillation_teacher(hf_dirs, tmp_path):
+    from jobs.layout import RunLayout
+    from jobs.plan import plan_job
+    from jobs.sources import resolve_teacher
+    from jobs.spec import parse_spec
+    from parallel.teacher import load_teacher
+
+    path = hf_dirs["qwen2_moe"]
+    spec = parse_spec({"model": {"vocab_size": V}, "stages": [
+        {"name": "s", "kind": "distill", "distill": {"teacher": str(path), "top_k": 5}}]})
+    plan = plan_job(spec)
+    teacher = resolve_teacher(plan, plan.stages[0], RunLayout(tmp_path))
+    assert teacher.model.d_shared == 64 and teacher.experts.router.normalize_topk is False
+    model, what = load_teacher(teacher, V, "any", torch.device("cpu"), "s.distill.teacher")
+    assert "8 experts" in what
+    ids = _ids()
+    ref, _ = hf_forward(path, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits_BTV, ref, rtol=1e-5, atol=1e-5)
+
+
+_PEAK_SCRIPT = r"""
+import sys, threading, time, json
+sys.path.insert(0, sys.argv[1])
+import torch
+from system.hf_import import hf_model_config_fields, hf_router_fields, load_hf_into_model
+from system.model import ModelConfig, Transformer
+from experts.config import ExpertsConfig, RouterConfig
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+path = sys.argv[2]
+model = Transformer(ModelConfig(**hf_model_config_fields(path)))
+nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+base, peak, stop = anon(), [0], [False]
+def sample():
+    while not stop[0]:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0005)
+th = threading.Thread(target=sample); th.start()
+rep = load_hf_into_model(model, path)
+stop[0] = True; th.join()
+print(json.dumps({"model_bytes": nbytes, "extra_peak": peak[0] - base, "read": rep["bytes_read"]}))
+"""
+
+
+def test_loading_holds_about_one_tensor_beyond_the_model(tmp_path):
+    """Streaming: while a ~50 MB Mixtral loads into our model, the process's anonymous memory
+    grows by a few percent of the weights at most, not a second copy (the file is memory-mapped,
+    each tensor copied into place and dropped)."""
+    import subprocess
+    import sys
+
+    from tests.hf.families import ROOT, tiny
+
+    path = tiny.build_tiny("mixtral", tmp_path / "big", vocab_size=512, d_model=256, n_layers=4, num_experts=8,
+                           d_expert=384, sharp=False)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(ROOT), str(path)], capture_output=True,
+                         text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["model_bytes"] > 40e6 and r["read"] == r["model_bytes"] - 4 * 8 * 4  # all but the expert biases
+    # each checkpoint tensor is copied straight into its slice of the model (0.2 MB measured);
+    # assembling whole expert stacks first cost 16 MB here (glibc keeps the freed buffers)
+    assert r["extra_peak"] < 0.05 * r["model_bytes"], r
