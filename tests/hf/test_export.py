@@ -192,3 +192,18 @@ def test_export_a_run_directory(strategy, world, tmp_path):
     assert main(["export", str(run_dir), "--to", str(out)]) == 2
     assert main(["export", str(run_dir), "--to", str(tmp_path / "hf2"), "--step", "3"]) == 2
     assert not (tmp_path / "hf2").exists()
+
+
+def test_the_cuda_bf16_check_runs_its_code_path_on_cpu():
+    """bench/hf_cuda_check.py --dry-run: import -> bf16 training -> bf16 export -> transformers
+    bf16 forward, on CPU (the GPU run is the same code with device cuda)."""
+    import subprocess
+    import sys
+
+    from tests.hf.families import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_cuda_check.py"), "--dry-run"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["argmax_agreement"] > 0.9 and res["rel_diff"] < 0.05

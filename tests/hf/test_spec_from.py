@@ -100,7 +100,16 @@ def test_continual_hf_example_end_to_end(tmp_path, monkeypatch):
         s["max_documents"] = 40
     spec["metrics"] = {"progress_bar": False, "ray_metrics": False}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    assert main(["run", "spec.yaml"]) == 0
+    # as a user runs it: its own process (an embedded Ray in the pytest process would outlive the test)
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "spec.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "continual_hf"
     recs = read_jsonl(run / "metrics.jsonl")
     cont = [r for r in recs if r.get("stage") == "continual" and "data/replay_fraction_total" in r]
