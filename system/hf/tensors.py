@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -146,21 +146,14 @@ class HFReader:
         self._open.clear()
 
 
-def assemble(piece: Piece, reader: HFReader, want: Optional[Callable[[int], bool]] = None,
-             like: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Our tensor for `piece` from the checkpoint. For "experts", `want(e)` False skips reading
-    expert e (its slot is taken from `like`, the tensor already in the model)."""
+def assemble(piece: Piece, reader: HFReader) -> torch.Tensor:
+    """Our tensor for `piece`, built from the checkpoint (the state-dict path of dense imports;
+    `system.hf_import.load_hf_into_model` copies into place instead)."""
     if piece.kind == "same":
         return reader.get(piece.hf[0])
     if piece.kind == "rows":
         return torch.cat([reader.get(k) for k in piece.hf], dim=0)
-    parts = []
-    for e, k in enumerate(piece.hf):
-        if want is None or want(e):
-            parts.append(reader.get(k).t())
-        else:
-            parts.append(like[e])
-    return torch.stack(parts)
+    return torch.stack([reader.get(k).t() for k in piece.hf])
 
 
 def split(piece: Piece, t: torch.Tensor, sizes: Optional[list[int]] = None) -> Iterator[tuple[str, torch.Tensor]]:

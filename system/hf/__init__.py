@@ -1,0 +1,1 @@
+"""Hugging Face model families: config and tensor mapping, import streaming, export."""
