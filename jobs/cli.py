@@ -57,8 +57,14 @@ def cmd_run(args) -> int:
     if wants_embedded_ray(args.address):
         pin_loopback()
 
+    from system.checkpoint import CheckpointCorrupt
+
     t0 = time.time()
-    run_job(spec, address=args.address)
+    try:
+        run_job(spec, address=args.address)
+    except CheckpointCorrupt as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
     print(f"[moeforge] job {spec.run.name} finished in {time.time() - t0:.1f}s; "
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name}",
           flush=True)

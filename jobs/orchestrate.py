@@ -90,13 +90,20 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
 
     from jobs.progress import ProgressActor, ProgressBar
     from parallel.dist import resolve_backend
-    from system.checkpoint import atomic_write_text
+    from system.checkpoint import atomic_write_text, valid_checkpoint
 
     spec = with_absolute_paths(spec)
     plan = plan_job(spec)
     layout = RunLayout(plan.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.spec_file, dump_spec(spec))
+    # Verify every unfinished stage's checkpoints before Ray starts: a damaged newest one is
+    # reported once (the workers fall back to the same previous one), and with none intact the
+    # run stops now instead of spending every max_failures restart on the same error.
+    for stage in plan.stages:
+        if not layout.done_file(stage.name).is_file():
+            valid_checkpoint(layout.checkpoints(stage.name),
+                             warn=lambda m, s=stage.name: print(f"[moeforge] stage {s}: warning: {m}", flush=True))
     init_ray(plan, address)
     namespace = ray.get_runtime_context().namespace
     results: dict[str, Any] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from jobs.spec import parse_spec
 from parallel import dist as pdist
 from parallel.strategy import ExpertStrategy, build_strategy
 from parallel.trainer import Trainer, TrainerHooks
-from system.checkpoint import CheckpointManager, atomic_write_text, latest_checkpoint
+from system.checkpoint import CheckpointCorrupt, CheckpointManager, atomic_write_text, latest_checkpoint
 from system.configtree import to_dict
 from system.data import DataStream, MixtureSampler, PackedCorpus, holdout_batches
 from system.hf_import import is_hf_model_dir
@@ -143,7 +144,7 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                       # Forgetting / adaptation only mean something for a stage that starts from a
                       # trained model: "old" is what it knew, "new" what this stage trains on.
                       domain_groups=stage.domain_groups())
-    resume_from = latest_checkpoint(ckpt.root)
+    resume_from = _resume_point(ckpt.root, rank)
     if resume_from is not None:
         trainer.resume(resume_from)
         if rank == 0:
@@ -159,6 +160,25 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                              latest_checkpoint(ckpt.root))
     pdist.barrier()
     return last
+
+
+def _resume_point(root, rank: int):
+    """The newest intact checkpoint of the stage, chosen on rank 0 (which verifies sizes and
+    checksums; a damaged newer one is reported in one line and skipped) and broadcast, so every
+    rank resumes from the same one. Raises (on every rank) when checkpoints exist but none is intact."""
+    from system.checkpoint import valid_checkpoint
+
+    choice = None
+    if rank == 0:
+        try:
+            found = valid_checkpoint(root, warn=lambda m: print(f"[moeforge] warning: {m}", flush=True))
+            choice = ("ok", str(found) if found else None)
+        except ValueError as e:
+            choice = ("error", str(e))
+    kind, value = pdist.broadcast_object(choice)
+    if kind == "error":
+        raise CheckpointCorrupt(value)
+    return None if value is None else Path(value)
 
 
 def _write_stage_records(layout: RunLayout, stage: StagePlan, trainer: Trainer, sampler, stream, train, weights,

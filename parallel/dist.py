@@ -40,6 +40,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (itself without a process group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def resolve_backend(requested: str, use_gpu: bool) -> str:
     if requested != "auto":
         return requested

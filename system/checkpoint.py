@@ -2,13 +2,16 @@
 
 Layout of a stage's checkpoint root:
     step_00000050/          one complete checkpoint (DeepSpeed shards + our state)
-        moeforge.json       manifest, written last: a directory without it is incomplete
+        moeforge.json       manifest, written last: a directory without it is incomplete; it
+                            records every other file's size and CRC-32 (`verify_checkpoint`)
         rng_rank{r}.pt      per-rank RNG states
     latest                  the tag of the newest complete checkpoint (replaced atomically)
 
 A checkpoint is first written under `.tmp-step_...`, then renamed into place once every rank
 has finished, and only then does `latest` move. A crash at any point leaves the previous
-checkpoint as the latest; stray `.tmp-*` directories are removed by the next save.
+checkpoint as the latest; stray `.tmp-*` directories are removed by the next save. Before a
+checkpoint is resumed from, `valid_checkpoint` verifies it and falls back to the previous intact
+one (a truncated file after a full disk, a flipped byte, a lost file), saying so in one line.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -79,6 +83,86 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {ckpt_dir} has no readable {MANIFEST}: {e}") from None
 
 
+_CHUNK = 8 << 20
+
+
+class CheckpointCorrupt(ValueError):
+    """Checkpoints exist but none is intact: a restart cannot fix this."""
+
+
+def file_checksum(path: Path) -> str:
+    """CRC-32 of a file's bytes (zlib, streamed): cheap next to writing the file
+    (`python bench/checkpoint_checksum.py` measures it)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(_CHUNK)
+            if not b:
+                return f"{crc:08x}"
+            crc = zlib.crc32(b, crc)
+
+
+def file_records(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "crc32"}} of every file of a checkpoint but its manifest."""
+    d = Path(ckpt_dir)
+    return {str(f.relative_to(d)): {"size": f.stat().st_size, "crc32": file_checksum(f)}
+            for f in sorted(d.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> Optional[str]:
+    """None when the checkpoint is intact, else one line saying which file and what is wrong.
+
+    Checks the manifest is readable and every file it records exists with the recorded size
+    and (with `checksums`) CRC-32. Checkpoints from before the manifest recorded files pass
+    on the manifest alone."""
+    d = Path(ckpt_dir)
+    if not (d / MANIFEST).is_file():
+        return f"{d}: no {MANIFEST} (an incomplete write)"
+    try:
+        man = json.loads((d / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{d / MANIFEST}: unreadable ({e})"
+    files = man.get("files") if isinstance(man, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for rel, rec in files.items():
+        f = d / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != rec.get("size"):
+            return f"{f}: {size} bytes, the manifest recorded {rec.get('size')} (truncated or overwritten)"
+    if checksums:
+        for rel, rec in files.items():
+            got = file_checksum(d / rel)
+            if got != rec.get("crc32"):
+                return f"{d / rel}: CRC-32 {got} != recorded {rec.get('crc32')} (corrupted)"
+    return None
+
+
+def valid_checkpoint(root: Path, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The newest intact checkpoint under `root` (None when there is none at all).
+
+    A damaged newer one is reported through `warn` in one line and skipped; when checkpoints
+    exist but none is intact, ValueError names each one's problem."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    cands = sorted((p for p in root.glob("step_*") if p.is_dir() and is_complete(p)), reverse=True)
+    problems = []
+    for c in cands:
+        bad = verify_checkpoint(c)
+        if bad is None:
+            if problems and warn is not None:
+                warn(f"checkpoint {problems[0]}; using {c.name}" + (f" (skipped {len(problems)} damaged)"
+                                                                    if len(problems) > 1 else ""))
+            return c
+        problems.append(bad)
+    if problems:
+        raise CheckpointCorrupt(f"no intact checkpoint under {root}: " + "; ".join(problems))
+    return None
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The newest complete checkpoint under `root`, or None.
 
@@ -132,6 +216,8 @@ class CheckpointManager:
             extra(self.root / tmp_tag)
         self.barrier()  # every rank's shards are on disk
         if self.rank == 0:
+            # Every rank's files are complete: record their sizes and checksums, then commit.
+            manifest = {**manifest, "files": file_records(self.root / tmp_tag)}
             atomic_write_text(self.root / tmp_tag / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             if final.exists():  # a re-run of the same step after a crash past the rename
                 shutil.rmtree(final)
