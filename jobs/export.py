@@ -121,7 +121,7 @@ def _bpe_json(plan, fingerprint: Optional[str]) -> str:
     if tok.fingerprint != fingerprint:
         raise ValueError(f"the run's BPE tokenizer {fingerprint} cannot be rebuilt from its data "
                          f"(got {tok.fingerprint}); the data or cache changed since the run")
-    return tok._tok.to_str()
+    return tok.to_json()
 
 
 def export_run(run_dir: str | Path, to: str | Path, *, stage: Optional[str] = None, step: Optional[int] = None,

@@ -80,6 +80,10 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def to_json(self) -> str:
+        """The `tokenizers` JSON of this model (what export writes as tokenizer.json)."""
+        return self._tok.to_str()
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 

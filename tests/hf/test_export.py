@@ -207,3 +207,26 @@ def test_the_cuda_bf16_check_runs_its_code_path_on_cpu():
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["ok"] and res["argmax_agreement"] > 0.9 and res["rel_diff"] < 0.05
+
+
+def test_a_runs_bpe_tokenizer_exports_from_the_data_cache(tmp_path):
+    """tokenizer.kind bpe: export finds the run's trained BPE in the data cache by its
+    fingerprint and writes it as a transformers tokenizer that encodes identically."""
+    from jobs.export import tokenizer_writer
+    from jobs.plan import plan_job
+    from jobs.spec import parse_spec
+    from system.data.dataset import PackedCorpus
+
+    spec = parse_spec({"data": {"seq_len": 32, "cache_dir": str(tmp_path / "cache"),
+                                "tokenizer": {"kind": "bpe", "vocab_size": 300},
+                                "sources": [{"name": "english_docs", "max_documents": 20}]},
+                       "stages": [{"name": "a"}]})
+    plan = plan_job(spec)
+    ours = PackedCorpus.build(plan.corpus).tokenizer
+    special = tokenizer_writer(plan, ours.fingerprint)(tmp_path / "out")
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    assert special["eos"] == ours.eos_id == back.eos_token_id
+    for text in ["The quick brown fox.", "def f(x):\n    return x"]:
+        assert back.encode(text, add_special_tokens=False) == ours.encode(text)
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        tokenizer_writer(plan, "bpe-000000000000000000000000")(tmp_path / "out2")
