@@ -19,6 +19,7 @@ from typing import Optional
 from system.configtree import SpecError
 
 EXIT_SPEC = 2
+EXIT_PREEMPTED = 3  # a SIGTERM stopped the job at a checkpoint; the same command resumes it
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
@@ -57,14 +58,18 @@ def cmd_run(args) -> int:
     if wants_embedded_ray(args.address):
         pin_loopback()
 
+    from jobs.orchestrate import JobPreempted, StageFailed
     from system.checkpoint import CheckpointCorrupt
 
     t0 = time.time()
     try:
         run_job(spec, address=args.address)
-    except CheckpointCorrupt as e:
+    except (CheckpointCorrupt, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SPEC
+    except JobPreempted as e:
+        print(f"[moeforge] {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     print(f"[moeforge] job {spec.run.name} finished in {time.time() - t0:.1f}s; "
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name}",
           flush=True)

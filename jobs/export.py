@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from jobs.layout import RunLayout
 from jobs.plan import StagePlan, plan_job
-from system.checkpoint import CheckpointTensors, is_complete, latest_checkpoint, read_manifest, tag_for
+from system.checkpoint import (CheckpointTensors, is_complete, latest_checkpoint, read_manifest, require_intact,
+                               tag_for, valid_checkpoint)
 
 
 def find_checkpoint(run_dir: Path, stage: Optional[str], step: Optional[int]) -> Path:
@@ -30,7 +31,8 @@ def find_checkpoint(run_dir: Path, stage: Optional[str], step: Optional[int]) ->
         raise ValueError(f"--stage {stage!r}: the run has stages {names}")
     root = layout.checkpoints(stage)
     if step is None:
-        ck = latest_checkpoint(root)
+        # The newest intact one: a damaged newer checkpoint is named in a warning and skipped.
+        ck = valid_checkpoint(root, warn=lambda m: print(f"[moeforge] warning: {m}", flush=True))
         if ck is None:
             raise ValueError(f"stage {stage!r} has no complete checkpoint under {root}")
         return ck
@@ -38,7 +40,7 @@ def find_checkpoint(run_dir: Path, stage: Optional[str], step: Optional[int]) ->
     if not is_complete(ck):
         have = sorted(int(p.name[5:]) for p in root.glob("step_*") if is_complete(p))
         raise ValueError(f"--step {step}: stage {stage!r} has no complete checkpoint at that step (it has {have})")
-    return ck
+    return require_intact(ck)
 
 
 def _spec_stage_order(layout: RunLayout) -> list[str]:

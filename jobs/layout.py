@@ -26,6 +26,14 @@ class RunLayout:
     def done_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "DONE.json"
 
+    def fatal_file(self, stage: str) -> Path:
+        """Written by a worker that hit an error no restart can fix (see `jobs.orchestrate`)."""
+        return self.stage_dir(stage) / "FATAL.json"
+
+    def preempted_file(self, stage: str) -> Path:
+        """Written when the stage checkpointed and stopped after a SIGTERM (`jobs.preemption`)."""
+        return self.stage_dir(stage) / "PREEMPTED.json"
+
     def consumed_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "consumed.json"
 

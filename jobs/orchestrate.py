@@ -38,11 +38,55 @@ def _train_loop(config: dict[str, Any]) -> None:
         if config.get("ray_metrics"):
             from jobs.ray_metrics import RayGaugeSink
             sinks = (RayGaugeSink(config["run_name"], config["stage_name"]),)
-    last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step)
+    from jobs.preemption import StagePreempted, record_preempted, stop_requested, training
+
+    try:
+        with training():
+            last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step,
+                             stop_requested=stop_requested)
+    except StagePreempted as e:
+        if ctx.get_world_rank() == 0:
+            record_preempted(Path(config["preempted_file"]), e.step, e.checkpoint)
+        return
+    except Exception as e:
+        if not isinstance(e, non_retryable()):
+            raise
+        # A restart would hit the same error: record it and end this worker group normally, so
+        # Ray Train does not spend max_failures restarts on it; the driver raises StageFailed.
+        if ctx.get_world_rank() == 0:
+            record_fatal(Path(config["fatal_file"]), e)
+        print(f"[moeforge] rank {ctx.get_world_rank()}: {type(e).__name__}: {e}", flush=True)
+        return
     # The stage's headline figures only (Ray logs the report); per-layer routing stats live in
     # metrics.jsonl and the Ray gauges.
     ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))
                       and not k.startswith(("moe/", "eval/moe/"))})
+
+
+class StageFailed(RuntimeError):
+    """A stage ended with an error no restart can fix; the message says which and why."""
+
+
+class JobPreempted(RuntimeError):
+    """A worker was asked to stop (SIGTERM); the stage checkpointed. Run the job again to resume."""
+
+
+def non_retryable() -> tuple[type, ...]:
+    """Errors a restart of the worker group cannot fix: bad input (a spec, a config, a file's
+    contents: ValueError, which covers damaged and refused checkpoints), missing files, and a
+    stage whose numerics diverged. Anything else (a lost worker, a network error) is retried."""
+    from parallel.trainer import TrainingDiverged
+
+    return (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, NotImplementedError, TrainingDiverged)
+
+
+
+def record_fatal(path: Path, err: BaseException) -> None:
+    from system.checkpoint import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"type": type(err).__name__, "message": str(err)}))
 
 
 def wants_embedded_ray(address: Optional[str]) -> bool:
@@ -86,7 +130,9 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
     """Run every stage that has not finished yet; return each stage's last metrics."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from jobs.preemption import PreemptibleTorchConfig
 
     from jobs.progress import ProgressActor, ProgressBar
     from parallel.dist import resolve_backend
@@ -121,8 +167,10 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
             train_loop_config={"spec": spec.to_dict(), "stage_index": stage.index, "stage_name": stage.name,
                                "run_name": plan.run.name, "progress_actor": actor_name, "namespace": namespace,
                                "ray_metrics": plan.metrics.ray_metrics,
+                               "fatal_file": str(layout.fatal_file(stage.name)),
+                               "preempted_file": str(layout.preempted_file(stage.name)),
                                "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
-            torch_config=TorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
+            torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
             scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),
             run_config=RunConfig(
                 name=rc.name or f"{plan.run.name}-{stage.name}",
@@ -131,11 +179,22 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
         )
         print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers, "
               f"experts {par.expert_strategy}", flush=True)
+        fatal, preempted = layout.fatal_file(stage.name), layout.preempted_file(stage.name)
+        fatal.unlink(missing_ok=True)
+        preempted.unlink(missing_ok=True)
         try:
             with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar):
                 result = trainer.fit()
         finally:
             ray.kill(actor)
+        if fatal.is_file():
+            err = json.loads(fatal.read_text())
+            raise StageFailed(f"stage {stage.name} stopped: {err['type']}: {err['message']} "
+                              f"(not retried: a restart cannot fix it)")
+        if preempted.is_file():
+            p = json.loads(preempted.read_text())
+            raise JobPreempted(f"stage {stage.name} preempted (SIGTERM): checkpointed at step {p['step']} "
+                               f"({p['checkpoint']}); run the same command again to resume from there")
         if result.error:
             raise RuntimeError(f"stage {stage.name} failed: {result.error}")
         done = json.loads(layout.done_file(stage.name).read_text())

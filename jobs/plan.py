@@ -53,6 +53,7 @@ class StagePlan:
     grad_clip: float
     # cadence
     checkpoint_every: int
+    max_bad_steps: int
     eval_every: int
     eval_batches: int
     # data: the stage's sources and mixture weights; replay pools; evaluation
@@ -211,7 +212,8 @@ def plan_stage(spec: JobSpec, i: int) -> StagePlan:
         steps=st.steps, micro_batch_size=st.micro_batch_size, grad_accum_steps=st.grad_accum_steps,
         global_batch_size=st.micro_batch_size * st.grad_accum_steps * ws,
         optimizer=st.optimizer, lr_schedule=st.lr_schedule, grad_clip=st.grad_clip,
-        checkpoint_every=st.checkpoint_every, eval_every=st.eval_every, eval_batches=st.eval_batches,
+        checkpoint_every=st.checkpoint_every, max_bad_steps=st.max_bad_steps,
+        eval_every=st.eval_every, eval_batches=st.eval_batches,
         data=data, weights={s.name: s.weight for s in data.sources},
         replay_stages=tuple(replay_stages(spec, i)), replay_fraction=st.data.replay.fraction,
         replay_sources=tuple(st.data.replay.sources or ()) if st.data.replay.fraction > 0 else (),

@@ -208,6 +208,9 @@ class StageSection:
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end)
+    # A step with a NaN/Inf loss or gradient on any rank skips its update; this many in a row
+    # stop the stage (naming the steps and the last good checkpoint).
+    max_bad_steps: int = 3
     eval_every: int = 0  # steps between held-out evaluations; 0 disables
     eval_batches: int = 4  # held-out micro-batches per domain per evaluation
     data: StageDataSection = field(default_factory=StageDataSection)
@@ -230,7 +233,8 @@ class StageSection:
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
             yield "name", f"{self.name!r} must be a non-empty name without '/', '\\\\', spaces or a leading '.'"
-        for key in ("steps", "micro_batch_size", "grad_accum_steps", "checkpoint_every", "eval_batches"):
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "checkpoint_every", "eval_batches",
+                    "max_bad_steps"):
             if getattr(self, key) < 1:
                 yield key, f"{getattr(self, key)} must be >= 1"
         if self.eval_every < 0:

@@ -14,7 +14,7 @@ from experts.config import ExpertsConfig, RouterConfig
 from jobs.layout import RunLayout
 from jobs.plan import JobPlan, StagePlan, plan_job
 from parallel.teacher import ResolvedTeacher
-from system.checkpoint import latest_checkpoint, read_manifest, resolve_checkpoint
+from system.checkpoint import latest_checkpoint, read_manifest, require_intact, resolve_checkpoint
 from system.hf.families import read_family
 from system.hf_import import is_hf_model_dir
 from system.model import ModelConfig
@@ -26,7 +26,7 @@ def final_checkpoint(layout: RunLayout, stage: str, where: str) -> Path:
     if ckpt is None or not read_manifest(ckpt).get("final"):
         raise ValueError(f"{where}: stage {stage!r} has not finished "
                          f"(no final checkpoint under {layout.checkpoints(stage)})")
-    return ckpt
+    return require_intact(ckpt)  # a damaged final checkpoint is an error: no other one is final
 
 
 def init_checkpoint(stage: StagePlan, layout: RunLayout) -> Optional[Path]:
@@ -38,7 +38,11 @@ def init_checkpoint(stage: StagePlan, layout: RunLayout) -> Optional[Path]:
         return final_checkpoint(layout, ref.ref, f"stages[{stage.index}].init_from")
     if is_hf_model_dir(ref.ref):
         return Path(ref.ref)
-    return resolve_checkpoint(ref.ref)
+    return resolve_checkpoint(ref.ref, warn=_warn)
+
+
+def _warn(msg: str) -> None:
+    print(f"[moeforge] warning: {msg}", flush=True)
 
 
 def resolve_teacher(plan: JobPlan, stage: StagePlan, layout: RunLayout) -> ResolvedTeacher:
@@ -57,7 +61,7 @@ def resolve_teacher(plan: JobPlan, stage: StagePlan, layout: RunLayout) -> Resol
         fields = fam.model if fam.is_moe else {**fam.model, "moe_layers": "none"}
         return ResolvedTeacher(Path(ref.ref), ModelConfig(**fields), ExpertsConfig(router=RouterConfig(**fam.router)),
                                key_ref=key_ref)
-    ckpt = resolve_checkpoint(ref.ref)
+    ckpt = resolve_checkpoint(ref.ref, warn=_warn)
     man = read_manifest(ckpt)
     tplan = plan_job(parse_spec(man["spec"], f"{ckpt} manifest", preflight=False))
     names = [s.name for s in tplan.stages]

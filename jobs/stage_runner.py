@@ -21,11 +21,12 @@ from jobs.spec import parse_spec
 from parallel import dist as pdist
 from parallel.strategy import ExpertStrategy, build_strategy
 from parallel.trainer import Trainer, TrainerHooks
-from system.checkpoint import CheckpointCorrupt, CheckpointManager, atomic_write_text, latest_checkpoint
+from system.checkpoint import (CheckpointCorrupt, CheckpointManager, atomic_write_text, latest_checkpoint,
+                               read_manifest)
 from system.configtree import to_dict
 from system.data import DataStream, MixtureSampler, PackedCorpus, holdout_batches
 from system.hf_import import is_hf_model_dir
-from system.metrics import JsonlSink, MetricSink
+from system.metrics import JsonlSink, MetricSink, supersede_stage_records
 from system.model import Transformer
 from system.upcycle import init_model_from
 
@@ -63,17 +64,21 @@ def stage_mixture(stage: StagePlan, layout: RunLayout, corpus: PackedCorpus):
 
 
 def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple[MetricSink, ...] = (),
-              on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+              on_step: Optional[Callable[[dict], None]] = None,
+              stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     """Train stage `stage_index` of the job on this rank; return the last step's metrics.
 
     `spec_dict` is the driver's validated spec (plain data, as it travels to Ray workers); the
-    worker resolves it into the job's plan without re-reading files."""
+    worker resolves it into the job's plan without re-reading files. `stop_requested` (polled
+    every step, e.g. a SIGTERM flag) makes the stage checkpoint and raise StagePreempted."""
     plan = plan_job(parse_spec(spec_dict, preflight=False))
-    return run_planned_stage(plan, plan.stages[stage_index], extra_sinks=extra_sinks, on_step=on_step)
+    return run_planned_stage(plan, plan.stages[stage_index], extra_sinks=extra_sinks, on_step=on_step,
+                             stop_requested=stop_requested)
 
 
 def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[MetricSink, ...] = (),
-                      on_step: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+                      on_step: Optional[Callable[[dict], None]] = None,
+                      stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     par = stage.parallel
     rank = pdist.rank()
     pdist.configure_accelerator(par.use_gpu)
@@ -131,20 +136,25 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
         teacher = build_teacher_source(stage, resolve_teacher(plan, stage, layout), layout.teacher_cache(stage.name),
                                        corpus, train, sampler, model, eval_domains)
 
+    # Where the stage resumes (rank 0 verifies and screens, every rank gets the same answer),
+    # decided before the metrics file opens: the records past that step are superseded.
+    ckpt_root = layout.checkpoints(stage.name)
+    resume_from = _resume_point(ckpt_root, rank)
     sinks: list[MetricSink] = list(extra_sinks)
     if rank == 0:
+        supersede_stage_records(layout.metrics_file, stage.name,
+                                None if resume_from is None else read_manifest(resume_from)["step"])
         sinks.insert(0, JsonlSink(layout.metrics_file))
-    ckpt = CheckpointManager(layout.checkpoints(stage.name), rank, pdist.barrier, plan.ray.checkpoint_config.num_to_keep)
+    ckpt = CheckpointManager(ckpt_root, rank, pdist.barrier, plan.ray.checkpoint_config.num_to_keep)
     manifest_base = {"run": plan.run.name, "spec": to_dict(plan.spec), "tokenizer": corpus.tokenizer.fingerprint,
                      "init_from": str(init_ckpt) if init_ckpt else None, "init_report": init_report}
     trainer = Trainer(engine=engine, model=model, strategy=strategy, stream=stream, holdout_batches=eval_batches,
                       stage=stage, balancing=stage.experts.balancing, stage_name=stage.name, sinks=sinks,
                       ckpt=ckpt, manifest_base=manifest_base, log_every=plan.metrics.log_every,
-                      hooks=TrainerHooks(on_step=on_step), teacher=teacher,
+                      hooks=TrainerHooks(on_step=on_step, stop_requested=stop_requested), teacher=teacher,
                       # Forgetting / adaptation only mean something for a stage that starts from a
                       # trained model: "old" is what it knew, "new" what this stage trains on.
                       domain_groups=stage.domain_groups())
-    resume_from = _resume_point(ckpt.root, rank)
     if resume_from is not None:
         trainer.resume(resume_from)
         if rank == 0:
@@ -164,18 +174,27 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
 
 def _resume_point(root, rank: int):
     """The newest intact checkpoint of the stage, chosen on rank 0 (which verifies sizes and
-    checksums; a damaged newer one is reported in one line and skipped) and broadcast, so every
-    rank resumes from the same one. Raises (on every rank) when checkpoints exist but none is intact."""
+    checksums; a damaged newer one is reported in one line and skipped; then it loads every file
+    of the chosen one with the restricted unpickler) and broadcast, so every rank resumes from the
+    same one or fails with the same error. Raises (on every rank) when checkpoints exist but none
+    is intact, or a file of the chosen one is refused."""
     from system.checkpoint import valid_checkpoint
+    from system.safe_load import UnsafeCheckpoint, screen_checkpoint
 
     choice = None
     if rank == 0:
         try:
             found = valid_checkpoint(root, warn=lambda m: print(f"[moeforge] warning: {m}", flush=True))
+            if found is not None:
+                screen_checkpoint(found)
             choice = ("ok", str(found) if found else None)
+        except UnsafeCheckpoint as e:
+            choice = ("unsafe", str(e))
         except ValueError as e:
             choice = ("error", str(e))
     kind, value = pdist.broadcast_object(choice)
+    if kind == "unsafe":
+        raise UnsafeCheckpoint(value)
     if kind == "error":
         raise CheckpointCorrupt(value)
     return None if value is None else Path(value)

@@ -99,6 +99,14 @@ class ExpertPool:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @torch.no_grad()
+    def discard_grads(self) -> None:
+        """A skipped step: drop the gradients, change nothing else."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params():
+            p.grad = None
+
     # -- heterogeneous sharding -------------------------------------------------------------------
     @torch.no_grad()
     def reshard(self, new: Ownership) -> int:

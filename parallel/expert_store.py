@@ -270,6 +270,10 @@ class ExpertStore(ExpertPool):
         super().step(lr, clip_coef)
         self._drop_copies()
 
+    def discard_grads(self) -> None:
+        super().discard_grads()
+        self._drop_copies()
+
     # -- memory and checkpoints ------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Bytes of expert state on this rank: owned parameters, optimizer state, copies."""

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import dist as pdist
+from parallel.numerics import any_rank, local_dense_nonfinite, skip_dense_update
 from parallel.strategy import ExpertStrategy
 
 
@@ -76,19 +77,23 @@ class ShardedStrategy(ExpertStrategy):
         if self.store is not None:
             self.store.begin_iteration(step)
 
-    def optimizer_step(self, engine, model: nn.Module) -> Optional[float]:
+    def optimizer_step(self, engine, model: nn.Module, local_bad: bool = False) -> tuple[Optional[float], bool]:
         if self.store is None:
-            return super().optimizer_step(engine, model)
+            return super().optimizer_step(engine, model, local_bad)
         self.store.reduce_grads()  # SparseReduceScatter copies -> owners, average over ranks
         self.lr = float(engine.get_lr()[0])  # the LR this step uses (the scheduler moves in step())
-        expert_sq = self._expert_sq()
+        expert_sq = self._expert_sq()  # summed over ranks: non-finite when any expert's gradient is
+        if any_rank(local_bad or not math.isfinite(expert_sq) or local_dense_nonfinite(engine, model)):
+            skip_dense_update(engine, model)
+            self.store.discard_grads()
+            return math.nan, True
         if self.zero == 0:
             norm = self._clip_zero0(model, expert_sq)
         else:
             norm = self._set_zero_threshold(engine, expert_sq)
         engine.step()
         self.store.step(self.lr, self.coef(self.last_norm))
-        return norm
+        return norm, False
 
     def _expert_sq(self) -> float:
         sq = self.store.grad_sq_norm()

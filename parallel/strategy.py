@@ -8,8 +8,9 @@ The trainer and the model never branch on the strategy; they call these hooks:
     configure(cfg)       adjust the generated DeepSpeed config
     attach(engine, opt)  after the engine exists: optimizer of experts outside it, clipping
     begin_step(step)     before the step's first forward (FSSDP plans its copies)
-    optimizer_step(...)  at the accumulation boundary: reduce, clip, step; returns the global
-                         gradient norm before clipping (None: the engine knows it)
+    optimizer_step(...)  at the accumulation boundary: reduce, clip, step, or skip the update on
+                         every rank when a loss or gradient is non-finite; returns (the global
+                         gradient norm before clipping (None: the engine knows it), skipped)
     observe(counts)      the step's global (L, E) expert counts
     step_metrics()       the strategy's own figures of the step (bytes moved, copies, ...)
     joins_every_forward  whether every rank must run every forward (collectives inside)
@@ -30,6 +31,7 @@ from torch import nn
 
 from parallel import dist as pdist
 from parallel.engine import param_groups
+from parallel.numerics import any_rank, local_dense_nonfinite, skip_dense_update
 
 
 class ExpertStrategy:
@@ -71,10 +73,17 @@ class ExpertStrategy:
     def begin_step(self, step: int) -> None:
         pass
 
-    def optimizer_step(self, engine, model: nn.Module) -> Optional[float]:
+    def optimizer_step(self, engine, model: nn.Module, local_bad: bool = False) -> tuple[Optional[float], bool]:
+        """(global gradient norm before clipping or None when the engine reports it, skipped).
+
+        The update is skipped on every rank when any rank saw a non-finite loss (`local_bad`)
+        or holds a non-finite gradient (`parallel.numerics`)."""
+        if any_rank(local_bad or local_dense_nonfinite(engine, model)):
+            skip_dense_update(engine, model)
+            return math.nan, True
         norm = self.grad_norm(engine, model)
         engine.step()
-        return norm
+        return norm, False
 
     def grad_norm(self, engine, model: nn.Module) -> Optional[float]:
         """Without ZeRO, DeepSpeed has all-reduced the gradients in the boundary `backward`, so
@@ -106,6 +115,9 @@ class ExpertStrategy:
         carry over) and we say so.
         """
         if (Path(ckpt) / "experts").is_dir() == self.sharded_checkpoint:
+            from system.safe_load import screen_checkpoint
+
+            screen_checkpoint(Path(ckpt))  # DeepSpeed unpickles its files fully: screen them first
             engine.load_checkpoint(str(Path(ckpt).parent), tag=Path(ckpt).name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
             self.load(Path(ckpt))

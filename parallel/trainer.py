@@ -20,7 +20,7 @@ from experts.router import aux_free_bias_update, dts_temperature
 from experts.stats import domain_specialisation, global_load_stats, local_routing_scalars
 from parallel import dist as pdist
 from parallel.balancing import GlobalCountBuffer, reduce_counts, stack_counts
-from system.checkpoint import CheckpointManager
+from system.checkpoint import CheckpointManager, tag_for
 from system.losses import lm_cross_entropy, training_loss
 from system.metrics import MetricSink
 from system.schedules import lr_phase
@@ -37,10 +37,26 @@ class StageState:
     drawn: int = 0  # samples drawn in this stage (all ranks)
     replay_drawn: int = 0  # of which from replay pools
     evals: list = field(default_factory=list)  # [(step, {domain: held-out loss})], step 0 first
+    skipped: int = 0  # steps whose update was skipped (a non-finite loss or gradient)
+    bad_streak: int = 0  # of which in a row, up to this step
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "data_start": self.data_start, "data": self.data,
-                "drawn": self.drawn, "replay_drawn": self.replay_drawn, "evals": self.evals}
+                "drawn": self.drawn, "replay_drawn": self.replay_drawn, "evals": self.evals,
+                "skipped": self.skipped, "bad_streak": self.bad_streak}
+
+
+class TrainingDiverged(RuntimeError):
+    """`max_bad_steps` steps in a row had a non-finite loss or gradient: the stage stops."""
+
+
+class StagePreempted(Exception):
+    """A stop was asked for (SIGTERM to a worker: `jobs.preemption`): the stage checkpointed at a
+    step boundary and stopped; running the job again resumes from that checkpoint."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"preempted: checkpointed at step {step} ({checkpoint})")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def maybe_inject_fault(step: int) -> None:
@@ -62,11 +78,25 @@ def maybe_inject_fault(step: int) -> None:
     raise RuntimeError(f"moeforge: injected fault after step {step} (MOEFORGE_FAULT_AT_STEP)")
 
 
+def maybe_inject_nonfinite(step: int, loss: torch.Tensor, rank: int) -> torch.Tensor:
+    """An Inf loss on purpose at the steps MOEFORGE_FAULT_NONFINITE lists (e.g. "3,4"), on rank
+    MOEFORGE_FAULT_NONFINITE_RANK (default 0): numerics-guard testing."""
+    at = os.environ.get("MOEFORGE_FAULT_NONFINITE")
+    if not at or step not in {int(x) for x in at.split(",") if x.strip()}:
+        return loss
+    if rank != int(os.environ.get("MOEFORGE_FAULT_NONFINITE_RANK", "0")):
+        return loss
+    return loss * math.inf
+
+
 @dataclass
 class TrainerHooks:
-    """Called on rank 0 after each logged step (e.g. a progress bar)."""
+    """`on_step`: called on rank 0 after each logged step (e.g. a progress bar).
+    `stop_requested`: polled on every rank at each step's end; when it is true on any rank, every
+    rank checkpoints and the stage raises StagePreempted."""
 
     on_step: Optional[Callable[[dict[str, Any]], None]] = None
+    stop_requested: Optional[Callable[[], bool]] = None
 
 
 class Trainer:
@@ -84,6 +114,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.strategy = strategy  # parallel.strategy.ExpertStrategy
         self.teacher = teacher  # distill stages: jobs.teacher.TeacherSource
+        self.stop_agreed = False  # every rank: a stop was requested on some rank this step
         self.domain_groups = domain_groups or {}  # {"new": [...], "old": [...]} for the cl/ metrics
         names = getattr(getattr(stream, "sampler", None), "domains", [])
         self._replay_ids = [i for i, n in enumerate(names) if n.startswith("replay/")]
@@ -121,6 +152,7 @@ class Trainer:
             gbuf.set_total(self._routing_prepass(batches))
         step_counts_local = None
         micro_last = None
+        loss_bad = skipped = False
         for micro, batch in enumerate(batches):
             ids = batch["input_ids"].to(self.device)
             labels = batch["labels"].to(self.device)
@@ -131,9 +163,13 @@ class Trainer:
                 override = list(gbuf.add(reduce_counts(local)))
             distill = self.teacher.objective(batch) if self.teacher is not None else None
             loss, parts = training_loss(out, labels, self.bal, counts_override=override, distill=distill)
+            injected = maybe_inject_nonfinite(self.state.step + 1, loss, self.rank)
+            if injected is not loss:
+                loss, parts = injected, {**parts, "loss": injected.detach()}
+            loss_bad = loss_bad or not math.isfinite(float(loss.detach()))
             self.engine.backward(loss)
-            if micro == n_micro - 1:  # the accumulation boundary: reduce, clip, update
-                grad_norm = self.strategy.optimizer_step(self.engine, self.model)
+            if micro == n_micro - 1:  # the accumulation boundary: reduce, clip, update (or skip)
+                grad_norm, skipped = self.strategy.optimizer_step(self.engine, self.model, loss_bad)
             else:
                 self.engine.step()
             for k, v in parts.items():
@@ -152,17 +188,22 @@ class Trainer:
             step_counts = reduce_counts(step_counts_local)
         else:
             step_counts = None
-        if step_counts is not None and self.bal.aux_free:
+        if step_counts is not None and self.bal.aux_free and not skipped:
             self._update_expert_bias(step_counts)
         if step_counts is not None:
             self.strategy.observe(step_counts)
         # Reduce for logging only: the mean of each loss part and routing scalar over ranks
         # and micro-batches.
+        # The stop request rides along as the last element (no collective of its own).
         keys = sorted(sums)
-        vec = pdist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-        vec /= n_micro * self.world
+        stop = self.hooks.stop_requested is not None and self.hooks.stop_requested()
+        vec = pdist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(stop)], dtype=torch.float64))
+        self.stop_agreed = bool(vec[-1] > 0)
+        vec = vec[:-1] / (n_micro * self.world)
         dt = time.perf_counter() - t0
         self.state.step += 1
+        self.state.skipped += int(skipped)
+        self.state.bad_streak = self.state.bad_streak + 1 if skipped else 0
         self.state.tokens += tokens_local * self.world
         self.state.data = self.stream.state_dict()
         if grad_norm is None:
@@ -175,6 +216,8 @@ class Trainer:
             "tokens": self.state.tokens,
             "tokens_per_s": tokens_local * self.world / dt,
             "step_time_s": dt,
+            "step_skipped": float(skipped),
+            "skipped_steps": self.state.skipped,
         }
         rec.update(self.strategy.step_metrics())
         if self._replay_ids:
@@ -318,6 +361,16 @@ class Trainer:
         self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest,
                        extra=self.strategy.save)
 
+    def _stop_diverged(self, step: int) -> None:
+        from system.checkpoint import latest_checkpoint
+
+        n = self.state.bad_streak
+        last = latest_checkpoint(self.ckpt.root)
+        raise TrainingDiverged(
+            f"stage {self.stage_name}: {n} steps in a row (steps {step - n + 1}-{step}) had a non-finite loss or "
+            f"gradient, each update skipped (max_bad_steps {self.stage.max_bad_steps}); the weights are those of "
+            f"step {step - n}; last good checkpoint: {last if last is not None else 'none yet'}")
+
     # -- the loop -----------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train until the stage's step count; checkpoint every N steps and at the end."""
@@ -340,8 +393,13 @@ class Trainer:
                         s.log(rec)
                     if self.hooks.on_step:
                         self.hooks.on_step(rec)
-            if step % self.stage.checkpoint_every == 0 or step == self.stage.steps:
+            if self.state.bad_streak >= self.stage.max_bad_steps:
+                self._stop_diverged(step)
+            due = step % self.stage.checkpoint_every == 0 or step == self.stage.steps
+            if due or self.stop_agreed:
                 self.save()
+            if self.stop_agreed and step < self.stage.steps:
+                raise StagePreempted(step, str(self.ckpt.root / tag_for(step)))
             maybe_inject_fault(step)
             last = rec
         return last

@@ -58,7 +58,12 @@ def _fsync_dir(d: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, numbers and tuples only (loadable with the restricted
+    unpickler: `system.safe_load`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(),
+          "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -66,7 +71,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(st: dict[str, Any]) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -181,15 +187,23 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a user path: a checkpoint itself or a root holding them."""
+def require_intact(ckpt: Path) -> Path:
+    """`ckpt` itself, verified (sizes and CRC-32s); CheckpointCorrupt naming the damaged file."""
+    bad = verify_checkpoint(ckpt)
+    if bad is not None:
+        raise CheckpointCorrupt(f"checkpoint {ckpt} is damaged: {bad}")
+    return Path(ckpt)
+
+
+def resolve_checkpoint(path: str | Path, warn: Optional[Callable[[str], None]] = None) -> Path:
+    """A verified checkpoint directory from a user path: a checkpoint itself (which must be
+    intact) or a root holding them (its newest intact one; a damaged newer one goes to `warn`)."""
     p = Path(path)
     if is_complete(p):
-        return p
+        return require_intact(p)
     for root in (p, p / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
+        if latest_checkpoint(root) is not None:
+            return valid_checkpoint(root, warn=warn)
     raise ValueError(f"{str(p)!r} holds no complete checkpoint (no {MANIFEST} in it or under it)")
 
 
@@ -236,13 +250,19 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine, ckpt: Path) -> dict[str, Any]:
-        """Restore engine (model, optimizer, scheduler) and this rank's RNG; return client state."""
+        """Restore engine (model, optimizer, scheduler) and this rank's RNG; return client state.
+
+        Every file is first screened with the restricted unpickler (`system.safe_load`): DeepSpeed
+        unpickles its own files fully, so one naming a foreign global is refused before that."""
+        from system.safe_load import load_tensors, screen_checkpoint
+
+        screen_checkpoint(ckpt)
         _, client_state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
         if client_state is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {ckpt}")
         rng_file = ckpt / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_tensors(rng_file))
         return client_state
 
 
@@ -251,7 +271,9 @@ def load_module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     files = sorted(Path(ckpt).glob("mp_rank_*_model_states.pt"))
     if not files:
         raise ValueError(f"checkpoint {ckpt} has no model state file (mp_rank_*_model_states.pt)")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    from system.safe_load import load_tensors
+
+    state = load_tensors(files[0], allow_deepspeed=True)
     module = dict(state["module"])
     if (Path(ckpt) / "experts").is_dir():  # ep/fssdp: experts live in their own files
         from system.expert_files import full_expert_weights
@@ -276,15 +298,16 @@ class CheckpointTensors:
         files = sorted(self.ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise ValueError(f"checkpoint {ckpt} has no model state file (mp_rank_*_model_states.pt)")
-        state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        from system.safe_load import load_tensors
+
+        state = load_tensors(files[0], mmap=True, allow_deepspeed=True)
         self.module = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state["module"].items()}
         self.experts: dict[str, dict] = {}
         self.moe_blocks: list[int] = []
         if (self.ckpt / "experts").is_dir():
             from system.expert_files import EXPERT_DIR
 
-            parts = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-                     for f in sorted((self.ckpt / EXPERT_DIR).glob("rank*.pt"))]
+            parts = [load_tensors(f, mmap=True) for f in sorted((self.ckpt / EXPERT_DIR).glob("rank*.pt"))]
             if not parts or len(parts) != parts[0]["world"]:
                 raise ValueError(f"checkpoint {ckpt}: {len(parts)} expert files, written by "
                                  f"{parts[0]['world'] if parts else '?'} ranks")

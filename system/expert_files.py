@@ -28,7 +28,9 @@ def read_expert_files(ckpt_dir: Path) -> tuple[dict, dict]:
     files = sorted((Path(ckpt_dir) / EXPERT_DIR).glob("rank*.pt"))
     if not files:
         raise ValueError(f"checkpoint {ckpt_dir} has no {EXPERT_DIR}/rank*.pt files (not an ep/fssdp checkpoint)")
-    parts = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    from system.safe_load import load_tensors
+
+    parts = [load_tensors(f) for f in files]
     head = parts[0]
     if len(parts) != head["world"]:
         raise ValueError(f"checkpoint {ckpt_dir}: {len(parts)} expert files, written by {head['world']} ranks")

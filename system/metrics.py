@@ -36,6 +36,37 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
 
+def supersede_stage_records(path: Path, stage: str, after_step: int | None) -> int:
+    """Before a stage (re)starts: drop its records past the step it resumes from (all of them
+    when it starts afresh), which the stage is about to log again, so every reader sees each
+    step once. Other stages' records and the order of lines are kept; the file is replaced
+    atomically. Returns the number of records dropped."""
+    import os
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a torn line from a crash
+            continue
+        if rec.get("stage") == stage and (after_step is None or int(rec.get("step", 0)) > after_step):
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records of a metrics file (a torn last line from a crash is skipped)."""
     out = []

@@ -117,7 +117,7 @@ def _load_source(source: Source) -> tuple[dict[str, torch.Tensor], str, str]:
     """(state dict in our naming, kind, description) of a checkpoint dir, HF dir or state dict."""
     if isinstance(source, Mapping):
         return dict(source), "state_dict", "the given state dict"
-    from system.checkpoint import is_complete, load_module_weights, resolve_checkpoint
+    from system.checkpoint import CheckpointCorrupt, is_complete, load_module_weights, resolve_checkpoint
     from system.hf_import import is_hf_model_dir, load_hf_dense_state_dict
 
     p = Path(source)
@@ -127,6 +127,8 @@ def _load_source(source: Source) -> tuple[dict[str, torch.Tensor], str, str]:
         raise ValueError(f"init source {str(p)!r} does not exist")
     try:
         ckpt = resolve_checkpoint(p)
+    except CheckpointCorrupt:
+        raise
     except ValueError as e:
         raise ValueError(f"init source {str(p)!r} is neither a moeforge checkpoint nor a Hugging Face "
                          f"model directory (config.json with model_type and weights): {e}") from None

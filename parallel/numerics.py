@@ -1,0 +1,68 @@
+"""Non-finite steps: detect a NaN/Inf in the loss or the gradients on any rank, skip the update.
+
+A skipped step changes no weight and no optimizer moment anywhere (dense parameters in the
+DeepSpeed engine, experts in an ep/fssdp store); its data is consumed and the LR schedule moves
+on, so the stage stays on its schedule. The trainer counts skipped steps and stops the stage
+after `max_bad_steps` in a row (`parallel.trainer`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from parallel import dist as pdist
+
+
+def _nonfinite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def local_dense_nonfinite(engine, model: nn.Module) -> bool:
+    """Whether this rank holds a non-finite dense gradient after the boundary backward: in the
+    parameters' `.grad` (ZeRO 0; ZeRO 1 before its reduction) or, under ZeRO 1/2, in the
+    partition DeepSpeed reduced into (its `averaged_gradients`)."""
+    if _nonfinite(p.grad for p in model.parameters()):
+        return True
+    parts = getattr(getattr(engine, "optimizer", None), "averaged_gradients", None)
+    if isinstance(parts, dict):
+        return any(_nonfinite(v or []) for v in parts.values())
+    return False
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce of one number)."""
+    return bool(pdist.all_reduce_max(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64))[0] > 0)
+
+
+def skip_dense_update(engine, model: nn.Module) -> None:
+    """Finish the step in DeepSpeed without updating anything, keeping its counters in step.
+
+    ZeRO 0: every gradient is dropped, so AdamW's step skips every parameter (no moment or
+    weight-decay change); clipping is off for this step (DeepSpeed's clip needs a gradient).
+    ZeRO 1/2: DeepSpeed's own overflow path for this step (its grad
+    overflow check on, the overflow forced), which clears the partitioned gradients and leaves
+    weights and moments untouched. In both the LR scheduler advances once, as on a good step."""
+    zero = engine.zero_optimization_stage()
+    if zero == 0:
+        for p in model.parameters():
+            p.grad = None
+        clip = engine._config.gradient_clipping
+        engine._config.gradient_clipping = 0.0
+        try:
+            engine.step()
+        finally:
+            engine._config.gradient_clipping = clip
+        return
+    opt = engine.optimizer
+    saved = opt.check_grad_overflow
+    opt.check_grad_overflow = True
+    opt.has_overflow = lambda partition_gradients=True: True  # instance attribute, removed below
+    try:
+        engine.step()
+    finally:
+        del opt.has_overflow
+        opt.check_grad_overflow = saved
+    if engine.lr_scheduler is not None:  # DeepSpeed holds the schedule back on overflow
+        engine.lr_scheduler.step()

@@ -1,0 +1,155 @@
+"""Real failures through the real `moeforge run` (embedded Ray, Ray Train, 2 DeepSpeed workers):
+SIGKILL of a Ray Train worker process twice in one run, SIGTERM preemption and its resumption,
+and an error no restart can fix ending the run at once. Every step's loss is compared with an
+uninterrupted run of the same spec."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from system.metrics import read_jsonl
+from tests.helpers import tiny_spec, write_spec
+from tests.jobs.test_e2e_ray import ROOT, _env, moeforge
+
+pytestmark = pytest.mark.slow
+STEPS = 400
+
+
+def _spec(tmp: Path, name: str, max_failures: int, **stage) -> Path:
+    spec = tiny_spec(tmp, run={"name": name}, parallel={"world_size": 2},
+                     stages=[{"name": "pretrain", "steps": STEPS, "micro_batch_size": 4, "checkpoint_every": 20,
+                              **stage}],
+                     ray={"failure_config": {"max_failures": max_failures}})
+    return write_spec(tmp / f"{name}.yaml", spec)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)), "a step was recorded twice"
+    return {r["step"]: r["loss"] for r in recs}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    tmp = tmp_path_factory.mktemp("ref")
+    res = moeforge("run", str(_spec(tmp, "ref", 0)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = _losses(tmp / "runs" / "ref")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    return got
+
+
+def _train_workers() -> list[int]:
+    """PIDs of the Ray Train worker processes on this machine (their process title)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    out.append(int(p.name))
+            except OSError:
+                continue
+    return sorted(out)
+
+
+def _last_step(run_dir: Path) -> int:
+    f = run_dir / "metrics.jsonl"
+    recs = read_jsonl(f) if f.is_file() else []
+    return max((r["step"] for r in recs if "loss" in r), default=0)
+
+
+def _wait(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _launch(spec: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec)], cwd=ROOT, env=_env(),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference):
+    spec = _spec(tmp_path, "killed", max_failures=2)
+    run_dir, log = tmp_path / "runs" / "killed", tmp_path / "killed.log"
+    proc = _launch(spec, log)
+    try:
+        kills = []
+        for round_ in range(2):
+            # past a checkpoint in this attempt: 25 steps after the first (or resumed) step
+            start = 0 if round_ == 0 else kills[-1][1]
+            _wait(lambda: _last_step(run_dir) >= start + 25 and len(_train_workers()) == 2, proc, 240,
+                  f"step {start + 25} with two workers")
+            victim = _train_workers()[round_ % 2]
+            kills.append((victim, _last_step(run_dir)))
+            os.kill(victim, signal.SIGKILL)
+            _wait(lambda: victim not in _train_workers(), proc, 60, "the killed worker to go")
+        rc = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert text.count("resumed from") >= 2, text[-4000:]
+    got = _losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == reference  # every step's loss, bit for bit
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, reference):
+    spec = _spec(tmp_path, "preempted", max_failures=2)
+    run_dir, log = tmp_path / "runs" / "preempted", tmp_path / "preempted.log"
+    proc = _launch(spec, log)
+    try:
+        _wait(lambda: _last_step(run_dir) >= 30 and len(_train_workers()) == 2, proc, 240, "step 30")
+        at = _last_step(run_dir)
+        os.kill(_train_workers()[-1], signal.SIGTERM)
+        rc = _finish(proc, 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 3, text[-4000:]
+    assert "SIGTERM: checkpointing at the next step boundary" in text
+    stopped = _last_step(run_dir)
+    assert at <= stopped < STEPS and stopped % 20 != 0  # an off-schedule checkpoint, right after the signal
+    ckpts = run_dir / "stages" / "pretrain" / "checkpoints"
+    assert (ckpts / "latest").read_text() == f"step_{stopped:08d}"
+    assert f"checkpointed at step {stopped}" in text and not (run_dir / "stages" / "pretrain" / "DONE.json").exists()
+
+    again = moeforge("run", str(spec))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"at step {stopped}" in again.stdout  # resumed exactly where it stopped: no lost step
+    assert _losses(run_dir) == reference
+
+
+def test_an_error_no_restart_can_fix_ends_the_run_at_once(tmp_path):
+    """Three bad steps in a row with max_failures 3: one attempt, exit 2, the message names the
+    steps and the last good checkpoint."""
+    spec = _spec(tmp_path, "diverged", max_failures=3, max_bad_steps=3)
+    res = moeforge("run", str(spec), MOEFORGE_FAULT_NONFINITE="22,23,24")
+    text = res.stdout + res.stderr
+    assert res.returncode == 2, text[-4000:]
+    assert "TrainingDiverged" in text and "steps 22-24" in text and "step_00000020" in text
+    assert "not retried" in text
+    assert text.count("Started training worker group") == 1  # no restart was spent on it
