@@ -39,6 +39,9 @@ class ExpertStrategy:
 
     name = "replicated"
     sharded_checkpoint = False  # whether checkpoints keep experts in experts/rank*.pt files
+    # whether DeepSpeed's ZeRO partitions are all over the data-parallel world (so that
+    # `parallel.zero_reshard` can resume them on another world size)
+    reshardable_dense_state = True
 
     def __init__(self, parallel, ep_size: int, grad_clip: float):
         self.parallel, self.ep_size, self.grad_clip = parallel, ep_size, float(grad_clip or 0.0)
@@ -138,6 +141,7 @@ class DeepSpeedMoEStrategy(ExpertStrategy):
     per expert group; DeepSpeed reduces expert gradients over the expert-data-parallel group."""
 
     name = "deepspeed_moe"
+    reshardable_dense_state = False  # expert groups are partitioned over expert-data-parallel groups
 
     def moe_factory(self):
         from parallel.ds_moe import DeepSpeedMoELayer

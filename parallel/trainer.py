@@ -121,7 +121,23 @@ class Trainer:
 
     # -- resume -------------------------------------------------------------------
     def resume(self, ckpt_dir) -> None:
-        client = self.ckpt.load(self.engine, ckpt_dir)
+        """Restore the engine, the strategy's experts and the stage state from a checkpoint,
+        written at this world size or another (ZeRO 1/2 partitions are then reassembled:
+        `parallel.zero_reshard`; expert files reshard by themselves)."""
+        from parallel.zero_reshard import load_resharded_zero_state, saved_dp_world
+
+        saved = saved_dp_world(ckpt_dir)
+        if self.engine.zero_optimization_stage() in (1, 2) and saved and saved != self.world:
+            if not self.strategy.reshardable_dense_state:
+                raise ValueError(f"checkpoint {ckpt_dir} was written by {saved} ranks; expert_strategy "
+                                 f"{self.strategy.name!r} with ZeRO resumes only on that many ranks")
+            client = self.ckpt.load(self.engine, ckpt_dir, load_optimizer_states=False)
+            load_resharded_zero_state(self.engine, self.model, ckpt_dir)
+            if self.rank == 0:
+                print(f"[moeforge] {ckpt_dir}: ZeRO optimizer state of {saved} ranks resharded onto "
+                      f"{self.world}", flush=True)
+        else:
+            client = self.ckpt.load(self.engine, ckpt_dir)
         self.strategy.load(ckpt_dir)
         st = client["moeforge"]
         self.state = StageState(**st)

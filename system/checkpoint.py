@@ -249,7 +249,7 @@ class CheckpointManager:
         for old in done[:-self.num_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, engine, ckpt: Path) -> dict[str, Any]:
+    def load(self, engine, ckpt: Path, load_optimizer_states: bool = True) -> dict[str, Any]:
         """Restore engine (model, optimizer, scheduler) and this rank's RNG; return client state.
 
         Every file is first screened with the restricted unpickler (`system.safe_load`): DeepSpeed
@@ -257,7 +257,8 @@ class CheckpointManager:
         from system.safe_load import load_tensors, screen_checkpoint
 
         screen_checkpoint(ckpt)
-        _, client_state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        _, client_state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                 load_optimizer_states=load_optimizer_states)
         if client_state is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {ckpt}")
         rng_file = ckpt / f"rng_rank{self.rank}.pt"
