@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -48,6 +49,39 @@ def cmd_validate(args) -> int:
     n = len(spec.stages)
     print(f"{args.spec}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(s.name for s in spec.stages)}; "
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name})")
+    return 0
+
+
+def spec_schema() -> dict:
+    """The job spec's JSON Schema, from the same typed sections the parser uses."""
+    import copy
+
+    from jobs.model_from import FROM
+    from jobs.schema import JobSpec
+    from system.config_schema import json_schema
+
+    schema = json_schema(JobSpec, "moeforge job spec")
+    # `model.from` is resolved before parsing (jobs.model_from): the top-level model section
+    # accepts it besides ModelConfig's fields (stage-level model overrides are free mappings).
+    section = copy.deepcopy(schema["$defs"]["ModelConfig"])
+    section["properties"][FROM] = {
+        "type": "string", "description": "take the shape from a Hugging Face config.json: 'init_from' "
+                                          "(the first stage's init_from directory) or a directory path"}
+    schema["$defs"]["ModelSection"] = section
+    schema["properties"]["model"] = {**schema["properties"]["model"], "$ref": "#/$defs/ModelSection"}
+    schema["$defs"] = dict(sorted(schema["$defs"].items()))
+    return schema
+
+
+def cmd_schema(args) -> int:
+    text = json.dumps(spec_schema(), indent=1) + "\n"
+    if args.out:
+        from system.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.out), text)
+        print(f"[moeforge] wrote the job spec's JSON Schema to {args.out}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -206,6 +240,9 @@ def cmd_export(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeforge", description="Train MoE language models: Ray + DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors and CI checks)")
+    sc.add_argument("--out", help="write it to this file instead (e.g. docs/moeforge.schema.json)")
+    sc.set_defaults(fn=cmd_schema)
     v = sub.add_parser("validate", help="validate a job spec (nothing is launched or written)")
     v.add_argument("spec")
     v.set_defaults(fn=cmd_validate)

@@ -34,6 +34,9 @@ class RunLayout:
         """Written when the stage checkpointed and stopped after a SIGTERM (`jobs.preemption`)."""
         return self.stage_dir(stage) / "PREEMPTED.json"
 
+    def tensorboard_dir(self, stage: str) -> Path:
+        return self.root / "tensorboard" / stage
+
     def consumed_file(self, stage: str) -> Path:
         return self.stage_dir(stage) / "consumed.json"
 

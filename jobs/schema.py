@@ -290,14 +290,30 @@ class RaySection:
 
 
 @dataclass
+class WandbSection:
+    """Weights & Biases logging (`metrics.wandb`; needs `pip install wandb`)."""
+
+    project: str = "moeforge"
+    mode: Literal["offline", "online"] = "offline"  # offline: files under RUN/wandb, `wandb sync` later
+    entity: Optional[str] = None
+
+
+@dataclass
 class MetricsSection:
     log_every: int = 1  # steps between JSON metric lines
     ray_metrics: bool = True  # export gauges through ray.util.metrics
     progress_bar: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files under RUN/tensorboard/STAGE
+    wandb: Optional[WandbSection] = None  # also log to Weights & Biases (one W&B run per stage)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.log_every < 1:
             yield "log_every", f"{self.log_every} must be >= 1"
+        if self.wandb is not None:
+            from system.wandb_sink import MISSING, wandb_available
+
+            if not wandb_available():
+                yield "wandb", MISSING
 
 
 # DeepSpeed keys the spec sets from its own typed fields; passing them through would let the

@@ -142,9 +142,9 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     resume_from = _resume_point(ckpt_root, rank)
     sinks: list[MetricSink] = list(extra_sinks)
     if rank == 0:
-        supersede_stage_records(layout.metrics_file, stage.name,
-                                None if resume_from is None else read_manifest(resume_from)["step"])
-        sinks.insert(0, JsonlSink(layout.metrics_file))
+        resumed_step = None if resume_from is None else read_manifest(resume_from)["step"]
+        supersede_stage_records(layout.metrics_file, stage.name, resumed_step)
+        sinks[:0] = [JsonlSink(layout.metrics_file), *_optional_sinks(plan, stage, layout, resumed_step)]
     ckpt = CheckpointManager(ckpt_root, rank, pdist.barrier, plan.ray.checkpoint_config.num_to_keep)
     manifest_base = {"run": plan.run.name, "spec": to_dict(plan.spec), "tokenizer": corpus.tokenizer.fingerprint,
                      "init_from": str(init_ckpt) if init_ckpt else None, "init_report": init_report}
@@ -170,6 +170,24 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                              latest_checkpoint(ckpt.root))
     pdist.barrier()
     return last
+
+
+def _optional_sinks(plan: JobPlan, stage: StagePlan, layout: RunLayout, resumed_step: Optional[int]) -> list:
+    """TensorBoard and W&B sinks as `metrics` asks (rank 0). Their records past the resumed step
+    are superseded too: TensorBoard purges its events from the next step on."""
+    out: list[MetricSink] = []
+    m = plan.metrics
+    if m.tensorboard:
+        from system.tensorboard_sink import TensorBoardSink
+
+        out.append(TensorBoardSink(layout.tensorboard_dir(stage.name),
+                                   purge_step=0 if resumed_step is None else resumed_step + 1))
+    if m.wandb is not None:
+        from system.wandb_sink import WandbSink
+
+        out.append(WandbSink(layout.root / "wandb", plan.run.name, stage.name, m.wandb.project, m.wandb.mode,
+                             m.wandb.entity))
+    return out
 
 
 def _resume_point(root, rank: int):
