@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
 
     t0 = time.time()
     try:
-        run_job(spec, address=args.address)
+        run_job(spec, address=args.address, verbose=args.verbose)
     except (CheckpointCorrupt, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SPEC
@@ -117,11 +117,11 @@ def _client(address: Optional[str]):
 
 
 def cmd_submit(args) -> int:
-    from jobs.orchestrate import REPO_ROOT, UPLOAD_EXCLUDES
+    from jobs.orchestrate import REPO_ROOT, UPLOAD_EXCLUDES, WORKER_ENV
 
     _load(args.spec)  # validate before anything is sent
     spec_path = Path(args.spec).resolve()
-    env_vars = {}
+    env_vars = dict(WORKER_ENV)
     try:
         entry = f"python -m jobs.cli run {spec_path.relative_to(REPO_ROOT)}"
     except ValueError:  # not inside the uploaded working directory: ship its text
@@ -250,6 +250,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("spec")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
     r.add_argument("--output-dir", help="override run.output_dir")
+    r.add_argument("--verbose", action="store_true",
+                   help="stream Ray's and every worker's output (default: in RUN/logs/STAGE/rankR.log)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("submit", help="submit a job spec to a Ray cluster with the Ray Jobs API")
     s.add_argument("spec")

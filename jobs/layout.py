@@ -34,6 +34,10 @@ class RunLayout:
         """Written when the stage checkpointed and stopped after a SIGTERM (`jobs.preemption`)."""
         return self.stage_dir(stage) / "PREEMPTED.json"
 
+    def log_dir(self, stage: str) -> Path:
+        """Each worker's captured output, rank{R}.log (`jobs.console`)."""
+        return self.root / "logs" / stage
+
     def tensorboard_dir(self, stage: str) -> Path:
         return self.root / "tensorboard" / stage
 

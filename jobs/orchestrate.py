@@ -13,39 +13,73 @@ from jobs.schema import JobSpec
 from jobs.spec import dump_spec, with_absolute_paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Ray Train would also log every print of a worker through its logger (each line twice in the
+# captured output, `jobs.console`); the worker's own streams are enough.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 UPLOAD_EXCLUDES = [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"]
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker (runs inside the worker process)."""
+    """Entry point of every Ray Train worker (runs inside the worker process). Unless the run is
+    verbose, the worker's output goes to the run's log file and its `[moeforge]` lines to the
+    driver's console (`jobs.console`)."""
+    import contextlib
+
+    import ray.train
+
+    from jobs.console import capture_output
+    from jobs.progress import message_forwarder
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    sync = None
+    if config.get("quiet"):
+        forward, sync = message_forwarder(config.get("progress_actor"), config.get("namespace"), rank)
+        out = capture_output(Path(config["log_dir"]) / f"rank{rank}.log", forward)
+    else:
+        out = contextlib.nullcontext()
+    try:
+        with out:
+            _train_worker(config, ctx)
+    finally:
+        if sync is not None:
+            try:
+                sync()  # every forwarded line has reached the driver's actor
+            except Exception:
+                pass
+
+
+def _train_worker(config: dict[str, Any], ctx) -> None:
     import ray.train
     import torch
 
+    from jobs.preemption import StagePreempted, record_preempted, stop_requested, training
     from jobs.progress import progress_reporter
     from jobs.stage_runner import run_stage
 
-    ctx = ray.train.get_context()
-    if ctx.get_world_rank() == 0:
-        print(f"[moeforge] rank 0 of {ctx.get_world_size()}: rendezvous at "
+    rank = ctx.get_world_rank()
+    if rank == 0:
+        # A restarted group's outcome is its own: no earlier attempt's preempted/fatal record.
+        for f in (config["preempted_file"], config["fatal_file"]):
+            Path(f).unlink(missing_ok=True)
+        print(f"[moeforge] rank 0 of {ctx.get_world_size()} (pid {os.getpid()}): rendezvous at "
               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
     threads = config.get("threads")
     if threads:
         torch.set_num_threads(threads)
     sinks = ()
     on_step = None
-    if ctx.get_world_rank() == 0:
+    if rank == 0:
         on_step = progress_reporter(config.get("progress_actor"), config.get("namespace"))
         if config.get("ray_metrics"):
             from jobs.ray_metrics import RayGaugeSink
             sinks = (RayGaugeSink(config["run_name"], config["stage_name"]),)
-    from jobs.preemption import StagePreempted, record_preempted, stop_requested, training
-
     try:
         with training():
             last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step,
                              stop_requested=stop_requested)
     except StagePreempted as e:
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             record_preempted(Path(config["preempted_file"]), e.step, e.checkpoint)
         return
     except Exception as e:
@@ -53,9 +87,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             raise
         # A restart would hit the same error: record it and end this worker group normally, so
         # Ray Train does not spend max_failures restarts on it; the driver raises StageFailed.
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             record_fatal(Path(config["fatal_file"]), e)
-        print(f"[moeforge] rank {ctx.get_world_rank()}: {type(e).__name__}: {e}", flush=True)
+        print(f"[moeforge] rank {rank}: {type(e).__name__}: {e}", flush=True)
         return
     # The stage's headline figures only (Ray logs the report); per-layer routing stats live in
     # metrics.jsonl and the Ray gauges.
@@ -102,23 +136,32 @@ def pin_loopback() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def init_ray(plan: JobPlan, address: Optional[str] = None) -> None:
-    """Connect to the cluster named by `address`/RAY_ADDRESS, or start an embedded local Ray."""
+def init_ray(plan: JobPlan, address: Optional[str] = None, verbose: bool = False) -> None:
+    """Connect to the cluster named by `address`/RAY_ADDRESS, or start an embedded local Ray.
+    Quiet (the default): Ray's driver-side notices and the workers' streamed output stay out of
+    the console (the workers write the run's log files, `jobs.console`)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
-    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+                **WORKER_ENV}
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job the code already travels as the job's working_dir; anywhere else,
         # ship this checkout so that workers on other nodes can import it.
-        runtime_env = None if _inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES}
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        runtime_env = None if _inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
+                                                      "env_vars": dict(WORKER_ENV)}
+        ray.init(address=address, runtime_env=runtime_env, **({"log_to_driver": True} | quiet))
         return
     cpus_needed = plan.max_world_size() * plan.ray.scaling_config.resources_per_worker.get("CPU", 1)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-             _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+                   _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                   runtime_env={"env_vars": env_vars}, **({"log_to_driver": True} | quiet))
+    if not verbose and getattr(ctx, "dashboard_url", None):
+        print(f"[moeforge] embedded Ray started; dashboard at http://{ctx.dashboard_url}", flush=True)
 
 
 def _inside_ray_job() -> bool:
@@ -126,8 +169,9 @@ def _inside_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
-    """Run every stage that has not finished yet; return each stage's last metrics."""
+def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = False) -> dict[str, Any]:
+    """Run every stage that has not finished yet; return each stage's last metrics. `verbose`
+    streams Ray's and every worker's output to the console; otherwise it goes to RUN/logs/."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -150,7 +194,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
         if not layout.done_file(stage.name).is_file():
             valid_checkpoint(layout.checkpoints(stage.name),
                              warn=lambda m, s=stage.name: print(f"[moeforge] stage {s}: warning: {m}", flush=True))
-    init_ray(plan, address)
+    init_ray(plan, address, verbose)
     namespace = ray.get_runtime_context().namespace
     results: dict[str, Any] = {}
     for stage in plan.stages:
@@ -169,6 +213,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None) -> dict[str, Any]:
                                "ray_metrics": plan.metrics.ray_metrics,
                                "fatal_file": str(layout.fatal_file(stage.name)),
                                "preempted_file": str(layout.preempted_file(stage.name)),
+                               "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
                                "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
             torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
             scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),

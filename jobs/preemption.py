@@ -29,8 +29,20 @@ _requested = threading.Event()
 _training = threading.Event()  # set while a stage trains in this process (`training()`)
 
 
+_announced = threading.Event()
+
+
 def stop_requested() -> bool:
-    return _requested.is_set()
+    """Polled by the trainer (in the training thread) at each step's end. The announcement is
+    printed here, not in the signal handler: the handler runs inside Ray's task loop on the main
+    thread, where nothing may talk to Ray (the console forwards printed lines to an actor)."""
+    if not _requested.is_set():
+        return False
+    if not _announced.is_set():
+        _announced.set()
+        print("[moeforge] SIGTERM: checkpointing at the next step boundary, then stopping "
+              "(a second SIGTERM exits now)", flush=True)
+    return True
 
 
 def install_sigterm_handler() -> None:
@@ -44,11 +56,10 @@ def install_sigterm_handler() -> None:
             if callable(previous):
                 previous(signum, frame)
             return
-        _requested.set()
-        print("[moeforge] SIGTERM: checkpointing at the next step boundary, then stopping "
-              "(a second SIGTERM exits now)", flush=True)
+        _requested.set()  # only this: see stop_requested
 
     _requested.clear()
+    _announced.clear()
     signal.signal(signal.SIGTERM, on_sigterm)
 
 

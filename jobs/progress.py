@@ -1,4 +1,5 @@
-"""Live progress from the rank-0 worker to the driver, through a small named Ray actor."""
+"""Live progress from the rank-0 worker to the driver, through a small named Ray actor; the
+same actor carries the workers' `[moeforge]` messages to the driver's console (`jobs.console`)."""
 from __future__ import annotations
 
 import threading
@@ -13,12 +14,24 @@ PROGRESS_KEYS = ("stage", "step", "loss", "tokens_per_s", "lr")
 class ProgressActor:
     def __init__(self):
         self._last: Optional[dict[str, Any]] = None
+        self._messages: list[str] = []
 
     def update(self, rec: dict[str, Any]) -> None:
         self._last = rec
 
     def last(self) -> Optional[dict[str, Any]]:
         return self._last
+
+    def say(self, line: str) -> None:
+        self._messages.append(line)
+
+    def poll(self) -> tuple[Optional[dict[str, Any]], list[str]]:
+        """The last progress record and the messages since the previous poll."""
+        out, self._messages = self._messages, []
+        return self._last, out
+
+    def sync(self) -> None:
+        """Returns once every call made before it by the same caller has run."""
 
 
 def progress_reporter(actor_name: Optional[str], namespace: Optional[str]):
@@ -36,8 +49,28 @@ def progress_reporter(actor_name: Optional[str], namespace: Optional[str]):
     return report
 
 
+def message_forwarder(actor_name: Optional[str], namespace: Optional[str], rank: int):
+    """(forward(line), sync()) for a worker's captured output (None, None without a driver)."""
+    if not actor_name:
+        return None, None
+    try:
+        handle = ray.get_actor(actor_name, namespace=namespace)
+    except ValueError:
+        return None, None
+    tag = "" if rank == 0 else f"(rank {rank}) "
+
+    def forward(line: str) -> None:
+        handle.say.remote(tag + line if tag else line)  # fire and forget; in order per caller
+
+    def sync() -> None:
+        ray.get(handle.sync.remote(), timeout=30)
+
+    return forward, sync
+
+
 class ProgressBar:
-    """Polls the actor from a driver thread and draws a tqdm bar for one stage."""
+    """Polls the actor from a driver thread: prints the workers' messages and, when enabled,
+    draws a tqdm bar for one stage."""
 
     def __init__(self, actor, stage: str, total_steps: int, enabled: bool = True):
         self.actor, self.stage, self.total, self.enabled = actor, stage, total_steps, enabled
@@ -45,27 +78,29 @@ class ProgressBar:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
-        if self.enabled:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        if self.enabled:
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=15)
 
     def _run(self) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total, desc=f"stage {self.stage}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total, desc=f"stage {self.stage}", unit="step", dynamic_ncols=True) \
+            if self.enabled else None
+        say = bar.write if bar is not None else (lambda m: print(m, flush=True))
         try:
             while True:
-                stopping = self._stop.wait(1.0)
+                stopping = self._stop.wait(0.5)
                 try:
-                    rec = ray.get(self.actor.last.remote(), timeout=10)
+                    rec, messages = ray.get(self.actor.poll.remote(), timeout=10)
                 except Exception:  # the driver may be shutting down; the bar is best effort
-                    rec = None
-                if rec and rec.get("stage") == self.stage:
+                    rec, messages = None, []
+                for m in messages:
+                    say(m)
+                if bar is not None and rec and rec.get("stage") == self.stage:
                     bar.n = rec["step"]
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     lr=f"{rec['lr']:.2e}", refresh=False)
@@ -73,4 +108,5 @@ class ProgressBar:
                 if stopping:
                     break
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()

@@ -74,6 +74,18 @@ def test_run_crash_then_resume_continues_exactly(tmp_path):
     assert third.returncode == 0
     assert "already finished, skipping" in third.stdout
 
+    # The quiet console: Ray's and the workers' chatter is in the run's log files, not on screen;
+    # moeforge's own lines from the workers are (forwarded once).
+    for out in (first, second):
+        shown = out.stdout + out.stderr
+        assert not [l for l in shown.splitlines() if l.lstrip().startswith(("(RayTrainWorker", "(TrainController"))]
+        assert "FutureWarning" not in shown and "Setting up process group" not in shown
+    assert second.stdout.count("resumed from") == 1
+    logs = run_dir / "logs" / "pretrain"
+    assert sorted(p.name for p in logs.iterdir()) == ["rank0.log", "rank1.log"]
+    rank0 = (logs / "rank0.log").read_text()
+    assert rank0.count("rendezvous at") == 2 and "resumed from" in rank0  # both attempts appended
+
 
 def test_worker_failure_restarts_group_from_checkpoint(tmp_path):
     spec = _two_worker_spec(tmp_path, "restart", max_failures=1)

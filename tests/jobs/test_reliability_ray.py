@@ -59,6 +59,12 @@ def _train_workers() -> list[int]:
     return sorted(out)
 
 
+def _rank0_pid(run_dir: Path) -> int:
+    """The pid of the current attempt's rank 0 (its rendezvous line in the run's log)."""
+    lines = [l for l in (run_dir / "logs" / "pretrain" / "rank0.log").read_text().splitlines() if "rendezvous" in l]
+    return int(lines[-1].split("(pid ")[1].split(")")[0])
+
+
 def _last_step(run_dir: Path) -> int:
     f = run_dir / "metrics.jsonl"
     recs = read_jsonl(f) if f.is_file() else []
@@ -100,7 +106,9 @@ def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference):
             start = 0 if round_ == 0 else kills[-1][1]
             _wait(lambda: _last_step(run_dir) >= start + 25 and len(_train_workers()) == 2, proc, 240,
                   f"step {start + 25} with two workers")
-            victim = _train_workers()[round_ % 2]
+            rank0 = _rank0_pid(run_dir)
+            others = [p for p in _train_workers() if p != rank0]
+            victim = rank0 if round_ == 0 else others[0]  # rank 0 first, then another rank
             kills.append((victim, _last_step(run_dir)))
             os.kill(victim, signal.SIGKILL)
             _wait(lambda: victim not in _train_workers(), proc, 60, "the killed worker to go")
@@ -123,7 +131,9 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, re
     try:
         _wait(lambda: _last_step(run_dir) >= 30 and len(_train_workers()) == 2, proc, 240, "step 30")
         at = _last_step(run_dir)
-        os.kill(_train_workers()[-1], signal.SIGTERM)
+        rank0 = _rank0_pid(run_dir)
+        assert rank0 in _train_workers()
+        os.kill(rank0, signal.SIGTERM)  # the rank that also forwards the console and writes metrics
         rc = _finish(proc, 120)
     finally:
         if proc.poll() is None:
@@ -152,4 +162,7 @@ def test_an_error_no_restart_can_fix_ends_the_run_at_once(tmp_path):
     assert res.returncode == 2, text[-4000:]
     assert "TrainingDiverged" in text and "steps 22-24" in text and "step_00000020" in text
     assert "not retried" in text
-    assert text.count("Started training worker group") == 1  # no restart was spent on it
+    # no restart was spent on it: one worker group, whose rank 0 said so once
+    assert text.count("rendezvous at") == 1
+    log = (tmp_path / "runs" / "diverged" / "logs" / "pretrain" / "rank0.log").read_text()
+    assert log.count("rendezvous at") == 1
