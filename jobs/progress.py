@@ -100,7 +100,7 @@ class ProgressBar:
                     rec, messages = None, []
                 for m in messages:
                     say(m)
-                if bar is not None and rec and rec.get("stage") == self.stage:
+                if bar is not None and rec and rec.get("stage") == self.stage and rec["step"] != bar.n:
                     bar.n = rec["step"]
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     lr=f"{rec['lr']:.2e}", refresh=False)
