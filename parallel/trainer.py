@@ -129,8 +129,8 @@ class Trainer:
         saved = saved_dp_world(ckpt_dir)
         if self.engine.zero_optimization_stage() in (1, 2) and saved and saved != self.world:
             if not self.strategy.reshardable_dense_state:
-                raise ValueError(f"checkpoint {ckpt_dir} was written by {saved} ranks; expert_strategy "
-                                 f"{self.strategy.name!r} with ZeRO resumes only on that many ranks")
+                raise ValueError(f"checkpoint {ckpt_dir} was written by {saved} ranks; the {self.strategy.name!r} "
+                                 f"expert layout with ZeRO resumes only on that many ranks")
             client = self.ckpt.load(self.engine, ckpt_dir, load_optimizer_states=False)
             load_resharded_zero_state(self.engine, self.model, ckpt_dir)
             if self.rank == 0:
