@@ -105,6 +105,12 @@ def test_prometheus_answers_every_dashboard_query_for_a_live_run(tmp_path):
             if not series:
                 empty.append(f"{title}: {expr}")
         assert not empty, "dashboard queries with no series of the run:\n" + "\n".join(empty)
+        # and the series are this run's: both stages, their steps climbing towards 160
+        q = urllib.parse.urlencode({"query": f'max by (stage) (ray_moeforge_step{{run="{RUN}"}})',
+                                    "start": t0, "end": time.time(), "step": "1s"})
+        steps = {s["metric"]["stage"]: max(float(v) for _, v in s["values"])
+                 for s in _get(f"{api}/query_range?{q}")["data"]["result"]}
+        assert set(steps) == {"pretrain", "continual"} and min(steps.values()) >= 100, steps
     finally:
         prom.terminate()
         try:
