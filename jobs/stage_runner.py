@@ -31,14 +31,17 @@ from system.model import Transformer
 from system.upcycle import init_model_from
 
 
-def build_model(stage: StagePlan, vocab_size: int, strategy: Optional[ExpertStrategy] = None) -> Transformer:
+def build_model(stage: StagePlan, vocab_size: int, strategy: Optional[ExpertStrategy] = None,
+                document_sep_id: Optional[int] = None) -> Transformer:
     """The stage's model (top-level model/experts with the stage's overrides), with the MoE
-    layers the strategy builds (DeepSpeed's for deepspeed_moe, ours otherwise)."""
+    layers the strategy builds (DeepSpeed's for deepspeed_moe, ours otherwise); with
+    `document_sep_id` (`data.document_mask`), attention stays within documents."""
     mcfg = stage.model if stage.model.vocab_size is not None else replace(stage.model, vocab_size=vocab_size)
     if mcfg.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({vocab_size})")
-    return Transformer(mcfg, stage.experts, moe_factory=strategy.moe_factory() if strategy else None)
+    return Transformer(mcfg, stage.experts, moe_factory=strategy.moe_factory() if strategy else None,
+                       document_sep_id=document_sep_id)
 
 
 def stage_mixture(stage: StagePlan, layout: RunLayout, corpus: PackedCorpus):
@@ -97,7 +100,8 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     strategy = build_strategy(par, stage.ep_size, stage.grad_clip)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(stage.model_seed)
-    model = build_model(stage, corpus.tokenizer.vocab_size, strategy)
+    model = build_model(stage, corpus.tokenizer.vocab_size, strategy,
+                        corpus.tokenizer.eos_id if plan.corpus.document_mask else None)
     if par.use_gpu and torch.cuda.is_available():
         model = model.cuda(int(os.environ.get("LOCAL_RANK", 0)))
     init_ckpt = init_checkpoint(stage, layout)

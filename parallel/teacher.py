@@ -42,7 +42,7 @@ class ResolvedTeacher:
 
 
 def load_teacher(teacher: ResolvedTeacher, vocab_size: int, tokenizer_fp: str, device: torch.device,
-                 where: str) -> tuple[Transformer, str]:
+                 where: str, document_sep_id: Optional[int] = None) -> tuple[Transformer, str]:
     """The teacher model (eval mode, no gradients) and a string naming exactly what was loaded."""
     routing_step = 1 << 30  # a DTS teacher routes with its final, hard gate
     if teacher.tokenizer is not None and teacher.tokenizer != tokenizer_fp:
@@ -54,7 +54,7 @@ def load_teacher(teacher: ResolvedTeacher, vocab_size: int, tokenizer_fp: str, d
     if mcfg.vocab_size != vocab_size:
         raise ValueError(f"{where}: the teacher predicts over {mcfg.vocab_size} ids, the student over "
                          f"{vocab_size}; distillation compares them token by token")
-    model = Transformer(mcfg, teacher.experts)
+    model = Transformer(mcfg, teacher.experts, document_sep_id=document_sep_id)  # masked as the student is
     init_model_from(model, teacher.source)
     model.set_routing_step(routing_step)
     model.to(device).eval()
@@ -244,8 +244,10 @@ def build_teacher_source(stage, teacher: ResolvedTeacher, cache_root: Path, corp
     device = next(student.parameters()).device
     rank = pdist.rank()
     where = f"stages[{stage.index}].distill.teacher"
+    sep = student.document_sep_id
     if cfg.mode == "online":
-        model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where)
+        model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where,
+                                   sep)
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: teacher {what}, online, {cfg.divergence}"
                   + (f", top-{cfg.top_k}" if cfg.top_k else ", full logits"), flush=True)
@@ -260,11 +262,13 @@ def build_teacher_source(stage, teacher: ResolvedTeacher, cache_root: Path, corp
     key = hashlib.sha256(json.dumps(
         {"teacher": teacher.key_ref, "k": cfg.top_k, "T": cfg.temperature, "tok": corpus.tokenizer.fingerprint,
          "seq": corpus.seq_len, "work": {f"{a}/{b}": hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-                                         for (a, b), v in sorted(work.items())}}, sort_keys=True).encode()
+                                         for (a, b), v in sorted(work.items())},
+         **({"document_sep_id": sep} if sep is not None else {})}, sort_keys=True).encode()
     ).hexdigest()[:20]
     cache_dir = cache_root / key
     if not cache_is_complete(cache_dir, key):
-        model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where)
+        model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where,
+                                   sep)
         n = sum(len(v) for v in work.values())
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: writing the teacher's top-{cfg.top_k} log-probs for {n} "

@@ -72,6 +72,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # tokenized-corpus cache; default ~/.cache/moeforge
     # "single": every micro-batch holds sequences of one domain, chosen with the mixture weights
     microbatch_domains: Literal["mixed", "single"] = "mixed"
+    # Attention stays within each document of a packed sequence (documents end with the
+    # tokenizer's eos); false: plain causal attention across the documents packed together.
+    document_mask: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.sources:
