@@ -16,7 +16,10 @@ from parallel import dist as pdist
 
 
 def _nonfinite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
-    return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
+    """Whether any tensor holds a NaN/Inf: the checks stay on the device and one value comes back
+    to the host (not one synchronisation per parameter on every step)."""
+    flags = [torch.isfinite(t).all().logical_not() for t in tensors if t is not None]
+    return bool(torch.stack(flags).any()) if flags else False
 
 
 def local_dense_nonfinite(engine, model: nn.Module) -> bool:
