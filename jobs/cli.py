@@ -6,6 +6,7 @@
     moeforge status ID | logs ID     follow a submitted job
     moeforge simulate [CONFIG]       cluster-scale EP/FSSDP/FasterMoE/ZeRO-3 MoE-layer simulator (no GPU)
     moeforge export RUN_DIR --to DIR a run's checkpoint as a Hugging Face model directory
+    moeforge dashboard [RUN_DIR ...] a browser dashboard of runs (live while they write)
 """
 from __future__ import annotations
 
@@ -237,6 +238,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from jobs.dashboard.server import plotly_js, serve
+
+    paths = [Path(p) for p in (args.run_dirs or ["runs"])]
+    bad = [str(p) for p in paths if not p.is_dir()]
+    if bad:
+        print(f"error: not a directory: {', '.join(bad)} (give run directories or a directory of runs)",
+              file=sys.stderr)
+        return EXIT_SPEC
+    try:
+        plotly_js()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+
+    def ready(url, index):
+        runs = index.refresh()
+        print(f"[moeforge] dashboard at {url} ({len(runs)} run{'s' if len(runs) != 1 else ''} under "
+              f"{', '.join(str(p) for p in index.paths)}); Ctrl-C stops it", flush=True)
+
+    serve(paths, host=args.host, port=args.port, on_ready=ready)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeforge", description="Train MoE language models: Ray + DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -280,6 +305,12 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--max-shard-mb", type=float, help="largest safetensors shard in MiB (default 2048)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to directory")
     x.set_defaults(fn=cmd_export)
+    d = sub.add_parser("dashboard", help="serve a browser dashboard of runs (updates while they write)")
+    d.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="run directories, or directories of runs (default: ./runs)")
+    d.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.set_defaults(fn=cmd_dashboard)
     for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
                                ("logs", cmd_logs, "a submitted job's logs")):
         c = sub.add_parser(name, help=helptext)

@@ -7,15 +7,20 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${MOEFORGE_VENV:-.venv}
 TORCH_VERSION=${MOEFORGE_TORCH:-2.13.0}
-# System packages the suite uses: Debian's prometheus (tests/infra/test_prometheus_live.py scrapes a
-# live run with it). Installed when missing and this is a root shell with apt; otherwise the test
-# that needs it is skipped and says why.
-if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+# System packages the suite uses, installed when missing and this is a root shell with apt
+# (otherwise the test that needs one is skipped and says why): Debian's prometheus
+# (tests/infra/test_prometheus_live.py scrapes a live run with it) and chromium
+# (tests/infra/test_dashboard_browser.py drives `moeforge dashboard` in it, headless).
+apt_install() {  # $1: command that shows it is there, $2: Debian package
+  command -v "$1" >/dev/null 2>&1 && return 0
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 0
   export DEBIAN_FRONTEND=noninteractive
-  { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 ||
-    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; } ||
-    echo "bootstrap: could not install prometheus (apt); the live Prometheus test will be skipped" >&2
-fi
+  { apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1; }; } ||
+    echo "bootstrap: could not install $2 (apt); the test that needs it will be skipped" >&2
+}
+apt_install prometheus prometheus
+apt_install chromium chromium
 stamp="$VENV/.moeforge-installed"
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
