@@ -7,6 +7,7 @@
     moeforge simulate [CONFIG]       cluster-scale EP/FSSDP/FasterMoE/ZeRO-3 MoE-layer simulator (no GPU)
     moeforge export RUN_DIR --to DIR a run's checkpoint as a Hugging Face model directory
     moeforge dashboard [RUN_DIR ...] a browser dashboard of runs (live while they write)
+    moeforge prepare SPEC            tokenize the spec's corpus into token shards (Ray Data)
 """
 from __future__ import annotations
 
@@ -238,6 +239,41 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    spec = _load(args.spec)
+    from jobs.orchestrate import init_ray, pin_loopback, wants_embedded_ray
+    from jobs.plan import plan_job
+    from jobs.prepare import prepare_corpus
+    from system.data.dataset import default_cache_dir, prepared_root
+    from system.data.prepare import source_dir, verify
+
+    plan = plan_job(spec)
+    if not args.local:
+        if wants_embedded_ray(args.address):
+            pin_loopback()
+        init_ray(plan, args.address)
+    try:
+        corpus = prepare_corpus(plan.corpus, use_ray=not args.local, concurrency=args.workers)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    root = prepared_root(default_cache_dir(plan.corpus))
+    for src in plan.corpus.sources:
+        m = corpus.manifests[src.name]
+        d = source_dir(root, src, corpus.tokenizer, plan.corpus.holdout_fraction)
+        line = (f"[moeforge] {src.name}: {m['documents']} documents, {m['train_tokens']} train + "
+                f"{m['holdout_tokens']} holdout tokens ({m['dtype']}), {len(m['units'])} shards, {d}")
+        if args.verify:
+            bad = verify(d, m)
+            if bad:
+                print(f"error: {src.name}: shard checksums differ from the manifest: {', '.join(bad)} "
+                      f"(delete {d} and prepare again)", file=sys.stderr)
+                return EXIT_SPEC
+            line += "; checksums ok"
+        print(line, flush=True)
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from jobs.dashboard.server import plotly_js, serve
 
@@ -305,6 +341,13 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--max-shard-mb", type=float, help="largest safetensors shard in MiB (default 2048)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to directory")
     x.set_defaults(fn=cmd_export)
+    pr = sub.add_parser("prepare", help="tokenize a spec's corpus once into token shards (parallel, Ray Data)")
+    pr.add_argument("spec")
+    pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
+    pr.add_argument("--workers", type=int, help="parallel tasks at most (default: the cluster's CPUs)")
+    pr.add_argument("--local", action="store_true", help="in this process, without Ray")
+    pr.add_argument("--verify", action="store_true", help="also check every shard's CRC-32 (reads them all)")
+    pr.set_defaults(fn=cmd_prepare)
     d = sub.add_parser("dashboard", help="serve a browser dashboard of runs (updates while they write)")
     d.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                    help="run directories, or directories of runs (default: ./runs)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
+
 from jobs.schema import JobSpec
 from jobs.validate import stage_cfgs, stage_vocab_size, vocab_problem
 from system.configtree import SpecError
@@ -48,6 +50,16 @@ def _check_sources(sources: list[SourceConfig], path: str) -> Problems:
         for k, f in enumerate(src.paths):
             if not Path(f).exists():
                 yield f"{path}[{j}].paths[{k}]", f"{f!r} does not exist"
+            elif src.kind == "hf_dataset" and not (Path(f) / "state.json").is_file():
+                yield f"{path}[{j}].paths[{k}]", (f"{f!r} is not a Hugging Face save_to_disk directory "
+                                                  "(no state.json)")
+            elif src.kind == "tokens" and Path(f).suffix != ".npy" and Path(f).stat().st_size % \
+                    np.dtype(src.token_dtype).itemsize:
+                yield f"{path}[{j}].paths[{k}]", (f"{f!r} has {Path(f).stat().st_size} bytes, not a whole "
+                                                  f"number of {src.token_dtype} tokens (token_dtype)")
+        for k, f in enumerate(src.doc_offsets or []):
+            if not Path(f).is_file():
+                yield f"{path}[{j}].doc_offsets[{k}]", f"{f!r} does not exist"
 
 
 def _check_hf_init(spec: JobSpec, i: int) -> Problems:

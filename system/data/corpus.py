@@ -62,6 +62,22 @@ def _embedded(domain: str) -> Iterator[str]:
     raise ValueError(f"{domain!r} is not an embedded domain; choose one of {list(EMBEDDED_DOMAINS)}")
 
 
+def embedded_files(domain: str) -> list[Path]:
+    """The files an embedded domain's documents come from (what a prepared source's fingerprint
+    stats)."""
+    if domain == "python_code":
+        return _stdlib_files()
+    if domain == "c_headers":
+        return _header_files()
+    if domain == "legal":
+        return _unique_regular(sorted(_LICENSE_DIR.iterdir())) if _LICENSE_DIR.is_dir() else []
+    if domain == "english_docs":
+        import pydoc_data.topics
+
+        return [Path(pydoc_data.topics.__file__)]
+    raise ValueError(f"{domain!r} is not an embedded domain; choose one of {list(EMBEDDED_DOMAINS)}")
+
+
 def _read_all(paths: list[Path]) -> Iterator[str]:
     for p in paths:
         # System files are not guaranteed to be UTF-8; a stray byte must not stop training.

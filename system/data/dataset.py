@@ -1,71 +1,90 @@
-"""The packed corpus: every source tokenized, split by document into train/holdout and cut
-into fixed-length chunks, cached on disk as .npy arrays.
+"""The packed corpus: every source prepared once into token shards (`system.data.prepare`:
+tokenized, split by document into train/holdout) and read back as fixed-length chunks through
+memory maps (`system.data.shards.TokenChunks`).
 
 A chunk holds `seq_len + 1` tokens so that inputs (`[:-1]`) and labels (`[1:]`) both have
-length `seq_len`. Documents are joined with an eos token after each one.
+length `seq_len`. Documents are joined with an eos token after each one; the chunks are those
+`pack` cuts from the same documents.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from system.data.config import DataConfig, SourceConfig
-from system.data.corpus import load_documents
-from system.data.tokenizer import Tokenizer, atomic_write_bytes, build_tokenizer
-
-FORMAT_VERSION = 1  # bump when packing changes, so stale caches are not reused
+from system.data.config import DataConfig
+from system.data.prepare import (RunUnits, documents_sample, fingerprint, locked, open_split, prepare_source,
+                                 source_identity, text_bytes, unit_score)
+from system.data.shards import TokenChunks
+from system.data.tokenizer import Tokenizer, build_tokenizer
 
 
 @dataclass
 class PackedCorpus:
-    """Token chunks per source: `train[name]` and `holdout[name]` are int32 (chunks, seq_len+1)."""
+    """Token chunks per source: `train[name]` and `holdout[name]` index like (chunks, seq_len+1)
+    integer arrays (memory-mapped token shards)."""
 
     tokenizer: Tokenizer
     domains: list[str]  # source names, in spec order
-    train: dict[str, np.ndarray]
-    holdout: dict[str, np.ndarray]
+    train: dict[str, TokenChunks]
+    holdout: dict[str, TokenChunks]
     seq_len: int
+    manifests: Optional[dict[str, dict]] = None  # per source, its prepared shards' manifest
 
     @classmethod
-    def build(cls, cfg: DataConfig, cache_dir: Optional[Path] = None) -> "PackedCorpus":
-        """Load, tokenize and pack every source of `cfg`, reusing cached arrays when valid."""
+    def build(cls, cfg: DataConfig, cache_dir: Optional[Path] = None, run_units: Optional[RunUnits] = None,
+              log: Callable[[str], None] = lambda m: None) -> "PackedCorpus":
+        """Every source of `cfg`, prepared where its shards are missing or stale (`run_units`
+        runs the work: serially by default, Ray Data tasks from `jobs.prepare`), then opened."""
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)
         names = [s.name for s in cfg.sources]
         if not names:
             raise ValueError("data.sources: at least one data source is required")
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources: source names must be unique, got {names}")
-
-        docs = {s.name: load_documents(s) for s in cfg.sources}
-        # A content hash, not file stamps: edited files or a different Python version
-        # must never silently reuse another corpus's tokens.
-        content = {n: _content_hash(d) for n, d in docs.items()}
-        splits = {n: split_holdout(d, cfg.holdout_fraction) for n, d in docs.items()}
-
-        def training_texts():
-            # The tokenizer learns from train documents only, never the holdout.
-            for n in names:
-                yield from splits[n][0]
-
-        corpus_key = _hash(json.dumps([[n, content[n]] for n in names]), cfg.holdout_fraction)
-        tok = build_tokenizer(cfg.tokenizer, training_texts, cache, corpus_key=corpus_key)
-
-        train, holdout = {}, {}
+        tok = corpus_tokenizer(cfg, cache)
+        train, holdout, manifests = {}, {}, {}
         for src in cfg.sources:
-            key = _hash(FORMAT_VERSION, _source_identity(src), content[src.name],
-                        tok.fingerprint, cfg.seq_len, cfg.holdout_fraction)
-            train[src.name], holdout[src.name] = _packed_source(
-                src.name, splits[src.name], tok, cfg.seq_len, cache, key)
-        return cls(tokenizer=tok, domains=names, train=train, holdout=holdout,
-                   seq_len=cfg.seq_len)
+            d, m = prepare_source(src, tok, cfg.holdout_fraction, prepared_root(cache), run_units,
+                                  unit_bytes=max(1, int(cfg.shard_mb * 2 ** 20)), log=log)
+            manifests[src.name] = m
+            for part, out in (("train", train), ("holdout", holdout)):
+                out[src.name] = chunks = open_split(d, m, part, cfg.seq_len + 1)
+                if len(chunks) < 1:
+                    raise ValueError(
+                        f"source {src.name!r}: its {part} split ({m[part + '_documents']} documents, "
+                        f"{m[part + '_tokens']} tokens) yields no chunk of seq_len+1 = {cfg.seq_len + 1} tokens;"
+                        " use a shorter seq_len, more documents (max_documents) or a larger"
+                        " holdout_fraction")
+        return cls(tokenizer=tok, domains=names, train=train, holdout=holdout, seq_len=cfg.seq_len,
+                   manifests=manifests)
+
+
+def prepared_root(cache: Path) -> Path:
+    return Path(cache) / "prepared"
+
+
+def corpus_tokenizer(cfg: DataConfig, cache_dir: Optional[Path] = None) -> Tokenizer:
+    """The corpus's tokenizer. A BPE model is trained once on a bounded sample of the training
+    documents (`tokenizer.train_sample_bytes`) and cached by the sample's identity (the sources'
+    identities and input fingerprints by stat, the holdout fraction, the sample size)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)
+    t = cfg.tokenizer
+    if t.kind != "bpe":
+        return build_tokenizer(t, lambda: iter(()), cache)
+    texts = [s for s in cfg.sources if s.kind != "tokens"]
+    if not texts:
+        raise ValueError("data.tokenizer: a BPE tokenizer needs at least one text source to learn from")
+    key = _hash(json.dumps([[source_identity(s), fingerprint(s)] for s in texts], sort_keys=True),
+                cfg.holdout_fraction, t.train_sample_bytes)
+    with locked(cache / "tokenizer-bpe"):  # one rank trains, the others then load it
+        return build_tokenizer(t, lambda: documents_sample(texts, cfg.holdout_fraction, t.train_sample_bytes),
+                               cache, corpus_key=key)
 
 
 def default_cache_dir(cfg: DataConfig) -> Path:
@@ -102,58 +121,10 @@ def pack(token_docs: list[np.ndarray], eos_id: int, seq_len: int) -> np.ndarray:
     return np.ascontiguousarray(stream[: n * width].reshape(n, width))
 
 
-def _packed_source(name: str, split: tuple[list[str], list[str]], tok: Tokenizer,
-                   seq_len: int, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    paths = {part: cache / f"packed-{_safe(name)}-{key}.{part}.npy"
-             for part in ("train", "holdout")}
-    if all(p.is_file() for p in paths.values()):
-        try:
-            # Memory-mapped: large corpora are paged in on demand and shared between processes.
-            return tuple(np.load(paths[p], mmap_mode="r") for p in ("train", "holdout"))
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is rebuilt below
-    arrays = {}
-    for part, docs in zip(("train", "holdout"), split):
-        arrays[part] = pack(tok.encode_batch(docs), tok.eos_id, seq_len)
-        if len(arrays[part]) < 1:
-            n_tok = sum(len(d) for d in docs)
-            raise ValueError(
-                f"source {name!r}: its {part} split ({len(docs)} documents, about {n_tok}"
-                f" characters) yields no chunk of seq_len+1 = {seq_len + 1} tokens;"
-                " use a shorter seq_len, more documents (max_documents) or a larger"
-                " holdout_fraction")
-    for part, arr in arrays.items():
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        atomic_write_bytes(paths[part], buf.getvalue())
-    return arrays["train"], arrays["holdout"]
-
-
-def _source_identity(src: SourceConfig) -> str:
-    # The weight only affects sampling, so changing it must not invalidate the tokens.
-    fields = dataclasses.asdict(src)
-    fields.pop("weight", None)
-    return json.dumps(fields, sort_keys=True)
-
-
-def _content_hash(docs: list[str]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        b = d.encode("utf-8", errors="surrogatepass")
-        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: boundaries matter
-        h.update(b)
-    return h.hexdigest()
-
-
 def _unit_score(text: str) -> float:
-    """A stable pseudo-random number in [0, 1) derived from the text."""
-    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
+    """A stable pseudo-random number in [0, 1) derived from the text (as prepare decides)."""
+    return unit_score(text_bytes(text))
 
 
 def _hash(*parts) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:20]
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64]

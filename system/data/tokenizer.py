@@ -95,8 +95,9 @@ class BPETokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A pretrained tokenizer loaded from a local directory with `transformers`."""
 
-    def __init__(self, tok, fingerprint: str) -> None:
+    def __init__(self, tok, fingerprint: str, path: Optional[str] = None) -> None:
         self._tok = tok
+        self.path = path  # the local directory it was loaded from
         self.vocab_size = len(tok)
         self.eos_id = tok.eos_token_id
         self.fingerprint = fingerprint
@@ -186,7 +187,7 @@ def _hf(path: Optional[str]) -> HFTokenizer:
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer.path {path!r}: the tokenizer defines no eos token;"
                          " documents could not be separated")
-    return HFTokenizer(tok, _hf_fingerprint(root))
+    return HFTokenizer(tok, _hf_fingerprint(root), str(root.absolute()))
 
 
 def _hf_fingerprint(root: Path) -> str:

@@ -12,6 +12,7 @@ from system.data import (BLOCK, DataConfig, DataStream, MixtureSampler, PackedCo
                          SourceConfig, TokenizerConfig, build_tokenizer, holdout_batches,
                          load_documents, split_holdout)
 from system.data import corpus as corpus_mod
+from system.data.shards import TokenChunks
 
 DOMAINS = ("python_code", "english_docs", "legal", "c_headers")
 
@@ -171,8 +172,9 @@ def test_packed_corpus_shapes_and_document_split(tmp_path):
     assert corpus.domains == ["prose", "legal"]
     for src in cfg.sources:
         train, held = corpus.train[src.name], corpus.holdout[src.name]
-        assert train.dtype == np.int32 and held.dtype == np.int32
-        assert train.ndim == 2 and train.shape[1] == 33 and held.shape[1] == 33
+        # stored as uint16 (the byte vocabulary fits), read as int64 rows
+        assert train.dtype == np.uint16 and held.dtype == np.uint16 and train[0].dtype == np.int64
+        assert len(train.shape) == 2 and train.shape[1] == 33 and held.shape[1] == 33
         assert len(train) >= 1 and len(held) >= 1
         docs = load_documents(src)
         train_docs, held_docs = split_holdout(docs, cfg.holdout_fraction)
@@ -180,6 +182,7 @@ def test_packed_corpus_shapes_and_document_split(tmp_path):
         assert sorted(train_docs + held_docs) == sorted(docs)
         # Chunks are exactly the docs (eos after each) of their own side, tail dropped.
         for arr, side in ((train, train_docs), (held, held_docs)):
+            arr = np.asarray(arr)
             stream = _byte_stream(side)
             assert len(stream) - arr.size < 33
             np.testing.assert_array_equal(arr.reshape(-1), stream[: arr.size])
@@ -187,23 +190,29 @@ def test_packed_corpus_shapes_and_document_split(tmp_path):
 
 def test_packed_corpus_cache_hit_and_invalidation(tmp_path):
     first = PackedCorpus.build(_tiny_cfg(), cache_dir=tmp_path)
-    files = sorted(tmp_path.glob("packed-*.npy"))
-    assert len(files) == 4
+    files = sorted(f for f in (tmp_path / "prepared").rglob("*") if f.is_file())
+    assert len(list((tmp_path / "prepared").glob("*/manifest.json"))) == 2  # one per source
     stamps = {f: f.stat().st_mtime_ns for f in files}
     second = PackedCorpus.build(_tiny_cfg(), cache_dir=tmp_path)
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # nothing rewritten
-    assert isinstance(second.train["legal"], np.memmap)
+    assert isinstance(second.train["legal"], TokenChunks)  # memory-mapped shards
     for d in first.domains:
         np.testing.assert_array_equal(first.train[d], second.train[d])
         np.testing.assert_array_equal(first.holdout[d], second.holdout[d])
-    # A different seq_len must not reuse the arrays; a different weight must.
+    # The shards serve any seq_len, and a different weight reuses them too: nothing is redone.
     cfg = _tiny_cfg()
     cfg.seq_len = 16
     assert PackedCorpus.build(cfg, cache_dir=tmp_path).train["legal"].shape[1] == 17
     cfg = _tiny_cfg()
     cfg.sources[1].weight = 5.0
     PackedCorpus.build(cfg, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("packed-*.npy"))) == 8
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert sorted(f for f in (tmp_path / "prepared").rglob("*") if f.is_file()) == files
+    # A different holdout fraction is another preparation.
+    cfg = _tiny_cfg()
+    cfg.holdout_fraction = 0.3
+    PackedCorpus.build(cfg, cache_dir=tmp_path)
+    assert len(list((tmp_path / "prepared").glob("*/manifest.json"))) == 4
 
 
 def test_packed_corpus_bpe_and_default_cache_dir(tmp_path, monkeypatch):
@@ -212,10 +221,10 @@ def test_packed_corpus_bpe_and_default_cache_dir(tmp_path, monkeypatch):
     corpus = PackedCorpus.build(cfg)
     assert corpus.tokenizer.vocab_size == 300
     assert len(list((tmp_path / "envcache").glob("tokenizer-bpe-*.json"))) == 1
-    assert len(list((tmp_path / "envcache").glob("packed-*.npy"))) == 4
+    assert len(list((tmp_path / "envcache" / "prepared").glob("*/manifest.json"))) == 2
     for d in corpus.domains:
-        assert corpus.train[d].max() < 300
-        assert (corpus.train[d] == corpus.tokenizer.eos_id).any()
+        assert np.asarray(corpus.train[d]).max() < 300
+        assert (np.asarray(corpus.train[d]) == corpus.tokenizer.eos_id).any()
 
 
 def test_packed_corpus_too_little_data_names_source(tmp_path):
@@ -427,7 +436,7 @@ def test_concurrent_builds_share_one_cache(tmp_path):
     code = ("import sys; from pathlib import Path; from system.data import DataConfig, PackedCorpus, SourceConfig;"
             "cfg = DataConfig(sources=[SourceConfig(name='legal', max_documents=30)], seq_len=64);"
             "c = PackedCorpus.build(cfg, cache_dir=Path(sys.argv[1]));"
-            "print(int(c.train['legal'].sum()))")
+            "import numpy as np; print(int(np.asarray(c.train['legal']).sum()))")
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -435,5 +444,7 @@ def test_concurrent_builds_share_one_cache(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert outs[0][0] == outs[1][0]
-    assert len(list(tmp_path.glob("packed-*.npy"))) == 2
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+    (src,) = (tmp_path / "prepared").glob("*/manifest.json")  # prepared once, by one of them
+    assert sorted(f.name for f in src.parent.iterdir()) == [
+        "holdout-00000.bin", "holdout-00000.docs.npy", "manifest.json", "train-00000.bin", "train-00000.docs.npy",
+        "unit-00000.json"]  # no temporary files left behind
