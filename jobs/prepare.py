@@ -5,6 +5,7 @@ open the shards (a check by stat)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from system.data.config import DataConfig
@@ -16,20 +17,31 @@ def ray_data_units(concurrency: Optional[int] = None, progress: bool = True) -> 
     (their markers), so a rerun after a crash redoes only the rest."""
 
     def run(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import logging
+
         import ray
         import ray.data
+        from tqdm import tqdm
 
         from system.data.prepare import run_unit
 
         if len(tasks) == 1:  # no parallelism to gain: skip the dataset's start-up
             return [run_unit(tasks[0])]
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator chatter
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False  # ours below counts units and input bytes
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = max(1, min(len(tasks), concurrency or cpus))
-        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        return ds.map(run_unit, concurrency=n, num_cpus=1).take_all()
+        tasks = [{**t, "threads": 1} for t in tasks]  # one CPU each (see run_unit)
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(run_unit, concurrency=n, num_cpus=1)
+        out = []
+        with tqdm(total=len(tasks), unit="shard", disable=not progress, dynamic_ncols=True,
+                  desc=f"prepare {Path(tasks[0]['dir']).name.rsplit('-', 1)[0]} ({n} tasks)") as bar:
+            for r in ds.iter_rows():
+                out.append(r)
+                bar.update(1)
+                bar.set_postfix_str(f"{sum(x['input_bytes'] for x in out) / 2 ** 20:.0f} MiB in")
+        return out
 
     return run
 

@@ -208,6 +208,10 @@ def _token_documents(unit: dict[str, Any], tok: Tokenizer) -> Iterator[np.ndarra
 def run_unit(task: dict[str, Any]) -> dict[str, Any]:
     """Tokenize one unit into its train and holdout shards (or reuse them if already finished)."""
     d, u = Path(task["dir"]), task["index"]
+    if task.get("threads"):
+        # One CPU per task: the Rust tokenizers' thread pool (created on first use) takes one
+        # thread instead of one per core, so parallel tasks do not oversubscribe the machine.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(task["threads"]))
     marker = d / f"unit-{u:05d}.json"
     tok = tokenizer_from(task["tokenizer"])
     dtype = token_dtype(tok.vocab_size)

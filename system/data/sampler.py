@@ -20,7 +20,9 @@ per-position mapping exactly.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
@@ -62,6 +64,9 @@ class MixtureSampler:
         self._domain_keys = [_name_key(d) for d in self.domains]
         self._blocks: OrderedDict = OrderedDict()
         self._perms: OrderedDict = OrderedDict()
+        # A stream's background thread and the trainer (consumed ranges at checkpoints) share
+        # the caches above.
+        self._lock = threading.RLock()
 
     def lookup(self, p: int) -> tuple[str, int]:
         """The (domain name, chunk index) drawn at global position `p`."""
@@ -70,6 +75,10 @@ class MixtureSampler:
 
     def lookup_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Domain ids (indices into `domains`) and chunk indices for positions start..stop-1."""
+        with self._lock:
+            return self._lookup_range(start, stop)
+
+    def _lookup_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         if start < 0 or stop < start:
             raise ValueError(f"sampler: invalid position range [{start}, {stop})")
         G = self.group_size
@@ -100,6 +109,10 @@ class MixtureSampler:
 
     def consumed(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Per domain, the sorted unique chunk indices drawn by positions start..stop-1."""
+        with self._lock:
+            return self._consumed(start, stop)
+
+    def _consumed(self, start: int, stop: int) -> dict[str, np.ndarray]:
         if start < 0 or stop < start:
             raise ValueError(f"sampler: invalid position range [{start}, {stop})")
         G = self.group_size
@@ -182,11 +195,15 @@ class DataStream:
 
     With a sampler whose `group_size` G divides B (G = B: one domain per micro-batch), every
     rank's slice is whole groups, as long as the positions stay multiples of G.
+
+    `prefetch`: the next micro-batch is gathered in a background thread while the current one
+    trains (a batch is a pure function of its position, so the batches are the same); `pin_memory`
+    puts it in page-locked memory for a non-blocking copy to the GPU.
     """
 
     def __init__(self, corpus_train: Mapping[str, np.ndarray], sampler: MixtureSampler,
                  dp_rank: int, dp_size: int, micro_batch_size: int,
-                 start_position: int = 0) -> None:
+                 start_position: int = 0, *, prefetch: bool = False, pin_memory: bool = False) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"data stream: dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
         if micro_batch_size < 1:
@@ -214,6 +231,9 @@ class DataStream:
         self.dp_size = dp_size
         self.micro_batch_size = micro_batch_size
         self.position = int(start_position)
+        self.pin_memory = pin_memory
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeforge-data") if prefetch else None
+        self._next = None  # (position, future of its batch)
 
     @property
     def positions_per_call(self) -> int:
@@ -222,18 +242,34 @@ class DataStream:
     def next_microbatch(self) -> dict[str, torch.Tensor]:
         """{"input_ids": (B, T), "labels": (B, T), "domain": (B,), "chunk": (B,)} int64 tensors
         for this rank ("domain" indexes `sampler.domains`, "chunk" that domain's chunk array)."""
-        first = self.position + self.dp_rank * self.micro_batch_size
+        pos = self.position
+        ready = self._next
+        out = ready[1].result() if ready is not None and ready[0] == pos else self._batch(pos)
+        self.position += self.positions_per_call
+        if self._pool is not None:
+            self._next = (self.position, self._pool.submit(self._batch, self.position))
+        return out
+
+    def close(self) -> None:
+        """Stop the background thread (the stream still works, without prefetching)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._next = None, None
+
+    def _batch(self, position: int) -> dict[str, torch.Tensor]:
+        first = position + self.dp_rank * self.micro_batch_size
         doms_B, idxs_B = self.sampler.lookup_range(first, first + self.micro_batch_size)
         width = self.corpus[self.sampler.domains[int(doms_B[0])]].shape[1]  # W = seq_len + 1
         tokens_BW = np.empty((self.micro_batch_size, width), dtype=np.int64)
         for d in np.unique(doms_B):
             sel = doms_B == d
             tokens_BW[sel] = self.corpus[self.sampler.domains[int(d)]][idxs_B[sel]]
-        self.position += self.positions_per_call
         tokens_BW = torch.from_numpy(tokens_BW)
-        return {"input_ids": tokens_BW[:, :-1].contiguous(),
-                "labels": tokens_BW[:, 1:].contiguous(),
-                "domain": torch.from_numpy(doms_B), "chunk": torch.from_numpy(idxs_B)}
+        out = {"input_ids": tokens_BW[:, :-1].contiguous(), "labels": tokens_BW[:, 1:].contiguous(),
+               "domain": torch.from_numpy(doms_B), "chunk": torch.from_numpy(idxs_B)}
+        if self.pin_memory:
+            out["input_ids"], out["labels"] = out["input_ids"].pin_memory(), out["labels"].pin_memory()
+        return out
 
     def consumed(self, start: int = 0, stop: Optional[int] = None) -> dict[str, np.ndarray]:
         """Per domain, the sorted unique chunks drawn by all ranks in [start, stop or position)."""

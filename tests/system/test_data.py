@@ -448,3 +448,30 @@ def test_concurrent_builds_share_one_cache(tmp_path):
     assert sorted(f.name for f in src.parent.iterdir()) == [
         "holdout-00000.bin", "holdout-00000.docs.npy", "manifest.json", "train-00000.bin", "train-00000.docs.npy",
         "unit-00000.json"]  # no temporary files left behind
+
+
+def test_prefetching_stream_gives_the_same_batches_and_positions():
+    corpus = {"a": np.arange(40 * 9).reshape(40, 9), "b": 1000 + np.arange(30 * 9).reshape(30, 9)}
+
+    def stream(**kw):
+        return DataStream(corpus, MixtureSampler({"a": 40, "b": 30}, {"a": 1.0, "b": 2.0}, seed=5), 1, 2, 3, **kw)
+
+    plain, pre = stream(), stream(prefetch=True)
+    for i in range(25):
+        a, b = plain.next_microbatch(), pre.next_microbatch()
+        assert plain.position == pre.position  # the position counts consumed batches, not prefetched ones
+        for k in a:
+            assert torch.equal(a[k], b[k]), (i, k)
+        if i % 7 == 0:  # the trainer asks for consumed ranges while the next batch is gathered
+            assert {k: v.tolist() for k, v in pre.consumed().items()} == \
+                   {k: v.tolist() for k, v in plain.consumed().items()}
+    # a resumed position discards the batch gathered ahead
+    state = {**plain.state_dict(), "position": 12}
+    plain.load_state_dict(state)
+    pre.load_state_dict(state)
+    for _ in range(3):
+        a, b = plain.next_microbatch(), pre.next_microbatch()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    pre.close()
+    a, b = plain.next_microbatch(), pre.next_microbatch()  # still works without the thread
+    assert all(torch.equal(a[k], b[k]) for k in a)
