@@ -40,6 +40,12 @@ def _train_loop(config: dict[str, Any]) -> None:
         out = contextlib.nullcontext()
     try:
         with out:
+            if os.environ.get("MOEFORGE_STARTUP_TRACE"):
+                import psutil
+
+                from parallel.dist import startup_trace
+                startup_trace("worker_process", psutil.Process().create_time())
+                startup_trace("train_fn")
             _train_worker(config, ctx)
     finally:
         if sync is not None:

@@ -87,9 +87,11 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     pdist.configure_accelerator(par.use_gpu)
     import deepspeed  # after DS_ACCELERATOR is set
 
+    pdist.startup_trace("deepspeed_imported")
     if not pdist.is_dist():
         pdist.init_single_process_group(par.backend, par.use_gpu)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    pdist.startup_trace("deepspeed_comm")
     if par.threads_per_worker:
         torch.set_num_threads(par.threads_per_worker)
     layout = RunLayout(plan.run_dir)
@@ -97,6 +99,7 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     # The job's whole corpus (every stage's sources, one tokenizer): this stage trains on its own
     # sources (plus replay pools) and evaluates on any of them.
     corpus = PackedCorpus.build(plan.corpus)
+    pdist.startup_trace("corpus")
     strategy = build_strategy(par, stage.ep_size, stage.grad_clip)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(stage.model_seed)
@@ -117,9 +120,11 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                   f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
                   + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
     strategy.prepare(model)
+    pdist.startup_trace("model")
 
     from parallel.engine import build_engine
     engine = build_engine(model, stage, stage.deepspeed, pdist.world_size(), strategy)
+    pdist.startup_trace("engine")
     if init_ckpt is not None and not stage.init_weights_only and not is_hf_model_dir(init_ckpt):
         # Full state: optimizer moments too (the LR schedule restarts with this stage).
         strategy.load_init_state(engine, init_ckpt)
@@ -164,6 +169,7 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: resumed from {resume_from} at step {trainer.state.step}",
                   flush=True)
+    pdist.startup_trace("fit")
     try:
         last = trainer.fit()
     finally:

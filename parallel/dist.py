@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -55,9 +57,31 @@ def resolve_backend(requested: str, use_gpu: bool) -> str:
     return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
 
 
+STARTUP_TRACE_ENV = "MOEFORGE_STARTUP_TRACE"
+TRACE_PREFIX = "[startup-trace]"
+
+
+def startup_trace(label: str, at: float | None = None) -> None:
+    """With MOEFORGE_STARTUP_TRACE set, one line `[startup-trace] LABEL EPOCH_SECONDS` on stdout
+    (a worker's goes to its log file): `bench/startup.py` reads rank 0's to say where the time to
+    the first step goes. Nothing otherwise."""
+    if os.environ.get(STARTUP_TRACE_ENV):
+        print(f"{TRACE_PREFIX} {label} {time.time() if at is None else at:.3f}", flush=True)
+
+
+def prebuilt_ops_dir() -> str:
+    """Where `scripts/bootstrap.sh` builds DeepSpeed's JIT ops for this venv."""
+    return os.path.join(sys.prefix, "torch_extensions")
+
+
 def configure_accelerator(use_gpu: bool) -> None:
-    """DeepSpeed picks its accelerator from DS_ACCELERATOR at import time: set it first."""
+    """DeepSpeed picks its accelerator from DS_ACCELERATOR at import time: set it first. The
+    JIT-built ops (on CPU, the shm communication op DeepSpeed loads in `init_distributed`) come
+    from the venv's own folder when set-up built them there (`prebuilt_ops_dir`), not from the
+    per-user cache other venvs share; an explicit TORCH_EXTENSIONS_DIR wins."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    if os.path.isdir(prebuilt_ops_dir()):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt_ops_dir())
 
 
 def init_single_process_group(requested_backend: str, use_gpu: bool) -> None:
