@@ -201,6 +201,12 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
             valid_checkpoint(layout.checkpoints(stage.name),
                              warn=lambda m, s=stage.name: print(f"[moeforge] stage {s}: warning: {m}", flush=True))
     init_ray(plan, address, verbose)
+    # The corpus is tokenized here, once, in parallel Ray Data tasks when it is missing or stale
+    # (`moeforge prepare`); the workers then only open the shards (checked by stat).
+    from jobs.prepare import prepare_corpus
+
+    prepare_corpus(plan.corpus, progress=plan.metrics.progress_bar,
+                   log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
     namespace = ray.get_runtime_context().namespace
     results: dict[str, Any] = {}
     for stage in plan.stages:

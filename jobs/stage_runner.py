@@ -132,7 +132,9 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     train, weights = stage_mixture(stage, layout, corpus)
     group = stage.micro_batch_size if stage.data.microbatch_domains == "single" else 1
     sampler = MixtureSampler({d: len(v) for d, v in train.items()}, weights, seed=stage.data_seed, group_size=group)
-    stream = DataStream(train, sampler, rank, pdist.world_size(), stage.micro_batch_size)
+    # The next micro-batch is gathered in a background thread (pinned on GPU for a non-blocking copy).
+    stream = DataStream(train, sampler, rank, pdist.world_size(), stage.micro_batch_size, prefetch=True,
+                        pin_memory=par.use_gpu and torch.cuda.is_available())
     eval_domains = list(stage.eval_domains)
 
     def eval_batches():
@@ -173,6 +175,7 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     try:
         last = trainer.fit()
     finally:
+        stream.close()
         for s in sinks:
             s.close()
     if rank == 0:

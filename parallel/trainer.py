@@ -170,8 +170,9 @@ class Trainer:
         micro_last = None
         loss_bad = skipped = False
         for micro, batch in enumerate(batches):
-            ids = batch["input_ids"].to(self.device)
-            labels = batch["labels"].to(self.device)
+            # non_blocking: a pinned batch (the stream's pin_memory, on GPU) copies asynchronously
+            ids = batch["input_ids"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
             out = self.engine(ids)
             local = stack_counts([a.counts_E for a in out.moe_aux])
             override = None
