@@ -181,7 +181,10 @@ class MixtureSampler:
             self._perms.move_to_end(key)
             return hit
         n = self.sizes[self.domains[d]]
-        perm = _rng(self.seed, _TAG_EPOCH, self._domain_keys[d], epoch).permutation(n)
+        # Generator.permutation(n) is arange(n) shuffled in place; shuffling an int32 arange gives
+        # the same order with half the memory (a billion-token domain: 30 MiB, not 60).
+        perm = np.arange(n, dtype=np.int32 if n < 2 ** 31 else np.int64)
+        _rng(self.seed, _TAG_EPOCH, self._domain_keys[d], epoch).shuffle(perm)
         return _remember(self._perms, key, perm)
 
 
