@@ -140,12 +140,10 @@ def stage_parallel(spec: JobSpec, i: int) -> ParallelSection:
 
 
 def ep_size(par: ParallelSection, world_size: int) -> int:
-    """Ranks experts are sharded over: 1 when replicated, the whole world for ep/fssdp,
-    parallel.expert_parallel_size (at most the world) for deepspeed_moe."""
+    """Ranks one copy of the experts is sharded over: 1 when replicated, otherwise
+    parallel.expert_parallel_size (at most the world; default: the world)."""
     if par.expert_strategy == "replicated":
         return 1
-    if par.expert_strategy in ("ep", "fssdp"):
-        return world_size
     return min(par.expert_parallel_size or world_size, world_size)
 
 

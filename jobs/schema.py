@@ -88,7 +88,9 @@ class ParallelSection:
     # ranks, tokens by all-to-all; fssdp: ep + load-aware copies (Hecate); deepspeed_moe: DeepSpeed's
     # own MoE layer (baseline)
     expert_strategy: Literal["replicated", "ep", "fssdp", "deepspeed_moe"] = "replicated"
-    expert_parallel_size: Optional[int] = None  # default: 1 for replicated, world_size otherwise
+    # ranks one copy of the experts is sharded over (ep, fssdp, deepspeed_moe): world_size / P groups
+    # of P consecutive ranks, data-parallel across groups; default: 1 for replicated, world_size otherwise
+    expert_parallel_size: Optional[int] = None
     fssdp: FSSDPSection = field(default_factory=FSSDPSection)
     deepspeed_moe: DeepSpeedMoESection = field(default_factory=DeepSpeedMoESection)
     zero_stage: Literal[0, 1, 2] = 0
@@ -109,10 +111,12 @@ class ParallelSection:
         if self.expert_strategy == "replicated" and ep != 1:
             yield "expert_parallel_size", ("must be 1 with expert_strategy 'replicated' "
                                            "(every rank holds every expert)")
-        if self.expert_strategy in ("ep", "fssdp") and ep != self.world_size:
-            yield "expert_parallel_size", (f"{ep}: expert_strategy {self.expert_strategy!r} shards "
-                                           f"experts over all world_size={self.world_size} ranks (set "
-                                           f"it to {self.world_size} or leave it out)")
+        rpn = self.fssdp.ranks_per_node
+        if (self.expert_strategy in ("ep", "fssdp") and ep >= 1 and not self.world_size % ep
+                and ep < self.world_size and rpn < self.world_size and ep % rpn and rpn % ep):
+            yield "expert_parallel_size", (f"{ep} and fssdp.ranks_per_node={rpn}: an expert-parallel group of "
+                                           f"{ep} consecutive ranks must lie inside one node ({ep} divides "
+                                           f"{rpn}) or be made of whole nodes ({rpn} divides {ep})")
         for k, msg in self.fssdp.check():
             yield f"fssdp.{k}", msg
         for k, msg in self.deepspeed_moe.check():

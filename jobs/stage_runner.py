@@ -16,6 +16,7 @@ import torch
 
 from jobs.layout import RunLayout
 from jobs.plan import JobPlan, StagePlan, plan_job
+from jobs.ray_nodes import rank_nodes
 from jobs.sources import init_checkpoint, resolve_teacher
 from jobs.spec import parse_spec
 from parallel import dist as pdist
@@ -100,7 +101,8 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     # sources (plus replay pools) and evaluates on any of them.
     corpus = PackedCorpus.build(plan.corpus)
     pdist.startup_trace("corpus")
-    strategy = build_strategy(par, stage.ep_size, stage.grad_clip)
+    nodes = rank_nodes() if par.expert_strategy in ("ep", "fssdp") else None
+    strategy = build_strategy(par, stage.ep_size, stage.grad_clip, nodes)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(stage.model_seed)
     model = build_model(stage, corpus.tokenizer.vocab_size, strategy,

@@ -1,12 +1,15 @@
 """The collectives of expert parallelism: a differentiable uneven all-to-all, SparseAllGather
 and SparseReduceScatter, each counting the bytes it moves.
 
-spAG/spRS are point-to-point: for every (expert, extra holder) pair of the plan the owner sends
-one flat message (w1|w3|w2 of that expert) and the holder receives it; spRS sends the holders'
-gradients back and the owner sums them. All messages of one call are posted at once
-(`batch_isend_irecv`), so they proceed in the background; `SparseAllGather.start` returns a
-handle whose `wait()` finishes them, which is how the gathers overlap with the attention compute
-that runs before the MoE layer.
+spAG/spRS are point-to-point, on the pipelined chains of `parallel.copy_schedule`: an expert's
+flat message (w1|w3|w2, in the communication dtype) travels from its owner down the chain of its
+holders in pieces, and spRS sums the copies' gradients back up the same chain to the owner, so
+no rank sends more than one copy of an expert whatever the number of holders. Each round's
+messages are posted at once (`batch_isend_irecv`, in the schedule's order on every rank, so the
+matching never relies on tags); `sparse_all_gather_start` posts the first round and returns a
+handle whose `wait()` runs the others, which is how the gathers overlap with the attention
+compute that runs before the MoE layer. Ranks are places in the expert-parallel group; `peer`
+maps them to the global ranks point-to-point operations address.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from parallel.copy_schedule import chain, chunk_bounds, gather_rounds, num_chunks, reduce_rounds
 
 
 @dataclass
@@ -70,86 +75,110 @@ def all_to_all(x: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[i
 # --------------------------------------------------------------------------------------------
 # SparseAllGather / SparseReduceScatter
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Transfer:
-    """One expert moving between two ranks: `src` sends rows of its pool slot to `dst`."""
-
-    layer: int
-    expert: int
-    src: int
-    dst: int
-    tag: int
-
-
-@dataclass
-class PendingGather:
-    """Receives in flight; `wait()` completes them and returns the buffers by (layer, expert)."""
-
-    works: list = field(default_factory=list)
-    recv: dict = field(default_factory=dict)  # (layer, expert) -> flat buffer
-
-    def wait(self) -> dict:
-        for w in self.works:
-            w.wait()
-        self.works = []
-        return self.recv
-
-
 def _post(ops: list) -> list:
     if not ops:
         return []
     return dist.batch_isend_irecv(ops)
 
 
-def sparse_all_gather_start(transfers: Sequence[Transfer], rank: int, pack, numel: int, dtype, device,
-                            stats: Optional[CommStats] = None) -> PendingGather:
-    """Post spAG: each owner sends `pack(layer, expert)` (a flat tensor) to every extra holder.
-
-    Returns at once; the received flat buffers are valid after `wait()`.
-    """
-    ops, recv, sent = [], {}, []
-    for tr in transfers:
-        if tr.src == rank:
-            buf = pack(tr.layer, tr.expert)
-            sent.append(buf)  # keep alive until the send completes
-            ops.append(dist.P2POp(dist.isend, buf, tr.dst, tag=tr.tag))
-            if stats is not None:
-                stats.spag += buf.numel() * buf.element_size()
-                stats.messages += 1
-        elif tr.dst == rank:
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            recv[(tr.layer, tr.expert)] = buf
-            ops.append(dist.P2POp(dist.irecv, buf, tr.src, tag=tr.tag))
-    pg = PendingGather(_post(ops), recv)
-    pg._sent = sent  # noqa: SLF001 - lifetime only
-    return pg
+def _op(fn, buf: torch.Tensor, peer: int, group, tag: int):
+    return dist.P2POp(fn, buf, peer, group=group, tag=tag)
 
 
-def sparse_reduce_scatter(transfers: Sequence[Transfer], rank: int, grads: dict, numel: int, dtype, device,
-                          stats: Optional[CommStats] = None) -> dict:
-    """spRS: every holder sends its gradient of a copy (`grads[(layer, expert)]`, flat) back to
-    the owner; returns, on the owner, the list of received gradients by (layer, expert)."""
-    ops, recv, sent = [], {}, []
-    for tr in transfers:  # a transfer src -> dst in spAG runs dst -> src here
-        if tr.dst == rank:
-            g = grads[(tr.layer, tr.expert)].contiguous()
-            sent.append(g)
-            ops.append(dist.P2POp(dist.isend, g, tr.src, tag=tr.tag))
-            if stats is not None:
-                stats.sprs += g.numel() * g.element_size()
-                stats.messages += 1
-        elif tr.src == rank:
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            recv.setdefault((tr.layer, tr.expert), []).append(buf)
-            ops.append(dist.P2POp(dist.irecv, buf, tr.dst, tag=tr.tag))
-    for w in _post(ops):
-        w.wait()
-    return recv
+class PendingGather:
+    """spAG in flight: round 0 is posted; `wait()` runs the remaining rounds and returns this
+    rank's received flat buffers by key (the keys it holds a copy of, not the ones it owns)."""
+
+    def __init__(self, rounds, rank: int, chains: dict, pack, numel: int, dtype, device, chunks: dict,
+                 stats: Optional[CommStats], peer, group):
+        self.rounds, self.rank, self.pack, self.numel = rounds, rank, pack, numel
+        self.dtype, self.device, self.chunks, self.stats, self.peer, self.group = (dtype, device, chunks, stats,
+                                                                                  peer, group)
+        self.buf: dict = {}  # key -> flat message (owner: packed; holders: received)
+        self.recv: dict = {}
+        for key, c in chains.items():
+            if self.rank == c[0] and len(c) > 1:
+                self.buf[key] = pack(key).to(dtype)
+            elif self.rank in c[1:]:
+                self.buf[key] = self.recv[key] = torch.empty(numel, dtype=dtype, device=device)
+        self.next_round = 0
+        self.works: list = []
+        self._post_next()
+
+    def _post_next(self) -> None:
+        if self.next_round >= len(self.rounds):
+            return
+        ops = []
+        for tag, h in enumerate(self.rounds[self.next_round]):
+            if self.rank not in (h.src, h.dst):
+                continue
+            a, b = chunk_bounds(self.numel, self.chunks[h.key])[h.chunk]
+            piece = self.buf[h.key][a:b]
+            if h.src == self.rank:
+                ops.append(_op(dist.isend, piece, self.peer(h.dst), self.group, tag))
+                if self.stats is not None:
+                    self.stats.spag += piece.numel() * piece.element_size()
+                    self.stats.messages += 1
+            else:
+                ops.append(_op(dist.irecv, piece, self.peer(h.src), self.group, tag))
+        self.next_round += 1
+        self.works = _post(ops)
+
+    def wait(self) -> dict:
+        while True:
+            for w in self.works:
+                w.wait()
+            self.works = []
+            if self.next_round >= len(self.rounds):
+                return self.recv
+            self._post_next()
 
 
-def transfers_for(copies: Sequence[tuple[int, int, int]], owner_of, num_experts: int) -> list[Transfer]:
-    """Transfers of a plan's copies (layer, expert, holder); tags are unique per (layer, expert)."""
-    out = []
-    for l, e, h in copies:
-        out.append(Transfer(l, e, int(owner_of(l, e)), int(h), tag=l * num_experts + e))
+def layer_chains(holders_E: Sequence[Sequence[int]], layer: int, nodes) -> dict:
+    """{(layer, expert): chain} of a layer's experts that have copies."""
+    return {(layer, e): chain(hs, e, nodes) for e, hs in enumerate(holders_E) if len(hs) > 1}
+
+
+def sparse_all_gather_start(chains: dict, rank: int, pack, numel: int, dtype, device,
+                            stats: Optional[CommStats] = None, peer=lambda r: r, group=None,
+                            max_chunks: int = 4) -> PendingGather:
+    """Post spAG: every key's owner (chain[0]) sends `pack(key)` (a flat tensor, cast to `dtype`)
+    down its chain. Returns at once; the received flat buffers are valid after `wait()`."""
+    chunks = {k: num_chunks(len(c), max_chunks) for k, c in chains.items()}
+    return PendingGather(gather_rounds(chains, max_chunks), rank, chains, pack, numel, dtype, device, chunks,
+                         stats, peer, group)
+
+
+def sparse_reduce_scatter(chains: dict, rank: int, grads: dict, numel: int, dtype, device,
+                          stats: Optional[CommStats] = None, peer=lambda r: r, group=None,
+                          max_chunks: int = 4) -> dict:
+    """spRS: the copies' gradients (`grads[key]`, flat, on every holder but the owner) summed up
+    each chain into its owner; returns, on the owner, {key: the sum of its copies' gradients}."""
+    chunks = {k: num_chunks(len(c), max_chunks) for k, c in chains.items()}
+    acc, out = {}, {}
+    for key, c in chains.items():
+        if rank in c[1:]:
+            acc[key] = grads[key].reshape(-1).to(dtype).clone()
+        elif rank == c[0]:
+            out[key] = acc[key] = torch.zeros(numel, dtype=dtype, device=device)
+    for rnd in reduce_rounds(chains, max_chunks):
+        ops, arrived = [], []
+        for tag, h in enumerate(rnd):
+            if rank not in (h.src, h.dst):
+                continue
+            a, b = chunk_bounds(numel, chunks[h.key])[h.chunk]
+            if h.src == rank:
+                piece = acc[h.key][a:b]
+                ops.append(_op(dist.isend, piece, peer(h.dst), group, tag))
+                if stats is not None:
+                    stats.sprs += piece.numel() * piece.element_size()
+                    stats.messages += 1
+            else:
+                buf = torch.empty(b - a, dtype=dtype, device=device)
+                arrived.append((h.key, a, b, buf))
+                ops.append(_op(dist.irecv, buf, peer(h.src), group, tag))
+        for w in _post(ops):
+            w.wait()
+        for key, a, b, buf in arrived:
+            acc[key][a:b] += buf
     return out

@@ -3,8 +3,11 @@
 Three tensors (S, D, F) / (S, F, D) of S = L*E/N slots shared by all MoE layers, so every rank
 keeps the same number of expert slots whatever heterogeneous sharding does. The pool is outside
 the module tree: DeepSpeed never sees, reduces or steps expert parameters; the pool has its own
-AdamW (one copy of every expert's optimizer state in the world), moves rows and moments when
-ownership changes (`reshard`), and writes its own checkpoint files (`system.expert_files`).
+AdamW (one copy of every expert's optimizer state in each expert-parallel group), moves rows and
+moments when ownership changes (`reshard`), and writes its own checkpoint files
+(`system.expert_files`: the first expert-parallel group writes them, the others hold the same).
+Ranks here are places in the expert-parallel group (`parallel.groups`): with EP x DP every group
+has the same ownership, and `peer` turns a place into the global rank point-to-point needs.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.collectives import CommStats
+from parallel.groups import ExpertGroups, single_group
 from parallel.placement import Ownership, moves
 from system.expert_files import read_expert_files, write_expert_file
 
@@ -24,10 +28,14 @@ WEIGHT_NAMES = ("w1", "w3", "w2")
 
 class ExpertPool:
     def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
-                 dtype=torch.float32, device="cpu", group=None):
-        self.group = group
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+                 dtype=torch.float32, device="cpu", groups: Optional[ExpertGroups] = None):
+        if groups is None:
+            w, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+            groups = single_group(w, r)
+        self.groups = groups
+        self.group = groups.ep_group  # None: the whole world
+        self.rank = groups.local_rank
+        self.world = groups.ep_size
         self.L, self.E, self.D, self.F = num_layers, num_experts, d_model, d_expert
         self.strategy = strategy
         self.dtype, self.device = dtype, torch.device(device)
@@ -55,6 +63,10 @@ class ExpertPool:
 
     def slot(self, l: int, e: int) -> int:
         return int(self.own.slot_LE[l, e])
+
+    def peer(self, place: int) -> int:
+        """The global rank at `place` of this rank's expert-parallel group."""
+        return self.groups.global_rank(place)
 
     def pack(self, l: int, e: int) -> torch.Tensor:
         s = self.slot(l, e)
@@ -125,11 +137,11 @@ class ExpertPool:
                 if dst == self.rank:
                     incoming.append((d_slot, buf))
                 else:
-                    ops.append(dist.P2POp(dist.isend, buf, dst, tag=tag))
+                    ops.append(dist.P2POp(dist.isend, buf, self.peer(dst), group=self.group, tag=tag))
             elif dst == self.rank:
                 buf = torch.empty(sum(t[0].numel() for t in tensors), dtype=self.dtype, device=self.device)
                 incoming.append((d_slot, buf))
-                ops.append(dist.P2POp(dist.irecv, buf, src, tag=tag))
+                ops.append(dist.P2POp(dist.irecv, buf, self.peer(src), group=self.group, tag=tag))
         for w in (dist.batch_isend_irecv(ops) if ops else []):
             w.wait()
         for d_slot, buf in incoming:  # after every send has left, so no slot is overwritten early
@@ -195,17 +207,21 @@ class ExpertPool:
             adam_step = float(st[self.w1]["step"])
         return {"format": 1, "num_layers": self.L, "num_experts": self.E, "d_model": self.D, "d_expert": self.F,
                 "rank": self.rank, "world": self.world, "strategy": self.strategy, "adam_step": adam_step,
+                "expert_parallel_size": self.world, "world_size": self.groups.world,
                 "ownership": self.own.to_dict(), "experts": experts}
 
     def save(self, ckpt_dir: Path) -> None:
-        write_expert_file(ckpt_dir, self.rank, self.state_for_checkpoint())
+        """The first expert-parallel group writes one file per place (every group holds the same
+        experts after the expert-data-parallel reduction)."""
+        if self.groups.group_index == 0:
+            write_expert_file(ckpt_dir, self.rank, self.state_for_checkpoint())
 
     @torch.no_grad()
     def load(self, ckpt_dir: Path, optimizer_state: bool = True) -> dict:
         """Load every expert this rank owns, whatever world size or strategy wrote the files.
 
-        With the same world size the saved ownership is kept (heterogeneous sharding survives a
-        restart); otherwise the new world starts from the even sharding.
+        With the same expert-parallel size the saved ownership is kept (heterogeneous sharding
+        survives a restart, whatever the number of groups); otherwise the even sharding.
         """
         head, allx = read_expert_files(Path(ckpt_dir))
         for k, v in (("num_layers", self.L), ("num_experts", self.E), ("d_model", self.D), ("d_expert", self.F)):

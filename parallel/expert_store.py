@@ -29,11 +29,13 @@ from parallel.placement import (FSSDPPlanConfig, IterationPlan, LoadPredictor, o
 class ExpertStore(ExpertPool):
     def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
                  plan_cfg: Optional[FSSDPPlanConfig] = None, dtype=torch.float32, device="cpu",
-                 backend: str = "reference", group=None):
+                 backend: str = "reference", groups=None, comm_dtype=None):
         if strategy not in ("ep", "fssdp"):
             raise ValueError(f"expert strategy {strategy!r}: the store serves 'ep' and 'fssdp'")
         super().__init__(num_layers=num_layers, num_experts=num_experts, d_model=d_model, d_expert=d_expert,
-                         strategy=strategy, dtype=dtype, device=device, group=group)
+                         strategy=strategy, dtype=dtype, device=device, groups=groups)
+        # spAG/spRS messages: the training dtype (bf16 under bf16), the fp32 masters stay here
+        self.comm_dtype = comm_dtype or dtype
         self.cfg = plan_cfg or FSSDPPlanConfig()
         self.backend = get_backend(backend)
         self.predictor = LoadPredictor(self.cfg.window)
@@ -72,7 +74,7 @@ class ExpertStore(ExpertPool):
         if not self._attn_times:
             return self.E
         attn = float(np.median(self._attn_times))
-        expert_bytes = self.expert_numel * torch.empty((), dtype=self.dtype).element_size()
+        expert_bytes = self.expert_numel * torch.empty((), dtype=self.comm_dtype).element_size()
         # At least the hottest expert stays eligible: a straggler costs more than one exposed copy.
         return min(self.E, max(1, overlap_budget(attn, self.cfg.link_gbps * 1e9 / 8, expert_bytes)))
 
@@ -82,12 +84,12 @@ class ExpertStore(ExpertPool):
         they post) would too. Every rank holds the same number of timings, so all of them
         re-agree at the same iterations (while timings are still being collected)."""
         mine = self.derive_budget()
-        if self.cfg.overlap_budget is not None or self.world == 1:
+        if self.cfg.overlap_budget is not None or self.groups.world == 1:
             return mine
         n = len(self._attn_times)
         if self._agreed is None or self._agreed[0] != n:
             t = torch.tensor([mine], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # the world: every group plans alike
             self._agreed = (n, int(t.item()))
         return self._agreed[1]
 
@@ -107,6 +109,15 @@ class ExpertStore(ExpertPool):
         return float(np.mean(vals)) if vals else 1.0
 
     # -- holders ---------------------------------------------------------------------------------
+    @property
+    def nodes(self):
+        """Node of each place of the group for the planner: `ranks_per_node` when the layout is
+        the default one (rank // ranks_per_node), else the node index array from Ray."""
+        nodes = self.groups.nodes
+        if np.array_equal(nodes, np.arange(self.world) // max(1, self.cfg.ranks_per_node)):
+            return self.cfg.ranks_per_node
+        return nodes
+
     def holders(self, l: int) -> list[list[int]]:
         return self.plan.holders_L[l]
 
@@ -125,22 +136,28 @@ class ExpertStore(ExpertPool):
         self.t_budget = self.agreed_budget()
         if self.strategy == "ep":
             return
-        load = self.predictor.predict()
+        load = self.group_forecast()
         if load is None:
             self.plan = plan_iteration(self.own, None, 0, 0)
             return
         if self.cfg.reshard_every and step > 0 and step % self.cfg.reshard_every == 0:
             self.maybe_reshard(load)
-        self.plan = plan_iteration(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node,
+        self.plan = plan_iteration(self.own, load, self.t_budget, self.cfg.memory_cap, self.nodes,
                                    self.cfg.tolerance)
 
     def maybe_reshard(self, load) -> int:
         """Heterogeneous sharding (Algorithm 2), applied only when the predicted straggler ratio
         (with this iteration's materialization) is above tolerance and the new ownership lowers
         it: moving experts costs bytes, so a balanced layout stays where it is."""
-        new = reshard_decision(self.own, load, self.t_budget, self.cfg.memory_cap, self.cfg.ranks_per_node,
+        new = reshard_decision(self.own, load, self.t_budget, self.cfg.memory_cap, self.nodes,
                                self.cfg.tolerance)
         return 0 if new is None else self.reshard(new)
+
+    def group_forecast(self):
+        """The predicted (L, E) load of one expert-parallel group: the global forecast / groups."""
+        load = self.predictor.predict()
+        G = self.groups.num_groups
+        return load if load is None or G == 1 else load / G
 
     def set_plan(self, plan: IterationPlan) -> None:
         """Use a given plan for this iteration (tests; calibration). It must contain the owners."""
@@ -152,12 +169,17 @@ class ExpertStore(ExpertPool):
         self.plan = plan
 
     def observe(self, counts_LE: torch.Tensor) -> None:
-        """The step's global (L, E) counts (already all-reduced): the load predictor's input."""
-        self.predictor.observe(counts_LE.detach().cpu().numpy())
+        """The step's global (L, E) counts (already all-reduced over the world): the load
+        predictor's input; a group plans with the forecast / groups (`group_forecast`).
 
-    def _layer_transfers(self, l: int) -> list[coll.Transfer]:
-        copies = [(l, e, h) for e, hl in enumerate(self.plan.holders_L[l]) for h in hl[1:]]
-        return coll.transfers_for(copies, self.owner, self.E)
+        Every group plans from the same global counts rather than its own: the groups must keep
+        one ownership (the expert-data-parallel reduction sums the same slots), the global counts
+        average W/P times more tokens (a steadier forecast), and each group draws an equal random
+        share of the global batch, so its expected load is the global one / groups."""
+        self.predictor.observe(counts_LE.detach().cpu().numpy())  # global: the checkpoint fits any world
+
+    def _layer_chains(self, l: int) -> dict:
+        return coll.layer_chains(self.plan.holders_L[l], l, self.groups.nodes)
 
     def start_gather(self, l: int) -> None:
         """Post layer l's SparseAllGather (non-blocking); a no-op when the copies are present."""
@@ -166,11 +188,12 @@ class ExpertStore(ExpertPool):
         if l in self._pending or (not self.cfg.rematerialize and l in self._gathered):
             return
         self._gathered.add(l)
-        trs = self._layer_transfers(l)
-        if not trs:
+        chains = self._layer_chains(l)
+        if not chains:
             return
-        self._pending[l] = coll.sparse_all_gather_start(trs, self.rank, self.pack, self.expert_numel,
-                                                        self.dtype, self.device, self.comm)
+        self._pending[l] = coll.sparse_all_gather_start(chains, self.rank, lambda k: self.pack(*k),
+                                                        self.expert_numel, self.comm_dtype, self.device,
+                                                        self.comm, self.peer, self.group)
 
     def _finish_gather(self, l: int) -> None:
         """Complete layer l's spAG into one stacked leaf per weight, (n_copies, ...), in the
@@ -239,31 +262,35 @@ class ExpertStore(ExpertPool):
     # -- after the backward pass ------------------------------------------------------------------
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """SparseReduceScatter the copies' gradients into their owners, then average over ranks
+        """SparseReduceScatter the copies' gradients into their owners (within the group), sum
+        the owners' gradients over the expert-data-parallel group, and average over the world
         (each rank's loss is a mean over its own tokens, as DeepSpeed averages dense gradients)."""
         for p in self.params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        trs = [tr for l in range(self.L) for tr in self._layer_transfers(l)]
+        chains = {}
+        for l in range(self.L):
+            chains.update(self._layer_chains(l))
         grads = {}
         for l, (order, ws) in self._copies.items():
-            gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=self.dtype, device=self.device)
+            gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype, device=self.device)
                   for w in ws]
             for i, e in enumerate(order):
                 grads[(l, e)] = torch.cat([g[i].reshape(-1) for g in gs])
-        recv = coll.sparse_reduce_scatter(trs, self.rank, grads, self.expert_numel, self.dtype, self.device,
-                                          self.comm)
-        for (l, e), bufs in recv.items():
+        summed = coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.comm_dtype,
+                                            self.device, self.comm, self.peer, self.group)
+        for (l, e), flat in summed.items():
             s = self.slot(l, e)
-            for flat in bufs:
-                g1, g3, g2 = self.unpack(flat)
-                self.w1.grad[s] += g1
-                self.w3.grad[s] += g3
-                self.w2.grad[s] += g2
-        if self.world > 1:
+            g1, g3, g2 = self.unpack(flat.to(self.dtype))
+            self.w1.grad[s] += g1
+            self.w3.grad[s] += g3
+            self.w2.grad[s] += g2
+        if self.groups.edp_group is not None:
             for p in self.params():
-                p.grad.div_(self.world)
-
+                dist.all_reduce(p.grad, group=self.groups.edp_group)
+        if self.groups.world > 1:
+            for p in self.params():
+                p.grad.div_(self.groups.world)
 
     @torch.no_grad()
     def step(self, lr: float, clip_coef: float = 1.0) -> None:
@@ -288,8 +315,8 @@ class ExpertStore(ExpertPool):
     def load(self, ckpt_dir: Path, optimizer_state: bool = True) -> dict:
         """Load every expert this rank owns, whatever world size or strategy wrote the files.
 
-        With the same world size the saved ownership is kept (heterogeneous sharding survives a
-        restart); otherwise the new world starts from the even sharding.
+        With the same expert-parallel size the saved ownership is kept (heterogeneous sharding
+        survives a restart); otherwise the even sharding.
         """
         info = super().load(ckpt_dir, optimizer_state)
         self.predictor.load_state_dict(info.pop("head").get("predictor", {}))

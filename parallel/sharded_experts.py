@@ -72,7 +72,7 @@ class ShardedExperts(nn.Module):
             counts_NE = torch.stack(gathered).cpu().numpy()
         else:
             counts_NE = counts.cpu().numpy()[None]
-        send = assign_tokens(counts_NE, st.holders(l), st.cfg.ranks_per_node)  # (N, E, N)
+        send = assign_tokens(counts_NE, st.holders(l), st.nodes)  # (N, E, N)
         st.record_loads(send.sum(axis=(0, 1)))
         mine = send[me]  # (E, N)
         dst_rows = torch.repeat_interleave(torch.arange(N).repeat(E), torch.from_numpy(np.ascontiguousarray(mine).reshape(-1)))
@@ -128,16 +128,19 @@ class ShardedExperts(nn.Module):
         return back if send_id else back.index_select(0, torch.argsort(order))
 
 
-def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None, group=None) -> Optional[ExpertStore]:
+def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None, groups=None,
+                comm_dtype=None) -> Optional[ExpertStore]:
     """Move the model's experts into an ExpertStore (this rank keeps the ones it owns) and put
-    `ShardedExperts` in their place. The model must be built identically on every rank."""
+    `ShardedExperts` in their place. The model must be built identically on every rank.
+    `groups` (`parallel.groups.ExpertGroups`): the expert-parallel layout; None: the world."""
     layers = model.moe_layers()
     if not layers:
         return None
     first = layers[0].experts
     store = ExpertStore(num_layers=len(layers), num_experts=first.num_experts, d_model=first.w1.shape[1],
                         d_expert=first.w1.shape[2], strategy=strategy, plan_cfg=plan_cfg, dtype=first.w1.dtype,
-                        device=first.w1.device, backend=first.backend_name, group=group)
+                        device=first.w1.device, backend=first.backend_name, groups=groups,
+                        comm_dtype=comm_dtype)
     if getattr(first, "recompute", False):
         from experts.backends import recomputing
 

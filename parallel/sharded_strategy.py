@@ -27,18 +27,30 @@ from parallel.strategy import ExpertStrategy
 
 
 class ShardedStrategy(ExpertStrategy):
-    def __init__(self, parallel, ep_size: int, grad_clip: float):
+    def __init__(self, parallel, ep_size: int, grad_clip: float, rank_nodes=None):
         super().__init__(parallel, ep_size, grad_clip)
         self.name = parallel.expert_strategy
+        self.rank_nodes = rank_nodes  # node index of every rank, as Ray placed them (None: ranks_per_node)
+        self.groups = None
         self.store = None
         self.lr = 0.0
         self.last_norm: Optional[float] = None
 
     # -- building -----------------------------------------------------------------------------
+    def expert_groups(self):
+        """The EP x DP groups (made once: a collective over the world)."""
+        if self.groups is None:
+            from parallel.groups import build_expert_groups
+
+            self.groups = build_expert_groups(self.ep_size or pdist.world_size(), self.rank_nodes,
+                                              self.parallel.fssdp.ranks_per_node)
+        return self.groups
+
     def owns_initially(self, moe_layer: int, expert: int, num_experts: int) -> bool:
         from parallel.placement import Ownership  # the store's initial (classic EP) ownership
 
-        return int(Ownership.even(1, num_experts, pdist.world_size()).owner_LE[0, expert]) == pdist.rank()
+        g = self.expert_groups()
+        return int(Ownership.even(1, num_experts, g.ep_size).owner_LE[0, expert]) == g.local_rank
 
     def prepare(self, model: nn.Module) -> None:
         """Every rank built (and initialised) the same full model; each keeps the experts it owns."""
@@ -46,11 +58,14 @@ class ShardedStrategy(ExpertStrategy):
         from parallel.sharded_experts import shard_model
 
         super().prepare(model)
+        groups = self.expert_groups()
         f = self.parallel.fssdp
         cfg = FSSDPPlanConfig(window=f.window, overlap_budget=f.overlap_budget, memory_cap=f.memory_cap,
                               reshard_every=f.reshard_every, rematerialize=f.rematerialize,
                               ranks_per_node=f.ranks_per_node, link_gbps=f.link_gbps, tolerance=f.tolerance)
-        self.store = shard_model(model, self.name, cfg)
+        self.store = shard_model(model, self.name, cfg, groups=groups)
+        if self.store is not None and pdist.rank() == 0 and groups.num_groups > 1:
+            print(f"[moeforge] {self.name}: {groups.describe()}", flush=True)
 
     def configure(self, ds_config: dict[str, Any]) -> dict[str, Any]:
         if self.store is not None and self.parallel.zero_stage == 0:
@@ -62,6 +77,8 @@ class ShardedStrategy(ExpertStrategy):
         if self.store is not None:
             o = optimizer_cfg
             self.store.build_optimizer(o.lr, o.betas, o.eps, o.weight_decay)
+            if getattr(engine, "bfloat16_enabled", lambda: False)():
+                self.store.comm_dtype = torch.bfloat16  # copies travel in the training dtype
         self.zero = engine.zero_optimization_stage()
 
     # -- the step -----------------------------------------------------------------------------
@@ -98,7 +115,8 @@ class ShardedStrategy(ExpertStrategy):
     def _expert_sq(self) -> float:
         sq = self.store.grad_sq_norm()
         if dist.is_initialized():
-            dist.all_reduce(sq)
+            # one expert-parallel group holds every expert once (the groups hold equal gradients)
+            dist.all_reduce(sq, group=self.store.group)
         return float(sq)
 
     def coef(self, norm: Optional[float]) -> float:

@@ -204,8 +204,9 @@ class DeepSpeedMoEStrategy(ExpertStrategy):
         return out
 
 
-def build_strategy(parallel, ep_size: int, grad_clip: float) -> ExpertStrategy:
-    """The strategy object of a stage's parallel section."""
+def build_strategy(parallel, ep_size: int, grad_clip: float, rank_nodes=None) -> ExpertStrategy:
+    """The strategy object of a stage's parallel section (`rank_nodes`: the node index of every
+    rank as Ray placed the workers; None: `parallel.fssdp.ranks_per_node` consecutive ranks)."""
     name = parallel.expert_strategy
     if name == "replicated":
         return ExpertStrategy(parallel, ep_size, grad_clip)
@@ -214,5 +215,5 @@ def build_strategy(parallel, ep_size: int, grad_clip: float) -> ExpertStrategy:
     if name in ("ep", "fssdp"):
         from parallel.sharded_strategy import ShardedStrategy
 
-        return ShardedStrategy(parallel, ep_size, grad_clip)
+        return ShardedStrategy(parallel, ep_size, grad_clip, rank_nodes)
     raise ValueError(f"parallel.expert_strategy: unknown strategy {name!r}")

@@ -1,0 +1,37 @@
+"""Which node each rank runs on, as Ray placed the workers.
+
+Ray Train numbers its workers node by node, but a node's IP does not identify it (several raylets
+can share one machine, as in multi-node tests), so the rank's Ray node id is what counts. The
+expert-parallel groups and FSSDP's same-node preference follow this list
+(`parallel.groups`); outside Ray, None (the caller falls back to `ranks_per_node`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.distributed as dist
+
+
+def this_node_id() -> Optional[str]:
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not a Ray worker
+        return None
+
+
+def rank_nodes() -> Optional[list[int]]:
+    """Node index (0, 1, ... by first rank on it) of every rank; None outside Ray. A collective
+    when distributed: every rank calls it."""
+    mine = this_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None if mine is None else [0]
+    ids = [None] * dist.get_world_size()
+    dist.all_gather_object(ids, mine)
+    if any(i is None for i in ids):
+        return None
+    order: dict = {}
+    return [order.setdefault(i, len(order)) for i in ids]
