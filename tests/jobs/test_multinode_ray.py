@@ -1,0 +1,98 @@
+"""Two Ray nodes on one machine (two raylets on 127.0.0.1, `ray start` twice), 2 workers each:
+`moeforge run --address` for replicated, ep and fssdp with expert_parallel_size 2. The ranks'
+nodes come from where Ray placed the workers (not from ranks_per_node, left at 8 here: it would
+put all four ranks on one node), the expert-parallel groups follow them (one group per node), and
+every run ends with the losses of the same job on one process."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from parallel import dist as pdist
+from system.metrics import read_jsonl
+from tests.helpers import tiny_spec, write_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    # Ray refuses a second raylet on a head started on a loopback address unless told it is wanted
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    return env
+
+
+def _ray(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray2")
+    port = pdist.free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
+    head = _ray("start", "--head", "--port", str(port), "--temp-dir", str(tmp), "--include-dashboard", "false",
+                "--resources", '{"node_a": 2}', *common)
+    assert head.returncode == 0, head.stdout + head.stderr
+    try:
+        worker = _ray("start", "--address", f"127.0.0.1:{port}", "--resources", '{"node_b": 2}', *common)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        probe = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                 "print(sum(1 for n in ray.nodes() if n['Alive']))")
+        deadline = time.time() + 60
+        while time.time() < deadline:  # both raylets registered
+            n = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=_env(), capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+            if n == "2":
+                break
+            time.sleep(1)
+        assert n == "2", f"{n} live Ray nodes, expected 2"
+        yield f"127.0.0.1:{port}"
+    finally:
+        _ray("stop", "--force")
+
+
+def _spec(tmp_path: Path, name: str, strategy: str, P=None) -> Path:
+    par = {"world_size": 4 if strategy else 1, "expert_strategy": strategy or "replicated"}
+    if P:
+        par["expert_parallel_size"] = P
+    spec = tiny_spec(tmp_path, run={"name": name}, parallel=par, experts={"balancing": {"lbl": "none"}},
+                     stages=[{"name": "pretrain", "steps": 4, "micro_batch_size": 2 if strategy else 8,
+                              "optimizer": {"lr": 3e-3}, "lr_schedule": {"kind": "constant"},
+                              "checkpoint_every": 4}])
+    if strategy == "fssdp":
+        spec["parallel"]["fssdp"] = {"window": 1, "tolerance": 0.0, "memory_cap": 2, "reshard_every": 2}
+    return write_spec(tmp_path / f"{name}.yaml", spec)
+
+
+def test_two_nodes_ep_dp_runs_match_one_process(tmp_path, two_nodes):
+    ref_spec = _spec(tmp_path, "ref", None)
+    ref = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(ref_spec)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=420)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    ref_loss = [r["loss"] for r in read_jsonl(tmp_path / "runs" / "ref" / "metrics.jsonl") if "loss" in r]
+    assert len(ref_loss) == 4
+    for strategy, P in (("replicated", None), ("ep", 2), ("fssdp", 2)):
+        name = f"{strategy}2n"
+        out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(_spec(tmp_path, name, strategy, P)),
+                              "--address", two_nodes], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=420)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-4000:]
+        loss = [r["loss"] for r in read_jsonl(tmp_path / "runs" / name / "metrics.jsonl") if "loss" in r]
+        assert loss == pytest.approx(ref_loss, rel=1e-5), strategy
+        if P:
+            m = re.search(r"2 expert-parallel group\(s\) of 2 rank\(s\).*node of each rank (\[[0-9, ]+\])", log)
+            assert m, log[-4000:]
+            assert m.group(1) == "[0, 0, 1, 1]"  # Ray's placement: two ranks per node, one group per node
