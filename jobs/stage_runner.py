@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +31,23 @@ from system.hf_import import is_hf_model_dir
 from system.metrics import JsonlSink, MetricSink, supersede_stage_records
 from system.model import Transformer
 from system.upcycle import init_model_from
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """The device this rank trains on: cpu unless the stage uses GPUs and CUDA is there; in a Ray
+    Train worker the GPU Ray assigned to it (`ray.train.torch.get_device()`, an index into the
+    worker's CUDA_VISIBLE_DEVICES, which need not be LOCAL_RANK); elsewhere (a process started
+    by hand or by a test) cuda:LOCAL_RANK."""
+    if not (use_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs to
+    if ray is not None and ray.is_initialized():
+        from ray.train.torch import get_device
+
+        dev = get_device()
+        if dev.type == "cuda":
+            return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def build_model(stage: StagePlan, vocab_size: int, strategy: Optional[ExpertStrategy] = None,
@@ -85,12 +103,16 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                       stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     par = stage.parallel
     rank = pdist.rank()
+    device = worker_device(par.use_gpu)
     pdist.configure_accelerator(par.use_gpu)
+    pdist.bind_device(device)  # before NCCL's communicator and DeepSpeed's accelerator
     import deepspeed  # after DS_ACCELERATOR is set
 
     pdist.startup_trace("deepspeed_imported")
     if not pdist.is_dist():
-        pdist.init_single_process_group(par.backend, par.use_gpu)
+        pdist.init_single_process_group(par.backend, par.use_gpu, device)
+    else:
+        pdist.eager_connect(device)  # Ray Train's group: bound to the device, communicator made now
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     pdist.startup_trace("deepspeed_comm")
     if par.threads_per_worker:
@@ -107,8 +129,8 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     torch.manual_seed(stage.model_seed)
     model = build_model(stage, corpus.tokenizer.vocab_size, strategy,
                         corpus.tokenizer.eos_id if plan.corpus.document_mask else None)
-    if par.use_gpu and torch.cuda.is_available():
-        model = model.cuda(int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        model = model.to(device)
     init_ckpt = init_checkpoint(stage, layout)
     init_report = None
     if init_ckpt is not None:

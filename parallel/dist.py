@@ -84,11 +84,45 @@ def configure_accelerator(use_gpu: bool) -> None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt_ops_dir())
 
 
-def init_single_process_group(requested_backend: str, use_gpu: bool) -> None:
-    """A 1-rank process group on loopback, for running the distributed code path alone."""
+def init_single_process_group(requested_backend: str, use_gpu: bool,
+                              device: torch.device | None = None) -> None:
+    """A 1-rank process group on loopback, for running the distributed code path alone. With a
+    CUDA `device` and NCCL the group is bound to it (`device_id`: eager communicator, see
+    `eager_connect`)."""
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
-    dist.init_process_group(resolve_backend(requested_backend, use_gpu), rank=0, world_size=1,
-                            init_method=f"tcp://127.0.0.1:{free_port()}")
+    backend = resolve_backend(requested_backend, use_gpu)
+    extra = {"device_id": device} if backend == "nccl" and device is not None and device.type == "cuda" else {}
+    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}", **extra)
+
+
+def bind_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device (nothing on CPU). Must come before NCCL
+    creates a communicator and before DeepSpeed's accelerator asks for the current device:
+    without it every rank of a node works on cuda:0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def eager_connect(device: torch.device) -> bool:
+    """Bind the default NCCL process group to `device` and create its communicator now, as
+    `init_process_group(device_id=device)` does (Ray Train initialises the group without a
+    device_id). Collective: every rank calls it, before any other operation on the group.
+
+    Then sub-groups made later by `new_group` are split from it (ncclCommSplit, eagerly), and
+    point-to-point operations reuse the group's communicator instead of lazily creating one per
+    pair of ranks, which would also need every rank of the group in the first batched
+    send/recv (docs/gpu.md, "NCCL point-to-point"). Returns whether it connected; False on CPU,
+    for a non-NCCL group, or when the group is bound already."""
+    if device.type != "cuda" or not is_dist() or "nccl" not in str(dist.get_backend()):
+        return False
+    pg = dist.distributed_c10d._get_default_group()
+    if getattr(pg, "bound_device_id", None) is not None:
+        return False
+    pg.bound_device_id = device
+    backend = pg._get_backend(device)
+    if hasattr(backend, "eager_connect_single_device"):
+        backend.eager_connect_single_device(device)
+    return True
 
 
 def free_port() -> int:

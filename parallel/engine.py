@@ -1,8 +1,9 @@
 """Wrap a single-device model in a DeepSpeed engine configured from the job spec."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -30,7 +31,91 @@ def deepspeed_config(stage, parallel, passthrough: dict[str, Any], world_size: i
     }
     if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         cfg["bf16"] = {"enabled": True}
-    return _deep_merge(cfg, passthrough)
+    return with_fp32_gradients(_deep_merge(cfg, passthrough), parallel.zero_stage)
+
+
+def bf16_enabled(cfg: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config trains in bf16 (DeepSpeed reads `bf16` or its alias `bfloat16`)."""
+    return any(bool((cfg.get(k) or {}).get("enabled")) for k in ("bf16", "bfloat16"))
+
+
+def with_fp32_gradients(cfg: dict[str, Any], zero_stage: int) -> dict[str, Any]:
+    """bf16: dense gradients are reduced over the ranks in fp32 and, under ZeRO 1/2, accumulated
+    over micro-batches in fp32 (DeepSpeed's defaults for both are the model's dtype, bf16).
+
+    `communication_data_type: fp32` makes DeepSpeed's all-reduce / reduce-scatter cast the
+    gradients to fp32; `data_types.grad_accum_dtype: fp32` makes the ZeRO 1/2 optimizer keep
+    each rank's gradient partition (and, at ZeRO 1, each parameter's `grad_accum`) in fp32. ZeRO 0
+    keeps bf16 accumulation in `param.grad`: DeepSpeed refuses grad_accum_dtype != the model's
+    dtype without ZeRO. Keys the spec's passthrough sets explicitly win."""
+    if not bf16_enabled(cfg):
+        return cfg
+    cfg.setdefault("communication_data_type", "fp32")
+    if zero_stage in (1, 2):
+        cfg["data_types"] = dict(cfg.get("data_types") or {})
+        cfg["data_types"].setdefault("grad_accum_dtype", "fp32")
+    return cfg
+
+
+# What the strategies and `parallel/numerics.py` use of DeepSpeed's ZeRO 1/2 optimizer
+# (stage_1_and_2.DeepSpeedZeroOptimizer): the dense norm and clip threshold (ep/fssdp global-norm
+# clipping), the loss scale, the reduced partitions and the overflow path (skipped steps).
+ZERO_OPTIMIZER_INTERFACE = ("scaled_global_norm", "clip_grad", "loss_scale", "averaged_gradients",
+                            "check_grad_overflow", "has_overflow")
+
+
+@contextlib.contextmanager
+def _zero_optimizer_at_stage1() -> Iterator[None]:
+    """Keep DeepSpeed's ZeRO optimizer for ZeRO 1 + bf16 + fp32 gradient accumulation.
+
+    For that combination DeepSpeed's engine picks its `BF16_Optimizer`
+    (`DeepSpeedEngine._do_optimizer_sanity_check` returns "bf16"), a different class: no
+    `scaled_global_norm`, `loss_scale`, `averaged_gradients` or overflow path, so ep/fssdp
+    clipping, the non-finite-step skip and ZeRO re-sharding on resume could not work with it.
+    `DeepSpeedZeroOptimizer` (what ZeRO 2, and ZeRO 1 with CPU offload, get for the same dtypes)
+    accumulates in fp32 as well (each parameter's `grad_accum`, then a fp32 partition); the
+    two give the same gradients, norms and weights (tests/parallel/test_gpu_path.py). Patched on
+    the class for the duration of `deepspeed.initialize` only."""
+    try:
+        from deepspeed.runtime.constants import BFLOAT16
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+        original = DeepSpeedEngine._do_optimizer_sanity_check
+    except (ImportError, AttributeError):  # another DeepSpeed: `check_zero_optimizer` says what is wrong
+        yield
+        return
+
+    def sanity_check(self, basic_optimizer):
+        wrapper = original(self, basic_optimizer)
+        if wrapper == BFLOAT16 and self.zero_optimization_stage() == 1:
+            return ZERO_OPTIMIZATION
+        return wrapper
+
+    DeepSpeedEngine._do_optimizer_sanity_check = sanity_check
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._do_optimizer_sanity_check = original
+
+
+def check_zero_optimizer(engine) -> None:
+    """Under ZeRO 1/2 the engine's optimizer must offer what our code reaches into."""
+    if engine.zero_optimization_stage() not in (1, 2):
+        return
+    missing = [a for a in ZERO_OPTIMIZER_INTERFACE if not hasattr(engine.optimizer, a)]
+    if missing:
+        raise RuntimeError(f"DeepSpeed built a {type(engine.optimizer).__name__} for ZeRO "
+                           f"{engine.zero_optimization_stage()}, without {missing}, which gradient "
+                           f"clipping and skipped steps need (parallel/engine.py)")
+
+
+def grad_accum_dtype(engine) -> torch.dtype:
+    """The dtype the engine's optimizer accumulates dense gradients in."""
+    opt = engine.optimizer
+    for name in ("gradient_accumulation_dtype", "grad_acc_dtype"):
+        if getattr(opt, name, None) is not None:
+            return getattr(opt, name)
+    return next(p for p in engine.module.parameters()).dtype
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -80,7 +165,9 @@ def build_engine(model: nn.Module, stage, passthrough: dict[str, Any], world_siz
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(sched_cfg, s, total))
     on_gpu = parallel.use_gpu and torch.cuda.is_available()
     config = strategy.configure(deepspeed_config(stage, parallel, passthrough, world_size, on_gpu))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config, dist_init_required=False)
+    with _zero_optimizer_at_stage1():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config, dist_init_required=False)
+    check_zero_optimizer(engine)
     strategy.attach(engine, opt_cfg)
     return engine
