@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -21,6 +22,10 @@ from tests.helpers import tiny_spec, write_spec
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+# Ray 2.5x turns token authentication on for `ray start --head` when ~/.ray/auth_token exists (an
+# earlier local ray.init() may have written one) but not for the joining raylet, which is then
+# refused. The test's cluster therefore states its mode and its own token to every process.
+_TOKEN = secrets.token_hex(32)
 
 
 def _env() -> dict[str, str]:
@@ -28,6 +33,8 @@ def _env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = _TOKEN
     # Ray refuses a second raylet on a head started on a loopback address unless told it is wanted
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     return env

@@ -553,12 +553,14 @@ def test_hf_init_from_mismatch_names_the_field(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ep", "fssdp"])
-def test_sharded_strategies_use_every_rank(strategy):
+def test_sharded_strategies_expert_parallel_size(strategy):
     spec = parse_spec(_spec(parallel={"world_size": 2, "expert_strategy": strategy}))
-    assert plan_job(spec).stages[0].ep_size == 2
-    msg = _only(_spec(parallel={"world_size": 4, "expert_strategy": strategy, "expert_parallel_size": 2}),
+    assert plan_job(spec).stages[0].ep_size == 2  # default: one group of every rank
+    spec = parse_spec(_spec(parallel={"world_size": 4, "expert_strategy": strategy, "expert_parallel_size": 2}))
+    assert plan_job(spec).stages[0].ep_size == 2  # EP x DP: two groups of 2
+    msg = _only(_spec(parallel={"world_size": 6, "expert_strategy": strategy, "expert_parallel_size": 4}),
                 "parallel.expert_parallel_size")
-    assert "all world_size=4 ranks" in msg
+    assert "does not divide world_size=6" in msg
 
 
 def test_fssdp_section_fields_named():
