@@ -4,8 +4,9 @@
    prediction, Hecate Algorithm 1 for every MoE layer, the re-sharding decision (Algorithm 2 +
    predicted stragglers, run every `reshard_every` iterations), for E experts over N simulated
    ranks with Zipf(1.2) loads.
-2. Dispatcher, per MoE layer forward: `assign_tokens` (every rank computes the same send matrix
-   from the all-gathered counts) at N ranks.
+2. Dispatcher, per MoE layer forward: the token assignment (`placement.assign`: every rank
+   computes the same sends from the all-gathered counts, O(N*E) memory) at N ranks.
+   bench/planner.py times the planner alone at 8-256 ranks against the pre-vectorisation code.
 3. One rank, one MoE layer, forward + backward + optimizer step: the plain layer (`replicated`)
    against the same layer under `ep` and `fssdp` (a 1-rank process group: every expert local, no
    copies), taking turns in the same process, so the ratio is the overhead of the machinery
@@ -42,7 +43,7 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def planner_costs(E: int, L: int, ranks: list[int], tokens: int, top_k: int, reps: int) -> list[dict]:
-    from parallel.placement import (LoadPredictor, Ownership, assign_tokens, plan_iteration, reshard_decision)
+    from parallel.placement import LoadPredictor, Ownership, assign, plan_iteration, reshard_decision
 
     rows = []
     rng = np.random.default_rng(0)
@@ -60,7 +61,7 @@ def planner_costs(E: int, L: int, ranks: list[int], tokens: int, top_k: int, rep
         reshard_ms = _median_ms(lambda: reshard_decision(own, load, 4, 2, 8), max(1, reps // 5))
         plan = plan_iteration(own, load, 4, 2, 8)
         counts = np.stack([rng.multinomial(tokens * top_k, p) for _ in range(N)])
-        assign_ms = _median_ms(lambda: assign_tokens(counts, plan.holders_L[0], 8), reps)
+        assign_ms = _median_ms(lambda: assign(counts, plan.holders_L[0], 8), reps)
         rows.append({"ranks": N, "experts": E, "layers": L, "plan_ms_per_iter": plan_ms,
                      "reshard_decision_ms": reshard_ms, "assign_tokens_ms_per_layer": assign_ms,
                      "copies": len(plan.copies())})

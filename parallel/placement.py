@@ -10,16 +10,26 @@ Vocabulary (methods.md section 1, Hecate):
   Every rank has the same number of slots S = L*E/N (balanced memory).
 * materialization plan P1 = P0 + copies: `holders[e]` lists the ranks that hold expert e in
   this iteration (owner first). SparseAllGather sends the owner's parameters to the others.
-* token assignment: `send[s, e, d]` = tokens of expert e that source rank s sends to rank d.
+* token assignment: `send[s, e, d]` = tokens of expert e that source rank s sends to rank d;
+  `assign` (parallel.token_assignment) returns it as a `TokenAssignment` in O(N*E) memory.
+* nodes: where a function takes `ranks_per_node`, it is either an int (node of rank r =
+  r // ranks_per_node) or the node id of every rank (as Ray placed them), see `node_ids`.
+
+The planner is vectorised (numpy) and gives exactly the results of the original loops, which
+`tests/parallel/planner_reference.py` keeps as the test oracle (docs/planner.md).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+
+from parallel.token_assignment import (Nodes, TokenAssignment, _dense_nodes, assign, assign_tokens,  # noqa: F401
+                                       node_ids, node_of, rank_loads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,11 +68,20 @@ class Ownership:
 
     def check(self) -> None:
         """Every rank uses each of its S slots exactly once."""
-        S = self.slots_per_rank
-        for r in range(self.num_ranks):
+        S, N = self.slots_per_rank, self.num_ranks
+        o, s = self.owner_LE.ravel(), self.slot_LE.ravel()
+        k = (o >= 0) & (o < N)
+        o, s = o[k], s[k]
+        i = np.lexsort((s, o))
+        o, s = o[i], s[i]
+        cnt = np.bincount(o, minlength=N)
+        pos = np.arange(len(o)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        bad = cnt != S
+        np.logical_or.at(bad, o, s != pos)
+        if bad.any():
+            r = int(np.argmax(bad))
             slots = np.sort(self.slot_LE[self.owner_LE == r])
-            if slots.tolist() != list(range(S)):
-                raise ValueError(f"ownership: rank {r} holds slots {slots.tolist()}, expected 0..{S - 1}")
+            raise ValueError(f"ownership: rank {r} holds slots {slots.tolist()}, expected 0..{S - 1}")
 
     def owned(self, rank: int) -> list[tuple[int, int, int]]:
         """(layer, expert, slot) owned by `rank`, in slot order."""
@@ -76,10 +95,6 @@ class Ownership:
     @classmethod
     def from_dict(cls, d: dict) -> "Ownership":
         return cls(np.asarray(d["owner"], dtype=np.int64), np.asarray(d["slot"], dtype=np.int64), int(d["num_ranks"]))
-
-
-def node_of(rank: int, ranks_per_node: int) -> int:
-    return rank // max(1, ranks_per_node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +137,7 @@ def overlap_budget(attention_time_s: float, bandwidth_bytes_per_s: float, expert
 # Algorithm 1: the materialization plan of one layer
 # --------------------------------------------------------------------------------------------
 def plan_materialization(load_E: Sequence[float], owner_E: Sequence[int], num_ranks: int, t: int, m: int,
-                         ranks_per_node: int = 8, tolerance: float = 0.05) -> list[list[int]]:
+                         ranks_per_node: Nodes = 8, tolerance: float = 0.05) -> list[list[int]]:
     """Holders of every expert for this iteration: `holders[e]` = [owner, extra ranks...].
 
     Hecate Algorithm 1 with inputs: predicted loads, overlap budget t (experts a rank can gather
@@ -136,45 +151,58 @@ def plan_materialization(load_E: Sequence[float], owner_E: Sequence[int], num_ra
       remainder), each copy on a rank that does not hold the expert, preferring nodes that do not
       hold it yet, then the rank with the fewest extras and the lowest owned load; a rank takes at
       most m extras.
+    Vectorised per expert (docs/planner.md), the same picks as one copy at a time.
     """
     load = np.asarray(load_E, dtype=np.float64)
     owner = np.asarray(owner_E, dtype=np.int64)
     E, N = len(load), num_ranks
-    holders = [[int(owner[e])] for e in range(E)]
+    holders = [[o] for o in owner.tolist()]
     total = float(load.sum())
     t, m = min(int(t), E), min(int(m), int(t), E)
     if N <= 1 or t <= 0 or m <= 0 or total <= 0:
         return holders
-    owned_load = np.zeros(N)
-    np.add.at(owned_load, owner, load)
+    owned_load = np.bincount(owner, weights=load, minlength=N)  # the same sequential sums as np.add.at
     if owned_load.max() <= (1.0 + tolerance) * owned_load.mean():
         return holders
     fair = total / E
     need = np.where(load > fair * (1 + 1e-9), N - 1, 0)
-    order = [int(e) for e in np.argsort(-load, kind="stable") if need[e] > 0][:t]
-    if not order:
+    srt = np.argsort(-load, kind="stable")
+    order = srt[need[srt] > 0][:t]
+    if order.size == 0:
         return holders
-    extras = np.zeros(N, dtype=np.int64)
     if t <= m:
-        want = {e: int(need[e]) for e in order}
+        want = need[order]
     else:
         budget = N * m
         w = load[order]
         share = budget * w / w.sum()
         base = np.floor(share).astype(np.int64)
         rem = budget - int(base.sum())
-        for i in np.argsort(-(share - base), kind="stable")[:rem]:
-            base[i] += 1
-        want = {e: int(min(base[i], need[e])) for i, e in enumerate(order)}
-    for e in order:  # heaviest first
-        for _ in range(want[e]):
-            held_nodes = {node_of(r, ranks_per_node) for r in holders[e]}
-            cands = [r for r in range(N) if r not in holders[e] and extras[r] < m]
-            if not cands:
-                break
-            r = min(cands, key=lambda r: (node_of(r, ranks_per_node) in held_nodes, extras[r], owned_load[r], r))
-            holders[e].append(r)
-            extras[r] += 1
+        base[np.argsort(-(share - base), kind="stable")[:rem]] += 1
+        want = np.minimum(base, need[order])
+    nd, G = _dense_nodes(N, ranks_per_node)
+    pos = np.empty(N, dtype=np.int64)
+    pos[np.argsort(owned_load, kind="stable")] = np.arange(N)  # rank of (owned_load[r], r)
+    extras = np.zeros(N, dtype=np.int64)
+    for e, k in zip(order.tolist(), want.tolist()):  # heaviest first
+        if k <= 0:
+            continue
+        o = holders[e][0]
+        key = extras * N + pos
+        cand = extras < m
+        cand[o] = False
+        held = np.zeros(G, dtype=bool)
+        held[nd[o]] = True
+        c1 = np.flatnonzero(cand & ~held[nd])  # on nodes without a holder
+        c1 = c1[np.argsort(key[c1])]
+        _, first = np.unique(nd[c1], return_index=True)
+        picks = c1[np.sort(first)][:k]
+        if len(picks) < k:  # every node holds it now: the rest in key order
+            cand[picks] = False
+            c2 = np.flatnonzero(cand)
+            picks = np.concatenate([picks, c2[np.argsort(key[c2])][:k - len(picks)]])
+        extras[picks] += 1
+        holders[e].extend(picks.tolist())
     return holders
 
 
@@ -184,78 +212,10 @@ def ownership_holders(owner_E: Sequence[int]) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------------------------
-# token assignment
-# --------------------------------------------------------------------------------------------
-def _water_fill(n: int, cands: list[int], load: dict[int, int]) -> dict[int, int]:
-    """Split n tokens over `cands` so that their loads end as even as possible (integers)."""
-    out = {c: 0 for c in cands}
-    if n <= 0:
-        return out
-    lv = sorted(cands, key=lambda c: (load[c], c))
-    vals = [load[c] for c in lv]
-    remaining, k = n, 1
-    # raise the k lowest to the (k+1)-th level while tokens last
-    while k < len(lv) and remaining >= (vals[k] - vals[k - 1]) * k:
-        remaining -= (vals[k] - vals[k - 1]) * k
-        for j in range(k):
-            vals[j] = vals[k]
-        k += 1
-    q, r = divmod(remaining, k)
-    for j in range(k):
-        vals[j] += q + (1 if j < r else 0)
-    for j, c in enumerate(lv):
-        out[c] = vals[j] - load[c]
-    return out
-
-
-def assign_tokens(counts_NE: np.ndarray, holders: Sequence[Sequence[int]], ranks_per_node: int = 8) -> np.ndarray:
-    """send[s, e, d]: tokens of expert e that rank s sends to holder d.
-
-    A source that holds a copy keeps its tokens (local first). Other sources send to holders in
-    their own node when there are any, else to all holders; within that choice the tokens go
-    where they even out the holders' total expert loads (water filling over the ranks' loads from
-    every expert, the heaviest replicated experts placed last). Deterministic: every rank agrees.
-    """
-    counts = np.asarray(counts_NE, dtype=np.int64)
-    N, E = counts.shape
-    send = np.zeros((N, E, N), dtype=np.int64)
-    load = {r: 0 for r in range(N)}
-    multi = []
-    for e in range(E):  # fixed part: single-holder experts and tokens already on a holder
-        hs = list(holders[e])
-        if len(hs) == 1:
-            send[:, e, hs[0]] = counts[:, e]
-            load[hs[0]] += int(counts[:, e].sum())
-            continue
-        for h in hs:
-            send[h, e, h] = counts[h, e]
-            load[h] += int(counts[h, e])
-        multi.append(e)
-    hset_of = {e: set(holders[e]) for e in multi}
-    remote = {e: int(sum(counts[s, e] for s in range(N) if s not in hset_of[e])) for e in multi}
-    for e in sorted(multi, key=lambda e: (-remote[e], e)):
-        hs = list(holders[e])
-        for s in range(N):
-            if s in hset_of[e] or counts[s, e] == 0:
-                continue
-            same = [h for h in hs if node_of(h, ranks_per_node) == node_of(s, ranks_per_node)]
-            split = _water_fill(int(counts[s, e]), same or hs, load)
-            for h, n in split.items():
-                send[s, e, h] += n
-                load[h] += n
-    return send
-
-
-def rank_loads(send: np.ndarray) -> np.ndarray:
-    """Expert tokens each rank computes: (N,)."""
-    return send.sum(axis=(0, 1))
-
-
-# --------------------------------------------------------------------------------------------
 # Algorithm 2: heterogeneous sharding
 # --------------------------------------------------------------------------------------------
 def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
-                           ranks_per_node: int = 8) -> Ownership:
+                           ranks_per_node: Nodes = 8) -> Ownership:
     """New ownership for all layers: same slots per rank, each layer's load spread over ranks.
 
     Hecate Algorithm 2: hold back each layer's top-t experts (they are copied anyway; as in the
@@ -264,62 +224,89 @@ def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
     least-loaded node (for that layer) then least-loaded rank with a free slot; fill the leftover
     slots with the held-back experts. Experts that stay on their rank keep their slot, so only the
     experts that really move change hands.
+
+    Only the node that took an expert changes load: it alone is re-summed, a heap orders nodes.
     """
     load = np.asarray(load_LE, dtype=np.float64)
     L, E = load.shape
     N, S = current.num_ranks, current.slots_per_rank
-    nodes = sorted({node_of(r, ranks_per_node) for r in range(N)})
+    nd, G = _dense_nodes(N, ranks_per_node)
+    nd_l = nd.tolist()
+    ranks_of: list[list[int]] = [[] for _ in range(G)]
+    for r in range(N):
+        ranks_of[nd_l[r]].append(r)
     t = max(0, min(int(t), E))
-    free = np.full(N, S, dtype=np.int64)
-    layer_load = np.zeros((L, N))
+    free = [S] * N
+    open_ranks = [len(rs) if S > 0 else 0 for rs in ranks_of]  # ranks with a free slot
+    cur_owner = current.owner_LE.tolist()
     new_owner = np.full((L, E), -1, dtype=np.int64)
     held: list[tuple[int, int]] = []
-    for l in np.argsort(-load.max(axis=1), kind="stable"):
+    for l in np.argsort(-load.max(axis=1), kind="stable").tolist():
         order = np.argsort(-load[l], kind="stable")
         total = load[l].sum()
         n_hot = int((load[l] > total / E * (1 + 1e-9)).sum()) if total > 0 else 0
         th = min(t, n_hot)
-        held += [(int(l), int(e)) for e in order[:th]]
-        for e in order[th:]:
-            node_ld = {n: sum(layer_load[l, r] for r in range(N) if node_of(r, ranks_per_node) == n and free[r] > 0)
-                       for n in nodes}
-            open_nodes = [n for n in nodes if any(free[r] > 0 for r in range(N) if node_of(r, ranks_per_node) == n)]
-            home = node_of(int(current.owner_LE[l, e]), ranks_per_node)
-            n_best = min(open_nodes, key=lambda n: (node_ld[n], n != home, n))
-            cands = [r for r in range(N) if node_of(r, ranks_per_node) == n_best and free[r] > 0]
-            r = min(cands, key=lambda r: (layer_load[l, r], int(current.owner_LE[l, e]) != r, r))
-            new_owner[l, e] = r
+        held += [(l, int(e)) for e in order[:th]]
+        row, own_row, out = load[l].tolist(), cur_owner[l], new_owner[l]
+        ll, node_ld, ver = [0.0] * N, [0.0] * G, [0] * G
+        heap = [(0.0, n, 0) for n in range(G) if open_ranks[n] > 0]
+        for e in order[th:].tolist():
+            while heap and (heap[0][2] != ver[heap[0][1]] or open_ranks[heap[0][1]] == 0):
+                heapq.heappop(heap)
+            if not heap:
+                raise ValueError("heterogeneous_sharding: no free slot left (inconsistent ownership)")
+            v, n, _ = heap[0]
+            o = own_row[e]
+            home = nd_l[o]
+            if home != n and open_ranks[home] > 0 and node_ld[home] == v:
+                n = home  # min over (node load, node != home, node)
+            r = min((ll[q], q != o, q) for q in ranks_of[n] if free[q] > 0)[2]
+            out[e] = r
             free[r] -= 1
-            layer_load[l, r] += load[l, e]
+            ll[r] += row[e]
+            open_ranks[n] -= free[r] == 0
+            s = 0.0  # sequential, as the original sum() of numpy floats
+            for q in ranks_of[n]:
+                if free[q] > 0:
+                    s += ll[q]
+            node_ld[n] = s
+            ver[n] += 1
+            if open_ranks[n] > 0:
+                heapq.heappush(heap, (s, n, ver[n]))
+    free_a = np.asarray(free, dtype=np.int64)
     for l, e in held:  # leftover slots: prefer the current owner (no move), then the emptiest rank
-        cur = int(current.owner_LE[l, e])
-        r = cur if free[cur] > 0 else int(np.argmax(free))
+        cur = cur_owner[l][e]
+        r = cur if free_a[cur] > 0 else int(np.argmax(free_a))
         new_owner[l, e] = r
-        free[r] -= 1
-    # slots: keep the slot of experts that stay, give freed slots to the arrivals
-    new_slot = np.full((L, E), -1, dtype=np.int64)
-    stays = new_owner == current.owner_LE
-    new_slot[stays] = current.slot_LE[stays]
-    for r in range(N):
-        used = set(new_slot[(new_owner == r) & stays].tolist())
-        avail = iter(s for s in range(S) if s not in used)
-        for l, e in zip(*np.nonzero((new_owner == r) & ~stays)):
-            new_slot[l, e] = next(avail)
-    out = Ownership(new_owner, new_slot, N)
+        free_a[r] -= 1
+    out = Ownership(new_owner, _new_slots(current, new_owner), N)
     out.check()
     return out
 
 
+def _new_slots(current: Ownership, new_owner: np.ndarray) -> np.ndarray:
+    """Slots of `new_owner`: experts that stay keep theirs, the arrivals at each rank take its
+    free slots in ascending order, in (layer, expert) order."""
+    N, S = current.num_ranks, current.slots_per_rank
+    new_slot = np.full(new_owner.shape, -1, dtype=np.int64)
+    stays = new_owner == current.owner_LE
+    new_slot[stays] = current.slot_LE[stays]
+    mv = np.flatnonzero(~stays.ravel())
+    mo = new_owner.ravel()[mv]
+    used = np.zeros((N, S), dtype=bool)
+    used[new_owner[stays], current.slot_LE[stays]] = True  # a valid current ownership: no repeats
+    ar, free_slots = np.nonzero(~used)  # by rank, then slot
+    if used.sum() != stays.sum() or not np.array_equal(np.bincount(ar, minlength=N), np.bincount(mo, minlength=N)):
+        raise ValueError("heterogeneous_sharding: the current ownership does not use every slot once")
+    new_slot.reshape(-1)[mv[np.argsort(mo, kind="stable")]] = free_slots
+    return new_slot
+
+
 def moves(old: Ownership, new: Ownership) -> list[tuple[int, int, int, int, int, int]]:
     """(layer, expert, from_rank, from_slot, to_rank, to_slot) for every expert that changes place."""
-    out = []
-    for l in range(old.num_layers):
-        for e in range(old.num_experts):
-            a = (int(old.owner_LE[l, e]), int(old.slot_LE[l, e]))
-            b = (int(new.owner_LE[l, e]), int(new.slot_LE[l, e]))
-            if a != b:
-                out.append((l, e, a[0], a[1], b[0], b[1]))
-    return out
+    ls, es = np.nonzero((old.owner_LE != new.owner_LE) | (old.slot_LE != new.slot_LE))
+    cols = (ls, es, old.owner_LE[ls, es], old.slot_LE[ls, es], new.owner_LE[ls, es], new.slot_LE[ls, es])
+    return list(zip(*(c.tolist() for c in cols)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +322,7 @@ class FSSDPPlanConfig:
     reshard_every: int = 100  # heterogeneous sharding period (0: never)
     tolerance: float = 0.05  # no copies while every rank is within this fraction of the mean load
     rematerialize: bool = False  # free copies after forward, gather again in backward
-    ranks_per_node: int = 8
+    ranks_per_node: Nodes = 8  # or the node id of every rank
     link_gbps: float = 400.0  # to derive t from the measured attention time
 
 
@@ -348,7 +335,7 @@ class IterationPlan:
         return [(l, e, h) for l, hs in enumerate(self.holders_L) for e, hl in enumerate(hs) for h in hl[1:]]
 
 
-def predicted_straggler(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: int = 8,
+def predicted_straggler(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: Nodes = 8,
                         tolerance: float = 0.05) -> float:
     """The worst layer's busiest-rank / mean expert load under `own` and the plan Algorithm 1
     makes for it, with every rank sending an equal share of each expert's predicted tokens."""
@@ -358,13 +345,13 @@ def predicted_straggler(own: Ownership, load_LE: np.ndarray, t: int, m: int, ran
     worst = 1.0
     for l in range(own.num_layers):
         counts = np.tile(np.round(load[l] / N).astype(np.int64), (N, 1))
-        r = rank_loads(assign_tokens(counts, plan.holders_L[l], ranks_per_node)).astype(np.float64)
+        r = assign(counts, plan.holders_L[l], ranks_per_node).rank_loads().astype(np.float64)
         if r.mean() > 0:
             worst = max(worst, float(r.max() / r.mean()))
     return worst
 
 
-def reshard_decision(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: int = 8,
+def reshard_decision(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: Nodes = 8,
                      tolerance: float = 0.05) -> Optional[Ownership]:
     """Heterogeneous sharding when it pays: None while the predicted straggler ratio (with the
     materialization plan) is within tolerance, or when Algorithm 2's ownership would not lower
@@ -379,7 +366,7 @@ def reshard_decision(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_
 
 
 def plan_iteration(own: Ownership, load_LE: Optional[np.ndarray], t: int, m: int,
-                   ranks_per_node: int = 8, tolerance: float = 0.05) -> IterationPlan:
+                   ranks_per_node: Nodes = 8, tolerance: float = 0.05) -> IterationPlan:
     holders = []
     for l in range(own.num_layers):
         if load_LE is None:

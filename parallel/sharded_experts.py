@@ -17,7 +17,7 @@ from torch import nn
 from parallel import collectives as coll
 from parallel.expert_autograd import refill_before_backward, release_after_backward
 from parallel.expert_store import ExpertStore
-from parallel.placement import FSSDPPlanConfig, assign_tokens
+from parallel.placement import FSSDPPlanConfig, assign
 
 
 def _monotone(counts_AB: np.ndarray) -> bool:
@@ -72,13 +72,13 @@ class ShardedExperts(nn.Module):
             counts_NE = torch.stack(gathered).cpu().numpy()
         else:
             counts_NE = counts.cpu().numpy()[None]
-        send = assign_tokens(counts_NE, st.holders(l), st.nodes)  # (N, E, N)
-        st.record_loads(send.sum(axis=(0, 1)))
-        mine = send[me]  # (E, N)
+        plan = assign(counts_NE, st.holders(l), st.nodes)  # O(N*E), never the (N, E, N) array
+        st.record_loads(plan.rank_loads())
+        mine = plan.from_rank(me)  # (E, N)
         dst_rows = torch.repeat_interleave(torch.arange(N).repeat(E), torch.from_numpy(np.ascontiguousarray(mine).reshape(-1)))
         order = torch.argsort(dst_rows, stable=True).to(x_ND.device)
         in_splits = mine.sum(axis=0).tolist()
-        recv_SE = send[:, :, me]  # rows arriving from each source, by expert
+        recv_SE = plan.to_rank(me)  # rows arriving from each source, by expert
         out_splits = recv_SE.sum(axis=1).tolist()
         # Classic EP's contiguous ownership makes these row permutations identities: skip them
         # (each is a full copy of the tokens' activations, forward and backward).
