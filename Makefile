@@ -8,7 +8,7 @@ quickstart: setup
 	.venv/bin/moeforge run examples/quickstart.yaml
 
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=30 tests
 
 bench: setup
 	.venv/bin/python bench/moe_layer.py

@@ -38,13 +38,13 @@ from parallel.simulator.config import (MODEL_DEFAULTS, POLICIES, ClusterConfig, 
 from parallel.simulator.derived import Derived, derive
 from parallel.simulator.engine import Simulator, simulate, straggler, sweep, token_matrix
 from parallel.simulator.loads import LoadGenerator, read_trace
-from parallel.simulator.network import Network, broadcast_chain, copy_hops, copy_traffic
+from parallel.simulator.network import Network, copy_hops, copy_traffic, layer_chains, round_arrays
 from parallel.simulator.report import format_result, format_sweep
 
 __all__ = [
     "MODEL_DEFAULTS", "POLICIES", "ClusterConfig", "CostModelConfig", "Derived", "FSSDPKnobs", "LoadConfig",
     "LoadGenerator", "Network", "RunConfig",
-    "SimConfig", "Simulator", "broadcast_chain", "config_from_dict", "copy_hops", "copy_traffic", "derive",
+    "SimConfig", "Simulator", "config_from_dict", "copy_hops", "copy_traffic", "derive", "layer_chains", "round_arrays",
     "format_result", "format_sweep", "load_config", "moe_spacing", "read_trace", "simulate", "straggler",
     "sweep", "token_matrix",
 ]

@@ -32,6 +32,9 @@ class ClusterConfig:
     nvlink_alpha: float = 5e-6  # seconds per message inside a node
     internode_alpha: float = 10e-6  # seconds per message across nodes
     flops: float = 150e12  # sustained dense flop/s of one GPU
+    # P: ranks of one expert-parallel group (groups of P consecutive ranks, each holding every expert
+    # once; the N/P groups average expert gradients). null: all GPUs, or E when gpus > num_experts
+    expert_parallel_size: Optional[int] = None
 
     def check(self):
         if not 8 <= self.gpus <= 256:
@@ -40,6 +43,15 @@ class ClusterConfig:
             yield "gpus_per_node", f"{self.gpus_per_node} must be >= 1"
         elif self.gpus % min(self.gpus, self.gpus_per_node):
             yield "gpus_per_node", f"gpus={self.gpus} is not a multiple of gpus_per_node={self.gpus_per_node}"
+        P, G = self.expert_parallel_size, self.gpus_per_node
+        if P is not None:
+            if P < 1:
+                yield "expert_parallel_size", f"{P} must be >= 1"
+            elif self.gpus % P:
+                yield "expert_parallel_size", f"{P} does not divide gpus={self.gpus} (groups of P consecutive GPUs)"
+            elif G >= 1 and P % G and G % P:
+                yield "expert_parallel_size", (f"{P} is neither a divisor nor a multiple of gpus_per_node={G}: "
+                                               f"the groups would not all have the same node layout")
         for k in ("nvlink_bandwidth", "internode_bandwidth", "flops"):
             if getattr(self, k) <= 0:
                 yield k, f"{getattr(self, k)} must be > 0"
@@ -85,19 +97,39 @@ def moe_spacing(model: ModelConfig) -> tuple[int, int]:
                      f"block ('all', 'every_k' or that list), and the simulator prices every MoE layer alike")
 
 
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+SPAG_MODES = ("chain", "p2p", "broadcast")
+GATHER_OVERLAP = ("first_round", "full")
+
+
 @dataclass
 class CostModelConfig:
     """What the cost model needs besides the model's shapes (see docs/simulator.md)."""
 
     matrices: int = 3  # 3: SwiGLU expert (gate, up, down); 2: GELU expert
-    bytes_per_param: int = 2  # bf16 parameters and gradients
-    bytes_per_activation: int = 2  # bf16 tokens in the all-to-all
+    # the training dtype: what spAG/spRS, the expert-data-parallel all-reduce and the all-to-all send
+    # (training keeps fp32 masters on the owner and sends bf16 when it trains in bf16)
+    dtype: str = "bf16"  # bf16 | fp32
+    bytes_per_param: Optional[int] = None  # parameters and gradients on the wire; null: from dtype (2 | 4)
+    bytes_per_activation: Optional[int] = None  # tokens in the all-to-all; null: from dtype (2 | 4)
     seq_len: int = 1024  # for the attention flops when attention_time_ms is null
     attention_time_ms: Optional[float] = None  # forward time of the non-MoE compute before each MoE layer
 
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 2)
+
+    def param_bytes(self) -> int:
+        """Bytes of one expert parameter (and of its gradient) as training sends it."""
+        return self.bytes_per_param if self.bytes_per_param is not None else self.dtype_bytes()
+
+    def activation_bytes(self) -> int:
+        return self.bytes_per_activation if self.bytes_per_activation is not None else self.dtype_bytes()
+
     def check(self):
+        if self.dtype not in DTYPE_BYTES:
+            yield "dtype", f"{self.dtype!r} is not one of {list(DTYPE_BYTES)}"
         for k in ("bytes_per_param", "bytes_per_activation", "seq_len"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) is not None and getattr(self, k) < 1:
                 yield k, f"{getattr(self, k)} must be >= 1"
         if self.matrices not in (2, 3):
             yield "matrices", f"{self.matrices} is not 2 or 3"
@@ -137,8 +169,17 @@ class FSSDPKnobs:
     reshard_every: int = 100  # heterogeneous sharding (Algorithm 2) period in iterations; 0: never
     rematerialize: bool = True  # also simulate fssdp_remat when sim.policies is not given
     tolerance: Optional[float] = None  # no copies while owners are within this of the mean load; null: planner default
-    spag: str = "p2p"  # p2p: owner sends to every holder (parallel/collectives.py); broadcast: pipelined chain (Hecate)
-    sprs_overlap: bool = True  # spRS hidden behind the backward attention (Hecate); false: after the backward
+    # chain: parallel.copy_schedule's pipelined chains, round by round (what training does);
+    # p2p: the owner sends to every holder at once (the former flat training schedule);
+    # broadcast: the same chains as an ideal deep-pipelined NCCL broadcast (bytes only, as Hecate)
+    spag: str = "chain"
+    max_chunks: int = 4  # chain: pieces per message (copy_schedule.num_chunks; training's default 4)
+    # first_round: as ExpertStore: only the spAG's first round is posted before the attention, the
+    # rest runs at the layer, and remat's backward gather is not prefetched; full: all of it prefetched
+    gather_overlap: str = "first_round"
+    # false: as ExpertStore.reduce_grads: spRS of all layers and the expert-data-parallel all-reduce
+    # after the backward pass; true: each layer's under the backward attention before it (Hecate)
+    sprs_overlap: bool = False
 
     def check(self):
         if self.window < 1:
@@ -153,8 +194,31 @@ class FSSDPKnobs:
             yield "reshard_every", f"{self.reshard_every} must be >= 0"
         if self.tolerance is not None and self.tolerance < 0:
             yield "tolerance", f"{self.tolerance} must be >= 0"
-        if self.spag not in ("p2p", "broadcast"):
-            yield "spag", f"{self.spag!r} is not one of ['p2p', 'broadcast']"
+        if self.spag not in SPAG_MODES:
+            yield "spag", f"{self.spag!r} is not one of {list(SPAG_MODES)}"
+        if self.max_chunks < 1:
+            yield "max_chunks", f"{self.max_chunks} must be >= 1"
+        if self.gather_overlap not in GATHER_OVERLAP:
+            yield "gather_overlap", f"{self.gather_overlap!r} is not one of {list(GATHER_OVERLAP)}"
+
+
+def expert_group_problems(N: int, E: int, P: Optional[int]) -> list[tuple[str, str]]:
+    """Why E experts cannot be sharded over expert-parallel groups of P of the N GPUs."""
+    if P is None:
+        if E % N and N % E:
+            return [("model.num_experts", f"num_experts={E} and gpus={N}: one must divide the other "
+                                          f"(E/N experts per GPU, or expert groups of E GPUs), or set "
+                                          f"cluster.expert_parallel_size")]
+        return []
+    if P >= 1 and E % P:
+        return [("cluster.expert_parallel_size", f"{P} does not divide num_experts={E} (each of the P ranks "
+                                                 f"of a group owns E/P experts of every layer)")]
+    return []
+
+
+def expert_parallel_size(N: int, E: int, P: Optional[int]) -> int:
+    """P, with null meaning all N GPUs (groups of E when N > E)."""
+    return P if P is not None else min(N, E)
 
 
 @dataclass
@@ -180,10 +244,10 @@ class SimConfig:
     sim: RunConfig = field(default_factory=RunConfig)
 
     def check(self):
-        N, E = self.cluster.gpus, self.model.num_experts
-        if self.load.kind != "trace" and E % N and N % E:
-            yield "model.num_experts", (f"num_experts={E} and gpus={N}: one must divide the other "
-                                        f"(E/N experts per GPU, or expert groups of E GPUs)")
+        N, E, P = self.cluster.gpus, self.model.num_experts, self.cluster.expert_parallel_size
+        if self.load.kind != "trace":  # a trace sets E: derive() checks it then
+            for k, msg in expert_group_problems(N, E, P):
+                yield k, msg
         try:
             self.model.moe_layer_ids()
         except ValueError:

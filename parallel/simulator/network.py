@@ -1,13 +1,36 @@
 """The network: alpha-beta with two link classes (NVLink in a node, one NIC per GPU across
-nodes), and the messages that bring expert copies from their owner to the other holders."""
+nodes), and the messages that bring expert copies from their owner to the other holders.
+
+spAG/spRS schedules (`fssdp.spag`):
+
+* `chain`: training's schedule, `parallel.copy_schedule`: each copied expert travels down the
+  chain of its holders (`copy_schedule.chain`) in `num_chunks` pieces, round by round
+  (`gather_rounds` / `reduce_rounds`). `Network.schedule_time` runs those rounds as training does:
+  a rank posts a round's sends and receives once it finished its previous round, and a transfer
+  starts when both ends have posted it; a round costs a rank alpha per message plus its piece
+  bytes per link class (the larger of sent and received). One chain of K hops in C pieces thus
+  takes (K + C - 1) rounds of message/C bytes, each on the link class of its hops.
+* `broadcast`: the same chains (`copy_schedule.chain`) priced as one ideal, deeply pipelined
+  NCCL broadcast: bytes only, no pipeline fill (Hecate's NCCL broadcasts; FasterMoE's shadows).
+* `p2p`: the former flat training schedule: the owner sends one message to every holder at once.
+"""
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Optional
+from typing import Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from parallel import copy_schedule
 from parallel.simulator.config import ClusterConfig
+
+Nodes = Union[int, Sequence[int], np.ndarray]
+
+
+def node_array(nodes: Nodes, num_ranks: int) -> np.ndarray:
+    """Node index of each of `num_ranks` ranks: `nodes` is ranks per node or the array itself."""
+    if isinstance(nodes, (int, np.integer)):
+        return np.arange(num_ranks) // max(1, int(nodes))
+    return np.asarray(nodes, dtype=np.int64)
 
 
 class Network:
@@ -17,8 +40,8 @@ class Network:
         self.N, self.G = num_ranks, c.gpus_per_node
         self.nv, self.ib = c.nvlink_bandwidth, c.internode_bandwidth
         self.a_nv, self.a_ib = c.nvlink_alpha, c.internode_alpha
-        node = np.arange(self.N) // self.G
-        self.same = node[:, None] == node[None, :]
+        self.node = np.arange(self.N) // self.G
+        self.same = self.node[:, None] == self.node[None, :]
         self.multi_node = self.N > self.G
 
     def rank_times(self, B: np.ndarray, M: Optional[np.ndarray] = None) -> np.ndarray:
@@ -61,49 +84,84 @@ class Network:
             return passes * (N - 1) * self.a_nv + per / self.nv
         return passes * (N - 1) * self.a_ib + per * (G - 1) / G / self.nv + per / G / self.ib
 
+    def schedule_time(self, rounds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      hold: Optional[float] = None) -> tuple[float, float]:
+        """(end, end of round 0) of a round schedule (`round_arrays`), from time 0.
 
-def broadcast_chain(holders: list[int], expert: int, ranks_per_node: int) -> list[tuple[int, int]]:
-    """(src, dst) hops of a pipelined broadcast from holders[0] (the owner) to the others.
+        A rank starts round r when it finished round r-1; the transfer s->d of round r starts when
+        both have started it and lasts the larger of the two ranks' round times (alpha per message
+        + bytes / beta per link class, sent or received); a rank's round ends with its last
+        transfer. `hold`: no rank starts round 1 before this time (the rest of training's spAG is
+        posted only at the MoE layer, after the attention).
+        """
+        ready = np.zeros(self.N)
+        first = 0.0
+        for r, (src, dst, nb) in enumerate(rounds):
+            if r == 1 and hold is not None:
+                ready = np.maximum(ready, hold)
+            B = np.zeros((self.N, self.N))
+            M = np.zeros((self.N, self.N))
+            np.add.at(B, (src, dst), nb)
+            np.add.at(M, (src, dst), 1.0)
+            dur = self.rank_times(B, M)
+            t = np.maximum(ready[src], ready[dst]) + np.maximum(dur[src], dur[dst])
+            new = ready.copy()
+            np.maximum.at(new, src, t)
+            np.maximum.at(new, dst, t)
+            ready = new
+            if r == 0:
+                first = float(ready.max())
+        return float(ready.max()) if len(rounds) else 0.0, first
 
-    Owner first, then the other holders of its node, then node after node (in rank order from the
-    owner's node); a remote node's first holder rotates with `expert` to spread NIC traffic.
-    """
-    owner = holders[0]
-    G = max(1, ranks_per_node)
-    by_node: dict[int, list[int]] = defaultdict(list)
-    for h in holders[1:]:
-        by_node[h // G].append(h)
-    on = owner // G
-    chain = [owner] + sorted(by_node.pop(on, []))
-    K = max(max(by_node, default=on), on) + 1
-    for n in sorted(by_node, key=lambda n: (n - on) % K):
-        rs = sorted(by_node[n])
-        k = expert % len(rs)
-        chain += rs[k:] + rs[:k]
-    return list(zip(chain[:-1], chain[1:]))
 
-
-def copy_hops(holders: list[int], expert: int, ranks_per_node: int, mode: str) -> list[tuple[int, int]]:
+# --------------------------------------------------------------------------------------------
+# copy messages
+# --------------------------------------------------------------------------------------------
+def copy_hops(holders: Sequence[int], expert: int, nodes: Nodes, mode: str) -> list[tuple[int, int]]:
     """(src, dst) messages that bring an expert from its owner (holders[0]) to the other holders.
 
-    p2p: the owner sends one message to every holder, as parallel/collectives.py's spAG does;
-    broadcast: the pipelined chain of `broadcast_chain` (NCCL broadcast, as Hecate and FasterMoE).
+    p2p: the owner sends one message to every holder (the former flat spAG); chain and
+    broadcast: the links of `copy_schedule.chain` (each carries the whole expert once).
     """
     if len(holders) <= 1:
         return []
     if mode == "p2p":
         return [(int(holders[0]), int(h)) for h in holders[1:]]
-    return broadcast_chain(list(holders), expert, ranks_per_node)
+    n = max(int(h) for h in holders) + 1
+    return copy_schedule.chain_hops(list(holders), expert, node_array(nodes, n))
 
 
-def copy_traffic(holders_E: list[list[int]], num_ranks: int, ranks_per_node: int,
-                 expert_bytes: float, mode: str = "p2p") -> tuple[np.ndarray, np.ndarray]:
+def copy_traffic(holders_E: Sequence[Sequence[int]], num_ranks: int, nodes: Nodes,
+                 expert_bytes: float, mode: str = "chain",
+                 max_chunks: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Bytes and messages matrices of one spAG for a layer's holders; spRS is its transpose
-    (gradients flow back along the same messages), so it costs the same."""
+    (gradients flow back along the same links). A chain hop is `num_chunks` messages."""
     B = np.zeros((num_ranks, num_ranks))
     M = np.zeros((num_ranks, num_ranks))
+    na = node_array(nodes, num_ranks)
     for e, hs in enumerate(holders_E):
-        for s, d in copy_hops(hs, e, ranks_per_node, mode):
+        msgs = copy_schedule.num_chunks(len(hs), max_chunks) if mode == "chain" else 1
+        for s, d in copy_hops(hs, e, na, mode):
             B[s, d] += expert_bytes
-            M[s, d] += 1
+            M[s, d] += msgs
     return B, M
+
+
+def layer_chains(holders_E: Sequence[Sequence[int]], nodes: Nodes, num_ranks: int,
+                 layer: Hashable = 0) -> dict:
+    """{(layer, expert): chain} of the experts with copies, as `parallel.collectives.layer_chains`."""
+    na = node_array(nodes, num_ranks)
+    return {(layer, e): copy_schedule.chain(hs, e, na) for e, hs in enumerate(holders_E) if len(hs) > 1}
+
+
+def round_arrays(chains: Mapping[Hashable, Sequence[int]], expert_bytes: float, max_chunks: int = 4,
+                 reduce: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(src, dst, bytes) arrays of every round of `gather_rounds` (spAG) or `reduce_rounds` (spRS)."""
+    rounds = (copy_schedule.reduce_rounds if reduce else copy_schedule.gather_rounds)(chains, max_chunks)
+    piece = {k: expert_bytes / copy_schedule.num_chunks(len(c), max_chunks) for k, c in chains.items()}
+    out = []
+    for rnd in rounds:
+        out.append((np.fromiter((h.src for h in rnd), np.int64, len(rnd)),
+                    np.fromiter((h.dst for h in rnd), np.int64, len(rnd)),
+                    np.fromiter((piece[h.key] for h in rnd), np.float64, len(rnd))))
+    return out

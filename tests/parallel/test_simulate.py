@@ -144,6 +144,48 @@ def test_more_gpus_than_experts_uses_expert_groups():
 # --------------------------------------------------------------------------------------------
 # network model
 # --------------------------------------------------------------------------------------------
+def test_expert_parallel_groups_keep_tokens_inside_the_group():
+    # 8 GPUs as 2 groups of 4 (one per node): every group holds all 16 experts, 4 per GPU
+    one = sim.simulate(_cfg(**{"load.zipf_s": 1.2}))
+    two = sim.simulate(_cfg(**{"load.zipf_s": 1.2, "cluster.expert_parallel_size": 4}))
+    assert one["derived"]["expert_parallel_size"] == 8 and one["derived"]["replicas"] == 1
+    assert two["derived"]["expert_parallel_size"] == 4 and two["derived"]["replicas"] == 2
+    P = two["derived"]["expert_params"]
+    assert two["policies"]["ep"]["memory_gib"] == pytest.approx(2 * 4 * P * 16 / 2**30)  # 2 layers x 4 experts
+    assert two["policies"]["ep"]["memory_gib"] == pytest.approx(2 * one["policies"]["ep"]["memory_gib"])
+    # groups of one node: the all-to-all never crosses nodes, so it is cheaper than over both nodes...
+    assert two["policies"]["ep"]["a2a_ms"] < one["policies"]["ep"]["a2a_ms"]
+    # ...and the groups all-reduce their expert gradients once per iteration
+    assert one["derived"]["replica_allreduce_ms"] == 0 < two["derived"]["replica_allreduce_ms"]
+
+
+def test_training_dtype_sets_the_bytes_on_the_wire():
+    bf = sim.simulate(_cfg(**{"load.zipf_s": 1.5}))
+    fp = sim.simulate(_cfg(**{"load.zipf_s": 1.5, "cost_model.dtype": "fp32"}))
+    assert bf["derived"]["param_bytes"] == 2 and fp["derived"]["param_bytes"] == 4
+    assert fp["derived"]["expert_mib"] == pytest.approx(2 * bf["derived"]["expert_mib"])
+    ep_bf, ep_fp = bf["policies"]["ep"], fp["policies"]["ep"]
+    assert ep_fp["gb_moved_per_gpu"] == pytest.approx(2 * ep_bf["gb_moved_per_gpu"])  # the all-to-all's tokens
+    assert ep_fp["a2a_ms"] > ep_bf["a2a_ms"]
+    # fp32 experts take twice as long to copy: the overlap budget t (copies hidden by the attention) shrinks
+    assert fp["derived"]["t"] <= bf["derived"]["t"]
+    per_copy = [r["policies"]["fssdp"]["gb_moved_per_gpu"] / max(r["policies"]["fssdp"]["copies_per_layer"], 1)
+                for r in (bf, fp)]
+    assert per_copy[1] > per_copy[0]
+
+
+def test_chain_schedule_sits_between_the_ideal_broadcast_and_p2p():
+    over = {"cluster.gpus": 16, "cluster.gpus_per_node": 8, "load.zipf_s": 1.5, "sim.policies": ["fssdp"],
+            "sim.iterations": 6}
+    t = {m: sim.simulate(_cfg(**over, **{"fssdp.spag": m})) for m in ("chain", "broadcast", "p2p")}
+    comm = {m: r["policies"]["fssdp"]["comm_total_ms"] for m, r in t.items()}
+    assert comm["broadcast"] < comm["chain"] < comm["p2p"]
+    assert t["chain"]["derived"]["spag_rounds_per_layer"] > 1  # the chains' rounds, as training runs them
+    # the same plan whatever the schedule: same copies, same all-to-all and compute
+    assert len({r["policies"]["fssdp"]["copies_per_layer"] for r in t.values()}) == 1
+    assert len({r["policies"]["fssdp"]["a2a_ms"] for r in t.values()}) == 1
+
+
 def test_all_to_all_cost_by_link_class():
     c = sim.ClusterConfig(gpus=8, gpus_per_node=4, nvlink_bandwidth=100.0, internode_bandwidth=10.0,
                           nvlink_alpha=1.0, internode_alpha=2.0)
@@ -156,18 +198,29 @@ def test_all_to_all_cost_by_link_class():
     assert net.all_to_all(tok, 1.0) == pytest.approx(3 * 1.0 + 4 * 2.0 + max(0.5 + 3.0, 4.0))
 
 
-def test_broadcast_chain_and_p2p_costs():
+def test_chain_broadcast_and_p2p_costs():
     hs = [3] + [r for r in range(16) if r != 3]
-    chain = sim.broadcast_chain(hs, expert=5, ranks_per_node=8)
-    assert len(chain) == 15 and sorted(d for _, d in chain) == sorted(hs[1:])
-    assert chain[0][0] == 3
-    assert sum((s // 8) != (d // 8) for s, d in chain) == 1  # one hop into the other node
+    hops = sim.copy_hops(hs, 5, 8, "chain")  # training's chain (parallel.copy_schedule)
+    assert len(hops) == 15 and sorted(d for _, d in hops) == sorted(hs[1:])
+    assert hops[0][0] == 3
+    assert sum((s // 8) != (d // 8) for s, d in hops) == 1  # one hop into the other node
     c = sim.ClusterConfig(gpus=16)
     net = sim.Network(c, 16)
     Bp, Mp = sim.copy_traffic([hs], 16, 8, 1e8, "p2p")
     Bb, Mb = sim.copy_traffic([hs], 16, 8, 1e8, "broadcast")
     assert Bp.sum() == Bb.sum() == 15 * 1e8  # same bytes in all...
-    assert net.rank_times(Bb, Mb).max() < net.rank_times(Bp, Mp).max() / 5  # ...but the owner is not a hotspot
+    p2p = net.rank_times(Bp, Mp).max()
+    assert net.rank_times(Bb, Mb).max() < p2p / 5  # ...but the owner is not a hotspot
+    # the chain as training runs it: 15 hops in 4 pieces = 18 rounds of a quarter of the expert
+    rounds = sim.round_arrays(sim.layer_chains([hs], 8, 16), 1e8, max_chunks=4)
+    assert len(rounds) == 15 + 4 - 1
+    assert all(nb.max() == pytest.approx(0.25e8) for _, _, nb in rounds)
+    t, first = net.schedule_time(rounds)
+    assert 0 < first < t < p2p / 2
+    # the same rounds reversed (spRS) cost the same; holding round 1 back delays the end
+    back = sim.round_arrays(sim.layer_chains([hs], 8, 16), 1e8, max_chunks=4, reduce=True)
+    assert net.schedule_time(back)[0] == pytest.approx(t)
+    assert net.schedule_time(rounds, hold=1.0)[0] == pytest.approx(1.0 + t - first, rel=0.05)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +297,12 @@ def test_bad_trace_names_the_field(tmp_path):
     ({"cost_model": {"attention_time_ms": -1.0}}, "cost_model.attention_time_ms"),
     ({"load": {"zipf_s": "steep"}}, "load.zipf_s"),
     ({"fssdp": {"spag": "tree"}}, "fssdp.spag"),
+    ({"fssdp": {"max_chunks": 0}}, "fssdp.max_chunks"),
+    ({"fssdp": {"gather_overlap": "some"}}, "fssdp.gather_overlap"),
+    ({"cost_model": {"dtype": "fp8"}}, "cost_model.dtype"),
+    ({"cluster": {"gpus": 8, "expert_parallel_size": 3}}, "cluster.expert_parallel_size"),  # not a divisor of 8
+    ({"cluster": {"gpus": 16, "gpus_per_node": 8, "expert_parallel_size": 16}, "model": {"num_experts": 8}},
+     "cluster.expert_parallel_size"),  # 8 experts cannot be split over 16 ranks
     ({"sim": {"policies": ["ep", "deepspeed"]}}, "sim.policies[1]"),
     ({"bogus": {}}, "bogus"),
 ])
