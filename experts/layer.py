@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,26 +42,53 @@ class MoEAux:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked tensors, so backends and sharding slice dim 0."""
+    """E SwiGLU experts stored as stacked tensors, so backends and sharding slice dim 0.
 
-    def __init__(self, num_experts: int, d_model: int, d_expert: int, backend: str = "reference"):
+    `rows` (expert ids, ascending): materialize only these experts, as an expert-sharded rank does
+    before `parallel.sharded_experts.shard_model` moves them into its store; row j of w1/w3/w2 is
+    expert rows[j]. `reset_parameters` draws the full (E, ...) tensors from the same generator,
+    one tensor at a time, and keeps the rows, so a rank holds the values of the full model's
+    initialisation while never holding more than one full weight of one layer. Such a partial
+    module has no forward.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, backend: str = "reference",
+                 rows: Optional[Sequence[int]] = None):
         super().__init__()
         self.num_experts = num_experts
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
-        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
+        self.rows = None if rows is None else [int(e) for e in rows]
+        if self.rows is not None and (sorted(set(self.rows)) != self.rows or
+                                      any(not 0 <= e < num_experts for e in self.rows)):
+            raise ValueError(f"rows={rows}: expert ids must be ascending, distinct and in [0, {num_experts})")
+        n = num_experts if self.rows is None else len(self.rows)
+        self.w1 = nn.Parameter(torch.empty(n, d_model, d_expert))
+        self.w3 = nn.Parameter(torch.empty(n, d_model, d_expert))
+        self.w2 = nn.Parameter(torch.empty(n, d_expert, d_model))
         self.backend_name = backend
         self._backend = get_backend(backend)
         self.recompute = False  # activation checkpointing: redo the FFN in the backward pass
         for p in self.parameters():
             p.moeforge_expert = True  # tells parallel/ these are expert parameters
 
+    @property
+    def partial(self) -> bool:
+        return self.rows is not None
+
+    @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1, std=std)
-        nn.init.normal_(self.w3, std=std)
-        nn.init.normal_(self.w2, std=out_std)
+        for w, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
+            if self.rows is None:
+                nn.init.normal_(w, std=s)
+            else:  # the full tensor's draws (same shape, dtype, device), then only our rows
+                full = torch.empty((self.num_experts, *w.shape[1:]), dtype=w.dtype, device=w.device)
+                nn.init.normal_(full, std=s)
+                w.copy_(full[self.rows])
+                del full
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            raise RuntimeError(f"these experts hold only experts {self.rows} of {self.num_experts}: "
+                               f"an expert strategy's store runs them (parallel.sharded_experts.shard_model)")
         # The backend needs host-side split sizes; one small device->host copy per layer.
         backend = recomputing(self._backend) if self.recompute else self._backend
         return backend(x_ND, counts_E.tolist(), self.w1, self.w3, self.w2)
@@ -77,7 +104,8 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, d_expert: int,
-                 router: Optional[RouterConfig] = None, backend: str = "reference"):
+                 router: Optional[RouterConfig] = None, backend: str = "reference",
+                 expert_rows: Optional[Sequence[int]] = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
@@ -88,7 +116,7 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
-        self.experts = GroupedExperts(num_experts, d_model, d_expert, backend)
+        self.experts = GroupedExperts(num_experts, d_model, d_expert, backend, rows=expert_rows)
         self.routing_step = 0
 
     def reset_parameters(self, std: float, out_std: float) -> None:

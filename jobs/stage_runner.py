@@ -127,11 +127,14 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     strategy = build_strategy(par, stage.ep_size, stage.grad_clip, nodes)
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(stage.model_seed)
+    init_ckpt = init_checkpoint(stage, layout)
+    # From the seed, ep/fssdp ranks build only the experts they own (the full model's values);
+    # a loader (init_from) still fills full layers.
+    strategy.build_owned_only = init_ckpt is None
     model = build_model(stage, corpus.tokenizer.vocab_size, strategy,
                         corpus.tokenizer.eos_id if plan.corpus.document_mask else None)
     if device.type == "cuda":
         model = model.to(device)
-    init_ckpt = init_checkpoint(stage, layout)
     init_report = None
     if init_ckpt is not None:
         # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts

@@ -88,6 +88,19 @@ class ExpertPool:
                 self.w3[s].copy_(w3[e])
                 self.w2[s].copy_(w2[e])
 
+    @torch.no_grad()
+    def load_rows(self, l: int, experts, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        """Take this rank's experts of layer l from tensors holding only them: row j is expert
+        experts[j] (`GroupedExperts.rows`); they must be exactly the experts this rank owns."""
+        mine = [e for e in range(self.E) if self.owner(l, e) == self.rank]
+        if list(experts) != mine:
+            raise ValueError(f"layer {l}: the model materialized experts {list(experts)}, this rank owns {mine}")
+        for j, e in enumerate(mine):
+            s = self.slot(l, e)
+            self.w1[s].copy_(w1[j])
+            self.w3[s].copy_(w3[j])
+            self.w2[s].copy_(w2[j])
+
     def build_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
         self.optimizer = torch.optim.AdamW([{"params": self.params(), "weight_decay": weight_decay,
                                              "name": "expert_sharded"}], lr=lr, betas=tuple(betas), eps=eps)

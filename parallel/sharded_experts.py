@@ -147,7 +147,10 @@ def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None
         store.backend = recomputing(store.backend)  # local expert rows only; collectives are not redone
     for i, layer in enumerate(layers):
         ex = layer.experts
-        store.load_full_layer(i, ex.w1.detach(), ex.w3.detach(), ex.w2.detach())
+        if getattr(ex, "partial", False):  # built with only this rank's experts (meta-free init)
+            store.load_rows(i, ex.rows, ex.w1.detach(), ex.w3.detach(), ex.w2.detach())
+        else:
+            store.load_full_layer(i, ex.w1.detach(), ex.w3.detach(), ex.w2.detach())
         layer.experts = ShardedExperts(store, i, ex.num_experts)
     # A Transformer's MoE blocks post the layer's gather before their attention (a bare layer in
     # tests or benchmarks has no blocks: its gather runs when the layer needs the copies).

@@ -46,6 +46,20 @@ class ShardedStrategy(ExpertStrategy):
                                               self.parallel.fssdp.ranks_per_node)
         return self.groups
 
+    def moe_factory(self):
+        """With `build_owned_only` (a stage initialised from its seed, no init_from), each rank's
+        MoE layers materialize only the experts it owns at the start (`GroupedExperts.rows`), with
+        the full model's initial values; otherwise the full layers (a loader fills them)."""
+        if not self.build_owned_only:
+            return None
+        from system.model import default_moe_layer
+
+        def make(cfg, experts):
+            E = cfg.num_experts
+            return default_moe_layer(cfg, experts, expert_rows=[e for e in range(E) if self.owns_initially(0, e, E)])
+
+        return make
+
     def owns_initially(self, moe_layer: int, expert: int, num_experts: int) -> bool:
         from parallel.placement import Ownership  # the store's initial (classic EP) ownership
 

@@ -42,6 +42,9 @@ class ExpertStrategy:
     # whether DeepSpeed's ZeRO partitions are all over the data-parallel world (so that
     # `parallel.zero_reshard` can resume them on another world size)
     reshardable_dense_state = True
+    # set before `moe_factory` when the stage starts from its seed (no init_from): a strategy that
+    # shards experts may then build only this rank's (ep/fssdp: `ShardedStrategy.moe_factory`)
+    build_owned_only = False
 
     def __init__(self, parallel, ep_size: int, grad_clip: float):
         self.parallel, self.ep_size, self.grad_clip = parallel, ep_size, float(grad_clip or 0.0)

@@ -112,8 +112,10 @@ class DenseFFN(nn.Module):
 MoEFactory = Callable[[ModelConfig, ExpertsConfig], nn.Module]
 
 
-def default_moe_layer(cfg: ModelConfig, experts: ExpertsConfig) -> nn.Module:
-    return MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend)
+def default_moe_layer(cfg: ModelConfig, experts: ExpertsConfig, expert_rows=None) -> nn.Module:
+    """Our MoE layer; `expert_rows`: materialize only those experts (`GroupedExperts.rows`)."""
+    return MoELayer(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.d_expert, experts.router, experts.backend,
+                    expert_rows=expert_rows)
 
 
 class Block(nn.Module):
