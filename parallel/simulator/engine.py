@@ -211,12 +211,12 @@ class Simulator:
 
     @property
     def move_bytes(self) -> int:
-        """Moving ownership moves the parameter, the fp32 master (bf16 training) and Adam's m, v."""
-        pb = self.d.param_bytes
-        return pb + (MASTER_BYTES if pb < 4 else 0) + 2 * MASTER_BYTES
+        """Moving ownership moves what ExpertPool.reshard sends: the owner's fp32 weights (the
+        masters, whatever the training dtype) and Adam's two fp32 moments."""
+        return 3 * MASTER_BYTES
 
     def _tokens(self, c_g: np.ndarray, holders: list[list[int]]):
-        tok = token_matrix(placement.assign_tokens(c_g, holders, self.G))
+        tok = placement.assign(c_g, holders, self.G).token_matrix()  # = token_matrix(assign_tokens(...))
         return tok, tok.sum(axis=0)
 
     # ---- the loop -------------------------------------------------------------------------
@@ -286,7 +286,8 @@ class Simulator:
                 groups = self._groups(counts[l])
                 if "ep" in acc:
                     self._layer(acc["ep"], groups, lambda c: ep_holders[l], 0.0, 0.0,
-                                ar if hide else 0.0, max(0.0, ar - win_b) if hide else 0.0, ar_bytes)
+                                ar if hide else 0.0, max(0.0, ar - win_b) if hide else 0.0,
+                                ar_bytes if hide else 0.0)  # else counted once, after the backward
                 if want_fs:
                     hl = plan.holders_L[l]
                     sc = self.spag_cost(hl)

@@ -105,7 +105,7 @@ def test_fastermoe_shadows_the_hot_expert_and_uses_assign_tokens():
 
 def test_simulator_plans_with_the_training_planner(monkeypatch):
     calls = {"plan": 0, "assign": 0}
-    real_plan, real_assign = placement.plan_iteration, placement.assign_tokens
+    real_plan, real_assign = placement.plan_iteration, placement.assign
 
     def plan(*a, **k):
         calls["plan"] += 1
@@ -116,7 +116,7 @@ def test_simulator_plans_with_the_training_planner(monkeypatch):
         return real_assign(*a, **k)
 
     monkeypatch.setattr(placement, "plan_iteration", plan)
-    monkeypatch.setattr(placement, "assign_tokens", assign)
+    monkeypatch.setattr(placement, "assign", assign)
     _run(**{"load.zipf_s": 1.5, "sim.iterations": 4, "sim.policies": ["fssdp"]})
     assert calls["plan"] == 4 and calls["assign"] == 4 * 2  # every iteration, every layer
 
