@@ -165,6 +165,10 @@ class ExpertStore(ExpertPool):
             for e, hl in enumerate(hs):
                 if self.owner(l, e) not in hl:
                     raise ValueError(f"plan for layer {l} expert {e} lacks its owner rank {self.owner(l, e)}")
+                if len(set(hl)) != len(hl) or any(not 0 <= int(h) < self.world for h in hl):
+                    # a repeated holder would make the token assignment's sends collide
+                    raise ValueError(f"plan for layer {l} expert {e}: holders {list(hl)} must be distinct "
+                                     f"ranks in [0, {self.world})")
         self._drop_copies()
         self.plan = plan
 

@@ -407,3 +407,18 @@ def test_bf16_activations_with_fp32_expert_pool():
     r = run_distributed(_bf16_worker, 1)[0]
     assert (r["y"], r["pool"], r["grad"]) == (torch.bfloat16, torch.float32, torch.float32)
     assert r["moved"] > 0 and r["kept"]
+
+
+def test_set_plan_refuses_repeated_or_unknown_holders():
+    """A repeated holder would make two of the token assignment's sends collide (tokens lost);
+    one process, the store's own check."""
+    from parallel.placement import IterationPlan
+    from parallel.sharded_experts import shard_model
+
+    layer, _ = _layer(False)
+    store = shard_model(_Holder(layer), "fssdp")
+    ok = [[0] for _ in range(E)]
+    store.set_plan(IterationPlan([ok]))
+    for bad in ([0, 0], [0, 3]):
+        with pytest.raises(ValueError, match="must be distinct ranks"):
+            store.set_plan(IterationPlan([[bad] + ok[1:]]))
