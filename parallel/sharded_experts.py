@@ -97,7 +97,8 @@ class ShardedExperts(nn.Module):
         recv_id = bool(np.all(np.diff(arrival_pos) >= 0))
         rows = recv if recv_id else recv.index_select(0, perm)
         local_counts = [int(recv_SE[:, e].sum()) for e in experts]
-        missing = [e for e in range(E) if recv_SE[:, e].sum() > 0 and e not in experts]
+        held = set(experts)
+        missing = [int(e) for e in np.flatnonzero(recv_SE.sum(axis=0)) if int(e) not in held]
         if missing:
             raise RuntimeError(f"layer {l}: rank {me} received tokens for experts {missing} it does not hold")
         own_w, copy_w = st.local_weights(l, experts)
