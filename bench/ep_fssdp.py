@@ -18,6 +18,7 @@ iteration by iteration, so a noisy shared machine affects them alike. Per iterat
     python bench/ep_fssdp.py                       # 2 and 4 ranks, s in {0, 1.0, 1.5} + drift
     python bench/ep_fssdp.py --world 2 --zipf 1.5 --iters 20
     python bench/ep_fssdp.py --json docs/results/ep_fssdp.json
+    python bench/ep_fssdp.py --strategies fssdp,fssdp_overlap   # spRS after vs inside the backward
 """
 from __future__ import annotations
 
@@ -131,13 +132,14 @@ def build(strategy: str, cfg: dict, rank: int, world: int):
         blocks.append(Block(cfg["d_model"], moe))
     net = Net(blocks)
     store = None
-    if strategy in ("ep", "fssdp"):
+    if strategy in ("ep", "fssdp", "fssdp_overlap"):
         from parallel.sharded_experts import shard_model
         from parallel.placement import FSSDPPlanConfig
-        store = shard_model(net, strategy, FSSDPPlanConfig(window=cfg["window"], memory_cap=cfg["memory_cap"],
-                                                           overlap_budget=cfg["overlap_budget"],
-                                                           reshard_every=cfg["reshard_every"],
-                                                           rematerialize=cfg["remat"]))
+        # fssdp_overlap: fssdp whose spRS starts in the backward pass (parallel.fssdp.sprs_overlap)
+        plan_cfg = FSSDPPlanConfig(window=cfg["window"], memory_cap=cfg["memory_cap"],
+                                   overlap_budget=cfg["overlap_budget"], reshard_every=cfg["reshard_every"],
+                                   rematerialize=cfg["remat"], sprs_overlap=strategy == "fssdp_overlap")
+        store = shard_model(net, strategy.removesuffix("_overlap"), plan_cfg)
         store.build_optimizer(1e-4, (0.9, 0.95), 1e-8, 0.0)
     dense = [p for n, p in net.named_parameters() if "router" not in n and not getattr(p, "allreduce", True) is False
              and not getattr(p, "moeforge_expert", False)]
@@ -173,6 +175,8 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
             dist.barrier()
             t0 = time.perf_counter()
             y, auxes = net(x)
+            if store is not None:
+                store.arm_reduce(True)  # one micro-batch: this backward is the step's last
             y.float().pow(2).mean().backward()
             if store is not None:
                 store.reduce_grads()

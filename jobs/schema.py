@@ -39,6 +39,7 @@ class FSSDPSection:
     memory_cap: int = 2  # m: extra (copied) experts a rank may hold per layer
     reshard_every: int = 100  # heterogeneous sharding (Algorithm 2) period in steps; 0: never
     rematerialize: bool = False  # free copies after the forward pass, gather again for backward
+    sprs_overlap: bool = False  # start each layer's SparseReduceScatter in the backward pass, once final
     ranks_per_node: int = 8  # ranks sharing a fast link (token dispatch prefers them)
     tolerance: float = 0.05  # no copies while every rank's predicted load is within this of the mean
 

@@ -128,9 +128,10 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(stage.model_seed)
     init_ckpt = init_checkpoint(stage, layout)
-    # From the seed, ep/fssdp ranks build only the experts they own (the full model's values);
-    # a loader (init_from) still fills full layers.
-    strategy.build_owned_only = init_ckpt is None
+    # ep/fssdp ranks build only the experts they own: from the seed (the full model's values) or
+    # filled by the init_from loader (moeforge checkpoint, upcycling, Hugging Face), which reads
+    # the full source and keeps this rank's rows.
+    strategy.build_owned_only = True
     model = build_model(stage, corpus.tokenizer.vocab_size, strategy,
                         corpus.tokenizer.eos_id if plan.corpus.document_mask else None)
     if device.type == "cuda":

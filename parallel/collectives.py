@@ -8,12 +8,13 @@ no rank sends more than one copy of an expert whatever the number of holders. Ea
 messages are posted at once (`batch_isend_irecv`, in the schedule's order on every rank, so the
 matching never relies on tags); `sparse_all_gather_start` posts the first round and returns a
 handle whose `wait()` runs the others, which is how the gathers overlap with the attention
-compute that runs before the MoE layer. Ranks are places in the expert-parallel group; `peer`
+compute that runs before the MoE layer. spRS likewise has a handle (`PendingReduce`) advanced one
+round at a time, so a layer's reduction can run during the rest of the backward pass. Ranks are places in the expert-parallel group; `peer`
 maps them to the global ranks point-to-point operations address.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -149,36 +150,85 @@ def sparse_all_gather_start(chains: dict, rank: int, pack, numel: int, dtype, de
                          stats, peer, group)
 
 
+class PendingReduce:
+    """spRS in flight: the chains' rounds run one `advance()` at a time, so a layer's reduction
+    can start as soon as its gradients are final and proceed while the backward pass computes
+    earlier layers (each advance waits for the round posted by the previous one, then posts the
+    next). Every rank must call `advance` at the same points, in the same order, for the same
+    pending reductions: the matching of point-to-point messages relies on that order only."""
+
+    def __init__(self, rounds, rank: int, chains: dict, grads: dict, numel: int, dtype, device, chunks: dict,
+                 stats: Optional[CommStats], peer, group):
+        self.rounds, self.rank, self.numel, self.dtype, self.device = rounds, rank, numel, dtype, device
+        self.chunks, self.stats, self.peer, self.group = chunks, stats, peer, group
+        self.acc, self.out = {}, {}
+        for key, c in chains.items():
+            if rank in c[1:]:
+                self.acc[key] = grads[key].reshape(-1).to(dtype).clone()
+            elif rank == c[0]:
+                self.out[key] = self.acc[key] = torch.zeros(numel, dtype=dtype, device=device)
+        self.next_round = 0
+        self.works: list = []
+        self.arrived: list = []
+
+    @property
+    def done(self) -> bool:
+        return self.next_round >= len(self.rounds) and not self.works and not self.arrived
+
+    def _complete(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works = []
+        for key, a, b, buf in self.arrived:
+            self.acc[key][a:b] += buf
+        self.arrived = []
+
+    def advance(self) -> None:
+        """Complete the round in flight (sum what arrived), then post the next one."""
+        self._complete()
+        if self.next_round >= len(self.rounds):
+            return
+        ops = []
+        for tag, h in enumerate(self.rounds[self.next_round]):
+            if self.rank not in (h.src, h.dst):
+                continue
+            a, b = chunk_bounds(self.numel, self.chunks[h.key])[h.chunk]
+            if h.src == self.rank:
+                piece = self.acc[h.key][a:b]
+                ops.append(_op(dist.isend, piece, self.peer(h.dst), self.group, tag))
+                if self.stats is not None:
+                    self.stats.sprs += piece.numel() * piece.element_size()
+                    self.stats.messages += 1
+            else:
+                buf = torch.empty(b - a, dtype=self.dtype, device=self.device)
+                self.arrived.append((h.key, a, b, buf))
+                ops.append(_op(dist.irecv, buf, self.peer(h.src), self.group, tag))
+        self.next_round += 1
+        self.works = _post(ops)
+
+    def finish(self) -> dict:
+        """Run the remaining rounds; returns, on the owner, {key: the sum of its copies' gradients}."""
+        while not self.done:
+            self.advance()
+        return self.out
+
+
+def sparse_reduce_scatter_start(chains: dict, rank: int, grads: dict, numel: int, dtype, device,
+                                stats: Optional[CommStats] = None, peer=lambda r: r, group=None,
+                                max_chunks: int = 4) -> PendingReduce:
+    """Post the first round of spRS (see `sparse_reduce_scatter`); `advance()` runs one more
+    round, `finish()` the rest and returns the owners' sums."""
+    chunks = {k: num_chunks(len(c), max_chunks) for k, c in chains.items()}
+    pr = PendingReduce(reduce_rounds(chains, max_chunks), rank, chains, grads, numel, dtype, device, chunks,
+                       stats, peer, group)
+    pr.advance()
+    return pr
+
+
 def sparse_reduce_scatter(chains: dict, rank: int, grads: dict, numel: int, dtype, device,
                           stats: Optional[CommStats] = None, peer=lambda r: r, group=None,
                           max_chunks: int = 4) -> dict:
     """spRS: the copies' gradients (`grads[key]`, flat, on every holder but the owner) summed up
     each chain into its owner; returns, on the owner, {key: the sum of its copies' gradients}."""
-    chunks = {k: num_chunks(len(c), max_chunks) for k, c in chains.items()}
-    acc, out = {}, {}
-    for key, c in chains.items():
-        if rank in c[1:]:
-            acc[key] = grads[key].reshape(-1).to(dtype).clone()
-        elif rank == c[0]:
-            out[key] = acc[key] = torch.zeros(numel, dtype=dtype, device=device)
-    for rnd in reduce_rounds(chains, max_chunks):
-        ops, arrived = [], []
-        for tag, h in enumerate(rnd):
-            if rank not in (h.src, h.dst):
-                continue
-            a, b = chunk_bounds(numel, chunks[h.key])[h.chunk]
-            if h.src == rank:
-                piece = acc[h.key][a:b]
-                ops.append(_op(dist.isend, piece, peer(h.dst), group, tag))
-                if stats is not None:
-                    stats.sprs += piece.numel() * piece.element_size()
-                    stats.messages += 1
-            else:
-                buf = torch.empty(b - a, dtype=dtype, device=device)
-                arrived.append((h.key, a, b, buf))
-                ops.append(_op(dist.irecv, buf, peer(h.src), group, tag))
-        for w in _post(ops):
-            w.wait()
-        for key, a, b, buf in arrived:
-            acc[key][a:b] += buf
-    return out
+    return sparse_reduce_scatter_start(chains, rank, grads, numel, dtype, device, stats, peer, group,
+                                       max_chunks).finish()

@@ -1,4 +1,5 @@
-"""The autograd pieces of sharded experts: pool rows as views, and rematerialization's free/refill."""
+"""The autograd pieces of sharded experts: pool rows as views, rematerialization's free/refill, and
+the end of a layer's backward (where an overlapped SparseReduceScatter starts)."""
 from __future__ import annotations
 
 import torch
@@ -61,6 +62,22 @@ class _Refill(torch.autograd.Function):
         return g, None, None
 
 
+class _LayerBackwardDone(torch.autograd.Function):
+    """Identity on a MoE layer's input rows; its backward runs once the layer's whole backward
+    (reverse combine, expert computation, reverse dispatch) has run, and tells the store, which
+    may then start the layer's SparseReduceScatter while the backward pass goes on."""
+
+    @staticmethod
+    def forward(ctx, x, store, layer):
+        ctx.store, ctx.layer = store, layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.store.layer_backward_done(ctx.layer)
+        return g, None, None
+
+
 def pool_rows(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """pool[idx] (a view when contiguous) whose gradient adds into pool.grad."""
     return _PoolRows.apply(pool, idx)
@@ -72,3 +89,7 @@ def release_after_backward(w: torch.Tensor) -> torch.Tensor:
 
 def refill_before_backward(y: torch.Tensor, store, layer: int) -> torch.Tensor:
     return _Refill.apply(y, store, layer)
+
+
+def mark_layer_backward(x: torch.Tensor, store, layer: int) -> torch.Tensor:
+    return _LayerBackwardDone.apply(x, store, layer)

@@ -4,8 +4,9 @@
 only; FSSDP: Hecate Algorithm 1 on the load predictor's forecast, with heterogeneous re-sharding
 every `reshard_every` steps), the overlap budget t (agreed by every rank), the SparseAllGather
 of each layer's copies (posted before the attention of its block so it overlaps it), optional
-rematerialization, and the SparseReduceScatter of the copies' gradients after the last backward
-of the step. The per-layer dispatch that uses it is `parallel.sharded_experts`.
+rematerialization, and the SparseReduceScatter of the copies' gradients: after the last backward
+of the step, or (`sprs_overlap`) each layer's as soon as its backward has finished, advanced one
+round per later layer so it overlaps the rest of the backward pass. The per-layer dispatch that uses it is `parallel.sharded_experts`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ class ExpertStore(ExpertPool):
         self._rank_loads: list = []  # per training forward: (N,) expert rows per rank
         self._attn_times: list = []  # measured attention seconds per block (to derive t)
         self._agreed: Optional[tuple[int, int]] = None  # (samples it was derived from, agreed t)
+        self._reduce_armed = False  # this backward is the step's last: start each layer's spRS in it
+        self._reducing: dict = {}  # l -> PendingReduce started in the backward pass
+        self._accumulated: set = set()  # (l, weight index) of copies whose gradient this backward accumulated
+        self.sprs_in_backward = 0  # layers whose spRS started during this step's backward
 
     # -- the overlap budget t ---------------------------------------------------------------------
     def attention_clock(self) -> Optional[float]:
@@ -132,6 +137,7 @@ class ExpertStore(ExpertPool):
         self.iteration = step
         self._drop_copies()
         self.comm.reset()
+        self.sprs_in_backward = 0
         self._rank_loads = []
         self.t_budget = self.agreed_budget()
         if self.strategy == "ep":
@@ -220,6 +226,8 @@ class ExpertStore(ExpertPool):
                 o.data.copy_(new)
         else:
             self._copies[l] = (order, [t.requires_grad_(True) for t in stacks])
+            for i, t in enumerate(self._copies[l][1]):
+                t.register_post_accumulate_grad_hook(lambda _t, key=(l, i): self._accumulated.add(key))
         self.peak_copy_bytes = max(self.peak_copy_bytes, self._live_copy_bytes())
         self.peak_copies = max(self.peak_copies, sum(len(c[0]) for c in self._copies.values()))
 
@@ -242,6 +250,9 @@ class ExpertStore(ExpertPool):
         return own_w, stacks
 
     def _drop_copies(self) -> None:
+        if self._reducing:  # a step abandoned after its backward: complete the posted messages
+            self._finish_reduces()
+        self._reduce_armed = False
         self._copies.clear()
         self._gathered.clear()
         for pg in self._pending.values():
@@ -263,26 +274,71 @@ class ExpertStore(ExpertPool):
         with torch.no_grad():
             self._finish_gather(l)
 
-    # -- after the backward pass ------------------------------------------------------------------
+    # -- the SparseReduceScatter -------------------------------------------------------------
+    def arm_reduce(self, final: bool) -> None:
+        """Called before each backward pass: `final` marks the step's last micro-batch, whose
+        backward may start the layers' spRS (`sprs_overlap`; FSSDP only, EP has no copies)."""
+        self._reduce_armed = bool(final and self.cfg.sprs_overlap and self.strategy == "fssdp"
+                                  and torch.is_grad_enabled())
+        self._accumulated.clear()
+
+    def _copy_grads(self, l: int) -> dict:
+        """{(l, e): flat gradient} of this rank's copies of layer l."""
+        if l not in self._copies:
+            return {}
+        order, ws = self._copies[l]
+        gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype, device=self.device) for w in ws]
+        return {(l, e): torch.cat([g[i].reshape(-1) for g in gs]) for i, e in enumerate(order)}
+
+    def layer_backward_done(self, l: int) -> None:
+        """Layer l's backward has finished on this rank (its dispatch's gradient is computed, so
+        its copies' gradients are final). Every rank calls this at the same point of the backward
+        pass, in the same layer order: advance the spRS already in flight by one round, then start
+        layer l's. The message order is then the same on every rank, whatever the backend's tags."""
+        if not self._reduce_armed or l in self._reducing:
+            return
+        if l in self._copies and any((l, i) not in self._accumulated for i in range(3)):
+            raise RuntimeError(f"sprs_overlap: layer {l}'s copies have no final gradient when its backward "
+                               "finished; set parallel.fssdp.sprs_overlap: false")
+        for k in sorted(self._reducing):
+            self._reducing[k].advance()
+        self._reducing[l] = coll.sparse_reduce_scatter_start(
+            self._layer_chains(l), self.rank, self._copy_grads(l), self.expert_numel, self.comm_dtype,
+            self.device, self.comm, self.peer, self.group)
+        self.sprs_in_backward += 1
+
+    def _finish_reduces(self) -> dict:
+        """Complete the spRS started in the backward pass, round by round in layer order."""
+        pending = [self._reducing[k] for k in sorted(self._reducing)]
+        while any(not p.done for p in pending):
+            for p in pending:
+                p.advance()
+        out = {}
+        for p in pending:
+            out.update(p.out)
+        self._reducing.clear()
+        return out
+
     @torch.no_grad()
     def reduce_grads(self) -> None:
         """SparseReduceScatter the copies' gradients into their owners (within the group), sum
         the owners' gradients over the expert-data-parallel group, and average over the world
-        (each rank's loss is a mean over its own tokens, as DeepSpeed averages dense gradients)."""
+        (each rank's loss is a mean over its own tokens, as DeepSpeed averages dense gradients).
+        The layers whose spRS started in the backward pass are completed; the others (all of
+        them without `sprs_overlap`) run as one schedule over their chains."""
+        self._reduce_armed = False
         for p in self.params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        chains = {}
+        started = set(self._reducing)
+        summed = self._finish_reduces()
+        chains, grads = {}, {}
         for l in range(self.L):
-            chains.update(self._layer_chains(l))
-        grads = {}
-        for l, (order, ws) in self._copies.items():
-            gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype, device=self.device)
-                  for w in ws]
-            for i, e in enumerate(order):
-                grads[(l, e)] = torch.cat([g[i].reshape(-1) for g in gs])
-        summed = coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.comm_dtype,
-                                            self.device, self.comm, self.peer, self.group)
+            if l not in started:
+                chains.update(self._layer_chains(l))
+                grads.update(self._copy_grads(l))
+        summed.update(coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.comm_dtype,
+                                                 self.device, self.comm, self.peer, self.group))
         for (l, e), flat in summed.items():
             s = self.slot(l, e)
             g1, g3, g2 = self.unpack(flat.to(self.dtype))

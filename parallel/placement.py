@@ -322,6 +322,7 @@ class FSSDPPlanConfig:
     reshard_every: int = 100  # heterogeneous sharding period (0: never)
     tolerance: float = 0.05  # no copies while every rank is within this fraction of the mean load
     rematerialize: bool = False  # free copies after forward, gather again in backward
+    sprs_overlap: bool = False  # each layer's spRS starts in the backward pass, once its gradients are final
     ranks_per_node: Nodes = 8  # or the node id of every rank
     link_gbps: float = 400.0  # to derive t from the measured attention time
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import collectives as coll
-from parallel.expert_autograd import refill_before_backward, release_after_backward
+from parallel.expert_autograd import mark_layer_backward, refill_before_backward, release_after_backward
 from parallel.expert_store import ExpertStore
 from parallel.placement import FSSDPPlanConfig, assign
 
@@ -65,6 +65,8 @@ class ShardedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         st, l, E = self.store, self.layer, self.num_experts
         N, me = st.world, st.rank
+        if st.cfg.sprs_overlap and st.strategy == "fssdp" and x_ND.requires_grad:
+            x_ND = mark_layer_backward(x_ND, st, l)  # its backward: the layer's spRS may start
         counts = counts_E.detach().to(torch.int64)
         if N > 1:
             gathered = [torch.empty_like(counts) for _ in range(N)]
@@ -155,6 +157,6 @@ def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None
         layer.experts = ShardedExperts(store, i, ex.num_experts)
     # A Transformer's MoE blocks post the layer's gather before their attention (a bare layer in
     # tests or benchmarks has no blocks: its gather runs when the layer needs the copies).
-    for i, blk in enumerate(b for b in getattr(model, "blocks", []) if b.is_moe):
+    for i, blk in enumerate(b for b in getattr(model, "blocks", []) if getattr(b, "is_moe", False)):
         blk.attention_hook = AttentionOverlap(store, i)
     return store

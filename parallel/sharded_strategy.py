@@ -47,7 +47,7 @@ class ShardedStrategy(ExpertStrategy):
         return self.groups
 
     def moe_factory(self):
-        """With `build_owned_only` (a stage initialised from its seed, no init_from), each rank's
+        """With `build_owned_only` (the stage runner sets it), each rank's
         MoE layers materialize only the experts it owns at the start (`GroupedExperts.rows`), with
         the full model's initial values; otherwise the full layers (a loader fills them)."""
         if not self.build_owned_only:
@@ -76,6 +76,7 @@ class ShardedStrategy(ExpertStrategy):
         f = self.parallel.fssdp
         cfg = FSSDPPlanConfig(window=f.window, overlap_budget=f.overlap_budget, memory_cap=f.memory_cap,
                               reshard_every=f.reshard_every, rematerialize=f.rematerialize,
+                              sprs_overlap=f.sprs_overlap,
                               ranks_per_node=f.ranks_per_node, link_gbps=f.link_gbps, tolerance=f.tolerance)
         self.store = shard_model(model, self.name, cfg, groups=groups)
         if self.store is not None and pdist.rank() == 0 and groups.num_groups > 1:
@@ -107,6 +108,10 @@ class ShardedStrategy(ExpertStrategy):
     def begin_step(self, step: int) -> None:
         if self.store is not None:
             self.store.begin_iteration(step)
+
+    def before_backward(self, final: bool) -> None:
+        if self.store is not None:
+            self.store.arm_reduce(final)
 
     def optimizer_step(self, engine, model: nn.Module, local_bad: bool = False) -> tuple[Optional[float], bool]:
         if self.store is None:
@@ -176,7 +181,8 @@ class ShardedStrategy(ExpertStrategy):
         out.update({"ep/straggler": st.straggler_ratio(), "ep/copies": float(len(st.plan.copies())),
                     "ep/expert_bytes_rank": float(mem["param_bytes"] + mem["optimizer_bytes"]),
                     "ep/peak_copies_rank": float(mem["peak_copies"]), "ep/reshards": float(st.reshards),
-                    "ep/overlap_budget": float(st.t_budget)})
+                    "ep/overlap_budget": float(st.t_budget),
+                    "ep/sprs_in_backward": float(st.sprs_in_backward)})
         return out
 
     # -- checkpoints and export ------------------------------------------------------------------

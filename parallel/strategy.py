@@ -79,6 +79,9 @@ class ExpertStrategy:
     def begin_step(self, step: int) -> None:
         pass
 
+    def before_backward(self, final: bool) -> None:
+        """Before each micro-batch's backward pass; `final`: the step's last (its boundary)."""
+
     def optimizer_step(self, engine, model: nn.Module, local_bad: bool = False) -> tuple[Optional[float], bool]:
         """(global gradient norm before clipping or None when the engine reports it, skipped).
 

@@ -184,6 +184,7 @@ class Trainer:
             if injected is not loss:
                 loss, parts = injected, {**parts, "loss": injected.detach()}
             loss_bad = loss_bad or not math.isfinite(float(loss.detach()))
+            self.strategy.before_backward(micro == n_micro - 1)
             self.engine.backward(loss)
             if micro == n_micro - 1:  # the accumulation boundary: reduce, clip, update (or skip)
                 grad_norm, skipped = self.strategy.optimizer_step(self.engine, self.model, loss_bad)

@@ -180,9 +180,10 @@ def is_hf_moe_dir(path: str | Path) -> bool:
         return False
 
 
-def _copy_into(dst: torch.Tensor, piece, reader: HFReader, p: Path, want_expert, pos) -> None:
+def _copy_into(dst: torch.Tensor, piece, reader: HFReader, p: Path, want_expert, pos, model=None) -> None:
     """Copy the checkpoint tensors of `piece` straight into their place in `dst`, one at a time
-    (no assembled copy of a stacked or fused tensor is ever made)."""
+    (no assembled copy of a stacked or fused tensor is ever made). An MoE layer built with only
+    this rank's experts (`GroupedExperts.rows`) gets those and nothing else is read."""
     def put(view: torch.Tensor, key: str, t: torch.Tensor) -> None:
         if tuple(t.shape) != tuple(view.shape):
             raise ValueError(f"init from {p}: {key}: checkpoint shape {tuple(t.shape)} does not fit {piece.ours} "
@@ -203,12 +204,19 @@ def _copy_into(dst: torch.Tensor, piece, reader: HFReader, p: Path, want_expert,
             raise ValueError(f"init from {p}: {piece.ours}: the checkpoint's {'/'.join(piece.hf)} have {row} rows, "
                              f"the model {dst.shape[0]} (check n_heads, n_kv_heads, head_dim)")
     else:
-        if len(piece.hf) != dst.shape[0]:
+        blk = int(piece.ours.split(".")[1])
+        ex = getattr(getattr(model.blocks[blk], "ffn", None), "experts", None) if model is not None else None
+        slot = {e: j for j, e in enumerate(ex.rows)} if getattr(ex, "partial", False) else None
+        n = dst.shape[0] if slot is None else ex.num_experts
+        if len(piece.hf) != n:
             raise ValueError(f"init from {p}: {piece.ours}: {len(piece.hf)} experts in the checkpoint, "
-                             f"{dst.shape[0]} in the model")
-        layer = pos[int(piece.ours.split(".")[1])]
+                             f"{n} in the model")
+        layer = pos[blk]
         for e, k in enumerate(piece.hf):
-            if want_expert is None or want_expert(layer, e):
+            if slot is not None:
+                if e in slot:
+                    put(dst[slot[e]], k, reader.get(k).t())
+            elif want_expert is None or want_expert(layer, e):
                 put(dst[e], k, reader.get(k).t())
 
 
@@ -241,7 +249,7 @@ def load_hf_into_model(model, path: str | Path,
         if piece.ours not in target:
             raise ValueError(f"init from {p}: our model has no {piece.ours} (built differently from {CONFIG_FILE})")
         dst = target[piece.ours]
-        _copy_into(dst.data, piece, reader, p, want_expert, pos)
+        _copy_into(dst.data, piece, reader, p, want_expert, pos, model)
         used.update(piece.hf)
         loaded.append(piece.ours)
     _no_leftovers(reader, used, cfg.tie_embeddings, p)

@@ -137,6 +137,16 @@ def _load_source(source: Source) -> tuple[dict[str, torch.Tensor], str, str]:
     return sd, "moeforge", str(ckpt)
 
 
+def _expert_rows(blocks, i: int) -> Optional[list[int]]:
+    """The experts block i's MoE layer holds when it was built with only some (an ep/fssdp
+    rank's own, `GroupedExperts.rows`); None when it holds all of them."""
+    ex = getattr(getattr(blocks[i], "ffn", None), "experts", None)
+    return list(ex.rows) if getattr(ex, "partial", False) else None
+
+
+_EXPERT_WEIGHTS = ("experts.w1", "experts.w3", "experts.w2")
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -222,8 +232,18 @@ def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleC
     for i in sorted(moe_layers):
         pre = f"blocks.{i}.ffn."
         keys = sorted(k for k in target if k.startswith(pre))
-        tw1 = target[pre + "experts.w1"]
-        E, D, F = tw1.shape
+        rows = _expert_rows(blocks, i)
+        E, D, F = target[pre + "experts.w1"].shape
+        if rows is not None:
+            E = blocks[i].ffn.experts.num_experts
+        # A layer built with only this rank's experts compares full shapes and keeps its rows.
+        full = {pre + w: (E,) + _shape(target[pre + w])[1:] for w in _EXPERT_WEIGHTS}
+
+        def tshape(k: str) -> tuple[int, ...]:
+            return full.get(k, _shape(target[k]))
+
+        def mine(k: str, t: torch.Tensor) -> torch.Tensor:
+            return t[rows] if rows is not None and k in full else t
         if src_has_dense(i):
             dense = {n: pre + f"{n}.weight" for n in ("w1", "w3", "w2")}
             for n, k in dense.items():
@@ -269,23 +289,24 @@ def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleC
         if origin is None:  # same E: load as is
             for k in keys:
                 if k in src:
-                    if _shape(src[k]) != _shape(target[k]):
-                        raise bad(k, f"source shape {_shape(src[k])} != target shape {_shape(target[k])}")
-                    new[k] = src[k]
+                    if _shape(src[k]) != tshape(k):
+                        raise bad(k, f"source shape {_shape(src[k])} != target shape {tshape(k)}")
+                    new[k] = mine(k, src[k])
                     loaded.append(k)
                     used.add(k)
                 elif k.rsplit(".", 1)[-1] in _OPTIONAL_MOE_KEYS:
                     fresh.append(k)
                 else:
-                    raise bad(k, f"missing from the source (target shape {_shape(target[k])})")
+                    raise bad(k, f"missing from the source (target shape {tshape(k)})")
             extra = [k for k in src if k.startswith(pre) and k not in target]
             if extra:
                 raise bad(extra[0], f"source tensor has no counterpart in the target MoE layer {i}")
             moe_as_is.append(i)
             continue
         gen = torch.Generator().manual_seed(_layer_seed(seed, i))
-        w1, w3, w2 = diversify_experts(*ws, E, cfg, gen)
-        new[pre + "experts.w1"], new[pre + "experts.w3"], new[pre + "experts.w2"] = w1, w3, w2
+        w1, w3, w2 = diversify_experts(*ws, E, cfg, gen)  # all E (the same draws on every rank)
+        for w, t in zip(_EXPERT_WEIGHTS, (w1, w3, w2)):
+            new[pre + w] = mine(pre + w, t)
         for k in keys:
             if k not in new:
                 fresh.append(k)  # router, expert_bias, ...: the target's own init
@@ -310,7 +331,8 @@ def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleC
         "upcycled_layers": upcycled,  # layer index -> "dense" | "moe_1_expert"
         "moe_layers_loaded": moe_as_is,
         "kept_init": sorted(fresh),
-        "num_experts": {str(i): int(target[f"blocks.{i}.ffn.experts.w1"].shape[0]) for i in sorted(moe_layers)},
+        "num_experts": {str(i): int(getattr(blocks[i].ffn.experts, "num_experts", None)
+                                    or target[f"blocks.{i}.ffn.experts.w1"].shape[0]) for i in sorted(moe_layers)},
         "upcycle": asdict(cfg),
         "seed": seed,
     }

@@ -115,6 +115,27 @@ def test_a_rank_reads_only_the_experts_it_owns(hf_dirs):
             assert got == full - L * E * per_expert + L * (E // world) * per_expert
 
 
+def test_a_rank_built_with_only_its_experts_loads_them(hf_dirs):
+    """A model whose MoE layers hold only some experts (`GroupedExperts.rows`, as an ep/fssdp
+    rank builds it) gets exactly those experts' checkpoint values, reading no other expert."""
+    from system.model import default_moe_layer
+
+    path = hf_dirs["mixtral"]
+    cfg = ModelConfig(**hf_model_config_fields(path))
+    full = Transformer(cfg)
+    rep_full = load_hf_into_model(full, path)
+    E, per_expert = cfg.num_experts, 3 * cfg.d_model * cfg.d_expert * 4
+    rows = [1, E - 1]
+    part = Transformer(cfg, moe_factory=lambda c, x: default_moe_layer(c, x, expert_rows=rows))
+    rep = load_hf_into_model(part, path)
+    fp = dict(full.named_parameters())
+    for name, p in part.named_parameters():
+        want = fp[name][rows] if ".experts." in name else fp[name]
+        assert p.shape == want.shape and torch.equal(p, want), name
+    L = len(cfg.moe_layer_ids())
+    assert rep["bytes_read"] == rep_full["bytes_read"] - L * (E - len(rows)) * per_expert
+
+
 @pytest.mark.parametrize("change,words", [
     (dict(model_type="deepseek_v3"), ["deepseek_v3", "MLA"]),
     (dict(clip_qkv=8.0), ["clip_qkv"]),

@@ -275,6 +275,7 @@ def replicated_reference(tmp_path_factory):
     (2, "fssdp", 0, None, 2),
     (4, "fssdp", 0, None, 2),
     (4, "fssdp", 1, {"rematerialize": True, "reshard_every": 1}, 1),
+    (4, "fssdp", 0, {"sprs_overlap": True}, 2),
 ])
 def test_trainer_matches_single_process(tmp_path, replicated_reference, world, strategy, zero, fssdp, accum):
     """Four optimizer steps with clipping active (grad_clip below the norm), evaluations in
@@ -303,6 +304,8 @@ def test_trainer_matches_single_process(tmp_path, replicated_reference, world, s
     assert last["ep/bytes_all_to_all"] > 0
     if strategy == "fssdp":
         assert last["ep/copies"] > 0 and last["ep/bytes_spag"] > 0 and last["ep/bytes_sprs"] > 0
+        # with sprs_overlap every MoE layer's spRS started inside the backward pass
+        assert last["ep/sprs_in_backward"] == (spec["model"]["n_layers"] if (fssdp or {}).get("sprs_overlap") else 0)
     else:
         assert last["ep/copies"] == 0 and last["ep/bytes_spag"] == 0
 
@@ -321,6 +324,26 @@ def test_sharded_resume_equals_uninterrupted(tmp_path, replicated_reference):
     w = _weights(spec)
     for k in w:
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_init_from_a_sharded_checkpoint_into_owned_only_layers(tmp_path):
+    """A stage with init_from builds only each rank's experts and fills them from the checkpoint
+    of another run (fssdp on 2 ranks, loaded as ep on 2 ranks): its evaluation before training
+    equals the source run's last evaluation (the same weights, the same held-out sequences)."""
+    src = _spec(tmp_path, 2, "fssdp", "src", steps=2)
+    src_recs = run_distributed(_run_stage, 2, src)[0]
+    ck = Path(src["run"]["output_dir"]) / "src" / "stages" / "pretrain" / "checkpoints" / "step_00000002"
+    assert ck.is_dir()
+    dst = _spec(tmp_path, 2, "ep", "dst", steps=1)
+    dst["stages"][0]["init_from"] = str(ck)
+    dst_recs = run_distributed(_run_stage, 2, dst)[0]
+    last_src = [r for r in src_recs if any(k.startswith("eval/") for k in r)][-1]
+    first_dst = dst_recs[0]
+    keys = [k for k in last_src if k.startswith("eval/") and k.endswith("/loss")]
+    assert keys and first_dst["step"] == 0
+    for k in keys:
+        assert first_dst[k] == pytest.approx(last_src[k], rel=1e-6), k
 
 
 @pytest.mark.slow

@@ -55,6 +55,45 @@ def test_partial_experts_hold_the_full_models_values():
         ex(torch.zeros(2, 16), torch.tensor([2] + [0] * 7))
 
 
+def _dense_source(n_experts=None) -> dict:
+    """A state dict in our naming: a dense model (n_experts None) or a one-expert MoE model."""
+    from dataclasses import replace
+
+    from experts.config import ExpertsConfig
+    from system.model import Transformer
+
+    cfg = _cfg()
+    cfg = replace(cfg, moe_layers="none", d_ff=cfg.d_expert) if n_experts is None else replace(cfg, num_experts=n_experts, top_k=1)
+    torch.manual_seed(9)
+    return Transformer(cfg, ExpertsConfig()).state_dict()
+
+
+@pytest.mark.parametrize("source", ["same_experts", "dense", "one_expert"])
+def test_init_from_fills_only_the_owned_rows(source):
+    """With init_from, ranks build only their experts too: loading a checkpoint of the same
+    shape, sparse upcycling from a dense FFN and EvoMoE's one-expert diversification give a
+    partial layer exactly the full load's rows (the diversification draws all E on every rank)."""
+    from system.upcycle import init_model_from
+
+    if source == "same_experts":
+        src = _build(seed=21).state_dict()
+    else:
+        src = _dense_source(None if source == "dense" else 1)
+    rows = [0, 5]
+    full, part = _build(), _build(rows=rows)
+    rep_full = init_model_from(full, src, seed=4)
+    rep = init_model_from(part, src, seed=4)
+    assert rep["upcycled_layers"] == rep_full["upcycled_layers"] and rep["num_experts"] == rep_full["num_experts"]
+    assert bool(rep["upcycled_layers"]) == (source != "same_experts")
+    fp = dict(full.named_parameters())
+    for name, p in part.named_parameters():
+        want = fp[name][rows] if ".experts." in name else fp[name]
+        assert p.shape == want.shape and torch.equal(p, want), name
+    bad = {k: (v[:3] if k.endswith("experts.w1") else v) for k, v in _build(seed=21).state_dict().items()}
+    with pytest.raises(ValueError, match=r"experts\.w1.*\(3, 16, 24\).*\(8, 16, 24\)"):
+        init_model_from(_build(rows=rows), bad)  # shapes are compared with the full layer's
+
+
 def test_bad_rows_are_refused():
     from experts.layer import GroupedExperts
 

@@ -1,0 +1,153 @@
+"""SparseReduceScatter overlapped with the backward pass (`parallel.fssdp.sprs_overlap`).
+
+Three MoE layers in a residual stack, two micro-batches per step, on 2 and 4 gloo ranks, with
+plans that copy experts in every layer (and rematerialization): each layer's spRS starts when
+its backward has finished and advances one round per later layer. The owners' expert gradients
+must equal the post-backward spRS bit for bit (the same chains sum in the same order), and the
+single-process reference to 1e-5; the spRS must really have started inside the backward pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from parallel.testing import run_distributed
+
+E, D, F, TOKENS, BATCH, LAYERS, MICRO = 8, 16, 24, 6, 8, 3, 2
+
+
+def _model():
+    from experts.layer import MoELayer
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList()
+    for _ in range(LAYERS):
+        lay = MoELayer(D, E, 2, F)
+        lay.reset_parameters(0.2, 0.2)
+        layers.append(lay)
+    xs = torch.randn(BATCH, TOKENS, D)
+    return layers, xs
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.ls = layers
+
+    def moe_layers(self):
+        return list(self.ls)
+
+    def forward(self, h):
+        for lay in self.ls:
+            h = h + lay(h)[0]
+        return h
+
+
+def _plan(world: int, owner_LE, seed: int):
+    """Every layer: its hot experts copied to every rank, the others to random ranks."""
+    from parallel.placement import IterationPlan
+
+    rng = np.random.default_rng(seed)
+    holders = []
+    for l in range(LAYERS):
+        hs = []
+        for e in range(E):
+            o = int(owner_LE[l][e])
+            extra = [r for r in range(world) if r != o and (e == l or rng.random() < 0.4)]
+            hs.append([o] + extra)
+        holders.append(hs)
+    return IterationPlan(holders)
+
+
+def _worker(rank: int, world: int, cases: list) -> list:
+    from parallel.placement import FSSDPPlanConfig
+    from parallel.sharded_experts import shard_model
+
+    out = []
+    per = BATCH // (world * MICRO)
+    for overlap, remat in cases:
+        layers, xs = _model()
+        model = _Stack(layers)
+        store = shard_model(model, "fssdp", FSSDPPlanConfig(sprs_overlap=overlap, rematerialize=remat))
+        store.begin_iteration(0)
+        store.set_plan(_plan(world, store.own.owner_LE, seed=world))
+        for m in range(MICRO):
+            lo = (m * world + rank) * per
+            store.arm_reduce(m == MICRO - 1)
+            x = xs[lo:lo + per].clone().requires_grad_(True)  # as a model's embeddings: layer 0 too
+            (model(x).pow(2).sum() / BATCH).backward()
+        started = store.sprs_in_backward
+        store.reduce_grads()
+        grads = {(l, e): tuple(g[s].clone() * world for g in (store.w1.grad, store.w3.grad, store.w2.grad))
+                 for (l, e, s) in store.own.owned(rank)}
+        out.append({"grads": grads, "started": started, "sprs_bytes": store.comm.sprs,
+                    "copies": len([c for c in store.plan.copies() if c[2] == rank])})
+    return out
+
+
+CASES = [(False, False), (True, False), (True, True)]
+
+
+def _reference():
+    layers, xs = _model()
+    model = _Stack(layers)
+    (model(xs).pow(2).sum() / BATCH).backward()
+    return layers
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_overlapped_sprs_equals_the_post_backward_one(world):
+    res = run_distributed(_worker, world, CASES)
+    ref = _reference()
+    base = {}
+    for r in res:
+        base.update(r[0]["grads"])
+    assert sorted(base) == [(l, e) for l in range(LAYERS) for e in range(E)]  # each expert owned once
+    for (l, e), gs in base.items():
+        ex = ref[l].experts
+        for g, want in zip(gs, (ex.w1.grad[e], ex.w3.grad[e], ex.w2.grad[e])):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"layer {l} expert {e}: {m}")
+    for c, (overlap, remat) in enumerate(CASES):
+        for rank, r in enumerate(res):
+            got = r[c]
+            assert got["started"] == (LAYERS if overlap else 0), (overlap, remat, rank)
+            assert got["sprs_bytes"] == r[0]["sprs_bytes"]  # the same messages, only earlier
+            for k, gs in got["grads"].items():
+                for g, b in zip(gs, r[0]["grads"][k]):
+                    assert torch.equal(g, b), f"case {(overlap, remat)} rank {rank} {k}: differs from post-backward spRS"
+    assert sum(r[0]["copies"] for r in res) > 0 and res[0][0]["sprs_bytes"] > 0  # there was something to reduce
+
+
+def _eval_worker(rank: int, world: int) -> dict:
+    """A forward without gradients (evaluation) and a step abandoned after its backward
+    (non-finite loss: discard_grads) leave no reduction half-done."""
+    from parallel.placement import FSSDPPlanConfig
+    from parallel.sharded_experts import shard_model
+
+    layers, xs = _model()
+    model = _Stack(layers)
+    store = shard_model(model, "fssdp", FSSDPPlanConfig(sprs_overlap=True))
+    store.build_optimizer(1e-2, (0.9, 0.95), 1e-8, 0.0)
+    per = BATCH // world
+    x = xs[rank * per:(rank + 1) * per].clone().requires_grad_(True)
+    for step in range(2):
+        store.begin_iteration(step)
+        store.set_plan(_plan(world, store.own.owner_LE, seed=3))
+        with torch.no_grad():
+            model(x)
+        store.arm_reduce(True)
+        model(x).pow(2).mean().backward()
+        if step == 0:
+            store.discard_grads()  # the step is skipped: the reductions in flight complete
+            assert not store._reducing
+        else:
+            store.reduce_grads()
+            store.step(1e-2)
+    return {"pool": store.w1.detach().clone(), "started": store.sprs_in_backward}
+
+
+def test_skipped_step_and_evaluation_keep_ranks_in_step():
+    res = run_distributed(_eval_worker, 2)
+    assert all(r["started"] == LAYERS for r in res)
+    assert all(torch.isfinite(r["pool"]).all() for r in res)
