@@ -23,6 +23,7 @@ from experts.backends import get_backend
 from parallel import collectives as coll
 from parallel.expert_autograd import pool_rows
 from parallel.expert_pool import ExpertPool
+from parallel.groups import second_ep_group
 from parallel.placement import (FSSDPPlanConfig, IterationPlan, LoadPredictor, overlap_budget, plan_iteration,
                                 reshard_decision)
 
@@ -55,6 +56,9 @@ class ExpertStore(ExpertPool):
         self._reducing: dict = {}  # l -> PendingReduce started in the backward pass
         self._accumulated: set = set()  # (l, weight index) of copies whose gradient this backward accumulated
         self.sprs_in_backward = 0  # layers whose spRS started during this step's backward
+        # the overlapped spRS travels on its own group (NCCL: its own stream), see second_ep_group
+        self.reduce_group = (second_ep_group(self.groups) if self.cfg.sprs_overlap and strategy == "fssdp"
+                             else self.group)
 
     # -- the overlap budget t ---------------------------------------------------------------------
     def attention_clock(self) -> Optional[float]:
@@ -304,7 +308,7 @@ class ExpertStore(ExpertPool):
             self._reducing[k].advance()
         self._reducing[l] = coll.sparse_reduce_scatter_start(
             self._layer_chains(l), self.rank, self._copy_grads(l), self.expert_numel, self.comm_dtype,
-            self.device, self.comm, self.peer, self.group)
+            self.device, self.comm, self.peer, self.reduce_group)
         self.sprs_in_backward += 1
 
     def _finish_reduces(self) -> dict:

@@ -113,6 +113,22 @@ def build_expert_groups(ep_size: int, rank_nodes: Optional[Sequence[int]] = None
     return ExpertGroups(world, P, rank, ep_group, edp_group, ep_ranks, edp_ranks, nodes)
 
 
+def second_ep_group(groups: ExpertGroups):
+    """A second process group over this rank's EP group (a collective over the world: every rank
+    creates every group, in one order). The overlapped SparseReduceScatter runs on it: under NCCL
+    each group has its own communicator and stream, so the backward pass's all-to-alls, queued on
+    the first group, never wait behind spRS transfers in flight (at the price of one more
+    communicator per rank)."""
+    if not dist.is_initialized() or groups.world == 1:
+        return None
+    P, mine = groups.ep_size, None
+    for g in range(groups.num_groups):
+        pg = dist.new_group(list(range(g * P, (g + 1) * P)))
+        if g == groups.group_index:
+            mine = pg
+    return mine
+
+
 def single_group(world: int = 1, rank: int = 0, ranks_per_node: int = 8) -> ExpertGroups:
     """The whole world as one EP group (no process groups made): classic EP/FSSDP."""
     return ExpertGroups(world, world, rank, None, None, list(range(world)), [rank],

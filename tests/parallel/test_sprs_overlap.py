@@ -1,7 +1,8 @@
 """SparseReduceScatter overlapped with the backward pass (`parallel.fssdp.sprs_overlap`).
 
-Three MoE layers in a residual stack, two micro-batches per step, on 2 and 4 gloo ranks, with
-plans that copy experts in every layer (and rematerialization): each layer's spRS starts when
+Three MoE layers in a residual stack, two micro-batches per step, on 2 and 4 gloo ranks (one
+expert-parallel group, and 2 x 2 EP x DP), with plans that copy experts in every layer (and
+rematerialization): each layer's spRS starts when
 its backward has finished and advances one round per later layer. The owners' expert gradients
 must equal the post-backward spRS bit for bit (the same chains sum in the same order), and the
 single-process reference to 1e-5; the spRS must really have started inside the backward pass.
@@ -60,18 +61,21 @@ def _plan(world: int, owner_LE, seed: int):
     return IterationPlan(holders)
 
 
-def _worker(rank: int, world: int, cases: list) -> list:
+def _worker(rank: int, world: int, cases: list, P: int) -> list:
+    from parallel.groups import build_expert_groups
     from parallel.placement import FSSDPPlanConfig
     from parallel.sharded_experts import shard_model
 
+    groups = build_expert_groups(P)
     out = []
     per = BATCH // (world * MICRO)
     for overlap, remat in cases:
         layers, xs = _model()
         model = _Stack(layers)
-        store = shard_model(model, "fssdp", FSSDPPlanConfig(sprs_overlap=overlap, rematerialize=remat))
+        store = shard_model(model, "fssdp", FSSDPPlanConfig(sprs_overlap=overlap, rematerialize=remat),
+                            groups=groups)
         store.begin_iteration(0)
-        store.set_plan(_plan(world, store.own.owner_LE, seed=world))
+        store.set_plan(_plan(P, store.own.owner_LE, seed=world))
         for m in range(MICRO):
             lo = (m * world + rank) * per
             store.arm_reduce(m == MICRO - 1)
@@ -80,7 +84,7 @@ def _worker(rank: int, world: int, cases: list) -> list:
         started = store.sprs_in_backward
         store.reduce_grads()
         grads = {(l, e): tuple(g[s].clone() * world for g in (store.w1.grad, store.w3.grad, store.w2.grad))
-                 for (l, e, s) in store.own.owned(rank)}
+                 for (l, e, s) in store.own.owned(store.rank)}
         out.append({"grads": grads, "started": started, "sprs_bytes": store.comm.sprs,
                     "copies": len([c for c in store.plan.copies() if c[2] == rank])})
     return out
@@ -96,14 +100,15 @@ def _reference():
     return layers
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_overlapped_sprs_equals_the_post_backward_one(world):
-    res = run_distributed(_worker, world, CASES)
+@pytest.mark.parametrize("world,P", [(2, 2), (4, 4), (4, 2)])
+def test_overlapped_sprs_equals_the_post_backward_one(world, P):
+    """(4, 2): two expert-parallel groups of 2 (EP x DP), the spRS inside each group."""
+    res = run_distributed(_worker, world, CASES, P)
     ref = _reference()
     base = {}
     for r in res:
         base.update(r[0]["grads"])
-    assert sorted(base) == [(l, e) for l in range(LAYERS) for e in range(E)]  # each expert owned once
+    assert sorted(base) == [(l, e) for l in range(LAYERS) for e in range(E)]  # every expert owned
     for (l, e), gs in base.items():
         ex = ref[l].experts
         for g, want in zip(gs, (ex.w1.grad[e], ex.w3.grad[e], ex.w2.grad[e])):
