@@ -119,11 +119,11 @@ def _client(address: Optional[str]):
 
 
 def cmd_submit(args) -> int:
-    from jobs.orchestrate import REPO_ROOT, UPLOAD_EXCLUDES, WORKER_ENV
+    from jobs.orchestrate import REPO_ROOT, UPLOAD_EXCLUDES, worker_env
 
     _load(args.spec)  # validate before anything is sent
     spec_path = Path(args.spec).resolve()
-    env_vars = dict(WORKER_ENV)
+    env_vars = worker_env()
     try:
         entry = f"python -m jobs.cli run {spec_path.relative_to(REPO_ROOT)}"
     except ValueError:  # not inside the uploaded working directory: ship its text

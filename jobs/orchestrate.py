@@ -17,6 +17,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # captured output, `jobs.console`); the worker's own streams are enough.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 UPLOAD_EXCLUDES = [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"]
+# Diagnostics set on the driver's command line that the workers act on (fault injection,
+# docs/reliability.md; the start-up trace, docs/observability.md). An embedded Ray's workers
+# inherit the driver's environment; a cluster's do not, so they travel in the runtime_env.
+FORWARDED_ENV_PREFIXES = ("MOEFORGE_FAULT_", "MOEFORGE_STARTUP_TRACE")
+
+
+def worker_env() -> dict[str, str]:
+    """WORKER_ENV plus the driver's diagnostic variables (FORWARDED_ENV_PREFIXES)."""
+    return {**{k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}, **WORKER_ENV}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -154,12 +163,12 @@ def init_ray(plan: JobPlan, address: Optional[str] = None, verbose: bool = False
         return
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-                **WORKER_ENV}
+                **worker_env()}
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job the code already travels as the job's working_dir; anywhere else,
         # ship this checkout so that workers on other nodes can import it.
         runtime_env = None if _inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
-                                                      "env_vars": dict(WORKER_ENV)}
+                                                      "env_vars": worker_env()}
         ray.init(address=address, runtime_env=runtime_env, **({"log_to_driver": True} | quiet))
         return
     cpus_needed = plan.max_world_size() * plan.ray.scaling_config.resources_per_worker.get("CPU", 1)
@@ -200,6 +209,10 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
         if not layout.done_file(stage.name).is_file():
             valid_checkpoint(layout.checkpoints(stage.name),
                              warn=lambda m, s=stage.name: print(f"[moeforge] stage {s}: warning: {m}", flush=True))
+    if all(layout.done_file(stage.name).is_file() for stage in plan.stages):
+        for stage in plan.stages:  # a finished job run again: nothing to start Ray or prepare data for
+            _say_skipped(stage.name)
+        return {}
     init_ray(plan, address, verbose)
     # The corpus is tokenized here, once, in parallel Ray Data tasks when it is missing or stale
     # (`moeforge prepare`); the workers then only open the shards (checked by stat).
@@ -211,7 +224,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
     results: dict[str, Any] = {}
     for stage in plan.stages:
         if layout.done_file(stage.name).is_file():
-            print(f"[moeforge] stage {stage.name}: already finished, skipping", flush=True)
+            _say_skipped(stage.name)
             continue
         ws, par = stage.world_size, stage.parallel
         res = dict(plan.ray.scaling_config.resources_per_worker)
@@ -259,6 +272,10 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
         print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
               flush=True)
     return results
+
+
+def _say_skipped(stage: str) -> None:
+    print(f"[moeforge] stage {stage}: already finished, skipping", flush=True)
 
 
 def _loss_summary(layout: RunLayout, stage: str) -> str:

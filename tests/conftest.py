@@ -1,4 +1,5 @@
-"""Shared test set-up: CPU DeepSpeed, a private data cache, Ray pinned to loopback."""
+"""Shared test set-up: CPU DeepSpeed, a private data cache, Ray pinned to loopback, kept rank
+processes, time limits, and the fast suite's guard (`--fast`, `make test-fast`)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,75 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
 os.environ.setdefault("MOEFORGE_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "moeforge-test-cache"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# run_distributed keeps its rank processes between calls (parallel/testing.py): a test's ranks
+# start in milliseconds instead of seconds, with the state of a new process.
+os.environ.setdefault("MOEFORGE_REUSE_RANKS", "1")
+
+# Time limits (pytest-timeout, pyproject's `timeout`): every test has the default; an end-to-end
+# test (marked slow) gets this one unless it names its own.
+SLOW_TIMEOUT_S = 900
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="the fast suite (make test-fast): only tests marked neither slow nor procs, "
+                          "and any of them that starts a process, a subprocess or Ray fails")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    if config.getoption("--fast"):
+        keep = [i for i in items if not (i.get_closest_marker("slow") or i.get_closest_marker("procs"))]
+        dropped = [i for i in items if i not in set(keep)]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
+
+
+class StartedAProcess(AssertionError):
+    """A test in the fast suite started a process: mark it `procs` (or `slow` if it starts Ray)."""
+
+
+_CURRENT: list[str] = ["(collection)"]
+
+
+def pytest_runtest_setup(item):
+    _CURRENT[0] = item.nodeid
+
+
+def pytest_configure(config):
+    """In the fast suite, starting a subprocess, a multiprocessing process or Ray fails the test
+    (in the test, or in any fixture it uses)."""
+    if not config.getoption("--fast"):
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(what):
+        def _refused(*args, **kwargs):
+            raise StartedAProcess(f"{_CURRENT[0]} started {what}; the fast suite runs in one process: "
+                                  "mark the test `procs` (or `slow` when it starts Ray)")
+        return _refused
+
+    subprocess.Popen._execute_child = refuse("a subprocess")  # also every subprocess Ray would start
+    multiprocessing.process.BaseProcess.start = refuse("a process")
+    os.fork = refuse("a forked process")
+    os.posix_spawn = refuse("a spawned process")
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The session's Ray cluster (tests/ray_cluster.py): `shared_ray.ensure()` gives its address
+    (starting it when needed), `shared_ray.client_env()` what a driver needs to join it."""
+    from tests.ray_cluster import SharedRay
+
+    cluster = SharedRay()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -194,6 +194,7 @@ def test_export_a_run_directory(strategy, world, tmp_path):
     assert not (tmp_path / "hf2").exists()
 
 
+@pytest.mark.procs
 def test_the_cuda_bf16_check_runs_its_code_path_on_cpu():
     """bench/hf_cuda_check.py --dry-run: import -> bf16 training -> bf16 export -> transformers
     bf16 forward, on CPU (the GPU run is the same code with device cuda)."""

@@ -181,7 +181,7 @@ def test_an_hf_moe_directory_as_a_distillation_teacher(hf_dirs, tmp_path):
 
 
 _PEAK_SCRIPT = r"""
-import sys, threading, time, json
+import sys, threading, json
 sys.path.insert(0, sys.argv[1])
 import torch
 from system.hf_import import hf_model_config_fields, hf_router_fields, load_hf_into_model
@@ -195,18 +195,19 @@ def anon():
 path = sys.argv[2]
 model = Transformer(ModelConfig(**hf_model_config_fields(path)))
 nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-base, peak, stop = anon(), [0], [False]
-def sample():
-    while not stop[0]:
+base, peak, stop = anon(), [0], threading.Event()
+def sample():  # every 0.5 ms until told to stop
+    while not stop.wait(0.0005):
         peak[0] = max(peak[0], anon())
-        time.sleep(0.0005)
+    peak[0] = max(peak[0], anon())
 th = threading.Thread(target=sample); th.start()
 rep = load_hf_into_model(model, path)
-stop[0] = True; th.join()
+stop.set(); th.join()
 print(json.dumps({"model_bytes": nbytes, "extra_peak": peak[0] - base, "read": rep["bytes_read"]}))
 """
 
 
+@pytest.mark.procs
 def test_loading_holds_about_one_tensor_beyond_the_model(tmp_path):
     """Streaming: while a ~50 MB Mixtral loads into our model, the process's anonymous memory
     grows by a few percent of the weights at most, not a second copy (the file is memory-mapped,

@@ -9,11 +9,12 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
+
+from tests.waiting import await_until, exited
 
 
 def chromium_binary() -> Optional[str]:
@@ -57,21 +58,23 @@ class Chromium:
              f"--user-data-dir={profile}", f"--window-size={self.width},{self.height}", "about:blank"],
             stdout=self._log, stderr=subprocess.STDOUT)
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + self.timeout
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise BrowserError(f"chromium did not start: {(profile / 'chromium.log').read_text()[-2000:]}")
-            await asyncio.sleep(0.1)
+        try:
+            await await_until(lambda: port_file.is_file() and port_file.read_text().strip(), self.timeout,
+                              "chromium's DevToolsActivePort", abort=exited(self._proc))
+        except AssertionError as e:
+            raise BrowserError(f"chromium did not start ({e}): "
+                               f"{(profile / 'chromium.log').read_text()[-2000:]}") from None
         port = int(port_file.read_text().split()[0])
         self._session = aiohttp.ClientSession()
-        for _ in range(100):
+
+        async def page_targets():
             async with self._session.get(f"http://127.0.0.1:{port}/json/list") as r:
-                pages = [t for t in await r.json() if t.get("type") == "page"]
-            if pages:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise BrowserError("chromium has no page target")
+                return [t for t in await r.json() if t.get("type") == "page"]
+
+        try:
+            pages = await await_until(page_targets, 10, "a page target in chromium")
+        except AssertionError as e:
+            raise BrowserError(f"chromium has no page target ({e})") from None
         self._ws = await self._session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
         self._reader = asyncio.create_task(self._read())
         await self.send("Page.enable")
@@ -118,11 +121,11 @@ class Chromium:
     async def goto(self, url: str) -> None:
         self._events.clear()
         await self.send("Page.navigate", {"url": url})
-        deadline = time.monotonic() + self.timeout
-        while not any(e.get("method") == "Page.loadEventFired" for e in self._events):
-            if time.monotonic() > deadline:
-                raise BrowserError(f"{url} did not load in {self.timeout} s")
-            await asyncio.sleep(0.05)
+        try:
+            await await_until(lambda: any(e.get("method") == "Page.loadEventFired" for e in self._events),
+                              self.timeout, f"{url} to load", every=0.05)
+        except AssertionError as e:
+            raise BrowserError(str(e)) from None
 
     async def js(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (promises awaited)."""
@@ -133,14 +136,10 @@ class Chromium:
         return res["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float = 30.0, every: float = 0.1) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = await self.js(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BrowserError(f"not true after {timeout} s: {expression}")
-            await asyncio.sleep(every)
+        try:
+            return await await_until(lambda: self.js(expression), timeout, expression, every=every)
+        except AssertionError as e:
+            raise BrowserError(str(e)) from None
 
     def console_errors(self) -> list[str]:
         out = []
@@ -157,7 +156,8 @@ class Chromium:
             h = await self.js("document.documentElement.scrollHeight")
             await self.send("Emulation.setDeviceMetricsOverride",
                             {"width": self.width, "height": int(h), "deviceScaleFactor": 1, "mobile": False})
-            await asyncio.sleep(0.5)  # responsive charts re-lay out to the new size
+            # responsive charts re-lay out to the new size: wait for two animation frames
+            await self.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
         data = (await self.send("Page.captureScreenshot", params))["data"]
         if full_page:
             await self.send("Emulation.setDeviceMetricsOverride",

@@ -25,6 +25,7 @@ import pytest
 
 from tests.helpers import tiny_spec, write_spec
 from tests.infra.cdp import Chromium, chromium_binary
+from tests.waiting import await_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -99,11 +100,10 @@ def test_dashboard_shows_a_live_and_a_finished_run_in_chromium(tmp_path):
             # the index lists the run once it has written its spec
             await page.goto(url + "/")
             await page.wait_for(f"document.querySelector('#runs tbody').innerText.includes('{RUN}')", 120)
-            deadline = time.monotonic() + 300
-            while len(_records(metrics)) < 5:
-                assert job.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run wrote no metrics"
-                await asyncio.sleep(0.2)
+            ended = lambda: (f"the run ended: {(tmp_path / 'run.log').read_text()[-3000:]}"  # noqa: E731
+                             if job.poll() is not None else None)
+            await await_until(lambda: len(_records(metrics)) >= 5, 300, "the run's first metrics", every=0.2,
+                              abort=ended)
             await page.goto(f"{url}/run/{RUN}")
             await page.wait_for("window.moeforge && window.moeforge.draws > 0", 30)
             # live: every batch of new lines shows up within LIVE_LIMIT_S
@@ -121,7 +121,9 @@ def test_dashboard_shows_a_live_and_a_finished_run_in_chromium(tmp_path):
                 stages = await page.js("Object.keys(moeforge.lastDraw.lastStep)")
                 if live_shot is None and "continual" in stages:
                     live_shot = await page.screenshot(tmp_path / "dashboard-live.png")
-                await asyncio.sleep(0.5)
+                # the next batch of lines (or the end of the run)
+                await await_until(lambda: job.poll() is not None or len(_records(metrics)) > n, 60,
+                                  "new metrics lines", every=0.25)
             assert job.wait() == 0, (tmp_path / "run.log").read_text()[-3000:]
             grew = sorted({n for n, _ in lags})
             assert len(grew) >= 5, f"the page was seen to grow only {len(grew)} times: {lags}"

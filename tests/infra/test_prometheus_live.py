@@ -25,6 +25,7 @@ import yaml
 
 from tests.helpers import tiny_spec, write_spec
 from tests.infra.test_dashboards import DASHBOARD, PROMETHEUS, SD_FILE
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -92,8 +93,20 @@ def test_prometheus_answers_every_dashboard_query_for_a_live_run(tmp_path):
         run = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(_spec(tmp_path))], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        time.sleep(3)  # the last scrape
         api = f"http://127.0.0.1:{port}/api/v1"
+
+        def stage_steps() -> dict[str, float]:
+            q = urllib.parse.urlencode({"query": f'max by (stage) (ray_moeforge_step{{run="{RUN}"}})',
+                                        "start": t0, "end": time.time(), "step": "1s"})
+            return {s["metric"]["stage"]: max(float(v) for _, v in s["values"])
+                    for s in _get(f"{api}/query_range?{q}")["data"]["result"]}
+
+        # the scrapes up to the run's end are in (each stage seen past step 100), or the bound
+        try:
+            wait_until(lambda: len(steps := stage_steps()) == 2 and min(steps.values()) >= 100, 30,
+                       "Prometheus to hold both stages' steps", every=0.5)
+        except AssertionError:
+            pass  # asserted below, with what was found
         targets = _get(f"{api}/targets")["data"]["activeTargets"]
         assert targets, "Prometheus discovered no target from Ray's service-discovery file"
         empty = []
@@ -106,10 +119,7 @@ def test_prometheus_answers_every_dashboard_query_for_a_live_run(tmp_path):
                 empty.append(f"{title}: {expr}")
         assert not empty, "dashboard queries with no series of the run:\n" + "\n".join(empty)
         # and the series are this run's: both stages, their steps climbing towards 160
-        q = urllib.parse.urlencode({"query": f'max by (stage) (ray_moeforge_step{{run="{RUN}"}})',
-                                    "start": t0, "end": time.time(), "step": "1s"})
-        steps = {s["metric"]["stage"]: max(float(v) for _, v in s["values"])
-                 for s in _get(f"{api}/query_range?{q}")["data"]["result"]}
+        steps = stage_steps()
         assert set(steps) == {"pretrain", "continual"} and min(steps.values()) >= 100, steps
     finally:
         prom.terminate()

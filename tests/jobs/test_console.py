@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r'''
 import os, sys, warnings
 from pathlib import Path
+
+import pytest
 from jobs.console import capture_output
 got = []
 with capture_output(Path(sys.argv[1]), got.append):
@@ -24,6 +28,7 @@ print("after:", got)
 '''
 
 
+@pytest.mark.procs
 def test_capture_output_logs_everything_and_forwards_moeforge_lines(tmp_path):
     log = tmp_path / "logs" / "rank0.log"
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], cwd=ROOT, capture_output=True, text=True,

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from jobs.dashboard.runs import MetricsTail, RunIndex, compact
 from jobs.dashboard.server import make_app, plotly_js
 from system.metrics import JsonlSink, supersede_stage_records
+from tests.waiting import await_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,13 +122,18 @@ def test_api_pages_records_and_generations(tmp_path):
             j = await (await c.get("/api/run/r/records?gen=-1&since=0")).json()
             assert j["reset"] and j["gen"] == 0 and j["next"] == 3 and j["total"] == 3
             assert [r["moe/0/tokens_per_expert"] for r in j["records"]] == [[1, 3], [2, 2], [3, 1]]
+            async def records(query: str, changed) -> dict:
+                """The server's answer once it has looked at the file again (at most every MIN_POLL_S)."""
+                async def get():
+                    j = await (await c.get(f"/api/run/r/records?{query}")).json()
+                    return j if changed(j) else None
+                return await await_until(get, 10, f"records?{query} to change", every=0.05)
+
             sink.log(_rec("pretrain", 4))
-            await asyncio.sleep(0.25)  # past MIN_POLL_S
-            j = await (await c.get("/api/run/r/records?gen=0&since=3")).json()
+            j = await records("gen=0&since=3", lambda j: j["records"] or j["reset"])
             assert not j["reset"] and [r["step"] for r in j["records"]] == [4] and j["next"] == 4
             supersede_stage_records(d / "metrics.jsonl", "pretrain", 2)
-            await asyncio.sleep(0.25)
-            j = await (await c.get("/api/run/r/records?gen=0&since=4")).json()
+            j = await records("gen=0&since=4", lambda j: j["records"] or j["reset"])
             assert j["reset"] and j["gen"] == 1 and [r["step"] for r in j["records"]] == [1, 2]
             assert (await c.get("/api/run/nope/records")).status == 404
             assert (await c.get("/api/run/r/records?since=x")).status == 400
@@ -141,6 +147,7 @@ def test_api_pages_records_and_generations(tmp_path):
     sink.close()
 
 
+@pytest.mark.procs
 def test_cli_refuses_a_missing_directory(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "dashboard", str(tmp_path / "nope")],

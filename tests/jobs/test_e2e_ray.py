@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
+from tests.ray_cluster import stop_cluster
+from tests.waiting import exited, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,10 +44,15 @@ def _two_worker_spec(tmp_path: Path, name: str, max_failures: int) -> Path:
     return write_spec(tmp_path / f"{name}.yaml", spec)
 
 
-def test_run_crash_then_resume_continues_exactly(tmp_path):
+def on_cluster(cluster, *args, **env) -> subprocess.CompletedProcess:
+    """`moeforge run ...` as a driver of the session's Ray cluster (tests/ray_cluster.py)."""
+    return moeforge(*args, "--address", cluster.ensure(), **cluster.client_env(), **env)
+
+
+def test_run_crash_then_resume_continues_exactly(tmp_path, shared_ray):
     spec = _two_worker_spec(tmp_path, "resume", max_failures=0)
     run_dir = tmp_path / "runs" / "resume"
-    first = moeforge("run", str(spec), MOEFORGE_FAULT_AT_STEP="3")
+    first = on_cluster(shared_ray, "run", str(spec), MOEFORGE_FAULT_AT_STEP="3")
     assert first.returncode != 0, first.stdout[-3000:]
     assert "injected fault after step 3" in first.stdout + first.stderr
     ckpts = run_dir / "stages" / "pretrain" / "checkpoints"
@@ -53,7 +61,7 @@ def test_run_crash_then_resume_continues_exactly(tmp_path):
     before = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in before] == [1, 2, 3]
 
-    second = moeforge("run", str(spec))
+    second = on_cluster(shared_ray, "run", str(spec))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
     full = read_jsonl(run_dir / "metrics.jsonl")
@@ -70,9 +78,9 @@ def test_run_crash_then_resume_continues_exactly(tmp_path):
     consumed = json.loads((run_dir / "stages" / "pretrain" / "consumed.json").read_text())
     assert consumed["positions"] == [0, 6 * 8]  # 6 steps x global batch 8, nothing repeated
 
-    third = moeforge("run", str(spec))
+    third = moeforge("run", str(spec))  # no Ray at all: every stage is done
     assert third.returncode == 0
-    assert "already finished, skipping" in third.stdout
+    assert "already finished, skipping" in third.stdout and "Ray started" not in third.stdout
 
     # The quiet console: Ray's and the workers' chatter is in the run's log files, not on screen;
     # moeforge's own lines from the workers are (forwarded once).
@@ -87,10 +95,11 @@ def test_run_crash_then_resume_continues_exactly(tmp_path):
     assert rank0.count("rendezvous at") == 2 and "resumed from" in rank0  # both attempts appended
 
 
-def test_worker_failure_restarts_group_from_checkpoint(tmp_path):
+def test_worker_failure_restarts_group_from_checkpoint(tmp_path, shared_ray):
     spec = _two_worker_spec(tmp_path, "restart", max_failures=1)
     run_dir = tmp_path / "runs" / "restart"
-    res = moeforge("run", str(spec), MOEFORGE_FAULT_AT_STEP="3", MOEFORGE_FAULT_ONCE=str(tmp_path / "fault-once"))
+    res = on_cluster(shared_ray, "run", str(spec), MOEFORGE_FAULT_AT_STEP="3",
+                     MOEFORGE_FAULT_ONCE=str(tmp_path / "fault-once"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "fault-once").exists()  # the fault did fire
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
@@ -109,18 +118,20 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A real Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
     ray_bin = str(BIN / "ray")
-    dash = _free_port()
+    dash, port = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="mf-rayhead-", dir="/tmp")  # short: Ray's socket paths live under it
     env = _env(RAY_AUTH_MODE="token")  # Ray's default for clusters; the client finds the token itself
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-                            str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            "--ray-client-server-port", str(_free_port()), "--temp-dir", temp,
                             "--num-cpus", "3", "--disable-usage-stats", "--include-dashboard", "true"],
                            env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    address = f"http://127.0.0.1:{dash}"
     try:
-        yield address
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp, port)  # this cluster only: `ray stop` would stop the session's too
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit(tmp_path, ray_head):
@@ -140,18 +151,19 @@ def test_ray_job_submit(tmp_path, ray_head):
     assert json.loads(done.read_text())["step"] == 3
 
 
-def _scrape_moeforge_series(deadline: float, proc: subprocess.Popen) -> dict[str, str]:
-    """Poll the Ray metrics agents listed in Ray's Prometheus service-discovery file."""
+def _scrape_moeforge_series(timeout: float, proc: subprocess.Popen) -> dict[str, str]:
+    """Poll the Ray metrics agents listed in Ray's Prometheus service-discovery file until every
+    WANTED series of the run is seen (or the run ends, or `timeout`); the series found."""
     import urllib.request
 
     sd = Path("/tmp/ray/prom_metrics_service_discovery.json")
     found: dict[str, str] = {}
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(2)
+
+    def scrape() -> bool:
         try:
             targets = [t for group in json.loads(sd.read_text()) for t in group["targets"]]
         except (OSError, ValueError):
-            continue
+            return False
         for t in targets:
             if not t.startswith("127.0.0.1:"):
                 continue
@@ -162,8 +174,12 @@ def _scrape_moeforge_series(deadline: float, proc: subprocess.Popen) -> dict[str
             for line in body.splitlines():
                 if line.startswith("ray_moeforge_") and 'run="metrics"' in line:
                     found.setdefault(line.split("{", 1)[0], line)
-        if WANTED <= found.keys():
-            break
+        return WANTED <= found.keys()
+
+    try:
+        wait_until(scrape, timeout, "the run's series on Ray's metrics agents", every=2, abort=exited(proc))
+    except AssertionError:
+        pass  # the caller reports which series are missing
     return found
 
 
@@ -179,7 +195,7 @@ def test_ray_metrics_are_exported_for_prometheus(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(path)], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        found = _scrape_moeforge_series(time.time() + 180, proc)
+        found = _scrape_moeforge_series(180, proc)
     finally:
         proc.send_signal(signal.SIGINT)  # lets the driver shut its embedded Ray down
         try:

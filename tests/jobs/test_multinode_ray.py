@@ -10,14 +10,17 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from parallel import dist as pdist
+from parallel.testing import run_distributed
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
+from tests.ray_cluster import stop_cluster
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -50,24 +53,19 @@ def two_nodes(tmp_path_factory):
     port = pdist.free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
     head = _ray("start", "--head", "--port", str(port), "--temp-dir", str(tmp), "--include-dashboard", "false",
-                "--resources", '{"node_a": 2}', *common)
+                "--ray-client-server-port", str(pdist.free_port()), "--resources", '{"node_a": 2}', *common)
     assert head.returncode == 0, head.stdout + head.stderr
     try:
         worker = _ray("start", "--address", f"127.0.0.1:{port}", "--resources", '{"node_b": 2}', *common)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         probe = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
                  "print(sum(1 for n in ray.nodes() if n['Alive']))")
-        deadline = time.time() + 60
-        while time.time() < deadline:  # both raylets registered
-            n = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=_env(), capture_output=True,
-                               text=True, timeout=60).stdout.strip()
-            if n == "2":
-                break
-            time.sleep(1)
-        assert n == "2", f"{n} live Ray nodes, expected 2"
+        wait_until(lambda: subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{port}"], env=_env(),
+                                          capture_output=True, text=True, timeout=60).stdout.strip() == "2",
+                   60, "both raylets registered (2 live Ray nodes)", every=1)
         yield f"127.0.0.1:{port}"
     finally:
-        _ray("stop", "--force")
+        stop_cluster(str(tmp), port)  # these two raylets only: `ray stop` would stop the session's cluster too
 
 
 def _spec(tmp_path: Path, name: str, strategy: str, P=None) -> Path:
@@ -83,11 +81,15 @@ def _spec(tmp_path: Path, name: str, strategy: str, P=None) -> Path:
     return write_spec(tmp_path / f"{name}.yaml", spec)
 
 
+def _stage(rank: int, world: int, spec: dict) -> None:
+    from jobs.stage_runner import run_stage
+
+    run_stage(spec, 0)
+
+
 def test_two_nodes_ep_dp_runs_match_one_process(tmp_path, two_nodes):
-    ref_spec = _spec(tmp_path, "ref", None)
-    ref = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(ref_spec)], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=420)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    # the reference: the same job on one process (the stage runner every worker runs)
+    run_distributed(_stage, 1, yaml.safe_load(_spec(tmp_path, "ref", None).read_text()))
     ref_loss = [r["loss"] for r in read_jsonl(tmp_path / "runs" / "ref" / "metrics.jsonl") if "loss" in r]
     assert len(ref_loss) == 4
     for strategy, P in (("replicated", None), ("ep", 2), ("fssdp", 2)):

@@ -8,17 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
-from tests.jobs.test_e2e_ray import ROOT, _env, moeforge
+from tests.jobs.test_e2e_ray import ROOT, _env, on_cluster
+from tests.waiting import exited, wait_until
 
 pytestmark = pytest.mark.slow
-STEPS = 400
+STEPS = 100  # the second kill lands near step 50; the run must still be going then
 
 
 def _spec(tmp: Path, name: str, max_failures: int, **stage) -> Path:
@@ -37,9 +37,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, float]:
+def reference(tmp_path_factory, shared_ray) -> dict[int, float]:
     tmp = tmp_path_factory.mktemp("ref")
-    res = moeforge("run", str(_spec(tmp, "ref", 0)))
+    res = on_cluster(shared_ray, "run", str(_spec(tmp, "ref", 0)))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = _losses(tmp / "runs" / "ref")
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -72,19 +72,13 @@ def _last_step(run_dir: Path) -> int:
 
 
 def _wait(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(cond, timeout, what, every=0.2, abort=exited(proc))
 
 
-def _launch(spec: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec)], cwd=ROOT, env=_env(),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def _launch(spec: Path, log: Path, cluster) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--address", cluster.ensure()],
+                            cwd=ROOT, env=_env(**cluster.client_env()), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
@@ -95,10 +89,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
         raise
 
 
-def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference):
+def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference, shared_ray):
     spec = _spec(tmp_path, "killed", max_failures=2)
     run_dir, log = tmp_path / "runs" / "killed", tmp_path / "killed.log"
-    proc = _launch(spec, log)
+    proc = _launch(spec, log, shared_ray)
     try:
         kills = []
         for round_ in range(2):
@@ -124,10 +118,10 @@ def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference):
     assert got == reference  # every step's loss, bit for bit
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, reference):
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, reference, shared_ray):
     spec = _spec(tmp_path, "preempted", max_failures=2)
     run_dir, log = tmp_path / "runs" / "preempted", tmp_path / "preempted.log"
-    proc = _launch(spec, log)
+    proc = _launch(spec, log, shared_ray)
     try:
         _wait(lambda: _last_step(run_dir) >= 30 and len(_train_workers()) == 2, proc, 240, "step 30")
         at = _last_step(run_dir)
@@ -147,17 +141,17 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, re
     assert (ckpts / "latest").read_text() == f"step_{stopped:08d}"
     assert f"checkpointed at step {stopped}" in text and not (run_dir / "stages" / "pretrain" / "DONE.json").exists()
 
-    again = moeforge("run", str(spec))
+    again = on_cluster(shared_ray, "run", str(spec))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout  # resumed exactly where it stopped: no lost step
     assert _losses(run_dir) == reference
 
 
-def test_an_error_no_restart_can_fix_ends_the_run_at_once(tmp_path):
+def test_an_error_no_restart_can_fix_ends_the_run_at_once(tmp_path, shared_ray):
     """Three bad steps in a row with max_failures 3: one attempt, exit 2, the message names the
     steps and the last good checkpoint."""
     spec = _spec(tmp_path, "diverged", max_failures=3, max_bad_steps=3)
-    res = moeforge("run", str(spec), MOEFORGE_FAULT_NONFINITE="22,23,24")
+    res = on_cluster(shared_ray, "run", str(spec), MOEFORGE_FAULT_NONFINITE="22,23,24")
     text = res.stdout + res.stderr
     assert res.returncode == 2, text[-4000:]
     assert "TrainingDiverged" in text and "steps 22-24" in text and "step_00000020" in text

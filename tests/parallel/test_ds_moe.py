@@ -221,6 +221,7 @@ def two_ranks():
     return run_distributed(_ranks, 2)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_engine_trains_expert_parallel(two_ranks, zero_stage):
     r0, r1 = two_ranks[0][zero_stage], two_ranks[1][zero_stage]
@@ -240,6 +241,7 @@ def test_engine_trains_expert_parallel(two_ranks, zero_stage):
     assert not torch.allclose(r0["expert_w1"], r1["expert_w1"])
 
 
+@pytest.mark.procs
 def test_engine_step_matches_single_process(two_ranks):
     """Gradient reduction: dense grads averaged over ranks, expert grads (holding both ranks'
     tokens through the all-to-all) divided by the data-parallel size. One SGD step on 2 ranks

@@ -97,6 +97,7 @@ def _reference(adversarial: bool):
     return layer, x, y.detach()
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("world,P", [(4, 2), (8, 4), (8, 2), (8, 8)])
 def test_layer_groups_match_single_process(world, P):
     results = run_distributed(_layer_worker, world, P)
@@ -185,6 +186,7 @@ def _merge(parts):
     return out
 
 
+@pytest.mark.procs
 def test_checkpoint_at_8x4_loads_at_other_layouts_bit_for_bit(tmp_path):
     res = run_distributed(_train_worker, 8, 4, str(tmp_path))
     files = sorted(p.name for p in (tmp_path / "experts").glob("rank*.pt"))

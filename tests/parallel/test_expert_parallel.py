@@ -95,6 +95,7 @@ def _reference(adversarial: bool):
     return layer, x, y.detach(), aux
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_matches_single_process(world):
     results = run_distributed(_layer_worker, world, CASES)
@@ -195,6 +196,7 @@ def _merge(parts, key):
     return out
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("world,new_world", [(2, 4), (4, 2)])
 def test_reshard_and_checkpoint_on_other_world_size_bit_for_bit(tmp_path, world, new_world):
     res = run_distributed(_store_worker, world, str(tmp_path))
@@ -220,6 +222,7 @@ def test_reshard_and_checkpoint_on_other_world_size_bit_for_bit(tmp_path, world,
     assert all(r["info"]["optimizer_state"] for r in loaded)
 
 
+@pytest.mark.procs
 def test_load_rejects_shape_mismatch(tmp_path):
     run_distributed(_store_worker, 2, str(tmp_path))
     from parallel.expert_store import ExpertStore
@@ -399,6 +402,7 @@ def _repeat_worker(rank: int, world: int) -> dict:
     return {"spag": spag, "outs": outs, "copies": len(store._copies)}
 
 
+@pytest.mark.procs
 def test_copies_gathered_once_per_iteration():
     """Later forwards of an iteration reuse the copies on every rank: a sender that re-sent while
     its receiver reused would leave a stale message for the next gather (or hang)."""
@@ -424,6 +428,7 @@ def _bf16_worker(rank: int, world: int) -> dict:
             "moved": float(store.w1.grad.abs().sum()), "kept": torch.equal(store.w1.detach(), ref[:E // world])}
 
 
+@pytest.mark.procs
 def test_bf16_activations_with_fp32_expert_pool():
     """Under a bf16 engine the experts compute in bf16 from the fp32 pool (the master weights),
     and their gradients arrive in fp32."""

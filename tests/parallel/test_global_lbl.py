@@ -94,6 +94,7 @@ def _router_keys(grads):
     return [k for k in grads if k.endswith("router.weight")]
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("world,n_micro,mode", [(2, 1, "running"), (2, 2, "exact"), (4, 1, "running"),
                                                  (4, 2, "exact"), (2, 3, "exact")])
 def test_global_batch_lbl_matches_concatenated_batch(world, n_micro, mode):
@@ -108,6 +109,7 @@ def test_global_batch_lbl_matches_concatenated_batch(world, n_micro, mode):
                                        msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.procs
 def test_running_accumulation_ends_on_the_global_counts():
     """Megatron-style running buffer: the step's final counts are the global batch's; earlier
     micro-batches saw a prefix of it, so the gradient differs from the exact form by design."""
@@ -120,6 +122,7 @@ def test_running_accumulation_ends_on_the_global_counts():
     assert not torch.allclose(grads[k], ref_grads[k], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.procs
 def test_micro_batch_lbl_differs_from_global_batch():
     """Negative control: the equality above is not automatic. With per-micro-batch counts the
     router gradients differ from the global-batch ones on this two-domain batch."""

@@ -56,6 +56,7 @@ def _state(ck: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("strategy,zero", [("replicated", 0), ("replicated", 2), ("fssdp", 1)])
 def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy, zero):
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE", "3")
@@ -79,6 +80,7 @@ def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy
     assert recs[3]["lr"] != recs[2]["lr"] or recs[4]["lr"] != recs[3]["lr"]
 
 
+@pytest.mark.procs
 def test_k_bad_steps_in_a_row_stop_the_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE", "3,4")
     spec = _spec(tmp_path, "replicated", 0, max_bad_steps=2)

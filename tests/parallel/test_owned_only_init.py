@@ -127,6 +127,7 @@ def _worker(rank: int, world: int, strategy: str, P: int) -> dict:
     return {"built": built, "owned": owned, "rows": rows, "resident": resident, "loss": loss}
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("strategy, P", [("ep", 4), ("fssdp", 2)])
 def test_each_rank_materializes_its_share(strategy, P):
     full = _build()

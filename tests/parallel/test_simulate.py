@@ -380,6 +380,7 @@ def test_cli_json_and_sweep(tmp_path, capsys):
     assert "fssdp ms (x)" in text and "zipf s=1.2" in text
 
 
+@pytest.mark.procs
 def test_cli_subprocess_runs_the_example():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "simulate", "examples/simulate.yaml",
                            "--iterations", "5"], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -100,6 +100,7 @@ def _reference():
     return layers
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("world,P", [(2, 2), (4, 4), (4, 2)])
 def test_overlapped_sprs_equals_the_post_backward_one(world, P):
     """(4, 2): two expert-parallel groups of 2 (EP x DP), the spRS inside each group."""
@@ -152,6 +153,7 @@ def _eval_worker(rank: int, world: int) -> dict:
     return {"pool": store.w1.detach().clone(), "started": store.sprs_in_backward}
 
 
+@pytest.mark.procs
 def test_skipped_step_and_evaluation_keep_ranks_in_step():
     res = run_distributed(_eval_worker, 2)
     assert all(r["started"] == LAYERS for r in res)

@@ -85,6 +85,7 @@ def _plans_worker(rank: int, world: int) -> dict:
             "copies": len(store.plan.copies())}
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_with_different_attention_times_build_identical_plans(world):
     res = run_distributed(_plans_worker, world, timeout_s=120)
@@ -111,6 +112,7 @@ def _export_worker(rank: int, world: int, strategy: str) -> dict:
     return {l: [t.clone() for t in ws] for l, ws in strat.full_expert_weights(model).items()}
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("strategy", ["ep", "fssdp", "deepspeed_moe"])
 def test_full_expert_weights_equal_the_single_process_model(strategy):
     """On 2 ranks every rank assembles every expert, equal to the 1-rank model's (ours for

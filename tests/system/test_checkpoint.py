@@ -26,6 +26,7 @@ def ckpt_root(tmp_path_factory) -> Path:
     return tmp / "runs" / "ck" / "stages" / "pretrain" / "checkpoints"
 
 
+@pytest.mark.procs
 def test_layout_of_a_committed_checkpoint(ckpt_root):
     assert (ckpt_root / "latest").read_text() == "step_00000004"
     assert sorted(p.name for p in ckpt_root.glob("step_*")) == ["step_00000002", "step_00000004"]
@@ -36,6 +37,7 @@ def test_layout_of_a_committed_checkpoint(ckpt_root):
     assert "embed.weight" in load_module_weights(ckpt_root / "step_00000004")
 
 
+@pytest.mark.procs
 def test_incomplete_checkpoints_are_never_latest(ckpt_root, tmp_path):
     root = tmp_path / "c"
     shutil.copytree(ckpt_root, root)

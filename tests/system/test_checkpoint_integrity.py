@@ -50,6 +50,7 @@ def _flip(f: Path):
     f.write_bytes(bytes(b))
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("strategy", ["replicated", "fssdp"])
 def test_the_manifest_records_every_file(runs, strategy):
     ck = runs[strategy][1] / "stages" / "pretrain" / "checkpoints" / "step_00000004"
@@ -61,6 +62,7 @@ def test_the_manifest_records_every_file(runs, strategy):
     assert verify_checkpoint(ck) is None
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("strategy", ["replicated", "fssdp"])
 @pytest.mark.parametrize("damage,words", [(_truncate, "truncated"), (_flip, "corrupted"),
                                           (lambda f: f.unlink(), "missing")])
@@ -79,6 +81,7 @@ def test_a_damaged_newest_checkpoint_falls_back(runs, strategy, damage, words, t
     assert "step_00000004" in str(ei.value) and "step_00000002" in str(ei.value)
 
 
+@pytest.mark.procs
 def test_a_missing_manifest_is_an_incomplete_checkpoint(runs, tmp_path):
     root = tmp_path / "c"
     shutil.copytree(runs["replicated"][1] / "stages" / "pretrain" / "checkpoints", root)
@@ -115,6 +118,7 @@ def test_resume_from_the_fallback_continues_exactly(runs, strategy, world, tmp_p
     assert verify_checkpoint(ck / "step_00000004") is None  # rewritten intact
 
 
+@pytest.mark.procs
 def test_moeforge_run_stops_at_once_when_no_checkpoint_is_intact(runs, tmp_path, capsys):
     """Before Ray starts: exit 2 with the damaged files named, no restart spent."""
     import yaml

@@ -429,6 +429,7 @@ def test_holdout_batches_fixed_order():
         list(holdout_batches(held, "y", batch_size=4))
 
 
+@pytest.mark.procs
 def test_concurrent_builds_share_one_cache(tmp_path):
     import subprocess
     import sys

@@ -49,6 +49,7 @@ def test_a_packed_sequence_equals_its_documents_run_alone(n_kv_heads):
     assert (crossing[n0:] - alone[n0:]).abs().max() > 1e-3  # later ones saw the earlier documents
 
 
+@pytest.mark.procs
 def test_a_stage_trains_with_document_masking(tmp_path):
     from parallel.testing import run_distributed
     from system.metrics import read_jsonl

@@ -76,6 +76,7 @@ def run(tmp_path_factory) -> tuple[dict, Path]:
     return spec, tmp / "runs" / "safe" / "stages" / "pretrain" / "checkpoints"
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("victim", ["rng_rank0.pt", "mp_rank_00_model_states.pt"])
 def test_resume_refuses_a_poisoned_checkpoint(run, tmp_path, victim):
     import shutil
@@ -102,6 +103,7 @@ def test_resume_refuses_a_poisoned_checkpoint(run, tmp_path, victim):
     assert load_module_weights(dst / "step_00000001")  # an intact one loads
 
 
+@pytest.mark.procs
 def test_export_refuses_a_poisoned_checkpoint(run, tmp_path, capsys):
     import shutil
 

@@ -30,6 +30,7 @@ def _spec(tmp_path, **stage):
                               "eval_every": 2, **stage}])
 
 
+@pytest.mark.procs
 def test_event_files_hold_the_runs_metrics(tmp_path):
     spec = _spec(tmp_path)
     run_distributed(_train, 1, spec, timeout_s=240)
@@ -49,6 +50,7 @@ def test_event_files_hold_the_runs_metrics(tmp_path):
     assert len(img) == 4 and img[0].height == 2 and img[0].width == 4  # 2 MoE layers x 4 experts
 
 
+@pytest.mark.procs
 def test_a_resumed_stage_purges_the_superseded_events(tmp_path, monkeypatch):
     spec = _spec(tmp_path)
     monkeypatch.setenv("MOEFORGE_FAULT_AT_STEP", "3")

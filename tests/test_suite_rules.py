@@ -1,0 +1,55 @@
+"""Rules the test suite keeps: no fixed sleeps (waiting goes through tests/waiting.py), and every
+test runs under a time limit."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+SLEEP = re.compile(r"\bsleep\s*\(")
+
+
+def test_no_fixed_sleeps_outside_the_wait_helper():
+    found = []
+    for path in sorted(TESTS.rglob("*.py")):
+        if path.name == "waiting.py" and path.parent == TESTS:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if SLEEP.search(line):
+                found.append(f"{path.relative_to(TESTS.parent)}:{n}: {line.strip()}")
+    assert not found, "fixed sleeps (use tests.waiting.wait_until / await_until):\n" + "\n".join(found)
+
+
+def test_the_rule_sees_a_sleep(tmp_path):
+    # the pattern the rule relies on, on the forms a sleep takes
+    call = "sleep" + " ("  # not written out, or this file would break the rule
+    for line in (f"time.{call}1)", f"await asyncio.{call}0.5)", f"{call}2)", f"from time import sleep; {call}1)"):
+        assert SLEEP.search(line), line
+    assert not SLEEP.search("sleepy = 1")
+
+
+def test_every_test_has_a_time_limit(request):
+    """pytest-timeout is active with a default limit; end-to-end (slow) tests get the larger one."""
+    cfg = request.config
+    assert cfg.pluginmanager.hasplugin("timeout"), "pytest-timeout is not installed (pyproject's test extra)"
+    assert float(cfg.getini("timeout")) > 0
+    assert cfg.getini("timeout_method") == "signal"  # a hang fails that test, not the whole session
+    slow = [i for i in request.session.items if i.get_closest_marker("slow")]
+    for item in slow:
+        mark = item.get_closest_marker("timeout")
+        assert mark is not None and mark.args[0] > float(cfg.getini("timeout")), item.nodeid
+
+
+def test_a_hang_fails_within_the_limit(pytester):
+    """A test that blocks is stopped by its limit and reported as failed, with a stack dump."""
+    pytester.makepyfile(test_hang="""
+import threading
+
+def test_blocks():
+    threading.Event().wait()
+""")
+    res = pytester.runpytest_inprocess("--timeout=1", "-p", "no:cacheprovider")
+    res.assert_outcomes(failed=1)
+    assert "Timeout" in res.stdout.str() and "test_blocks" in res.stdout.str()
