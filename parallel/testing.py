@@ -9,8 +9,9 @@ importing torch and DeepSpeed). With `reuse=True`, or MOEFORGE_REUSE_RANKS=1 in 
 (the test suite sets it), the N processes are kept between calls (`RankPool`) and each call gets
 what a fresh process would have: the caller's environment, a new process group (torn down after
 the call, sub-groups included), torch's default RNG seed, one intra-op thread, float32 default
-dtype and DeepSpeed's communication and group state reset. A pool whose call failed or timed out
-is stopped (its ranks may be stuck in a collective) and the next call starts a new one.
+dtype and DeepSpeed's communication and group state reset. A call that failed on every rank and
+left no thread running keeps the pool (an injected fault, an expected error); one that timed out,
+failed on some ranks only or left a thread behind stops it, and the next call starts a new one.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
 
     torch.set_num_threads(1)
     ok, payload = _call(rank, world, port, fn, args)
-    queue.put((rank, ok, payload))
+    queue.put((rank, ok, payload, True))
 
 
 def _reset_process_state() -> None:
@@ -86,8 +87,21 @@ def _reset_process_state() -> None:
                 setattr(groups, name, None)
 
 
+def _leftover_threads(before: set) -> list:
+    """Threads a failed call left running (given a moment to end): a rank with any is not reused."""
+    import threading
+
+    extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    for t in extra:
+        t.join(timeout=1.0)
+    return [t for t in extra if t.is_alive()]
+
+
 def _serve(rank: int, world: int, tasks, results) -> None:
-    """A kept rank process: run each call sent on `tasks` until None arrives."""
+    """A kept rank process: run each call sent on `tasks` until None arrives. Each answer says
+    whether the rank is fit for another call (a failed call must leave no thread behind)."""
+    import threading
+
     import torch
 
     torch.set_num_threads(1)
@@ -100,13 +114,14 @@ def _serve(rank: int, world: int, tasks, results) -> None:
         os.environ.update(env)
         os.environ.update(_rank_env(rank, world, port))
         _reset_process_state()
+        before = set(threading.enumerate())
         try:
             fn, args = pickle.loads(payload)
         except BaseException:
-            results.put((call_id, rank, False, f"[rank {rank}] " + traceback.format_exc()))
+            results.put((call_id, rank, False, f"[rank {rank}] " + traceback.format_exc(), True))
             continue
         ok, out = _call(rank, world, port, fn, args)
-        results.put((call_id, rank, ok, out))
+        results.put((call_id, rank, ok, out, ok or not _leftover_threads(before)))
 
 
 class RankPool:
@@ -122,18 +137,25 @@ class RankPool:
         for p in self.procs:
             p.start()
         self.calls = 0
+        self.fit = True  # whether the ranks can take another call
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
     def run(self, fn: Callable, args: tuple, timeout_s: float) -> list[Any]:
+        """`fn` on every rank; raises as `run_distributed` does. `self.fit` says afterwards whether
+        the ranks can take another call: every rank answered (a failure on one rank may leave the
+        others stuck in a collective) and none left a thread running."""
         self.calls += 1
         call_id, port = self.calls, free_port()
         payload = pickle.dumps((fn, args))  # fails here, in the caller, if fn is not picklable
         env = dict(os.environ)
+        self.fit = False
         for q in self.tasks:
             q.put((call_id, port, env, payload))
-        return _collect(self.results, self.world, timeout_s, call_id)
+        answers = _collect(self.results, self.world, timeout_s, call_id)
+        self.fit = all(a[2] for a in answers.values())
+        return _results(answers, self.world)
 
     def stop(self, graceful: bool = True) -> None:
         if graceful and self.alive():
@@ -146,26 +168,49 @@ class RankPool:
                 p.join()
 
 
-def _collect(queue, world: int, timeout_s: float, call_id: Optional[int] = None) -> list[Any]:
-    """Every rank's result, in rank order; the first failure or a timeout raises."""
-    import queue as queue_mod
+# after a rank's failure, how long the other ranks get to answer before the call is given up
+FAILURE_GRACE_S = 20.0
 
-    results: dict[int, Any] = {}
-    while len(results) < world:
-        try:
-            msg = queue.get(timeout=timeout_s)
-        except queue_mod.Empty:
+
+def _collect(queue, world: int, timeout_s: float, call_id: Optional[int] = None) -> dict[int, tuple]:
+    """rank -> (ok, payload, fit) for every rank that answered. Raises TimeoutError when no rank
+    failed and one did not answer in time; after a failure, waits FAILURE_GRACE_S at most for the
+    rest (they may be stuck in a collective with the failed rank)."""
+    import queue as queue_mod
+    import time
+
+    answers: dict[int, tuple] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(answers) < world:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if any(not a[0] for a in answers.values()):
+                break
             raise TimeoutError(f"a distributed call did not finish within {timeout_s:.0f} s "
-                               f"({len(results)} of {world} ranks answered)") from None
+                               f"({len(answers)} of {world} ranks answered)")
+        try:
+            msg = queue.get(timeout=left)
+        except queue_mod.Empty:
+            continue
         if call_id is not None:
             got_id, *msg = msg
             if got_id != call_id:
                 continue  # a late answer to an earlier, abandoned call
-        r, ok, payload = msg
+        r, ok, payload, *fit = msg
+        answers[r] = (ok, payload, fit[0] if fit else False)
         if not ok:
-            raise RuntimeError("a distributed rank failed:\n" + payload)
-        results[r] = pickle.loads(payload)
-    return [results[r] for r in range(world)]
+            deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+    return answers
+
+
+def _results(answers: dict[int, tuple], world: int) -> list[Any]:
+    """The results in rank order, or the first failed rank's traceback raised."""
+    failed = [answers[r][1] for r in sorted(answers) if not answers[r][0]]
+    if failed:
+        raise RuntimeError("a distributed rank failed:\n" + failed[0])
+    if len(answers) < world:
+        raise RuntimeError(f"only {len(answers)} of {world} ranks answered")
+    return [pickle.loads(answers[r][1]) for r in range(world)]
 
 
 _POOLS: dict[int, RankPool] = {}
@@ -204,11 +249,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout_s: f
         pool = _pool(world_size)
         try:
             return pool.run(fn, args, timeout_s)
-        except BaseException:
-            # Other ranks may be stuck in a collective or hold a half-finished call: start over.
-            _POOLS.pop(world_size, None)
-            pool.stop(graceful=False)
-            raise
+        finally:
+            if not pool.fit:  # ranks stuck in a collective or a half-finished call: start over
+                _POOLS.pop(world_size, None)
+                pool.stop(graceful=False)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -216,12 +260,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout_s: f
              for r in range(world_size)]
     for p in procs:
         p.start()
-    failed = False
+    failed = True  # until every rank answered: other ranks may hang on a collective; stop them
     try:
-        return _collect(queue, world_size, timeout_s)
-    except BaseException:
-        failed = True  # other ranks may now hang on a collective; stop them
-        raise
+        answers = _collect(queue, world_size, timeout_s)
+        failed = len(answers) < world_size or not all(a[0] for a in answers.values())
+        return _results(answers, world_size)
     finally:
         for p in procs:
             p.join(timeout=5 if failed else 30)

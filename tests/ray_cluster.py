@@ -35,6 +35,15 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def private_ports(head: bool = True) -> list[str]:
+    """`ray start` flags that put a node's fixed-default ports (dashboard 8265, client server 10001,
+    dashboard agent 52365, ...) on free ones: several clusters (this one, a test's own, an
+    embedded Ray) then run side by side without one's agent failing to bind."""
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port"] + (["--dashboard-port", "--ray-client-server-port"] if head else [])
+    return [x for f in flags for x in (f, str(_free_port()))]
+
+
 class SharedRay:
     def __init__(self):
         self.token = secrets.token_hex(32)
@@ -71,9 +80,7 @@ class SharedRay:
         env.update(self.client_env())
         res = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                               "--port", str(self.port), "--num-cpus", str(NUM_CPUS), "--temp-dir", self.temp_dir,
-                              "--include-dashboard", "false", "--disable-usage-stats",
-                              # not the default ports, which an embedded Ray or another test's cluster takes
-                              "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port())],
+                              "--include-dashboard", "false", "--disable-usage-stats", *private_ports()],
                              env=env, capture_output=True, text=True, timeout=180)
         if res.returncode != 0:
             raise RuntimeError(f"ray start failed: {res.stdout[-2000:]}{res.stderr[-2000:]}")

@@ -77,9 +77,9 @@ def test_replay_sources_name_data_from_before_the_job(qwen2):
 
 
 @pytest.mark.slow
-def test_continual_hf_example_end_to_end(tmp_path, monkeypatch):
-    """examples/continual_hf.yaml (shortened) on the embedded Ray: continual with replay from a
-    named source -> distill -> export both; transformers loads each and generates."""
+def test_continual_hf_example_end_to_end(tmp_path, monkeypatch, shared_ray):
+    """examples/continual_hf.yaml (shortened) on a Ray cluster (the session's): continual with
+    replay from a named source -> distill -> export both; transformers loads each and generates."""
     import yaml
 
     from jobs.cli import main
@@ -100,15 +100,15 @@ def test_continual_hf_example_end_to_end(tmp_path, monkeypatch):
         s["max_documents"] = 40
     spec["metrics"] = {"progress_bar": False, "ray_metrics": False}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    # as a user runs it: its own process (an embedded Ray in the pytest process would outlive the test)
+    # as a user runs it: its own process, a driver of the cluster
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "spec.yaml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env.update(PYTHONPATH=str(ROOT), **shared_ray.client_env())
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "spec.yaml", "--address", shared_ray.ensure()],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "continual_hf"
     recs = read_jsonl(run / "metrics.jsonl")

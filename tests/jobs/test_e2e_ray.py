@@ -14,7 +14,7 @@ import pytest
 
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
-from tests.ray_cluster import stop_cluster
+from tests.ray_cluster import private_ports, stop_cluster
 from tests.waiting import exited, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,12 +118,13 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A real Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
     ray_bin = str(BIN / "ray")
-    dash, port = _free_port(), _free_port()
+    port = _free_port()
     temp = tempfile.mkdtemp(prefix="mf-rayhead-", dir="/tmp")  # short: Ray's socket paths live under it
     env = _env(RAY_AUTH_MODE="token")  # Ray's default for clusters; the client finds the token itself
+    ports = private_ports()
+    dash = ports[ports.index("--dashboard-port") + 1]
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-                            str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                            "--ray-client-server-port", str(_free_port()), "--temp-dir", temp,
+                            str(port), "--dashboard-host", "127.0.0.1", *ports, "--temp-dir", temp,
                             "--num-cpus", "3", "--disable-usage-stats", "--include-dashboard", "true"],
                            env=env, capture_output=True, text=True, timeout=180)
     try:

@@ -19,7 +19,7 @@ from parallel import dist as pdist
 from parallel.testing import run_distributed
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
-from tests.ray_cluster import stop_cluster
+from tests.ray_cluster import private_ports, stop_cluster
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,10 +53,11 @@ def two_nodes(tmp_path_factory):
     port = pdist.free_port()
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
     head = _ray("start", "--head", "--port", str(port), "--temp-dir", str(tmp), "--include-dashboard", "false",
-                "--ray-client-server-port", str(pdist.free_port()), "--resources", '{"node_a": 2}', *common)
+                *private_ports(), "--resources", '{"node_a": 2}', *common)
     assert head.returncode == 0, head.stdout + head.stderr
     try:
-        worker = _ray("start", "--address", f"127.0.0.1:{port}", "--resources", '{"node_b": 2}', *common)
+        worker = _ray("start", "--address", f"127.0.0.1:{port}", *private_ports(head=False),
+                      "--resources", '{"node_b": 2}', *common)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         probe = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
                  "print(sum(1 for n in ray.nodes() if n['Alive']))")

@@ -1,4 +1,4 @@
-"""`moeforge prepare` on an embedded Ray (Ray Data tasks): the shards equal the serial
+"""`moeforge prepare` on a Ray cluster (Ray Data tasks; the session's cluster, tests/ray_cluster.py): the shards equal the serial
 preparation's, a rerun redoes only a unit that is missing, `--verify` catches a flipped byte, and
 `moeforge run` prepares a stage's data on the driver when it is missing."""
 from __future__ import annotations
@@ -25,12 +25,12 @@ def _env() -> dict:
     return env
 
 
-def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def test_prepare_on_ray_data_equals_serial_resumes_and_verifies(tmp_path, shared_ray):
+    def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args, "--address", shared_ray.ensure()], cwd=ROOT,
+                              env={**_env(), **shared_ray.client_env()}, capture_output=True, text=True,
+                              timeout=timeout)
 
-
-def test_prepare_on_ray_data_equals_serial_resumes_and_verifies(tmp_path):
     docs = [f"document {i} " + "lorem ipsum dolor sit amet " * (1 + i % 17) for i in range(3000)]
     path = tmp_path / "web.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -1,7 +1,8 @@
-"""Real failures through the real `moeforge run` (embedded Ray, Ray Train, 2 DeepSpeed workers):
+"""Real failures through the real `moeforge run` (Ray, Ray Train, 2 DeepSpeed workers):
 SIGKILL of a Ray Train worker process twice in one run, SIGTERM preemption and its resumption,
 and an error no restart can fix ending the run at once. Every step's loss is compared with an
-uninterrupted run of the same spec."""
+uninterrupted run of the same spec. The runs are drivers of the session's Ray cluster
+(tests/ray_cluster.py)."""
 from __future__ import annotations
 
 import os
@@ -11,14 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from parallel.testing import run_distributed
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
 from tests.jobs.test_e2e_ray import ROOT, _env, on_cluster
 from tests.waiting import exited, wait_until
 
 pytestmark = pytest.mark.slow
-STEPS = 100  # the second kill lands near step 50; the run must still be going then
+STEPS = 120  # kills near steps 25 and 50, SIGTERM near 60-70: the run must still be going then
 
 
 def _spec(tmp: Path, name: str, max_failures: int, **stage) -> Path:
@@ -36,11 +39,18 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
+def _stage(rank: int, world: int, spec: dict) -> None:
+    from jobs.stage_runner import run_stage
+
+    run_stage(spec, 0)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shared_ray) -> dict[int, float]:
+def reference(tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted run: the stage runner every Ray Train worker runs, on 2 gloo ranks (the
+    same losses as `moeforge run`, bit for bit: tests/golden/test_golden.py)."""
     tmp = tmp_path_factory.mktemp("ref")
-    res = on_cluster(shared_ray, "run", str(_spec(tmp, "ref", 0)))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_distributed(_stage, 2, yaml.safe_load(_spec(tmp, "ref", 0).read_text()))
     got = _losses(tmp / "runs" / "ref")
     assert sorted(got) == list(range(1, STEPS + 1))
     return got
@@ -89,12 +99,19 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
         raise
 
 
-def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference, shared_ray):
-    spec = _spec(tmp_path, "killed", max_failures=2)
-    run_dir, log = tmp_path / "runs" / "killed", tmp_path / "killed.log"
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory, shared_ray) -> dict:
+    """One real run through a node's worst day: SIGKILL of rank 0 past a checkpoint, SIGKILL of the
+    other rank past the next one (max_failures 2: Ray Train restarts the group each time), then
+    SIGTERM of rank 0 (preemption: exit 3); then the same command again, which finishes the stage.
+    What each step showed is kept for the tests below, one property each."""
+    tmp = tmp_path_factory.mktemp("drill")
+    spec = _spec(tmp, "drill", max_failures=2)
+    run_dir, log = tmp / "runs" / "drill", tmp / "drill.log"
+    out: dict = {"run_dir": run_dir, "kills": []}
     proc = _launch(spec, log, shared_ray)
     try:
-        kills = []
+        kills = out["kills"]
         for round_ in range(2):
             # past a checkpoint in this attempt: 25 steps after the first (or resumed) step
             start = 0 if round_ == 0 else kills[-1][1]
@@ -106,45 +123,49 @@ def test_sigkill_of_a_worker_twice_loses_nothing(tmp_path, reference, shared_ray
             kills.append((victim, _last_step(run_dir)))
             os.kill(victim, signal.SIGKILL)
             _wait(lambda: victim not in _train_workers(), proc, 60, "the killed worker to go")
-        rc = _finish(proc)
+        # preemption in the third attempt, once it has trained again
+        term_from = kills[-1][1]
+        _wait(lambda: _last_step(run_dir) >= term_from + 10 and len(_train_workers()) == 2, proc, 240,
+              f"step {term_from + 10} with two workers")
+        out["term_at"] = _last_step(run_dir)
+        rank0 = _rank0_pid(run_dir)
+        out["rank0_alive"] = rank0 in _train_workers()
+        os.kill(rank0, signal.SIGTERM)  # the rank that also forwards the console and writes metrics
+        out["rc"] = _finish(proc, 300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text()
-    assert rc == 0, text[-4000:]
-    assert text.count("resumed from") >= 2, text[-4000:]
-    got = _losses(run_dir)
+    out["text"] = log.read_text()
+    out["stopped"] = _last_step(run_dir)
+    ckpts = run_dir / "stages" / "pretrain" / "checkpoints"
+    out["latest"] = (ckpts / "latest").read_text() if (ckpts / "latest").is_file() else None
+    out["done_before_rerun"] = (run_dir / "stages" / "pretrain" / "DONE.json").exists()
+    out["again"] = on_cluster(shared_ray, "run", str(spec))
+    return out
+
+
+def test_sigkill_of_a_worker_twice_loses_nothing(drill, reference):
+    text = drill["text"]
+    assert len(drill["kills"]) == 2 and drill["kills"][0][0] != drill["kills"][1][0]
+    assert text.count("resumed from") >= 2, text[-4000:]  # both restarts resumed from a checkpoint
+    assert drill["kills"][1][1] > drill["kills"][0][1]  # the second attempt trained past the first kill
+    got = _losses(drill["run_dir"])  # each step once, whatever was replayed
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == reference  # every step's loss, bit for bit
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, reference, shared_ray):
-    spec = _spec(tmp_path, "preempted", max_failures=2)
-    run_dir, log = tmp_path / "runs" / "preempted", tmp_path / "preempted.log"
-    proc = _launch(spec, log, shared_ray)
-    try:
-        _wait(lambda: _last_step(run_dir) >= 30 and len(_train_workers()) == 2, proc, 240, "step 30")
-        at = _last_step(run_dir)
-        rank0 = _rank0_pid(run_dir)
-        assert rank0 in _train_workers()
-        os.kill(rank0, signal.SIGTERM)  # the rank that also forwards the console and writes metrics
-        rc = _finish(proc, 120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert rc == 3, text[-4000:]
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(drill, reference):
+    text, stopped = drill["text"], drill["stopped"]
+    assert drill["rank0_alive"]
+    assert drill["rc"] == 3, text[-4000:]
     assert "SIGTERM: checkpointing at the next step boundary" in text
-    stopped = _last_step(run_dir)
-    assert at <= stopped < STEPS and stopped % 20 != 0  # an off-schedule checkpoint, right after the signal
-    ckpts = run_dir / "stages" / "pretrain" / "checkpoints"
-    assert (ckpts / "latest").read_text() == f"step_{stopped:08d}"
-    assert f"checkpointed at step {stopped}" in text and not (run_dir / "stages" / "pretrain" / "DONE.json").exists()
-
-    again = on_cluster(shared_ray, "run", str(spec))
+    assert drill["term_at"] <= stopped < STEPS and stopped % 20 != 0  # an off-schedule checkpoint, right after it
+    assert drill["latest"] == f"step_{stopped:08d}"
+    assert f"checkpointed at step {stopped}" in text and not drill["done_before_rerun"]
+    again = drill["again"]
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"at step {stopped}" in again.stdout  # resumed exactly where it stopped: no lost step
-    assert _losses(run_dir) == reference
+    assert _losses(drill["run_dir"]) == reference
 
 
 def test_an_error_no_restart_can_fix_ends_the_run_at_once(tmp_path, shared_ray):
