@@ -1,8 +1,9 @@
 """Two Ray nodes on one machine (two raylets on 127.0.0.1, `ray start` twice), 2 workers each:
-`moeforge run --address` for replicated, ep and fssdp with expert_parallel_size 2. The ranks'
-nodes come from where Ray placed the workers (not from ranks_per_node, left at 8 here: it would
-put all four ranks on one node), the expert-parallel groups follow them (one group per node), and
-every run ends with the losses of the same job on one process."""
+one `moeforge run --address` job with a stage each for replicated, ep and fssdp with
+expert_parallel_size 2. The ranks' nodes come from where Ray placed the workers (not from
+ranks_per_node, left at 8 here: it would put all four ranks on one node), the expert-parallel
+groups follow them (one group per node), and every stage ends with the losses of the same stage
+on one process."""
 from __future__ import annotations
 
 import os
@@ -69,40 +70,56 @@ def two_nodes(tmp_path_factory):
         stop_cluster(str(tmp), port)  # these two raylets only: `ray stop` would stop the session's cluster too
 
 
-def _spec(tmp_path: Path, name: str, strategy: str, P=None) -> Path:
-    par = {"world_size": 4 if strategy else 1, "expert_strategy": strategy or "replicated"}
-    if P:
-        par["expert_parallel_size"] = P
-    spec = tiny_spec(tmp_path, run={"name": name}, parallel=par, experts={"balancing": {"lbl": "none"}},
-                     stages=[{"name": "pretrain", "steps": 4, "micro_batch_size": 2 if strategy else 8,
-                              "optimizer": {"lr": 3e-3}, "lr_schedule": {"kind": "constant"},
-                              "checkpoint_every": 4}])
-    if strategy == "fssdp":
-        spec["parallel"]["fssdp"] = {"window": 1, "tolerance": 0.0, "memory_cap": 2, "reshard_every": 2}
+STRATEGIES = (("replicated", None), ("ep", 2), ("fssdp", 2))
+
+
+def _spec(tmp_path: Path, name: str, world: int) -> Path:
+    """One job, a stage per strategy (each from its own seed, none from another): on 4 workers
+    replicated, ep and fssdp with expert_parallel_size 2; on 1 process all three replicated, on the
+    same global batch and seeds (the reference)."""
+    stages = []
+    for strategy, P in STRATEGIES:
+        stage = {"name": strategy, "steps": 4, "micro_batch_size": 8 // world, "optimizer": {"lr": 3e-3},
+                 "lr_schedule": {"kind": "constant"}, "checkpoint_every": 4}
+        if world > 1:
+            stage["parallel"] = {"expert_strategy": strategy, **({"expert_parallel_size": P} if P else {})}
+            if strategy == "fssdp":
+                stage["parallel"]["fssdp"] = {"window": 1, "tolerance": 0.0, "memory_cap": 2, "reshard_every": 2}
+        stages.append(stage)
+    spec = tiny_spec(tmp_path, run={"name": name}, parallel={"world_size": world, "expert_strategy": "replicated"},
+                     experts={"balancing": {"lbl": "none"}}, stages=stages)
     return write_spec(tmp_path / f"{name}.yaml", spec)
 
 
-def _stage(rank: int, world: int, spec: dict) -> None:
+def _stage(rank: int, world: int, spec: dict, index: int) -> None:
     from jobs.stage_runner import run_stage
 
-    run_stage(spec, 0)
+    run_stage(spec, index)
+
+
+def _losses(run: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in read_jsonl(run / "metrics.jsonl"):
+        if "loss" in r:
+            out.setdefault(r["stage"], []).append(r["loss"])
+    return out
 
 
 def test_two_nodes_ep_dp_runs_match_one_process(tmp_path, two_nodes):
-    # the reference: the same job on one process (the stage runner every worker runs)
-    run_distributed(_stage, 1, yaml.safe_load(_spec(tmp_path, "ref", None).read_text()))
-    ref_loss = [r["loss"] for r in read_jsonl(tmp_path / "runs" / "ref" / "metrics.jsonl") if "loss" in r]
-    assert len(ref_loss) == 4
-    for strategy, P in (("replicated", None), ("ep", 2), ("fssdp", 2)):
-        name = f"{strategy}2n"
-        out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(_spec(tmp_path, name, strategy, P)),
-                              "--address", two_nodes], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                             timeout=420)
-        log = out.stdout + out.stderr
-        assert out.returncode == 0, log[-4000:]
-        loss = [r["loss"] for r in read_jsonl(tmp_path / "runs" / name / "metrics.jsonl") if "loss" in r]
-        assert loss == pytest.approx(ref_loss, rel=1e-5), strategy
-        if P:
-            m = re.search(r"2 expert-parallel group\(s\) of 2 rank\(s\).*node of each rank (\[[0-9, ]+\])", log)
-            assert m, log[-4000:]
-            assert m.group(1) == "[0, 0, 1, 1]"  # Ray's placement: two ranks per node, one group per node
+    # the reference: the same stages on one process (the stage runner every worker runs)
+    ref_spec = yaml.safe_load(_spec(tmp_path, "ref", 1).read_text())
+    for i in range(len(STRATEGIES)):
+        run_distributed(_stage, 1, ref_spec, i)
+    ref = _losses(tmp_path / "runs" / "ref")
+    assert {k: len(v) for k, v in ref.items()} == {s: 4 for s, _ in STRATEGIES}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(_spec(tmp_path, "two_nodes", 4)),
+                          "--address", two_nodes], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    got = _losses(tmp_path / "runs" / "two_nodes")
+    for strategy, _ in STRATEGIES:
+        assert got[strategy] == pytest.approx(ref[strategy], rel=1e-5), strategy
+    # ep and fssdp: Ray's placement puts two ranks on each node, and one expert-parallel group per node
+    groups = re.findall(r"2 expert-parallel group\(s\) of 2 rank\(s\).*node of each rank (\[[0-9, ]+\])", log)
+    assert groups == ["[0, 0, 1, 1]"] * 2, log[-4000:]
