@@ -53,3 +53,22 @@ def test_blocks():
     res = pytester.runpytest_inprocess("--timeout=1", "-p", "no:cacheprovider")
     res.assert_outcomes(failed=1)
     assert "Timeout" in res.stdout.str() and "test_blocks" in res.stdout.str()
+
+
+def test_the_wait_helper_returns_times_out_and_aborts():
+    import asyncio
+
+    from tests.waiting import WaitTimeout, await_until, wait_until
+
+    calls = []
+    assert wait_until(lambda: calls.append(1) or (len(calls) >= 3 and "ready"), 5, "three looks", every=0.01) == "ready"
+    with pytest.raises(WaitTimeout, match="timed out after 0.05 s waiting for nothing"):
+        wait_until(lambda: False, 0.05, "nothing", every=0.01)
+    with pytest.raises(AssertionError, match="it died while waiting for the run"):
+        wait_until(lambda: False, 5, "the run", abort=lambda: "it died")
+
+    async def later():
+        calls.append(1)
+        return len(calls) >= 5
+
+    assert asyncio.run(await_until(later, 5, "two more looks", every=0.01)) is True

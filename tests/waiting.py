@@ -13,11 +13,16 @@ class WaitTimeout(AssertionError):
     """The condition did not hold within the bound."""
 
 
-def _check_abort(abort: Optional[Callable[[], Optional[str]]], what: str) -> None:
-    if abort is not None:
-        why = abort()
-        if why:
-            raise AssertionError(f"{why} while waiting for {what}")
+def _pause(deadline: float, timeout: float, what: str, every: float,
+           abort: Optional[Callable[[], Optional[str]]]) -> float:
+    """How long to wait before the next look; raises once `abort` gives a reason or time is up."""
+    why = abort() if abort is not None else None
+    if why:
+        raise AssertionError(f"{why} while waiting for {what}")
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
+    return min(every, left)
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, *, every: float = 0.1,
@@ -31,11 +36,7 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, *, every: flo
         value = cond()
         if value:
             return value
-        _check_abort(abort, what)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(min(every, left))
+        time.sleep(_pause(deadline, timeout, what, every, abort))
 
 
 async def await_until(cond: Callable[[], Union[Any, Awaitable[Any]]], timeout: float, what: str, *,
@@ -48,11 +49,7 @@ async def await_until(cond: Callable[[], Union[Any, Awaitable[Any]]], timeout: f
             value = await value
         if value:
             return value
-        _check_abort(abort, what)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(min(every, left))
+        await asyncio.sleep(_pause(deadline, timeout, what, every, abort))
 
 
 def exited(proc) -> Callable[[], Optional[str]]:
