@@ -1,8 +1,9 @@
 """Pre-flight: the checks of a job spec that read files, run before anything launches.
 
-`jobs.validate` holds the pure cross-field rules; this module looks at the disk: data files,
-the tokenizer directory, `init_from` and teacher directories, a Hugging Face `config.json`'s
-compatibility with the stage's model, and a teacher checkpoint's vocabulary from its manifest.
+`jobs.validate` holds the pure cross-field rules; this module looks at the disk: data files and
+a sample of each source's documents (read by prepare's own reader), the tokenizer directory (it
+must load), `init_from` and teacher directories, a Hugging Face `config.json`'s compatibility
+with the stage's model, and a teacher checkpoint's vocabulary from its manifest.
 `moeforge validate` and `moeforge run` run it on the driver; workers do not repeat it.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from jobs.schema import JobSpec
 from jobs.validate import stage_cfgs, stage_vocab_size, vocab_problem
 from system.configtree import SpecError
-from system.data.config import SourceConfig
+from system.data.config import SourceConfig, TokenizerConfig
 
 Problems = Iterator[tuple[str, str]]
 
@@ -41,25 +42,62 @@ def preflight(spec: JobSpec) -> Problems:
                 yield from _check_teacher_dir(spec, i, t)
     yield from _check_sources(spec.data.sources, "data.sources")
     tok = spec.data.tokenizer
-    if tok.kind == "hf" and tok.path and not Path(tok.path).is_dir():
-        yield "data.tokenizer.path", f"{tok.path!r} is not a directory"
+    if tok.kind == "hf" and tok.path:
+        if not Path(tok.path).is_dir():
+            yield "data.tokenizer.path", f"{tok.path!r} is not a directory"
+        else:
+            yield from _check_tokenizer(tok)
 
 
 def _check_sources(sources: list[SourceConfig], path: str) -> Problems:
     for j, src in enumerate(sources):
-        for k, f in enumerate(src.paths):
-            if not Path(f).exists():
-                yield f"{path}[{j}].paths[{k}]", f"{f!r} does not exist"
-            elif src.kind == "hf_dataset" and not (Path(f) / "state.json").is_file():
-                yield f"{path}[{j}].paths[{k}]", (f"{f!r} is not a Hugging Face save_to_disk directory "
-                                                  "(no state.json)")
-            elif src.kind == "tokens" and Path(f).suffix != ".npy" and Path(f).stat().st_size % \
-                    np.dtype(src.token_dtype).itemsize:
-                yield f"{path}[{j}].paths[{k}]", (f"{f!r} has {Path(f).stat().st_size} bytes, not a whole "
-                                                  f"number of {src.token_dtype} tokens (token_dtype)")
-        for k, f in enumerate(src.doc_offsets or []):
-            if not Path(f).is_file():
-                yield f"{path}[{j}].doc_offsets[{k}]", f"{f!r} does not exist"
+        problems = list(_check_paths(src, f"{path}[{j}]"))
+        yield from problems
+        if not problems:
+            yield from _check_sample(src, f"{path}[{j}]")
+
+
+def _check_paths(src: SourceConfig, p: str) -> Problems:
+    for k, f in enumerate(src.paths):
+        if not Path(f).exists():
+            yield f"{p}.paths[{k}]", f"{f!r} does not exist"
+        elif src.kind == "hf_dataset" and not (Path(f) / "state.json").is_file():
+            yield f"{p}.paths[{k}]", f"{f!r} is not a Hugging Face save_to_disk directory (no state.json)"
+        elif src.kind == "tokens" and Path(f).suffix != ".npy" and Path(f).stat().st_size % \
+                np.dtype(src.token_dtype).itemsize:
+            yield f"{p}.paths[{k}]", (f"{f!r} has {Path(f).stat().st_size} bytes, not a whole "
+                                      f"number of {src.token_dtype} tokens (token_dtype)")
+    for k, f in enumerate(src.doc_offsets or []):
+        if not Path(f).is_file():
+            yield f"{p}.doc_offsets[{k}]", f"{f!r} does not exist"
+
+
+def _check_sample(src: SourceConfig, p: str) -> Problems:
+    """The first documents of the source's first file, read by prepare's own reader (bounded:
+    `system.data.units.sample_documents`), so a wrong kind or text_field, non-string values or
+    an empty file is a spec error here rather than a traceback once the job has started."""
+    from system.data.corpus import SourceFormatError
+    from system.data.units import sample_documents
+
+    try:
+        sample_documents(src)
+    except SourceFormatError as e:
+        yield f"{p}.{'paths[0]' if e.field == 'paths' else e.field}", str(e)
+    except Exception as e:  # noqa: BLE001 - whatever stops the reader would stop prepare: report it
+        yield f"{p}.paths[0]", f"{src.paths[0]!r} cannot be read as {src.kind} ({type(e).__name__}: {e})"
+
+
+def _check_tokenizer(tok: TokenizerConfig) -> Problems:
+    """The tokenizer directory loads as prepare will load it (and defines an eos token)."""
+    from system.data.tokenizer import build_tokenizer
+
+    try:
+        build_tokenizer(tok, lambda: (), Path("."))  # kind hf: loads the directory; nothing is trained or cached
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad directory
+        msg = str(e) if isinstance(e, ValueError) else (f"{tok.path!r}: cannot load a tokenizer from it "
+                                                        f"({type(e).__name__}: {e})")
+        yield "data.tokenizer.path", (f"{msg} (expected a directory written by save_pretrained: "
+                                      "tokenizer.json or tokenizer_config.json with its vocabulary)")
 
 
 def _check_hf_init(spec: JobSpec, i: int) -> Problems:

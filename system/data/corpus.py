@@ -211,18 +211,30 @@ def _jsonl_documents(paths: list[str], text_field: str) -> Iterator[str]:
                     yield doc
 
 
+class SourceFormatError(ValueError):
+    """A source's file that does not read as the source says. `field` is the source setting to
+    fix (`kind`, `text_field`, `paths`), so `jobs.preflight` can name it; prepare sees a
+    ValueError like the readers' other errors."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _jsonl_line(raw: bytes, path: Path, lineno: int, text_field: str) -> Optional[str]:
     if not raw.strip():
         return None  # blank lines (e.g. a trailing newline) are not records
     try:
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-    if not isinstance(record, dict) or text_field not in record:
-        raise ValueError(f"{path}:{lineno}: expected an object with a {text_field!r} field"
-                         " (set text_field to the key holding the text)")
+        raise SourceFormatError(f"{path}:{lineno}: invalid JSON ({e})", "kind") from e
+    if not isinstance(record, dict):
+        raise SourceFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}", "kind")
+    if text_field not in record:
+        raise SourceFormatError(f"{path}:{lineno}: no field {text_field!r} (fields: {list(record)[:20]});"
+                                " set text_field to the key holding the text", "text_field")
     text = record[text_field]
     if not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: field {text_field!r} is"
-                         f" {type(text).__name__}, expected a string")
+        raise SourceFormatError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected"
+                                " a string; set text_field to the key holding the text", "text_field")
     return text
