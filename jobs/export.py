@@ -3,7 +3,10 @@ Face directory (`system.hf.export` writes it; this module finds the checkpoint, 
 holds and the run's tokenizer)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -129,6 +132,19 @@ def _bpe_json(plan, fingerprint: Optional[str]) -> str:
 def export_run(run_dir: str | Path, to: str | Path, *, stage: Optional[str] = None, step: Optional[int] = None,
                dtype: Optional[str] = None, max_shard_bytes: Optional[int] = None, overwrite: bool = False
                ) -> dict[str, Any]:
+    """Export a run's checkpoint (the last stage with one, its newest intact checkpoint, unless
+    `stage` / `step` say otherwise) to the Hugging Face directory `to`; the report of
+    `system.hf.export.export_tensors`."""
+    with _no_accelerator_guess():
+        rep = _export(run_dir, to, stage=stage, step=step, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                      overwrite=overwrite)
+    # The directory was made by tempfile.mkdtemp (0700) and renamed into place: give it the mode
+    # a mkdir would (0777 less the umask), like the files in it.
+    os.chmod(to, 0o777 & ~_umask())
+    return rep
+
+
+def _export(run_dir, to, *, stage, step, dtype, max_shard_bytes, overwrite) -> dict[str, Any]:
     from system.hf.export import DEFAULT_MAX_SHARD_BYTES, export_tensors
 
     ckpt = find_checkpoint(Path(run_dir), stage, step)
@@ -146,3 +162,27 @@ def export_run(run_dir: str | Path, to: str | Path, *, stage: Optional[str] = No
                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, provenance=prov,
                           overwrite=overwrite)
 
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+class _AcceleratorGuessFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+@contextlib.contextmanager
+def _no_accelerator_guess():
+    """Drop DeepSpeed's one warning that it guessed the CPU accelerator: loading a checkpoint
+    imports DeepSpeed's checkpoint classes (`system.safe_load`'s allow-list), whose package
+    picks an accelerator at import. Export never uses one (it reads tensors on the CPU)."""
+    ds_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils.logger configures
+    quiet = _AcceleratorGuessFilter()
+    ds_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        ds_logger.removeFilter(quiet)

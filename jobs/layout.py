@@ -17,6 +17,16 @@ class RunLayout:
     def spec_file(self) -> Path:
         return self.root / "spec.yaml"
 
+    @property
+    def heartbeat_file(self) -> Path:
+        """The driver's liveness: host, pid, wall-clock time, state (`jobs.heartbeat`)."""
+        return self.root / "heartbeat.json"
+
+    @property
+    def events_file(self) -> Path:
+        """Append-only history of stage starts, resumes, preemptions, ends (`jobs.heartbeat`)."""
+        return self.root / "events.jsonl"
+
     def stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
 

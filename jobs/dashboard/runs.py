@@ -1,5 +1,6 @@
 """What the run dashboard reads: the runs under its directories, each run's metrics.jsonl read
-incrementally (only the bytes appended since the last look), and each stage's state.
+incrementally (only the bytes appended since the last look), each stage's state, whether the
+driver is alive (RUN/heartbeat.json) and the run's stage events (RUN/events.jsonl, `jobs.heartbeat`).
 
 A metrics file is only ever appended to, except when a resumed stage drops its superseded records
 (`system.metrics.supersede_stage_records`), which replaces the file (a new inode): the reader
@@ -17,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from jobs.heartbeat import liveness, read_events
 from jobs.layout import RunLayout
 
 # Per-record lists the page draws (the expert-load heatmap); every other list (per-domain
@@ -98,12 +100,28 @@ class Run:
     root: Path
     tail: MetricsTail = field(init=False)
 
+    _events: tuple[Any, list[dict[str, Any]]] = field(init=False, default=(None, []))
+
     def __post_init__(self):
         self.tail = MetricsTail(RunLayout(self.root).metrics_file)
 
+    def events(self) -> list[dict[str, Any]]:
+        """RUN/events.jsonl, read again only when the file changed."""
+        try:
+            st = RunLayout(self.root).events_file.stat()
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            ident = None
+        if ident != self._events[0]:
+            self._events = (ident, read_events(self.root) if ident else [])
+        return self._events[1]
+
     def status(self) -> dict[str, Any]:
-        """The planned stages (from the run's spec.yaml) and each one's state."""
+        """The planned stages (from the run's spec.yaml) and each one's state, the driver's
+        liveness and the stage events."""
         layout = RunLayout(self.root)
+        now = time.time()
+        live = liveness(self.root, now)
         planned: list[dict[str, Any]] = []
         try:
             spec = yaml.safe_load(layout.spec_file.read_text()) or {}
@@ -117,12 +135,28 @@ class Run:
         planned += [{"name": s, "kind": None, "steps": None} for s in sorted(seen) if s not in names]
         for p in planned:
             p.update(_stage_state(layout, p["name"], p["name"] in seen))
+            if p["state"] == "running" and live["state"] in STOPPED_DRIVER:
+                p.update(state=live["state"], detail=_stopped_detail(live))
         try:
             mtime = layout.metrics_file.stat().st_mtime
         except OSError:
             mtime = None
         return {"id": self.id, "path": str(self.root), "stages": planned, "metrics_mtime": mtime,
-                "now": time.time()}
+                "liveness": live, "events": self.events(), "now": now}
+
+
+# A stage with metrics but no DONE / PREEMPTED / FATAL record is running only while its driver
+# is: after these driver states it is shown as dead, failed or interrupted instead.
+STOPPED_DRIVER = ("dead", "failed", "interrupted")
+
+
+def _stopped_detail(live: dict[str, Any]) -> str:
+    where = f"{live.get('host')} (pid {live.get('pid')})"
+    if live["state"] == "dead":
+        return f"the driver on {where} stopped its heartbeat {live['age_s']:.0f} s ago without a word"
+    if live["state"] == "failed":
+        return f"the driver on {where} failed: {live.get('error') or 'error'}"
+    return f"the driver on {where} was interrupted"
 
 
 def _stage_state(layout: RunLayout, stage: str, has_records: bool) -> dict[str, Any]:

@@ -5,6 +5,7 @@ replicated and fssdp checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def _train(rank: int, world: int, spec: dict) -> None:
 @pytest.mark.parametrize("strategy,world", [("replicated", 1), ("ep", 2), ("fssdp", 2)])
 def test_export_a_run_directory(strategy, world, tmp_path):
     """A real (tiny) run on gloo ranks, exported with the CLI: transformers' logits equal our
-    model's loaded from the same checkpoint."""
+    model's loaded from the same checkpoint; the directory has a mkdir's mode (umask), and the
+    CLI in its own process prints no DeepSpeed warning."""
     from jobs.cli import main
     from system.checkpoint import latest_checkpoint, load_module_weights
     from tests.helpers import tiny_spec
@@ -178,6 +180,9 @@ def test_export_a_run_directory(strategy, world, tmp_path):
     run_dir = tmp_path / "runs" / f"exp-{strategy}"
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), "--to", str(out)]) == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as a mkdir makes it, not mkdtemp's 0700
     exp = json.loads((out / "moeforge_export.json").read_text())
     assert exp["family"] == "qwen3_moe" and exp["step"] == 4 and exp["expert_strategy"] == strategy
     cfg = ModelConfig(**{**spec["model"], "vocab_size": 257})
@@ -192,6 +197,25 @@ def test_export_a_run_directory(strategy, world, tmp_path):
     assert main(["export", str(run_dir), "--to", str(out)]) == 2
     assert main(["export", str(run_dir), "--to", str(tmp_path / "hf2"), "--step", "3"]) == 2
     assert not (tmp_path / "hf2").exists()
+    if strategy == "replicated":
+        _cli_export_says_nothing_of_deepspeed(run_dir, tmp_path / "hf3")
+
+
+def _cli_export_says_nothing_of_deepspeed(run_dir: Path, out: Path) -> None:
+    """`moeforge export` in a process of its own as a user runs it (no DS_ACCELERATOR, which the
+    suite sets): its output has moeforge's lines only, not DeepSpeed's accelerator guess."""
+    import subprocess
+    import sys
+
+    from tests.hf.families import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "export", str(run_dir), "--to", str(out)], cwd=ROOT,
+                       env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    noise = [line for line in (p.stdout + p.stderr).splitlines() if "accelerator" in line.lower() or "[WARNING]" in line]
+    assert noise == [], p.stdout + p.stderr
+    assert "[moeforge] exported stage pretrain" in p.stdout
 
 
 @pytest.mark.procs

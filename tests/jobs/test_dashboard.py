@@ -1,6 +1,8 @@
-"""The run dashboard's server side: the incremental metrics reader, run discovery, stage states
-and the JSON API (a real aiohttp server on 127.0.0.1). The page itself is tested in Chromium by
-tests/infra/test_dashboard_browser.py."""
+"""The run dashboard's server side: the incremental metrics reader, run discovery, stage states,
+the driver's liveness and the stage events, and the JSON API (a real aiohttp server on
+127.0.0.1). The page on a real run is tested in Chromium by tests/infra/test_dashboard_browser.py;
+here Chromium draws hand-written run directories (liveness, event markers, the ep chart's axes,
+the timeline's labels)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from jobs.dashboard.runs import MetricsTail, RunIndex, compact
 from jobs.dashboard.server import make_app, plotly_js
+from jobs.heartbeat import DriverHeartbeat, record_event, stale_after_s
+from tests.infra.cdp import Chromium, chromium_binary
 from system.metrics import JsonlSink, supersede_stage_records
 from tests.waiting import await_until
 
@@ -109,6 +114,55 @@ def test_stage_states(tmp_path):
                   "three": ("failed", "ValueError: bad shard", 5), "four": ("running", "", 5)}
 
 
+def _heartbeat(run: Path, state: str, age_s: float, interval_s: float = 10, **kw) -> None:
+    """RUN/heartbeat.json as a driver on another host left it `age_s` ago."""
+    t = time.time() - age_s
+    (run / "heartbeat.json").write_text(json.dumps({"host": "node-7", "pid": 4242, "started": t - 100, "time": t,
+                                                    "interval_s": interval_s, "state": state, **kw}))
+
+
+def _states(run) -> tuple[str, dict]:
+    run.tail.poll(force=True)
+    st = run.status()
+    return st["liveness"]["state"], {s["name"]: (s["state"], s["detail"]) for s in st["stages"]}
+
+
+def test_a_stage_runs_only_while_its_driver_beats(tmp_path):
+    d = _run_dir(tmp_path, "r", stages=(("one", 5), ("two", 5)))
+    JsonlSink(d / "metrics.jsonl").log(_rec("one", 1))
+    (run,) = RunIndex([d]).refresh()
+    assert _states(run) == ("unknown", {"one": ("running", ""), "two": ("pending", "")})  # a run from before
+    _heartbeat(d, "running", age_s=5)
+    assert _states(run) == ("running", {"one": ("running", ""), "two": ("pending", "")})
+    _heartbeat(d, "running", age_s=stale_after_s(10) + 5)  # killed without a word
+    live, st = _states(run)
+    assert live == "dead" and st["one"][0] == "dead" and st["two"] == ("pending", "")
+    assert "node-7 (pid 4242)" in st["one"][1] and "heartbeat" in st["one"][1]
+    _heartbeat(d, "failed", age_s=3600, error="RuntimeError: stage one failed: lost worker")
+    assert _states(run)[1]["one"] == ("failed", "the driver on node-7 (pid 4242) failed: RuntimeError: stage one "
+                                                "failed: lost worker")
+    _heartbeat(d, "interrupted", age_s=3600)
+    assert _states(run)[1]["one"][0] == "interrupted"
+    (d / "stages" / "one").mkdir(parents=True)
+    (d / "stages" / "one" / "DONE.json").write_text(json.dumps({"step": 5}))
+    _heartbeat(d, "finished", age_s=10 ** 6)  # an ended run never goes stale
+    assert _states(run) == ("finished", {"one": ("done", "done at step 5"), "two": ("pending", "")})
+
+
+def test_status_carries_the_stage_events(tmp_path):
+    d = _run_dir(tmp_path, "r")
+    (run,) = RunIndex([d]).refresh()
+    assert run.status()["events"] == []
+    record_event(d, "started", "pretrain", 0)
+    record_event(d, "preempted", "pretrain", 6, checkpoint="ck/step_00000006")
+    assert [(e["kind"], e["step"]) for e in run.status()["events"]] == [("started", 0), ("preempted", 6)]
+    record_event(d, "resumed", "pretrain", 6)  # read again once the file changed
+    evs = run.status()["events"]
+    assert [(e["kind"], e["stage"], e["step"]) for e in evs] == [
+        ("started", "pretrain", 0), ("preempted", "pretrain", 6), ("resumed", "pretrain", 6)]
+    assert evs[1]["checkpoint"] == "ck/step_00000006"
+
+
 def test_api_pages_records_and_generations(tmp_path):
     d = _run_dir(tmp_path / "runs", "r")
     sink = JsonlSink(d / "metrics.jsonl")
@@ -119,6 +173,7 @@ def test_api_pages_records_and_generations(tmp_path):
         async with TestClient(TestServer(make_app(RunIndex([tmp_path / "runs"])))) as c:
             runs = await (await c.get("/api/runs")).json()
             assert [r["id"] for r in runs] == ["r"] and runs[0]["stages"][0]["state"] == "running"
+            assert runs[0]["liveness"] == {"state": "unknown"} and runs[0]["events"] == []
             j = await (await c.get("/api/run/r/records?gen=-1&since=0")).json()
             assert j["reset"] and j["gen"] == 0 and j["next"] == 3 and j["total"] == 3
             assert [r["moe/0/tokens_per_expert"] for r in j["records"]] == [[1, 3], [2, 2], [3, 1]]
@@ -153,3 +208,92 @@ def test_cli_refuses_a_missing_directory(tmp_path):
     p = subprocess.run([sys.executable, "-m", "jobs.cli", "dashboard", str(tmp_path / "nope")],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2 and "not a directory" in p.stderr and "nope" in p.stderr
+
+
+def _synthetic_runs(root: Path) -> tuple[Path, Path]:
+    """Two hand-written run directories: `live` (an fssdp stage that was preempted and resumed,
+    then a stage that has just started: its bar is too short for its label) and `dead`."""
+    now = time.time()
+    live = _run_dir(root, "live", stages=(("pretrain", 20), ("continual", 10)))
+    sink = JsonlSink(live / "metrics.jsonl")
+    t0 = now - 400
+    for s in range(1, 21):
+        sink.log({**_rec("pretrain", s), "time": t0 + 10 * s, "ep/straggler": 1.1 + s / 100, "ep/copies": s % 5,
+                  "ep/peak_copies_rank": 2})
+    for s in (1, 2):
+        sink.log({**_rec("continual", s), "time": now - 4 + s})
+    sink.close()
+    (live / "stages" / "pretrain").mkdir(parents=True)
+    (live / "stages" / "pretrain" / "DONE.json").write_text(json.dumps({"step": 20}))
+    # as record_event writes them, at the times of the run's records
+    with open(live / "events.jsonl", "w") as f:
+        for t, kind, step in ((t0, "started", 0), (t0 + 102, "preempted", 10), (t0 + 160, "resumed", 10),
+                              (now - 4, "started", 0)):
+            f.write(json.dumps({"time": t, "kind": kind, "stage": "continual" if t > t0 + 200 else "pretrain",
+                                "step": step}) + "\n")
+    dead = _run_dir(root, "dead")
+    sink = JsonlSink(dead / "metrics.jsonl")
+    for s in (1, 2, 3):
+        sink.log({**_rec("pretrain", s), "time": now - 200 + 10 * s})
+    sink.close()
+    _heartbeat(dead, "running", age_s=stale_after_s(10) + 60)
+    return live, dead
+
+
+PLOT = "(id) => { const d = document.getElementById(id); return {layout: d.layout, data: d.data.map(t => " \
+       "({name: t.name, yaxis: t.yaxis || 'y', y: Array.from(t.y), text: t.text || null}))}; }"
+# Every bar label of the timeline inside the drawing (the right edge cut a short bar's label).
+LABELS_INSIDE = "(() => { const svg = document.querySelector('#chart-timeline .main-svg').getBoundingClientRect(); " \
+                "const t = [...document.querySelectorAll('#chart-timeline text.bartext')]; " \
+                "return {n: t.length, out: t.filter(e => e.getBoundingClientRect().right > svg.right + 0.5)" \
+                ".map(e => e.textContent)}; })()"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium (scripts/bootstrap.sh installs Debian's)")
+def test_page_shows_liveness_events_and_the_ep_axes_in_chromium(tmp_path):
+    """No training: the dashboard (in this process) on hand-written runs, the page in Chromium."""
+    from aiohttp import web
+
+    live, dead = _synthetic_runs(tmp_path / "runs")
+
+    async def go():
+        runner = web.AppRunner(make_app(RunIndex([tmp_path / "runs"])), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            with DriverHeartbeat(live, interval_s=1):
+                async with Chromium(width=1400, height=1000) as page:
+                    await page.goto(f"{url}/run/live")
+                    await page.wait_for("window.moeforge && moeforge.draws > 0 && moeforge.lastDraw.records === 22", 30)
+                    ep = await page.js(f"({PLOT})('chart-ep')")
+                    assert {t["name"]: t["yaxis"] for t in ep["data"]} == {
+                        "ep/straggler": "y2", "ep/copies": "y", "ep/peak_copies_rank": "y"}
+                    assert ep["layout"]["yaxis2"]["overlaying"] == "y" and ep["layout"]["yaxis2"]["side"] == "right"
+                    tl = {t["name"]: t for t in (await page.js(f"({PLOT})('chart-timeline')"))["data"]}
+                    assert tl["events"]["text"] == ["preempted at step 10", "resumed at step 10"]
+                    assert tl["events"]["y"] == ["pretrain", "pretrain"]
+                    assert tl["stages"]["text"] == ["done, step 20 of 20", "running, step 2 of 10"]
+                    labels = await page.js(LABELS_INSIDE)
+                    assert labels["n"] == 2 and labels["out"] == [], labels
+                    status = await page.js("document.getElementById('status').textContent")
+                    assert "heartbeat" in status and "DEAD" not in status, status
+
+                    await page.goto(f"{url}/run/dead")
+                    await page.wait_for("window.moeforge && moeforge.draws > 0 && moeforge.lastDraw.records === 3", 30)
+                    status = await page.js("document.getElementById('status').textContent")
+                    assert status.startswith("DEAD: the driver on node-7 (pid 4242)"), status
+                    tl = (await page.js(f"({PLOT})('chart-timeline')"))["data"]
+                    assert tl[0]["text"][0].startswith("dead") and len(tl) == 1  # no events, no marker trace
+
+                    await page.goto(f"{url}/")
+                    await page.wait_for("document.querySelector('#runs tbody').rows.length === 2", 30)
+                    rows = await page.js("[...document.querySelectorAll('#runs tbody tr')].map(r => r.innerText)")
+                    driver = {r.split("\t")[0]: r.split("\t")[1] for r in rows}
+                    assert driver["dead"].startswith("DEAD") and driver["live"].startswith("running"), driver
+                    assert page.console_errors() == []
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(go())

@@ -7,7 +7,11 @@
 const RUN_ID = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
 const POLL_MS = 1000;
 const MAX_HEAT_COLUMNS = 600;
-const STATE_COLORS = { done: "#2e7d32", running: "#1565c0", preempted: "#ef6c00", failed: "#b3261e", pending: "#9aa3ad" };
+const STATE_COLORS = { done: "#2e7d32", running: "#1565c0", preempted: "#ef6c00", failed: "#b3261e", pending: "#9aa3ad",
+                       dead: "#d7ccc8", interrupted: "#6d4c41" };  // dead: light, hatched dark (below)
+// Stage events (RUN/events.jsonl) drawn on the timeline; "started" and "finished" are the bars' ends.
+const EVENT_MARKERS = { preempted: { symbol: "x-thin-open", color: "#ef6c00" }, resumed: { symbol: "triangle-right", color: "#00838f" },
+                        failed: { symbol: "x", color: "#b3261e" } };
 
 // Each step chart: the series it draws (exact keys, or a pattern whose first group names the trace).
 const CHARTS = [
@@ -18,7 +22,9 @@ const CHARTS = [
   { id: "throughput", title: "Throughput: tokens per second, all ranks", keys: ["tokens_per_s"] },
   { id: "grad_norm", title: "Gradient norm (before clipping)", keys: ["grad_norm"] },
   { id: "max_over_mean", title: "Expert load: busiest expert / mean, per MoE layer", match: /^moe\/(\d+)\/max_over_mean$/, prefix: "layer " },
-  { id: "ep", title: "ep/fssdp: straggler (busiest rank / mean), expert copies", keys: ["ep/straggler", "ep/copies", "ep/peak_copies_rank"] },
+  // The straggler ratio (about 1-2) on its own right-hand axis: on the copies' axis (0 to tens) it would be a flat line.
+  { id: "ep", title: "ep/fssdp: straggler (busiest rank / mean), expert copies", keys: ["ep/straggler", "ep/copies", "ep/peak_copies_rank"],
+    y2: ["ep/straggler"], ytitle: "copies", y2title: "straggler ratio" },
   { id: "replay", title: "Replay share delivered (this step, whole stage)", keys: ["data/replay_fraction", "data/replay_fraction_total"] },
   { id: "continual", title: "Continual: forgetting, adaptation, stability-gap depth", keys: ["cl/forgetting", "cl/adaptation", "cl/old/gap_depth", "cl/new/gap_depth"], markers: true },
   { id: "distill", title: "Distillation: top-1 agreement, teacher's missing mass", keys: ["agreement", "teacher_missing_mass"], match: /^eval\/([^/]+)\/teacher_agreement$/, prefix: "held-out " },
@@ -43,7 +49,8 @@ async function pull() {
     if (S.next >= j.total) break;
   }
   const status = await getJSON(`/api/run/${encodeURIComponent(RUN_ID)}/status`);
-  if (JSON.stringify(status.stages) !== JSON.stringify(S.status && S.status.stages)) changed = true;
+  const drawn = st => st && JSON.stringify([st.stages, st.events, st.liveness && st.liveness.state]);
+  if (drawn(status) !== drawn(S.status)) changed = true;
   S.status = status;
   return changed;
 }
@@ -126,12 +133,16 @@ function drawStepCharts() {
     const traces = [...series.entries()].map(([name, s]) => ({
       // SVG while it is cheap (no WebGL needed); WebGL for long series.
       name, x: s.x, y: s.y, customdata: s.customdata, type: s.x.length > 5000 ? "scattergl" : "scatter",
-      mode: c.markers ? "lines+markers" : "lines",
+      mode: c.markers ? "lines+markers" : "lines", yaxis: (c.y2 || []).includes(name) ? "y2" : "y",
       hovertemplate: "%{y:.4g}<br>%{customdata[0]} step %{customdata[1]}",
     }));
     const layout = { ...BASE_LAYOUT, title: { text: c.title, x: 0.01, xanchor: "left", font: { size: 13 } }, ...deco,
-                     yaxis: { type: c.log ? "log" : "linear" },
+                     yaxis: { type: c.log ? "log" : "linear", title: c.ytitle ? { text: c.ytitle } : undefined },
                      uirevision: c.id };
+    if (c.y2) {
+      layout.yaxis2 = { overlaying: "y", side: "right", showgrid: false, tickmode: "auto", title: { text: c.y2title } };
+      layout.margin = { ...BASE_LAYOUT.margin, r: 60 };
+    }
     Plotly.react(div, traces, layout, CONFIG);
   }
   document.getElementById("absent").textContent = absent.length ? `Not in this run: ${absent.join("; ")}.` : "";
@@ -174,7 +185,10 @@ function drawHeatmap() {
                        hovertemplate: "expert %{y}, step %{x}: %{z:.2f} × mean<extra></extra>" }], layout, CONFIG);
 }
 
-// Stages over wall-clock time: from a stage's first metrics line to its last.
+const iso = t => new Date(t * 1000).toISOString();
+
+// Stages over wall-clock time: from a stage's first metrics line to its last (a dead driver's stage
+// hatched), with the stage events of RUN/events.jsonl (preempted, resumed, failed) as markers on its row.
 function drawTimeline() {
   const stages = S.status ? S.status.stages : [];
   const span = {};
@@ -182,40 +196,90 @@ function drawTimeline() {
     const s = span[r.stage] || (span[r.stage] = { t0: r.time, t1: r.time, step: 0 });
     s.t0 = Math.min(s.t0, r.time); s.t1 = Math.max(s.t1, r.time); s.step = Math.max(s.step, r.step);
   }
-  const y = [], base = [], x = [], colors = [], text = [];
+  const y = [], base = [], x = [], colors = [], patterns = [], fonts = [], text = [], bars = [];
+  let t0 = Infinity, t1 = -Infinity;
   for (const st of stages) {
     const s = span[st.name];
     y.push(st.name);
     colors.push(STATE_COLORS[st.state] || "#555");
+    patterns.push(st.state === "dead" ? "/" : "");
+    fonts.push(st.state === "dead" ? "#3e2723" : "#fff");
     const steps = s ? `step ${s.step}${st.steps ? ` of ${st.steps}` : ""}` : "";
     text.push(`${st.state}${steps ? ", " + steps : ""}`);
-    if (s) { base.push(new Date(s.t0 * 1000).toISOString()); x.push(Math.max(1000, (s.t1 - s.t0) * 1000)); }
-    else { base.push(null); x.push(0); }
+    if (s) {
+      const end = Math.max(s.t1, s.t0 + 1);
+      base.push(iso(s.t0)); x.push((end - s.t0) * 1000);
+      bars.push({ start: s.t0, end, label: text[text.length - 1] });
+      t0 = Math.min(t0, s.t0); t1 = Math.max(t1, end);
+    } else { base.push(null); x.push(0); }
   }
-  const layout = { ...BASE_LAYOUT, hovermode: "closest", margin: { l: 90, r: 20, t: 34, b: 30 }, showlegend: false,
-                   title: { text: "Stages over time", x: 0.01, xanchor: "left", font: { size: 13 } }, xaxis: { type: "date" },
+  const marks = { x: [], y: [], symbol: [], color: [], text: [] };
+  for (const ev of (S.status && S.status.events) || []) {
+    const m = EVENT_MARKERS[ev.kind];
+    if (!m || ev.stage == null) continue;
+    marks.x.push(iso(ev.time)); marks.y.push(ev.stage); marks.symbol.push(m.symbol); marks.color.push(m.color);
+    marks.text.push(`${ev.kind}${ev.step != null ? " at step " + ev.step : ""}`);
+    t0 = Math.min(t0, ev.time); t1 = Math.max(t1, ev.time);
+  }
+  const margin = { l: 90, r: 20, t: 34, b: 30 };
+  const layout = { ...BASE_LAYOUT, hovermode: "closest", margin, showlegend: false,
+                   title: { text: "Stages over time", x: 0.01, xanchor: "left", font: { size: 13 } },
+                   xaxis: { type: "date", range: t1 >= t0 ? timelineRange(bars, t0, t1, margin) : undefined },
                    yaxis: { autorange: "reversed" }, uirevision: "timeline" };
-  Plotly.react("chart-timeline", [{ type: "bar", orientation: "h", y, x, base, text, textposition: "auto",
-                                    insidetextanchor: "start", cliponaxis: false, marker: { color: colors },
-                                    hovertemplate: "%{y}: %{text}<extra></extra>" }], layout, CONFIG);
+  const traces = [{ type: "bar", orientation: "h", y, x, base, text, textposition: "auto", name: "stages",
+                    insidetextanchor: "start", cliponaxis: false, insidetextfont: { color: fonts },
+                    marker: { color: colors, pattern: { shape: patterns, fgcolor: "#3e2723", solidity: 0.25 } },
+                    hovertemplate: "%{y}: %{text}<extra></extra>" }];
+  if (marks.x.length) {
+    traces.push({ type: "scatter", mode: "markers", name: "events", x: marks.x, y: marks.y, text: marks.text,
+                  marker: { symbol: marks.symbol, color: marks.color, size: 13, line: { width: 2, color: marks.color } },
+                  hovertemplate: "%{y}: %{text}<br>%{x}<extra></extra>" });
+  }
+  Plotly.react("chart-timeline", traces, layout, CONFIG);
+}
+
+// The time axis's range: the bars and events, plus room on the right for a label that plotly puts
+// after a bar too short to hold it (the running stage's, early on), which the edge would cut.
+function timelineRange(bars, t0, t1, margin) {
+  const plotPx = Math.max(200, document.getElementById("chart-timeline").clientWidth - margin.l - margin.r);
+  const labelPx = label => 6.5 * label.length + 12;  // font size 11, plus plotly's padding
+  let width = Math.max(1, t1 - t0);
+  for (let pass = 0; pass < 3; pass++) {  // widening the range narrows the bars: look again
+    for (const b of bars) {
+      const need = labelPx(b.label);
+      if ((b.end - b.start) / width * plotPx < need) width = Math.max(width, (b.end - t0) * plotPx / Math.max(plotPx - need, plotPx / 3));
+    }
+  }
+  const pad = 0.01 * width;
+  return [iso(t0 - pad), iso(t0 + width + pad)];
 }
 
 function drawStatus() {
   const el = document.getElementById("status");
   if (!S.status) return;
   const now = S.status.now, last = S.status.metrics_mtime;
+  const live = S.status.liveness || { state: "unknown" };  // "unknown": a run from before heartbeats
+  const driver = `the driver on ${live.host} (pid ${live.pid})`;
   const running = S.status.stages.find(s => s.state === "running");
   const failed = S.status.stages.find(s => s.state === "failed");
   const lastRec = S.records[S.records.length - 1];
   const parts = [];
-  if (failed) parts.push(`stage ${failed.name} failed: ${failed.detail}`);
+  let cls = "muted";
+  if (live.state === "dead") {
+    parts.push(`DEAD: ${driver} has not written its heartbeat for ${live.age_s.toFixed(0)} s (killed, or its host is gone); ` +
+               "run the same command again to resume");
+    cls = "state-dead";
+  } else if (failed) { parts.push(`stage ${failed.name} failed: ${failed.detail}`); cls = "state-failed"; }
+  else if (live.state === "interrupted") parts.push(`interrupted: ${driver} was stopped (Ctrl-C); run the same command again to resume`);
   else if (running && lastRec) parts.push(`stage ${running.name}: step ${lastRec.step}${running.steps ? " of " + running.steps : ""}`);
   else if (S.status.stages.length && S.status.stages.every(s => s.state === "done")) parts.push("finished");
   else if (S.status.stages.some(s => s.state === "preempted")) parts.push("preempted: run the same command again to resume");
+  else if (live.state === "running") parts.push("starting");
   parts.push(`${S.records.length} metric lines`);
   if (last != null) parts.push(`last written ${Math.max(0, now - last).toFixed(0)} s ago`);
+  if (live.state === "running") parts.push(`${driver}, heartbeat ${Math.max(0, live.age_s).toFixed(0)} s ago`);
   el.textContent = parts.join(" · ");
-  el.className = failed ? "state-failed" : "muted";
+  el.className = cls;
 }
 
 function draw() {

@@ -17,12 +17,17 @@ async function refresh() {
       link.href = `/run/${encodeURIComponent(r.id)}`;
       link.textContent = r.id;
       const stages = r.stages.map(s => `${s.name} (${s.state})`).join(" → ");
-      const cells = [link, stages, ago(r.metrics_mtime, r.now), r.path];
+      // The driver's heartbeat (jobs/heartbeat.py): "dead" = it stopped without a final word.
+      const live = r.liveness || { state: "unknown" };
+      const driver = live.state === "unknown" ? "unknown (no heartbeat)" :
+        `${live.state === "dead" ? "DEAD" : live.state}, heartbeat ${ago(live.time, r.now)}`;
+      const cells = [link, driver, stages, ago(r.metrics_mtime, r.now), r.path];
       for (const c of cells) {
         const td = document.createElement("td");
         if (c instanceof Node) td.appendChild(c); else td.textContent = c;
         tr.appendChild(td);
       }
+      if (live.state === "dead") tr.children[1].className = "state-failed";
       body.appendChild(tr);
     }
     document.getElementById("empty").hidden = runs.length > 0;
