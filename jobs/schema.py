@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional
 
 from experts.config import ExpertsConfig
-from system.configtree import to_dict
+from system.configtree import INVALID, to_dict
 from system.data.config import DataConfig, SourceConfig
 from system.model import ModelConfig
 from system.upcycle import UpcycleConfig
@@ -100,8 +100,15 @@ class ParallelSection:
     threads_per_worker: Optional[int] = None  # torch intra-op threads; default: CPUs per worker
 
     def check(self) -> Iterator[tuple[str, str]]:
+        # Single-field rules first: a rule that reads a value already refused stops this check
+        # (configtree.INVALID), so those that need several fields come last. The nested fssdp
+        # and deepspeed_moe sections run their own check() when configtree builds them.
         if not 1 <= self.world_size <= 65536:
             yield "world_size", f"{self.world_size} must be in [1, 65536]"
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            yield "threads_per_worker", f"{self.threads_per_worker} must be >= 1"
+        if self.backend == "nccl" and not self.use_gpu:
+            yield "backend", "nccl needs use_gpu: true"
         ep = self.expert_parallel_size
         if ep is None:  # derived: 1 when replicated, every rank otherwise
             ep = 1 if self.expert_strategy == "replicated" else self.world_size
@@ -118,14 +125,6 @@ class ParallelSection:
             yield "expert_parallel_size", (f"{ep} and fssdp.ranks_per_node={rpn}: an expert-parallel group of "
                                            f"{ep} consecutive ranks must lie inside one node ({ep} divides "
                                            f"{rpn}) or be made of whole nodes ({rpn} divides {ep})")
-        for k, msg in self.fssdp.check():
-            yield f"fssdp.{k}", msg
-        for k, msg in self.deepspeed_moe.check():
-            yield f"deepspeed_moe.{k}", msg
-        if self.backend == "nccl" and not self.use_gpu:
-            yield "backend", "nccl needs use_gpu: true"
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            yield "threads_per_worker", f"{self.threads_per_worker} must be >= 1"
 
 
 @dataclass
@@ -240,8 +239,9 @@ class StageSection:
             yield "name", f"{self.name!r} must be a non-empty name without '/', '\\\\', spaces or a leading '.'"
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "checkpoint_every", "eval_batches",
                     "max_bad_steps"):
-            if getattr(self, key) < 1:
-                yield key, f"{getattr(self, key)} must be >= 1"
+            value = getattr(self, key)
+            if value is not INVALID and value < 1:  # INVALID: reported already (a misspelled key's field)
+                yield key, f"{value} must be >= 1"
         if self.eval_every < 0:
             yield "eval_every", f"{self.eval_every} must be >= 0"
         if self.grad_clip < 0:
@@ -331,6 +331,11 @@ OWNED_DS_KEYS = {
     "optimizer": "stages[*].optimizer",
     "scheduler": "stages[*].lr_schedule",
 }
+
+
+# The stage-level free mappings that are laid over a typed top-level section (`jobs.plan`):
+# their keys and values are those of the section.
+STAGE_OVERRIDES = {"parallel": ParallelSection, "model": ModelConfig, "experts": ExpertsConfig}
 
 
 @dataclass

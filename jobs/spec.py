@@ -4,6 +4,11 @@ Validation is three passes, each reporting every problem with its dotted path: t
 (unknown keys, types, field ranges: `system.configtree` + each section's `check()`), the pure
 cross-field rules (`jobs.validate`) and, unless asked not to, the checks that read files
 (`jobs.preflight`). `jobs.plan.plan_job` then resolves a valid spec into the job's plan.
+
+Numbers are read as YAML 1.2 reads them (`lr: 3e-4` is a float), field by field from the schema,
+stage overrides included (`system.configtree.coerce_numbers`). A value that failed its own check
+is INVALID in the built spec, and the later passes skip every rule that reads it, so each
+mistake gives one error.
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from typing import Any, Optional
 import yaml
 
 from jobs.preflight import preflight as run_preflight
-from jobs.schema import JobSpec
+from jobs.schema import STAGE_OVERRIDES, JobSpec
 from jobs.validate import check_job
-from system.configtree import SpecError, build_dataclass, to_dict
+from system.configtree import SpecError, build_dataclass, coerce_numbers, to_dict, unless_invalid
 
 
 def parse_spec(data: Any, source: str = "spec", *, preflight: bool = True) -> JobSpec:
@@ -30,21 +35,26 @@ def parse_spec(data: Any, source: str = "spec", *, preflight: bool = True) -> Jo
         raise SpecError([("", f"the top level must be a mapping, got {type(data).__name__}")], source)
     from jobs.model_from import resolve_model_from
 
-    data = resolve_model_from(data, problems)
+    data = resolve_model_from(typed_numbers(data), problems)
     spec = build_dataclass(JobSpec, data, "", problems)
-    if spec is not None:
-        passes = [check_job] + ([run_preflight] if preflight else [])
-        for check in passes:
-            n_before = len(problems)
-            try:
-                problems.extend(check(spec))
-            except (TypeError, AttributeError, ValueError, ArithmeticError):
-                # a rule tripping over a value the schema already reported stops quietly
-                if len(problems) == n_before and not problems:
-                    raise
+    problems.extend(check_job(spec))  # every rule is skipped where it reads an INVALID value
+    if preflight:
+        problems.extend(unless_invalid(run_preflight(spec)))  # stops at the first INVALID it reads
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+def typed_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """Spec data whose number strings (`3e-4`, which YAML 1.1 reads as a string) are numbers
+    wherever the schema has a number: the typed sections and the stage-level overrides laid
+    over them (so `jobs.plan` and `jobs.model_from` compare them as numbers too)."""
+    data = coerce_numbers(JobSpec, data)
+    if isinstance(data.get("stages"), list):
+        data["stages"] = [{k: coerce_numbers(STAGE_OVERRIDES[k], v) if k in STAGE_OVERRIDES else v
+                           for k, v in st.items()} if isinstance(st, dict) else st
+                          for st in data["stages"]]
+    return data
 
 
 def load_spec(path: str | os.PathLike) -> JobSpec:

@@ -1,7 +1,10 @@
 """Cross-field rules of a job spec: pure checks over the parsed sections (no file is read).
 
-Each rule yields `(dotted path, message)`. The checks that need files (data paths, init and
-teacher directories, Hugging Face configs, checkpoint manifests) are in `jobs.preflight`.
+Each rule yields `(dotted path, message)`. The rules run one by one under
+`configtree.unless_invalid`: a rule that reads a value which already failed its own check
+(INVALID in the built spec: a wrong type, a range, a field a misspelled key meant) is skipped,
+so one mistake gives one error. The checks that need files (data paths, init and teacher
+directories, Hugging Face configs, checkpoint manifests) are in `jobs.preflight`.
 """
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from typing import Any, Iterator, Optional
 
 from experts.config import ExpertsConfig
 from jobs import plan as P
-from jobs.schema import OWNED_DS_KEYS, JobSpec, ParallelSection
-from system.configtree import SpecError, build_dataclass, deep_merge, to_dict
+from jobs.schema import OWNED_DS_KEYS, STAGE_OVERRIDES, JobSpec
+from system.configtree import InvalidValueUsed, SpecError, build_dataclass, deep_merge, to_dict, unless_invalid
 from system.data.config import SourceConfig
 from system.model import ModelConfig
 
@@ -20,65 +23,127 @@ SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias", "vocab
 
 
 def check_job(spec: JobSpec) -> Problems:
+    """Every cross-field rule's problems: each stage's rules, then the job-wide ones."""
+    yield from unless_invalid(_stages_present(spec))
+    yield from unless_invalid(_each_stage(spec))
+    for rule in JOB_RULES:
+        yield from unless_invalid(rule(spec))
+
+
+def _each_stage(spec: JobSpec) -> Problems:
+    for i in range(len(spec.stages)):
+        for rule in STAGE_RULES:
+            yield from unless_invalid(rule(spec, i))
+
+
+def _stages_present(spec: JobSpec) -> Problems:
     if not spec.stages:
         yield "stages", "at least one stage is required"
+
+
+def _earlier(spec: JobSpec, i: int) -> dict[str, int]:
+    """The names of the stages before stage i, each with the index that first uses it."""
     seen: dict[str, int] = {}
-    all_names = [s.name for s in spec.stages]
-    for i, st in enumerate(spec.stages):
-        p = f"stages[{i}]"
-        if st.name in seen:
-            yield f"{p}.name", f"{st.name!r} is already the name of stages[{seen[st.name]}]"
-        ws = P.stage_world_size(spec, i)
-        dp = ws  # dense parameters are data-parallel over every rank
-        implied = st.micro_batch_size * st.grad_accum_steps * dp
-        if st.global_batch_size is not None and st.global_batch_size != implied:
-            yield f"{p}.global_batch_size", (
-                f"{st.global_batch_size} != micro_batch_size {st.micro_batch_size} x grad_accum_steps "
-                f"{st.grad_accum_steps} x data-parallel size {dp} = {implied}")
-        if st.world_size is not None and ws % stage_ep_size(spec, i):
-            yield f"{p}.world_size", (f"{ws} is not divisible by parallel.expert_parallel_size="
-                                      f"{stage_ep_size(spec, i)}")
-        if st.init_from is not None and st.init_from not in seen and st.init_from in all_names:
-            yield f"{p}.init_from", (f"{st.init_from!r} names a later stage (or this one); "
-                                     "a stage can only start from an earlier stage")
-        yield from _check_stage_refs(spec, i, seen, all_names)
-        yield from override_problems(ParallelSection, spec.parallel, st.parallel, f"{p}.parallel")
-        yield from override_problems(ModelConfig, spec.model, st.model, f"{p}.model")
-        yield from override_problems(ExpertsConfig, spec.experts, st.experts, f"{p}.experts")
-        yield from _check_stage_model(spec, i)
-        seen.setdefault(st.name, i)
+    for j, st in enumerate(spec.stages[:i]):
+        seen.setdefault(st.name, j)
+    return seen
+
+
+def _stage_name(spec: JobSpec, i: int) -> Problems:
+    seen, name = _earlier(spec, i), spec.stages[i].name
+    if name in seen:
+        yield f"stages[{i}].name", f"{name!r} is already the name of stages[{seen[name]}]"
+
+
+def _stage_batch(spec: JobSpec, i: int) -> Problems:
+    st = spec.stages[i]
+    valid_stage_parallel(spec, i)  # a bad parallel override: its own error, not a batch-size one
+    dp = P.stage_world_size(spec, i)  # dense parameters are data-parallel over every rank
+    implied = st.micro_batch_size * st.grad_accum_steps * dp
+    if st.global_batch_size is not None and st.global_batch_size != implied:
+        yield f"stages[{i}].global_batch_size", (
+            f"{st.global_batch_size} != micro_batch_size {st.micro_batch_size} x grad_accum_steps "
+            f"{st.grad_accum_steps} x data-parallel size {dp} = {implied}")
+
+
+def _stage_world_size(spec: JobSpec, i: int) -> Problems:
+    ws = P.stage_world_size(spec, i)
+    if spec.stages[i].world_size is not None and ws % stage_ep_size(spec, i):
+        yield f"stages[{i}].world_size", (f"{ws} is not divisible by parallel.expert_parallel_size="
+                                          f"{stage_ep_size(spec, i)}")
+
+
+def _stage_init_from(spec: JobSpec, i: int) -> Problems:
+    st, seen = spec.stages[i], _earlier(spec, i)
+    if st.init_from is not None and st.init_from not in seen and st.init_from in _names(spec):
+        yield f"stages[{i}].init_from", (f"{st.init_from!r} names a later stage (or this one); "
+                                         "a stage can only start from an earlier stage")
+
+
+def _stage_overrides(spec: JobSpec, i: int) -> Problems:
+    st = spec.stages[i]
+    for key, cls in STAGE_OVERRIDES.items():
+        yield from unless_invalid(override_problems(cls, getattr(spec, key), getattr(st, key),
+                                                    f"stages[{i}].{key}"))
+
+
+def _names(spec: JobSpec) -> list[str]:
+    return [s.name for s in spec.stages]
+
+
+def _num_experts(spec: JobSpec) -> Problems:
     if spec.model.num_experts % stage_ep_size(spec, None):
         yield "model.num_experts", (f"{spec.model.num_experts} is not divisible by "
                                     f"the {stage_ep_size(spec, None)} expert-parallel ranks "
                                     f"(parallel.expert_parallel_size / expert_strategy "
                                     f"{spec.parallel.expert_strategy!r})")
+
+
+def _scaling(spec: JobSpec) -> Problems:
     sc = spec.ray.scaling_config
     if sc.num_workers is not None and sc.num_workers != spec.parallel.world_size:
         yield "ray.scaling_config.num_workers", (f"{sc.num_workers} != parallel.world_size="
                                                  f"{spec.parallel.world_size}; set one of them")
+
+
+def _scaling_gpu(spec: JobSpec) -> Problems:
+    sc = spec.ray.scaling_config
     if sc.use_gpu is not None and sc.use_gpu != spec.parallel.use_gpu:
         yield "ray.scaling_config.use_gpu", f"{sc.use_gpu} != parallel.use_gpu={spec.parallel.use_gpu}"
-    for k, v in sc.resources_per_worker.items():
-        if v < 0:
-            yield f"ray.scaling_config.resources_per_worker.{k}", f"{v} must be >= 0"
+
+
+def _resources(spec: JobSpec) -> Problems:
+    for k, v in spec.ray.scaling_config.resources_per_worker.items():
+        yield from unless_invalid(_non_negative(v, f"ray.scaling_config.resources_per_worker.{k}"))
+
+
+def _non_negative(v: float, path: str) -> Problems:
+    if v < 0:
+        yield path, f"{v} must be >= 0"
+
+
+def _deepspeed_keys(spec: JobSpec) -> Problems:
     for key, owner in OWNED_DS_KEYS.items():
         if key in spec.deepspeed:
             yield f"deepspeed.{key}", f"is set by the spec; use {owner} instead"
-    yield from _check_routing(spec)
     if "zero_optimization" in spec.deepspeed and "stage" in (spec.deepspeed["zero_optimization"] or {}):
         yield "deepspeed.zero_optimization.stage", "is set by the spec; use parallel.zero_stage instead"
 
 
+def valid_stage_parallel(spec: JobSpec, i: int):
+    """Stage i's parallel section; a bad override (which `override_problems` reports) skips the
+    rule that asked, rather than let it use the top-level section in its place."""
+    try:
+        return P.stage_parallel(spec, i)
+    except SpecError:
+        raise InvalidValueUsed from None
+
+
 def stage_ep_size(spec: JobSpec, i: Optional[int]) -> int:
-    """Expert-parallel ranks of stage i (None: the top level), tolerating a bad override (which
-    `override_problems` reports)."""
+    """Expert-parallel ranks of stage i (None: the top level)."""
     if i is None:
         return P.ep_size(spec.parallel, spec.parallel.world_size)
-    try:
-        par = P.stage_parallel(spec, i)
-    except SpecError:
-        par = spec.parallel
-    return P.ep_size(par, P.stage_world_size(spec, i))
+    return P.ep_size(valid_stage_parallel(spec, i), P.stage_world_size(spec, i))
 
 
 def stage_cfgs(spec: JobSpec, i: int) -> tuple[Optional[ModelConfig], Optional[ExpertsConfig]]:
@@ -116,41 +181,55 @@ def earlier_stage_problem(name: str, key: str, what: str, seen: dict[str, int],
         yield key, f"{name!r} is not a stage of this job (earlier stages: {list(seen) or 'none'})"
 
 
-def _check_stage_refs(spec: JobSpec, i: int, seen: dict[str, int], all_names: list[str]) -> Problems:
-    """Replay sources, evaluation domains and (when it is a stage) the teacher of stage i."""
-    p = f"stages[{i}]"
-    st = spec.stages[i]
-    if st.data.replay.fraction > 0:
-        names = P.replay_stages(spec, i)
-        srcs = st.data.replay.sources or []
-        if not names and not srcs:
-            yield f"{p}.data.replay", ("replay needs an earlier stage that consumed data (this is the first "
-                                       "stage) or replay.sources naming data the model saw before")
-        for j, name in enumerate(names):
-            yield from earlier_stage_problem(name, f"{p}.data.replay.stages[{j}]", "replay", seen, all_names)
-        corpus = [s.name for s in P.job_corpus(spec).sources]
-        own = [s.name for s in P.stage_data(spec, i).sources]
-        for j, name in enumerate(srcs):
-            if name not in corpus:
-                yield f"{p}.data.replay.sources[{j}]", f"{name!r} is not a source of this job's data ({corpus})"
-            elif name in own:
-                yield f"{p}.data.replay.sources[{j}]", (f"{name!r} is one of this stage's own training sources; "
-                                                        f"replay sources are data the stage does not train on")
+def _stage_replay(spec: JobSpec, i: int) -> Problems:
+    """Replay needs something to replay: earlier stages, or sources of the job's corpus."""
+    p, st = f"stages[{i}]", spec.stages[i]
+    if not st.data.replay.fraction > 0:
+        return
+    seen, all_names = _earlier(spec, i), _names(spec)
+    names = P.replay_stages(spec, i)
+    srcs = st.data.replay.sources or []
+    if not names and not srcs:
+        yield f"{p}.data.replay", ("replay needs an earlier stage that consumed data (this is the first "
+                                   "stage) or replay.sources naming data the model saw before")
+    for j, name in enumerate(names):
+        yield from earlier_stage_problem(name, f"{p}.data.replay.stages[{j}]", "replay", seen, all_names)
+    corpus = [s.name for s in P.job_corpus(spec).sources]
+    own = [s.name for s in P.stage_data(spec, i).sources]
+    for j, name in enumerate(srcs):
+        if name not in corpus:
+            yield f"{p}.data.replay.sources[{j}]", f"{name!r} is not a source of this job's data ({corpus})"
+        elif name in own:
+            yield f"{p}.data.replay.sources[{j}]", (f"{name!r} is one of this stage's own training sources; "
+                                                    f"replay sources are data the stage does not train on")
+
+
+def _stage_sources(spec: JobSpec, i: int) -> Problems:
+    """A source name means one corpus: a stage may only change its weight."""
     first = {s.name: s for s in P.job_corpus(spec).sources}
-    for j, src in enumerate(st.data.sources or []):
+    for j, src in enumerate(spec.stages[i].data.sources or []):
         a, b = _source_body(src), _source_body(first[src.name])
         if a != b:
             diff = sorted(k for k in a if a[k] != b[k])
-            yield f"{p}.data.sources[{j}]", (
+            yield f"stages[{i}].data.sources[{j}]", (
                 f"source {src.name!r} is defined differently from its first definition in this job "
                 f"({', '.join(f'{k}: {a[k]!r} vs {b[k]!r}' for k in diff)}); a source name means one "
                 "corpus across stages (only its weight may change): give it another name")
-    for j, d in enumerate(st.eval_domains or []):
+
+
+def _stage_eval_domains(spec: JobSpec, i: int) -> Problems:
+    first = {s.name for s in P.job_corpus(spec).sources}
+    for j, d in enumerate(spec.stages[i].eval_domains or []):
         if d not in first:
-            yield f"{p}.eval_domains[{j}]", f"{d!r} is not a data source of this job ({sorted(first)})"
+            yield f"stages[{i}].eval_domains[{j}]", f"{d!r} is not a data source of this job ({sorted(first)})"
+
+
+def _stage_teacher(spec: JobSpec, i: int) -> Problems:
+    """A teacher that is a stage: an earlier one, with the student's vocabulary."""
+    st, seen, all_names = spec.stages[i], _earlier(spec, i), _names(spec)
     t = st.distill.teacher if st.kind == "distill" else None
     if t and t in all_names:
-        yield from earlier_stage_problem(t, f"{p}.distill.teacher", "a teacher", seen, all_names)
+        yield from earlier_stage_problem(t, f"stages[{i}].distill.teacher", "a teacher", seen, all_names)
         if t in seen:
             teacher = stage_vocab_size(spec, seen[t])
             yield from vocab_problem(spec, i, teacher, f"stage {t!r}")
@@ -164,10 +243,9 @@ def vocab_problem(spec: JobSpec, i: int, teacher: Optional[int], where: str) -> 
                                                 f"({teacher}, {where}); distillation compares them token by token")
 
 
-def _check_stage_model(spec: JobSpec, i: int) -> Problems:
-    """Checks that need a stage's merged model/experts config (and an earlier stage it starts from)."""
-    p = f"stages[{i}]"
-    st = spec.stages[i]
+def _stage_router(spec: JobSpec, i: int) -> Problems:
+    """Router rules of a stage that changes the model, experts or strategy of the top level."""
+    p, st = f"stages[{i}]", spec.stages[i]
     mcfg, ecfg = stage_cfgs(spec, i)
     if mcfg is None:
         return
@@ -179,14 +257,25 @@ def _check_stage_model(spec: JobSpec, i: int) -> Problems:
             yield f"{p}.experts.router.dts.hard_top_k", f"{hk} exceeds num_experts={mcfg.num_experts}"
     if st.model or st.experts or st.parallel:
         yield from group_routing_problems(mcfg, ecfg, stage_strategy(spec, i), f"{p}.")
-    if mcfg.num_experts % stage_ep_size(spec, i):
-        yield f"{p}.model.num_experts", (f"{mcfg.num_experts} is not divisible by the "
-                                         f"{stage_ep_size(spec, i)} expert-parallel ranks of this stage")
-    names = [s.name for s in spec.stages[:i]]
+
+
+def _stage_num_experts(spec: JobSpec, i: int) -> Problems:
+    mcfg, _ = stage_cfgs(spec, i)
+    if mcfg is not None and mcfg.num_experts % stage_ep_size(spec, i):
+        yield f"stages[{i}].model.num_experts", (f"{mcfg.num_experts} is not divisible by the "
+                                                 f"{stage_ep_size(spec, i)} expert-parallel ranks of this stage")
+
+
+def _stage_init_shape(spec: JobSpec, i: int) -> Problems:
+    """A stage that starts from an earlier stage keeps its shape (and its experts, to carry the
+    optimizer state)."""
+    p, st = f"stages[{i}]", spec.stages[i]
+    names = _names(spec)[:i]
     if st.init_from is None or st.init_from not in names:
         return  # a directory: see jobs.preflight
+    mcfg, _ = stage_cfgs(spec, i)
     src, _ = stage_cfgs(spec, names.index(st.init_from))
-    if src is None:
+    if src is None or mcfg is None:
         return
     same_shape = (src.num_experts == mcfg.num_experts and src.moe_layer_ids() == mcfg.moe_layer_ids()
                   and src.d_expert == mcfg.d_expert)
@@ -196,9 +285,13 @@ def _check_stage_model(spec: JobSpec, i: int) -> Problems:
             f"or expert count ({src.num_experts} -> {mcfg.num_experts}), so the optimizer state "
             "cannot carry over: set init_weights_only: true")
     for k in SHAPE_KEYS:
-        if getattr(src, k) != getattr(mcfg, k):
-            yield f"{p}.model.{k}", (f"{getattr(mcfg, k)} differs from stage {st.init_from!r}'s "
-                                     f"{getattr(src, k)}; init_from needs the same shape")
+        yield from unless_invalid(_same_shape_key(src, mcfg, k, f"{p}.model.{k}", st.init_from))
+
+
+def _same_shape_key(src: ModelConfig, mcfg: ModelConfig, k: str, path: str, init_from: str) -> Problems:
+    if getattr(src, k) != getattr(mcfg, k):
+        yield path, (f"{getattr(mcfg, k)} differs from stage {init_from!r}'s {getattr(src, k)}; "
+                     "init_from needs the same shape")
 
 
 def stage_strategy(spec: JobSpec, i: Optional[int]) -> str:
@@ -225,8 +318,11 @@ def group_routing_problems(mcfg, ecfg, strategy: str, prefix: str = "") -> Probl
 
 
 def _check_routing(spec: JobSpec) -> Problems:
+    yield from group_routing_problems(spec.model, spec.experts, spec.parallel.expert_strategy)
+
+
+def _check_dts(spec: JobSpec) -> Problems:
     ecfg = spec.experts
-    yield from group_routing_problems(spec.model, ecfg, spec.parallel.expert_strategy)
     if ecfg.router.kind == "dts":
         hk = ecfg.router.dts.hard_top_k or spec.model.top_k
         if hk > spec.model.num_experts:
@@ -253,3 +349,9 @@ def _source_body(src: SourceConfig) -> dict[str, Any]:
     d = to_dict(src)
     d.pop("weight", None)
     return d
+
+
+STAGE_RULES = (_stage_name, _stage_batch, _stage_world_size, _stage_init_from, _stage_replay, _stage_sources,
+               _stage_eval_domains, _stage_teacher, _stage_overrides, _stage_router, _stage_num_experts,
+               _stage_init_shape)
+JOB_RULES = (_num_experts, _scaling, _scaling_gpu, _resources, _deepspeed_keys, _check_routing, _check_dts)
