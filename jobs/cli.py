@@ -19,31 +19,50 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from system.configtree import SpecError
+from jobs.jobs_api import add_commands as add_jobs_api_commands
 
-EXIT_SPEC = 2
-EXIT_PREEMPTED = 3  # a SIGTERM stopped the job at a checkpoint; the same command resumes it
-DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+EXIT_SPEC = 2  # a user's mistake: one line on stderr names it and the fix (jobs.user_errors)
+EXIT_PREEMPTED = 3  # SIGTERM to a worker or Ctrl-C stopped the job at a checkpoint; the same command resumes it
+# What a job's driver imports; checked first, so that a cluster whose Python lacks them says so in
+# one line (`moeforge submit` waits for it) instead of a traceback deep inside the job.
+DRIVER_MODULES = ("yaml", "numpy", "torch", "ray", "deepspeed", "transformers", "pyarrow")
 
 
-SPEC_ENV = "MOEFORGE_SPEC_YAML"
-
-
-def _load(path: str, output_dir: Optional[str] = None):
+def load_job_spec(path: str, output_dir: Optional[str] = None):
+    """A validated spec from a YAML file or, as `env:NAME`, from an environment variable (how
+    `moeforge submit` ships the spec, its paths resolved where it was submitted)."""
+    from jobs.jobs_api import SPEC_SOURCE_ENV
     from jobs.spec import load_spec, parse_spec_text
+    from system.configtree import SpecError
 
-    # `env:NAME` reads the spec text from an environment variable: how `submit` ships a spec
-    # that lives outside the uploaded working directory.
     if path.startswith("env:"):
         text = os.environ.get(path[4:])
+        source = os.environ.get(SPEC_SOURCE_ENV, path)
         if text is None:
             raise SpecError([("", f"environment variable {path[4:]} is not set")], path)
-        spec = parse_spec_text(text, path)
+        spec = parse_spec_text(text, source)
     else:
         spec = load_spec(path)
     if output_dir:
         spec.run.output_dir = output_dir
     return spec
+
+
+_load = load_job_spec
+
+
+def require_driver_modules() -> None:
+    """Find what a job's driver imports (without importing it: no start-up cost, no library's
+    warnings); a missing one is a one-line error naming the fix."""
+    import importlib.util
+
+    from jobs.user_errors import UserError
+
+    missing = [name for name in DRIVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"this Python ({sys.executable}) has no {', '.join(missing)}: run moeforge with the Python "
+                        f"that has its dependencies (`make setup` makes .venv); on a cluster, start Ray from that "
+                        f"environment or pass `moeforge submit --python PATH`")
 
 
 def cmd_validate(args) -> int:
@@ -88,85 +107,70 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    spec = _load(args.spec, args.output_dir)
-    from jobs.orchestrate import pin_loopback, run_job, wants_embedded_ray
+    require_driver_modules()
+    from jobs.jobs_api import READY
+    from jobs.orchestrate import inside_ray_job, pin_loopback, wants_embedded_ray
 
+    spec = load_job_spec(args.spec, args.output_dir)
+    check_output_dir(spec, relative_ok=not inside_ray_job())
     if wants_embedded_ray(args.address):
         pin_loopback()
+    else:
+        from jobs.user_errors import check_gcs_auth, check_reachable
 
-    from jobs.orchestrate import JobPreempted, StageFailed
+        check_reachable(args.address or os.environ["RAY_ADDRESS"])
+        check_gcs_auth(args.address or os.environ["RAY_ADDRESS"])
+    if inside_ray_job():  # `moeforge submit` waits for this line: the job did not fail on arrival
+        import ray
+        import torch
+
+        print(f"{READY} {sys.executable} (torch {torch.__version__}, ray {ray.__version__})", flush=True)
+    from jobs.interrupt import EXIT_INTERRUPTED, DriverInterrupt
+    from jobs.orchestrate import JobPreempted, StageFailed, run_job
     from system.checkpoint import CheckpointCorrupt
 
     t0 = time.time()
     try:
-        run_job(spec, address=args.address, verbose=args.verbose)
+        with DriverInterrupt() as ctrl_c:
+            run_job(spec, address=args.address, verbose=args.verbose, interrupt=ctrl_c.requested,
+                    retrain_from=args.retrain_from)
     except (CheckpointCorrupt, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SPEC
     except JobPreempted as e:
         print(f"[moeforge] {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("[moeforge] stopped at once (second Ctrl-C); the same command resumes from the stage's latest "
+              "checkpoint", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     print(f"[moeforge] job {spec.run.name} finished in {time.time() - t0:.1f}s; "
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name}",
           flush=True)
     return 0
 
 
-def _client(address: Optional[str]):
-    from ray.job_submission import JobSubmissionClient
+def check_output_dir(spec, relative_ok: bool = True) -> None:
+    """The run directory can be written here. Inside a Ray job a relative output_dir would land in
+    the job's working-directory copy in Ray's temporary folder, deleted with the cluster."""
+    from system.configtree import SpecError
 
-    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD)
-
-
-def cmd_submit(args) -> int:
-    from jobs.orchestrate import REPO_ROOT, UPLOAD_EXCLUDES, worker_env
-
-    _load(args.spec)  # validate before anything is sent
-    spec_path = Path(args.spec).resolve()
-    env_vars = worker_env()
+    out = spec.run.output_dir
+    if not relative_ok and not Path(out).is_absolute():
+        raise SpecError([("run.output_dir", f"{out!r} is relative: inside a Ray job it would be under Ray's "
+                                            f"temporary folder, which is deleted with the cluster; give an "
+                                            f"absolute path on storage every node sees (--output-dir /shared/runs, "
+                                            f"or `moeforge submit`, which resolves it where you run it)")], "spec")
+    run_dir = Path(out).absolute() / spec.run.name
+    probe = run_dir / f".write-test-{os.getpid()}"
     try:
-        entry = f"python -m jobs.cli run {spec_path.relative_to(REPO_ROOT)}"
-    except ValueError:  # not inside the uploaded working directory: ship its text
-        env_vars[SPEC_ENV] = spec_path.read_text()
-        entry = f"python -m jobs.cli run env:{SPEC_ENV}"
-    if args.output_dir:
-        entry += f" --output-dir {args.output_dir}"
-    client = _client(args.address)
-    job_id = client.submit_job(
-        entrypoint=entry,
-        runtime_env={"working_dir": str(REPO_ROOT), "env_vars": env_vars, "excludes": UPLOAD_EXCLUDES})
-    print(job_id, flush=True)
-    if args.wait:
-        return _follow(client, job_id)
-    return 0
-
-
-def _follow(client, job_id: str) -> int:
-    import asyncio
-
-    async def tail():
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
-    asyncio.run(tail())
-    status = client.get_job_status(job_id)
-    print(f"[moeforge] job {job_id}: {status}", flush=True)
-    return 0 if str(status).endswith("SUCCEEDED") else 1
-
-
-def cmd_status(args) -> int:
-    client = _client(args.address)
-    info = client.get_job_info(args.job_id)
-    print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
-    return 0
-
-
-def cmd_logs(args) -> int:
-    client = _client(args.address)
-    if args.follow:
-        return _follow(client, args.job_id)
-    print(client.get_job_logs(args.job_id), end="")
-    return 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SpecError([("run.output_dir", f"cannot write the run directory {run_dir} here "
+                                            f"({e.strerror or e}): give a directory this machine can write; on a "
+                                            f"cluster, storage every node sees")], "spec") from None
 
 
 # `moeforge simulate` flags -> dotted config fields of parallel.simulator.SimConfig (whose model section is
@@ -183,6 +187,8 @@ SIMULATE_FLAGS = (
 
 def cmd_simulate(args) -> int:
     import json
+
+    from system.configtree import SpecError
 
     import yaml
 
@@ -311,15 +317,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("spec")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
     r.add_argument("--output-dir", help="override run.output_dir")
+    r.add_argument("--retrain-from", metavar="STAGE",
+                   help="train STAGE and every later stage again although they finished (their files are kept "
+                        "under RUN/superseded/); needed to change a finished stage's training settings")
     r.add_argument("--verbose", action="store_true",
                    help="stream Ray's and every worker's output (default: in RUN/logs/STAGE/rankR.log)")
     r.set_defaults(fn=cmd_run)
-    s = sub.add_parser("submit", help="submit a job spec to a Ray cluster with the Ray Jobs API")
-    s.add_argument("spec")
-    s.add_argument("--address", help=f"Ray dashboard address (default: RAY_ADDRESS, else {DEFAULT_DASHBOARD})")
-    s.add_argument("--output-dir", help="override run.output_dir (use shared storage on a cluster)")
-    s.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
-    s.set_defaults(fn=cmd_submit)
+    add_jobs_api_commands(sub)
     m = sub.add_parser("simulate", help="simulate EP/FSSDP/FasterMoE/ZeRO-3 MoE layers at 8-256 GPUs (no GPU needed)")
     m.add_argument("config", nargs="?", help="YAML simulator config (e.g. examples/simulate.yaml); flags override it")
     for name, path, tp in SIMULATE_FLAGS:
@@ -354,23 +358,21 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.set_defaults(fn=cmd_dashboard)
-    for name, fn, helptext in (("status", cmd_status, "a submitted job's status"),
-                               ("logs", cmd_logs, "a submitted job's logs")):
-        c = sub.add_parser(name, help=helptext)
-        c.add_argument("job_id")
-        c.add_argument("--address")
-        if name == "logs":
-            c.add_argument("--follow", "-f", action="store_true")
-        c.set_defaults(fn=fn)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
+    from jobs.user_errors import describe
+
     try:
         return args.fn(args)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        lines = describe(e, getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
+        if lines is None:
+            raise
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_SPEC
 
 

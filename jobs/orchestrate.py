@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from jobs import run_record
 from jobs.layout import RunLayout
 from jobs.plan import JobPlan, plan_job
 from jobs.schema import JobSpec
@@ -89,10 +91,13 @@ def _train_worker(config: dict[str, Any], ctx) -> None:
         if config.get("ray_metrics"):
             from jobs.ray_metrics import RayGaugeSink
             sinks = (RayGaugeSink(config["run_name"], config["stage_name"]),)
+    stop = stop_requested
+    if on_step is not None:  # rank 0 also reads the driver's Ctrl-C from its step reports
+        stop = lambda: stop_requested() or on_step.stop_requested()  # noqa: E731
     try:
         with training():
             last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step,
-                             stop_requested=stop_requested)
+                             stop_requested=stop)
     except StagePreempted as e:
         if rank == 0:
             record_preempted(Path(config["preempted_file"]), e.step, e.checkpoint)
@@ -167,7 +172,7 @@ def init_ray(plan: JobPlan, address: Optional[str] = None, verbose: bool = False
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job the code already travels as the job's working_dir; anywhere else,
         # ship this checkout so that workers on other nodes can import it.
-        runtime_env = None if _inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
+        runtime_env = None if inside_ray_job() else {"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES,
                                                       "env_vars": worker_env()}
         ray.init(address=address, runtime_env=runtime_env, **({"log_to_driver": True} | quiet))
         return
@@ -179,14 +184,18 @@ def init_ray(plan: JobPlan, address: Optional[str] = None, verbose: bool = False
         print(f"[moeforge] embedded Ray started; dashboard at http://{ctx.dashboard_url}", flush=True)
 
 
-def _inside_ray_job() -> bool:
+def inside_ray_job() -> bool:
     # The job supervisor hands the submitted runtime_env to the driver through this variable.
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = False) -> dict[str, Any]:
+def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = False,
+            interrupt: Optional[threading.Event] = None, retrain_from: Optional[str] = None) -> dict[str, Any]:
     """Run every stage that has not finished yet; return each stage's last metrics. `verbose`
-    streams Ray's and every worker's output to the console; otherwise it goes to RUN/logs/."""
+    streams Ray's and every worker's output to the console; otherwise it goes to RUN/logs/.
+    `interrupt` (the driver's Ctrl-C, `jobs.interrupt`) stops the running stage at a checkpoint.
+    A trained stage's training settings may not change (`jobs.run_record`) unless `retrain_from`
+    names it or an earlier stage."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -201,6 +210,9 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
     plan = plan_job(spec)
     layout = RunLayout(plan.run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
+    if retrain_from is not None:
+        run_record.retrain_from(layout, plan, retrain_from, log=lambda m: print(m, flush=True))
+    run_record.check_against_record(layout, plan)  # spec.yaml only ever records what was trained
     atomic_write_text(layout.spec_file, dump_spec(spec))
     # Verify every unfinished stage's checkpoints before Ray starts: a damaged newest one is
     # reported once (the workers fall back to the same previous one), and with none intact the
@@ -213,65 +225,103 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
         for stage in plan.stages:  # a finished job run again: nothing to start Ray or prepare data for
             _say_skipped(stage.name)
         return {}
-    init_ray(plan, address, verbose)
-    # The corpus is tokenized here, once, in parallel Ray Data tasks when it is missing or stale
-    # (`moeforge prepare`); the workers then only open the shards (checked by stat).
-    from jobs.prepare import prepare_corpus
+    from jobs.heartbeat import DriverHeartbeat, record_event
 
-    prepare_corpus(plan.corpus, progress=plan.metrics.progress_bar,
-                   log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
-    namespace = ray.get_runtime_context().namespace
-    results: dict[str, Any] = {}
-    for stage in plan.stages:
-        if layout.done_file(stage.name).is_file():
-            _say_skipped(stage.name)
-            continue
-        ws, par = stage.world_size, stage.parallel
-        res = dict(plan.ray.scaling_config.resources_per_worker)
-        actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
-        actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
-        rc = plan.ray.run_config
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"spec": spec.to_dict(), "stage_index": stage.index, "stage_name": stage.name,
-                               "run_name": plan.run.name, "progress_actor": actor_name, "namespace": namespace,
-                               "ray_metrics": plan.metrics.ray_metrics,
-                               "fatal_file": str(layout.fatal_file(stage.name)),
-                               "preempted_file": str(layout.preempted_file(stage.name)),
-                               "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
-                               "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
-            torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
-            scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),
-            run_config=RunConfig(
-                name=rc.name or f"{plan.run.name}-{stage.name}",
-                storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
-                failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
-        )
-        print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers, "
-              f"experts {par.expert_strategy}", flush=True)
-        fatal, preempted = layout.fatal_file(stage.name), layout.preempted_file(stage.name)
-        fatal.unlink(missing_ok=True)
-        preempted.unlink(missing_ok=True)
-        try:
-            with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar):
-                result = trainer.fit()
-        finally:
-            ray.kill(actor)
-        if fatal.is_file():
-            err = json.loads(fatal.read_text())
-            raise StageFailed(f"stage {stage.name} stopped: {err['type']}: {err['message']} "
-                              f"(not retried: a restart cannot fix it)")
-        if preempted.is_file():
-            p = json.loads(preempted.read_text())
-            raise JobPreempted(f"stage {stage.name} preempted (SIGTERM): checkpointed at step {p['step']} "
-                               f"({p['checkpoint']}); run the same command again to resume from there")
-        if result.error:
-            raise RuntimeError(f"stage {stage.name} failed: {result.error}")
-        done = json.loads(layout.done_file(stage.name).read_text())
-        results[stage.name] = done
-        print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
-              flush=True)
+    # heartbeat.json tells a dashboard a running driver from a dead one; events.jsonl keeps the
+    # stages' history (docs/observability.md)
+    with DriverHeartbeat(layout.root) as hb:
+        init_ray(plan, address, verbose)
+        # The corpus is tokenized here, once, in parallel Ray Data tasks when it is missing or stale
+        # (`moeforge prepare`); the workers then only open the shards (checked by stat).
+        from jobs.prepare import prepare_corpus
+
+        prepare_corpus(plan.corpus, progress=plan.metrics.progress_bar,
+                       log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
+        namespace = ray.get_runtime_context().namespace
+        results: dict[str, Any] = {}
+        for stage in plan.stages:
+            if layout.done_file(stage.name).is_file():
+                _say_skipped(stage.name)
+                continue
+            if interrupt is not None and interrupt.is_set():
+                hb.state = "interrupted"
+                raise JobPreempted(f"stopped (Ctrl-C) before stage {stage.name} started; run the same command "
+                                   f"again to go on")
+            ws, par = stage.world_size, stage.parallel
+            res = dict(plan.ray.scaling_config.resources_per_worker)
+            actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
+            actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
+            rc = plan.ray.run_config
+            trainer = TorchTrainer(
+                _train_loop,
+                train_loop_config={"spec": spec.to_dict(), "stage_index": stage.index, "stage_name": stage.name,
+                                   "run_name": plan.run.name, "progress_actor": actor_name, "namespace": namespace,
+                                   "ray_metrics": plan.metrics.ray_metrics,
+                                   "fatal_file": str(layout.fatal_file(stage.name)),
+                                   "preempted_file": str(layout.preempted_file(stage.name)),
+                                   "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
+                                   "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
+                torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
+                scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),
+                run_config=RunConfig(
+                    name=rc.name or f"{plan.run.name}-{stage.name}",
+                    storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
+                    failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
+            )
+            print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers, "
+                  f"experts {par.expert_strategy}", flush=True)
+            fatal, preempted = layout.fatal_file(stage.name), layout.preempted_file(stage.name)
+            fatal.unlink(missing_ok=True)
+            preempted.unlink(missing_ok=True)
+            record_event(layout.root, "started", stage.name)
+            try:
+                with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar, stop=interrupt):
+                    result = _fit_off_main_thread(trainer)
+            finally:
+                ray.kill(actor)
+            if fatal.is_file():
+                err = json.loads(fatal.read_text())
+                record_event(layout.root, "failed", stage.name, error=f"{err['type']}: {err['message']}")
+                raise StageFailed(f"stage {stage.name} stopped: {err['type']}: {err['message']} "
+                                  f"(not retried: a restart cannot fix it)")
+            if preempted.is_file():
+                p = json.loads(preempted.read_text())
+                ctrl_c = interrupt is not None and interrupt.is_set()
+                why = "stopped (Ctrl-C)" if ctrl_c else "preempted (SIGTERM)"
+                record_event(layout.root, "preempted", stage.name, p["step"], checkpoint=p["checkpoint"], cause=why)
+                hb.state = "interrupted" if ctrl_c else "preempted"
+                raise JobPreempted(f"stage {stage.name} {why}: checkpointed at step {p['step']} "
+                                   f"({p['checkpoint']}); run the same command again to resume from there")
+            if result.error:
+                record_event(layout.root, "failed", stage.name, error=str(result.error))
+                raise RuntimeError(f"stage {stage.name} failed: {result.error}")
+            done = json.loads(layout.done_file(stage.name).read_text())
+            results[stage.name] = done
+            record_event(layout.root, "finished", stage.name, done["step"])
+            print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
+                  flush=True)
     return results
+
+
+def _fit_off_main_thread(trainer):
+    """trainer.fit() in a thread of its own: on the main thread Ray Train replaces the SIGINT
+    handler with one that aborts the run without a checkpoint; the main thread keeps the
+    driver's (`jobs.interrupt`) and waits here, where signal handlers run between joins."""
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="moeforge-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _say_skipped(stage: str) -> None:

@@ -3,6 +3,7 @@ same actor carries the workers' `[moeforge]` messages to the driver's console (`
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Optional
 
 import ray
@@ -15,9 +16,19 @@ class ProgressActor:
     def __init__(self):
         self._last: Optional[dict[str, Any]] = None
         self._messages: list[str] = []
+        self._stop = False
 
-    def update(self, rec: dict[str, Any]) -> None:
+    def update(self, rec: dict[str, Any]) -> bool:
+        """Record rank 0's step; the answer says whether the driver asked the stage to stop."""
         self._last = rec
+        return self._stop
+
+    def stop_flag(self) -> bool:
+        return self._stop
+
+    def request_stop(self) -> None:
+        """The driver's Ctrl-C (`jobs.interrupt`): rank 0 learns it from its next step report."""
+        self._stop = True
 
     def last(self) -> Optional[dict[str, Any]]:
         return self._last
@@ -34,19 +45,46 @@ class ProgressActor:
         """Returns once every call made before it by the same caller has run."""
 
 
-def progress_reporter(actor_name: Optional[str], namespace: Optional[str]):
-    """A callable for the worker's on_step hook (None when no driver is listening)."""
+def progress_reporter(actor_name: Optional[str], namespace: Optional[str]) -> Optional["StepReporter"]:
+    """The worker's on_step hook (None when no driver is listening)."""
     if not actor_name:
         return None
     try:
         handle = ray.get_actor(actor_name, namespace=namespace)
     except ValueError:
         return None
+    return StepReporter(handle)
 
-    def report(rec: dict[str, Any]) -> None:
-        handle.update.remote({k: rec[k] for k in PROGRESS_KEYS if k in rec})  # fire and forget
 
-    return report
+class StepReporter:
+    """Sends each step's progress to the driver's actor without waiting, and reads the driver's
+    stop request from the answer to an earlier report once it has arrived (never blocks)."""
+
+    ASK_EVERY_S = 1.0  # between logged steps, ask the actor at most this often
+
+    def __init__(self, handle):
+        self.handle = handle
+        self._pending = None
+        self._stop = False
+        self._asked = time.monotonic()
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        self._check()
+        ref = self.handle.update.remote({k: rec[k] for k in PROGRESS_KEYS if k in rec})
+        if self._pending is None:
+            self._pending, self._asked = ref, time.monotonic()
+
+    def _check(self) -> None:
+        if self._pending is not None and not self._stop:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                self._stop, self._pending = bool(ray.get(ready[0])), None
+
+    def stop_requested(self) -> bool:
+        self._check()
+        if self._pending is None and not self._stop and time.monotonic() - self._asked > self.ASK_EVERY_S:
+            self._pending, self._asked = self.handle.stop_flag.remote(), time.monotonic()
+        return self._stop
 
 
 def message_forwarder(actor_name: Optional[str], namespace: Optional[str], rank: int):
@@ -72,8 +110,10 @@ class ProgressBar:
     """Polls the actor from a driver thread: prints the workers' messages and, when enabled,
     draws a tqdm bar for one stage."""
 
-    def __init__(self, actor, stage: str, total_steps: int, enabled: bool = True):
+    def __init__(self, actor, stage: str, total_steps: int, enabled: bool = True,
+                 stop: Optional[threading.Event] = None):
         self.actor, self.stage, self.total, self.enabled = actor, stage, total_steps, enabled
+        self.stop_event, self._stop_sent = stop, False  # the driver's Ctrl-C (jobs.interrupt)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -94,6 +134,9 @@ class ProgressBar:
         try:
             while True:
                 stopping = self._stop.wait(0.5)
+                if self.stop_event is not None and self.stop_event.is_set() and not self._stop_sent:
+                    self.actor.request_stop.remote()
+                    self._stop_sent = True
                 try:
                     rec, messages = ray.get(self.actor.poll.remote(), timeout=10)
                 except Exception:  # the driver may be shutting down; the bar is best effort

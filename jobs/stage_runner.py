@@ -199,6 +199,9 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: resumed from {resume_from} at step {trainer.state.step}",
                   flush=True)
+            from jobs.heartbeat import record_event  # the dashboard's timeline marks it
+
+            record_event(layout.root, "resumed", stage.name, trainer.state.step, checkpoint=str(resume_from))
     pdist.startup_trace("fit")
     try:
         last = trainer.fit()

@@ -80,8 +80,9 @@ def test_cli_reports_every_unreadable_source_at_once(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     lines = out.stderr.splitlines()
-    assert sum(line.startswith("error:") for line in lines) == 1, out.stderr
-    problems = [line.strip() for line in lines[1:]]
+    # one line per mistake, each naming the spec, the field, the file and the fix
+    assert all(line.startswith(f"error: {tmp_path / 'spec.yaml'}: ") for line in lines), out.stderr
+    problems = [line.split(": ", 2)[2] for line in lines]
     assert len(problems) == len(want), out.stderr
     for j, (problem, (field, file, fix)) in enumerate(zip(problems, want)):
         assert problem.startswith(f"data.sources[{j}].{field}: {bad}/{file}"), problem
