@@ -187,6 +187,9 @@ class Trainer:
             self.strategy.before_backward(micro == n_micro - 1)
             self.engine.backward(loss)
             if micro == n_micro - 1:  # the accumulation boundary: reduce, clip, update (or skip)
+                # The rate this update uses (a skipped one: would have used), read before the
+                # engine's step moves the scheduler on to the next update's rate.
+                lr = float(self.engine.get_lr()[0])
                 grad_norm, skipped = self.strategy.optimizer_step(self.engine, self.model, loss_bad)
             else:
                 self.engine.step()
@@ -229,7 +232,7 @@ class Trainer:
         rec: dict[str, Any] = {
             "stage": self.stage_name, "step": self.state.step, "time": time.time(),
             **{k: float(v) for k, v in zip(keys, vec.tolist())},
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "tokens": self.state.tokens,
             "tokens_per_s": tokens_local * self.world / dt,
@@ -373,6 +376,7 @@ class Trainer:
                     "tokens": self.state.tokens, "data_start": self.state.data_start,
                     "data_position": self.stream.position, "world_size": self.world,
                     "final": self.state.step >= self.stage.steps,
+                    # Both of the next update (a metric line's `lr` is its own update's rate);
                     # e.g. "constant": a later stage may continue from here without re-warming
                     "lr_phase": lr_phase(self.stage.lr_schedule, self.state.step, self.stage.steps),
                     "lr": float(self.engine.get_lr()[0])}

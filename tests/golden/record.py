@@ -16,6 +16,10 @@ refactor on the machine of that time. A set for another capability is recorded b
 code of the commit the curves belong to (for the current ones: the commit before issue 16's
 changes, 56a6d7f) on such a machine, so it still says what the code did then. Where no set
 matches this CPU, the first set is compared within `TOLERANCE` (losses) instead of exactly.
+
+Issue 27 changed one metric in every set: `lr` is now the rate of the step's own update (it was
+the next update's). Each stage's values moved one step later, step 1 taking the schedule's first
+rate; every other number is the recorded one.
 """
 from __future__ import annotations
 
