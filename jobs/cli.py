@@ -109,17 +109,11 @@ def cmd_schema(args) -> int:
 def cmd_run(args) -> int:
     require_driver_modules()
     from jobs.jobs_api import READY
-    from jobs.orchestrate import inside_ray_job, pin_loopback, wants_embedded_ray
+    from jobs.orchestrate import inside_ray_job
 
     spec = load_job_spec(args.spec, args.output_dir)
     check_output_dir(spec, relative_ok=not inside_ray_job())
-    if wants_embedded_ray(args.address):
-        pin_loopback()
-    else:
-        from jobs.user_errors import check_gcs_auth, check_reachable
-
-        check_reachable(args.address or os.environ["RAY_ADDRESS"])
-        check_gcs_auth(args.address or os.environ["RAY_ADDRESS"])
+    before_ray(args.address)
     if inside_ray_job():  # `moeforge submit` waits for this line: the job did not fail on arrival
         import ray
         import torch
@@ -132,7 +126,7 @@ def cmd_run(args) -> int:
     t0 = time.time()
     try:
         with DriverInterrupt() as ctrl_c:
-            run_job(spec, address=args.address, verbose=args.verbose, interrupt=ctrl_c.requested,
+            run_job(spec, address=args.address, verbose=args.verbose, interrupt=ctrl_c,
                     retrain_from=args.retrain_from)
     except (CheckpointCorrupt, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -148,6 +142,20 @@ def cmd_run(args) -> int:
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name}",
           flush=True)
     return 0
+
+
+def before_ray(address: Optional[str]) -> None:
+    """Keep an embedded Ray on loopback; for a cluster, fail in one line, fast, when it is down or
+    wants a token this process lacks (Ray itself retries for minutes, then names neither)."""
+    from jobs.orchestrate import pin_loopback, wants_embedded_ray
+    from jobs.user_errors import check_gcs_auth, check_reachable
+
+    if wants_embedded_ray(address):
+        pin_loopback()
+        return
+    address = address or os.environ["RAY_ADDRESS"]
+    check_reachable(address)
+    check_gcs_auth(address)
 
 
 def check_output_dir(spec, relative_ok: bool = True) -> None:
@@ -247,7 +255,7 @@ def cmd_export(args) -> int:
 
 def cmd_prepare(args) -> int:
     spec = _load(args.spec)
-    from jobs.orchestrate import init_ray, pin_loopback, wants_embedded_ray
+    from jobs.orchestrate import init_ray
     from jobs.plan import plan_job
     from jobs.prepare import prepare_corpus
     from system.data.dataset import default_cache_dir, prepared_root
@@ -255,8 +263,7 @@ def cmd_prepare(args) -> int:
 
     plan = plan_job(spec)
     if not args.local:
-        if wants_embedded_ray(args.address):
-            pin_loopback()
+        before_ray(args.address)
         init_ray(plan, args.address)
     try:
         corpus = prepare_corpus(plan.corpus, use_ray=not args.local, concurrency=args.workers)

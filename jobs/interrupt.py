@@ -1,6 +1,7 @@
 """Ctrl-C at the driver (`moeforge run`): the first one stops the job the way SIGTERM to a worker
 does (every rank checkpoints at the next step boundary, exit code 3, the same command resumes);
-a second one stops at once (exit code 130, resume from the latest checkpoint).
+a second one stops at once (exit code 130, resume from the latest checkpoint). SIGTERM to the
+driver (`ray job stop`, `kill`) is the first Ctrl-C.
 
 A terminal sends SIGINT to its foreground process group: the driver and an embedded Ray's own
 processes, which block SIGINT; Ray Train's workers run in process groups of their own. So the
@@ -23,24 +24,33 @@ class DriverInterrupt:
 
     def __init__(self):
         self.requested = threading.Event()
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "DriverInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.install()
         return self
 
+    def install(self) -> None:
+        """(Again) make these handlers current: ray.init installs its own SIGTERM handler (exit at
+        once), so the driver calls this once Ray is up."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.signal(sig, self._on_signal)
+                self._previous.setdefault(sig, previous)
+
     def __exit__(self, *exc) -> bool:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
         return False
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         if self.requested.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in self._previous:
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
             raise KeyboardInterrupt
         self.requested.set()
+        name = b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"
         # os.write, not print: the main thread may be inside a print to the same stream
-        os.write(2, b"\n[moeforge] Ctrl-C: checkpointing at the next step, then stopping "
+        os.write(2, b"\n[moeforge] " + name + b": checkpointing at the next step, then stopping "
                     b"(Ctrl-C again stops now, without a checkpoint)\n")

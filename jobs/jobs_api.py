@@ -23,6 +23,9 @@ SPEC_ENV = "MOEFORGE_SPEC_YAML"  # the resolved spec's text, for `run env:MOEFOR
 SPEC_SOURCE_ENV = "MOEFORGE_SPEC_SOURCE"  # where it came from, for the job's error messages
 READY = "[moeforge] job driver ready:"  # printed by `run` once its imports succeeded
 ARRIVAL_WAIT_S = 60.0
+# `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default: 3): the
+# driver asks every rank to checkpoint at the next step, which takes a step and a checkpoint.
+STOP_GRACE_S = "60"
 
 
 def address_of(args) -> str:
@@ -59,7 +62,7 @@ def cmd_submit(args) -> int:
     text, source = job_spec_text(args.spec, args.output_dir)
     address = address_of(args)
     jobs = client(address)
-    env_vars = {**worker_env(), SPEC_ENV: text, SPEC_SOURCE_ENV: source}
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": STOP_GRACE_S, **worker_env(), SPEC_ENV: text, SPEC_SOURCE_ENV: source}
     entry = f"{shlex.quote(args.python)} -m jobs.cli run env:{SPEC_ENV}"
     job_id = _submit(jobs, entry, {"working_dir": str(REPO_ROOT), "env_vars": env_vars,
                                    "excludes": UPLOAD_EXCLUDES})

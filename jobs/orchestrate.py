@@ -11,6 +11,7 @@ from typing import Any, Optional
 from jobs import run_record
 from jobs.layout import RunLayout
 from jobs.plan import JobPlan, plan_job
+from jobs.interrupt import DriverInterrupt
 from jobs.schema import JobSpec
 from jobs.spec import dump_spec, with_absolute_paths
 
@@ -190,7 +191,7 @@ def inside_ray_job() -> bool:
 
 
 def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = False,
-            interrupt: Optional[threading.Event] = None, retrain_from: Optional[str] = None) -> dict[str, Any]:
+            interrupt: Optional[DriverInterrupt] = None, retrain_from: Optional[str] = None) -> dict[str, Any]:
     """Run every stage that has not finished yet; return each stage's last metrics. `verbose`
     streams Ray's and every worker's output to the console; otherwise it goes to RUN/logs/.
     `interrupt` (the driver's Ctrl-C, `jobs.interrupt`) stops the running stage at a checkpoint.
@@ -229,8 +230,11 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
 
     # heartbeat.json tells a dashboard a running driver from a dead one; events.jsonl keeps the
     # stages' history (docs/observability.md)
+    stop = interrupt.requested if interrupt is not None else None
     with DriverHeartbeat(layout.root) as hb:
         init_ray(plan, address, verbose)
+        if interrupt is not None:
+            interrupt.install()  # after ray.init, which installs its own SIGTERM handler
         # The corpus is tokenized here, once, in parallel Ray Data tasks when it is missing or stale
         # (`moeforge prepare`); the workers then only open the shards (checked by stat).
         from jobs.prepare import prepare_corpus
@@ -243,7 +247,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
             if layout.done_file(stage.name).is_file():
                 _say_skipped(stage.name)
                 continue
-            if interrupt is not None and interrupt.is_set():
+            if stop is not None and stop.is_set():
                 hb.state = "interrupted"
                 raise JobPreempted(f"stopped (Ctrl-C) before stage {stage.name} started; run the same command "
                                    f"again to go on")
@@ -275,7 +279,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
             preempted.unlink(missing_ok=True)
             record_event(layout.root, "started", stage.name)
             try:
-                with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar, stop=interrupt):
+                with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar, stop=stop):
                     result = _fit_off_main_thread(trainer)
             finally:
                 ray.kill(actor)
@@ -286,8 +290,8 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
                                   f"(not retried: a restart cannot fix it)")
             if preempted.is_file():
                 p = json.loads(preempted.read_text())
-                ctrl_c = interrupt is not None and interrupt.is_set()
-                why = "stopped (Ctrl-C)" if ctrl_c else "preempted (SIGTERM)"
+                ctrl_c = stop is not None and stop.is_set()
+                why = "stopped (Ctrl-C or SIGTERM at the driver)" if ctrl_c else "preempted (SIGTERM)"
                 record_event(layout.root, "preempted", stage.name, p["step"], checkpoint=p["checkpoint"], cause=why)
                 hb.state = "interrupted" if ctrl_c else "preempted"
                 raise JobPreempted(f"stage {stage.name} {why}: checkpointed at step {p['step']} "

@@ -87,6 +87,10 @@ def check_gcs_auth(address: str) -> None:
         return
     import os
 
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and not token_available():
+        # Ray's C++ client exits the process without a word in this case
+        raise UserError(f"RAY_AUTH_MODE is token but this process has no token for the Ray cluster at {address}: "
+                        f"{AUTH_FIX}")
     try:
         from ray._raylet import GcsClient
     except ImportError:
@@ -103,3 +107,14 @@ def check_gcs_auth(address: str) -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def token_available() -> bool:
+    """Whether Ray would find an authentication token (the places its client looks)."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()

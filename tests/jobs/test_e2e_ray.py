@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
-from tests.ray_cluster import private_ports, stop_cluster
+
 from tests.waiting import exited, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,49 +105,6 @@ def test_worker_failure_restarts_group_from_checkpoint(tmp_path, shared_ray):
     assert steps == [1, 2, 3, 4, 5, 6]
     assert "resumed from" in res.stdout and "at step 2" in res.stdout
     assert json.loads((run_dir / "stages" / "pretrain" / "DONE.json").read_text())["step"] == 6
-
-
-def _free_port() -> int:
-    from parallel.testing import free_port
-    return free_port()
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
-    ray_bin = str(BIN / "ray")
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="mf-rayhead-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = _env(RAY_AUTH_MODE="token")  # Ray's default for clusters; the client finds the token itself
-    ports = private_ports()
-    dash = ports[ports.index("--dashboard-port") + 1]
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-                            str(port), "--dashboard-host", "127.0.0.1", *ports, "--temp-dir", temp,
-                            "--num-cpus", "3", "--disable-usage-stats", "--include-dashboard", "true"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield f"http://127.0.0.1:{dash}"
-    finally:
-        stop_cluster(temp, port)  # this cluster only: `ray stop` would stop the session's too
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def test_ray_job_submit(tmp_path, ray_head):
-    spec = tiny_spec(tmp_path, run={"name": "submitted"}, parallel={"world_size": 2},
-                     stages=[{"name": "pretrain", "steps": 3, "micro_batch_size": 4, "checkpoint_every": 3}])
-    path = write_spec(tmp_path / "submitted.yaml", spec)  # outside the repo: shipped in the job's env
-    auth = {"RAY_AUTH_MODE": "token"}
-    res = moeforge("submit", str(path), "--address", ray_head, "--wait", timeout=480, **auth)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    job_id = res.stdout.splitlines()[0].strip()
-    assert job_id.startswith("raysubmit_")
-    status = moeforge("status", job_id, "--address", ray_head, timeout=60, **auth)
-    assert "SUCCEEDED" in status.stdout
-    logs = moeforge("logs", job_id, "--address", ray_head, timeout=60, **auth)
-    assert "stage pretrain: done at step 3" in logs.stdout
-    done = tmp_path / "runs" / "submitted" / "stages" / "pretrain" / "DONE.json"
-    assert json.loads(done.read_text())["step"] == 3
 
 
 def _scrape_moeforge_series(timeout: float, proc: subprocess.Popen) -> dict[str, str]:
