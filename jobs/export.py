@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -136,12 +135,8 @@ def export_run(run_dir: str | Path, to: str | Path, *, stage: Optional[str] = No
     `stage` / `step` say otherwise) to the Hugging Face directory `to`; the report of
     `system.hf.export.export_tensors`."""
     with _no_accelerator_guess():
-        rep = _export(run_dir, to, stage=stage, step=step, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                      overwrite=overwrite)
-    # The directory was made by tempfile.mkdtemp (0700) and renamed into place: give it the mode
-    # a mkdir would (0777 less the umask), like the files in it.
-    os.chmod(to, 0o777 & ~_umask())
-    return rep
+        return _export(run_dir, to, stage=stage, step=step, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                       overwrite=overwrite)
 
 
 def _export(run_dir, to, *, stage, step, dtype, max_shard_bytes, overwrite) -> dict[str, Any]:
@@ -161,12 +156,6 @@ def _export(run_dir, to, *, stage, step, dtype, max_shard_bytes, overwrite) -> d
                           tokenizer_writer=tokenizer_writer(plan, man.get("tokenizer")), dtype=dtype,
                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, provenance=prov,
                           overwrite=overwrite)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(mask)
-    return mask
 
 
 class _AcceleratorGuessFilter(logging.Filter):

@@ -92,6 +92,8 @@ def export_tensors(get: Callable[[str], torch.Tensor], mcfg, router, out: str | 
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         report = {"family": family, "dtype": dname, "step": step, **(provenance or {})}
         (tmp / "moeforge_export.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        # mkdtemp made it 0700: give it the mode a mkdir would (0777 less the umask), like its files
+        os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -147,3 +149,9 @@ def export_module(model, router, out: str | Path, **kw) -> dict[str, Any]:
     """Export an in-memory `system.model.Transformer` (single process)."""
     sd = model.state_dict()
     return export_tensors(lambda k: sd[k].detach(), model.cfg, router, out, **kw)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask

@@ -57,6 +57,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_dirs, case, tm
     out = tmp_path / "export"
     rep = export_module(model, router, out, max_shard_bytes=64 * 1024)  # small shards: several files
     assert rep["family"] == json.loads((src / "config.json").read_text())["model_type"]
+    assert out.stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777 | 0o111  # a mkdir's mode
     a, b = _tensors(src), _tensors(out)
     assert a.keys() == b.keys()  # the names save_pretrained writes (per-expert, Hub layout)
     for k in a:
