@@ -108,12 +108,21 @@ def cmd_schema(args) -> int:
 
 def cmd_run(args) -> int:
     require_driver_modules()
-    from jobs.jobs_api import READY
+    from jobs.jobs_api import READY, SPEC_SOURCE_ENV
     from jobs.orchestrate import inside_ray_job
+    from system.configtree import SpecError
 
-    spec = load_job_spec(args.spec, args.output_dir)
-    check_output_dir(spec, relative_ok=not inside_ray_job())
+    try:
+        spec = load_job_spec(args.spec, args.output_dir)
+    except SpecError as e:
+        if inside_ray_job() and "does not exist" in str(e):
+            raise SpecError([(path, msg + (" on this cluster node: a job's paths must name storage every node sees"
+                                         if "does not exist" in msg else ""))
+                           for path, msg in e.problems], e.source) from None
+        raise
+    source = os.environ.get(SPEC_SOURCE_ENV, args.spec) if args.spec.startswith("env:") else args.spec
     before_ray(args.address)
+    check_output_dir(spec, source, relative_ok=not inside_ray_job())
     if inside_ray_job():  # `moeforge submit` waits for this line: the job did not fail on arrival
         import ray
         import torch
@@ -158,7 +167,7 @@ def before_ray(address: Optional[str]) -> None:
     check_gcs_auth(address)
 
 
-def check_output_dir(spec, relative_ok: bool = True) -> None:
+def check_output_dir(spec, source: str, relative_ok: bool = True) -> None:
     """The run directory can be written here. Inside a Ray job a relative output_dir would land in
     the job's working-directory copy in Ray's temporary folder, deleted with the cluster."""
     from system.configtree import SpecError
@@ -168,17 +177,17 @@ def check_output_dir(spec, relative_ok: bool = True) -> None:
         raise SpecError([("run.output_dir", f"{out!r} is relative: inside a Ray job it would be under Ray's "
                                             f"temporary folder, which is deleted with the cluster; give an "
                                             f"absolute path on storage every node sees (--output-dir /shared/runs, "
-                                            f"or `moeforge submit`, which resolves it where you run it)")], "spec")
+                                            f"or `moeforge submit`, which resolves it where you run it)")], source)
     run_dir = Path(out).absolute() / spec.run.name
-    probe = run_dir / f".write-test-{os.getpid()}"
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # the run dir is made later
+    probe = existing / f".moeforge-write-test-{os.getpid()}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise SpecError([("run.output_dir", f"cannot write the run directory {run_dir} here "
-                                            f"({e.strerror or e}): give a directory this machine can write; on a "
-                                            f"cluster, storage every node sees")], "spec") from None
+                                            f"({e.strerror or e} at {existing}): give a directory this machine can "
+                                            f"write; on a cluster, storage every node sees")], source) from None
 
 
 # `moeforge simulate` flags -> dotted config fields of parallel.simulator.SimConfig (whose model section is

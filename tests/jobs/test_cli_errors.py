@@ -61,3 +61,12 @@ def test_cluster_down(capsys, tmp_path, command):
     argv = [spec if a == "SPEC" else a for a in command] + ["--address", address]
     line = one_error_line(capsys, argv)
     assert f"no Ray cluster answers at {address}" in line and "ray start --head" in line
+
+
+def test_run_dir_that_cannot_be_written(capsys, tmp_path):
+    """A file where the output directory should be: one line naming the field, before any Ray."""
+    (tmp_path / "blocked").write_text("not a directory")
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(tmp_path, run={"output_dir": str(tmp_path / "blocked")}))
+    line = one_error_line(capsys, ["run", str(spec)])
+    assert f"{spec}: run.output_dir: cannot write the run directory {tmp_path / 'blocked'}" in line
+    assert (tmp_path / "blocked").read_text() == "not a directory"  # nothing lost

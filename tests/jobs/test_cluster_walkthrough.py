@@ -22,7 +22,7 @@ from tests.waiting import wait_until
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-STEPS = 300
+STEPS = 200
 
 
 class Head:
@@ -100,8 +100,9 @@ def test_readme_cluster_walkthrough(tmp_path, head):
     moeforge = str(BIN / "moeforge")
     at = ["--address", head.url]
 
-    # moeforge submit job.yaml: prints the id once the job's driver is up, exit 0
-    first = sh(head, work, moeforge, "submit", "job.yaml", *at)
+    # moeforge submit job.yaml --output-dir DIR: prints the id once the job's driver is up, exit 0
+    out_dir = ["--output-dir", "shared/runs"]  # relative, like the spec's data path: resolved here
+    first = sh(head, work, moeforge, "submit", "job.yaml", *at, *out_dir)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     job = first.stdout.split()[0]
     assert job.startswith("raysubmit_") and "Traceback" not in first.stderr
@@ -109,12 +110,12 @@ def test_readme_cluster_walkthrough(tmp_path, head):
     assert status.returncode == 0 and f"{job}: RUNNING" in status.stdout, status.stdout + status.stderr
 
     # the run directory is where the user ran submit, never in Ray's temporary folder
-    run_dir = work / "runs" / "walk"
+    run_dir = work / "shared" / "runs" / "walk"
     wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and read_jsonl(run_dir / "metrics.jsonl"),
                timeout=180, what="the job's first metrics under the submit directory")
     assert run_liveness(run_dir) == "running"
     recorded = (run_dir / "spec.yaml").read_text()
-    assert str(work / "data" / "docs.jsonl") in recorded and f"output_dir: {work / 'runs'}" in recorded
+    assert str(work / "data" / "docs.jsonl") in recorded and f"output_dir: {work / 'shared' / 'runs'}" in recorded
 
     # ray job stop: SIGTERM to the driver, which checkpoints at the next step and stops
     stop = sh(head, work, str(BIN / "ray"), "job", "stop", job, *at)
@@ -131,7 +132,7 @@ def test_readme_cluster_walkthrough(tmp_path, head):
     assert f"checkpointed at step {stopped_at[0]['step']}" in logs.stdout + logs.stderr
 
     # the same submit again resumes there and finishes; --wait follows it to the end
-    again = sh(head, work, moeforge, "submit", "job.yaml", *at, "--wait", timeout=420)
+    again = sh(head, work, moeforge, "submit", "job.yaml", *at, *out_dir, "--wait", timeout=420)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {stopped_at[0]['checkpoint']} at step {stopped_at[0]['step']}" in again.stdout
     assert f"stage pretrain: done at step {STEPS}" in again.stdout and "SUCCEEDED" in again.stdout
@@ -150,12 +151,16 @@ def test_cluster_errors_are_one_line(tmp_path, head):
         line = one_error(sh(head, work, moeforge, cmd, "raysubmit_nosuchjob", *at))
         assert "no job raysubmit_nosuchjob" in line and "ray job list" in line
 
-    # no token anywhere (a HOME without ~/.ray/auth_token): every command names the fix
+    # no token anywhere (a HOME without ~/.ray/auth_token): every command names the fix (the cells
+    # run side by side: each is a process start and one refused request)
     bare = {**_base_env(tmp_path / "elsewhere"), "RAY_AUTH_MODE": "token"}
     cells = [("submit", "job.yaml", *at), ("status", "raysubmit_x", *at), ("logs", "raysubmit_x", *at),
              ("run", "job.yaml", "--address", head.gcs), ("prepare", "job.yaml", "--address", head.gcs)]
-    for cell in cells:
-        line = one_error(sh(head, work, moeforge, *cell, env=bare))
+    procs = [subprocess.Popen([moeforge, *cell], cwd=work, env=bare, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cell in cells]
+    for cell, proc in zip(cells, procs):
+        out, err = proc.communicate(timeout=240)
+        line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
         assert "token" in line and "RAY_AUTH_TOKEN" in line and "get-auth-token" in line, (cell, line)
     # without RAY_AUTH_MODE at all (Ray's client default): the same line
     line = one_error(sh(head, work, moeforge, "status", "raysubmit_x", *at, env=_base_env(tmp_path / "elsewhere")))
@@ -171,3 +176,11 @@ def test_cluster_errors_are_one_line(tmp_path, head):
     line = one_error(res)
     assert "failed on arrival" in line and "has no" in line and "torch" in line and "--python" in line
     assert res.stdout.split()[0].startswith("raysubmit_")  # the id was printed: the job is inspectable
+
+    # plain `ray job submit` of the same spec: its relative output_dir would land in Ray's temporary
+    # folder; the job's driver refuses it, naming the field and the fix
+    res = sh(head, work, str(BIN / "ray"), "job", "submit", *at, "--working-dir", ".", "--",
+             "python", "-m", "jobs.cli", "run", "job.yaml", timeout=300)
+    out = res.stdout + res.stderr
+    assert "error: job.yaml: run.output_dir: 'runs' is relative: inside a Ray job" in out, out[-3000:]
+    assert "--output-dir" in out and not (work / "runs").exists()
