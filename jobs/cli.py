@@ -48,8 +48,6 @@ def load_job_spec(path: str, output_dir: Optional[str] = None):
     return spec
 
 
-_load = load_job_spec
-
 
 def require_driver_modules() -> None:
     """Find what a job's driver imports (without importing it: no start-up cost, no library's
@@ -66,7 +64,7 @@ def require_driver_modules() -> None:
 
 
 def cmd_validate(args) -> int:
-    spec = _load(args.spec)
+    spec = load_job_spec(args.spec)
     n = len(spec.stages)
     print(f"{args.spec}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(s.name for s in spec.stages)}; "
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name})")
@@ -263,7 +261,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    spec = _load(args.spec)
+    spec = load_job_spec(args.spec)
     from jobs.orchestrate import init_ray
     from jobs.plan import plan_job
     from jobs.prepare import prepare_corpus
