@@ -74,12 +74,14 @@ def test_ctrl_c_and_the_record_of_what_was_trained(tmp_path, shared_ray):
     assert "now says 0.001" in lines[0] and "--retrain-from pretrain" in lines[0]
     assert (run_dir / "spec.yaml").read_text() == recorded
 
-    # the same spec resumes; Ctrl-C twice stops at once: exit 130, no new checkpoint
+    # the same spec resumes; Ctrl-C twice stops at once: exit 130
     proc = _start(shared_ray, _spec(tmp_path, lr=3e-3), tmp_path)
     rc, out, err = _ctrl_c(proc, tmp_path, lambda: "resumed" in [e["kind"] for e in read_events(run_dir)], times=2)
     assert rc == 130, out[-3000:] + err[-3000:]
     assert "stopped at once (second Ctrl-C)" in err and "Traceback" not in err
-    assert (ckpts / "latest").read_text() == f"step_{stopped['step']:08d}"
+    # the first Ctrl-C's checkpoint may land before the second arrives: latest is that one or the old one
+    assert int((ckpts / "latest").read_text().removeprefix("step_")) >= stopped["step"]
+    assert not (run_dir / "stages" / "pretrain" / "DONE.json").exists()
 
     # --retrain-from: the stage trains again from scratch with the new lr; the old files are kept
     new = _spec(tmp_path, lr=1e-3, steps=4)
@@ -87,7 +89,8 @@ def test_ctrl_c_and_the_record_of_what_was_trained(tmp_path, shared_ray):
                    **shared_ray.client_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     [old] = list((run_dir / "superseded").iterdir())
-    assert (old / "pretrain" / "checkpoints" / f"step_{stopped['step']:08d}").is_dir()
+    kept = old / "pretrain" / "checkpoints"
+    assert (kept / (kept / "latest").read_text()).is_dir()  # the old stage's checkpoints moved whole
     assert [r["step"] for r in read_jsonl(old / "metrics.jsonl")][0] == 1
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
     assert 0 < max(r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl")) <= 1e-3 * (1 + 1e-9)
