@@ -18,7 +18,7 @@ CASES = ("experts_cuda_tests", "moe_layer", "fssdp_overhead", "hf_cuda_check", "
 def test_gpu_suite_dry_run(tmp_path, shared_ray):
     out = tmp_path / "suite.json"
     # its `moeforge run` joins the session's Ray cluster (on the GPU machine it starts an embedded
-    # one; embedded Ray is what tests/infra/ and test_e2e_ray's metrics test run on)
+    # one; embedded Ray is what tests/infra/ runs on)
     env = {**os.environ, "RAY_ADDRESS": shared_ray.ensure(), **shared_ray.client_env()}
     p = subprocess.run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=420, env=env)

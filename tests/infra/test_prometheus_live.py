@@ -6,6 +6,8 @@ API over the run's time range, and each must return at least one series of the r
 
 The run: an fssdp pretraining stage with evaluations, then a continual stage on another domain
 with replay (so the expert-parallel, routing, evaluation, continual and replay panels all have data).
+It is also the test of the Ray-metrics export itself: each query filters on the run and on the
+labels the exporter sets (stage, stat, expert, layer, part).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import yaml
 from parallel.testing import run_distributed
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
-from tests.jobs.test_e2e_ray import ROOT, _env, on_cluster
+from tests.jobs.cli_driver import ROOT, driver_env, on_cluster
 from tests.waiting import exited, wait_until
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def _wait(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
 
 def _launch(spec: Path, log: Path, cluster) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--address", cluster.ensure()],
-                            cwd=ROOT, env=_env(**cluster.client_env()), stdout=open(log, "w"),
+                            cwd=ROOT, env=driver_env(**cluster.client_env()), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
 
 
