@@ -1,64 +1,18 @@
 """Expert compute backends: apply each expert's SwiGLU FFN to its contiguous block of rows.
 
-Every backend takes rows already sorted by expert and the per-expert row counts (a host-side
-list), and the stacked expert weights w1, w3: (E, D, F) and w2: (E, F, D); it returns one
-output row per input row, in the same order. All are dropless, and all are differentiable
-with respect to x and the three weights.
+Every backend takes rows already sorted by expert, the per-expert row counts (a host-side list)
+and the stacked weights w1, w3: (E, D, F), w2: (E, F, D); it returns one output row per input
+row, in the same order. All are dropless and differentiable in x and the three weights. The job
+spec picks one with `experts.backend`:
 
-Backends (the job spec picks one with `experts.backend`):
+reference   a Python loop over experts: plain, obviously correct, the yardstick for the others.
+grouped     one grouped matmul per projection (`torch._grouped_mm`) where it can run, else a
+            padded batched matmul while padding stays small, else the loop; the pure function
+            `choose_grouped_path` picks from the counts, shapes, dtype and device alone.
+megablocks  MegaBlocks' grouped GEMM; optional (CUDA, bf16, packages built against this torch),
+            otherwise `BackendUnavailableError` says what is missing.
 
-reference   a Python loop over experts, one small matmul per expert and projection. Plain and
-            obviously correct; the yardstick for the others.
-
-grouped     one grouped (or batched) matmul per projection instead of the loop. It takes one of
-            three paths per call, chosen by the pure function `choose_grouped_path` from the
-            counts, shapes, dtype and device alone:
-
-            1. no rows at all (N = 0)                                  -> "padded"
-               (zero-size bmm: the output is connected to the weights, which get zero
-               gradients instead of none; `torch._grouped_mm` rejects empty input.)
-            2. `torch._grouped_mm` is usable                           -> "grouped_mm"
-               i.e. this torch has it and it runs for this device and dtype (probed once),
-               the dtype is float32/bfloat16/float16 on CPU or bfloat16 on a CUDA device of
-               compute capability 9.x/10.x (Hopper/Blackwell: the CUTLASS kernel; elsewhere
-               torch falls back to a host-synchronising loop, so it is not used), fewer than
-               1024 experts on CUDA, d_model and d_expert rows 16-byte aligned (multiples of
-               4 in fp32, of 8 in bf16), the weights in a layout the kernel takes, and no
-               autocast. Its backward runs through our own autograd.Function: torch's
-               built-in derivative passes the upstream gradient on as is and the kernel
-               rejects the non-contiguous ones `.sum()` or `.expand()` produce (torch 2.13).
-            3. otherwise (float64, misaligned sizes, CUDA float32 or pre-Hopper, old torch):
-               padded batched matmul if padding wastes at most PAD_ROWS_PER_EXPERT (32)
-               rows per expert on average, i.e. E * max(counts) - N <= 32 * E -> "padded";
-               else the per-expert loop of `reference`                   -> "loop".
-               "padded" scatters the rows into an (E, max count, D) zero buffer, runs
-               `torch.bmm`, and gathers the rows back (skipped when every expert has the same
-               count). The bound comes from `python bench/moe_layer.py --paths` (float64, the
-               2-core CPU; table in docs/benchmarks.md): each padded row costs a full row of
-               compute, while the loop pays a fixed cost per expert (Python, autograd nodes,
-               small matmuls). With up to 32 wasted rows per expert the padded bmm won
-               1.1-2x (experts of 16-64 rows); from 77 wasted rows per expert on it ran at
-               0.95x down to 0.22x the loop's speed (experts of 256-1024 rows); in between
-               (38-64) it won at d_model 128 and lost at 512. The bound picked the faster path in 32 of the 35 cases
-               measured; the three misses ran 5-21% slower than the faster path would have.
-
-            On CPU `torch._grouped_mm` loops over the groups in C++ (bit-identical results to
-            the reference in fp32), so its gain there is the removed Python and autograd
-            per-expert overhead, largest with many small experts; the big win is the fused
-            CUTLASS kernel on Hopper-class GPUs. Why it comes before "padded" whenever it can
-            run: `--paths --dtype fp32` found it the fastest path, or close behind the padded
-            bmm, which beat it only with little padding (<= 26 wasted rows per expert), by up
-            to 38% for tiny experts (d_model 128, 16-64 rows) and 15% at d_model 512; unlike
-            the padded bmm it does not slow down as the load gets more uneven. The
-            CUDA conditions follow torch's kernel requirements; they have not been timed on
-            a GPU yet (`python bench/moe_layer.py --gpu-preset` does that).
-
-megablocks  MegaBlocks' grouped GEMM, the one its dropless MoE (dMoE, `mlp_impl="grouped"`)
-            calls: `megablocks.grouped_gemm_util.ops.gmm` (the `grouped_gemm` package),
-            with our (E, D, F) / (E, F, D) weight layout as is (trans_b=False). Optional:
-            needs CUDA, bfloat16, and megablocks + grouped_gemm built against the installed
-            torch (see MEGABLOCKS_INSTALL). `get_backend("megablocks")` and calling the
-            backend raise `BackendUnavailableError` saying what is missing.
+The rule's conditions and measurements: docs/benchmarks.md#the-grouped-backends-dispatch-rule.
 """
 from __future__ import annotations
 
@@ -72,7 +26,7 @@ import torch.nn.functional as F
 ExpertBackend = Callable[[torch.Tensor, list[int], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 GroupedPath = Literal["grouped_mm", "padded", "loop"]
 
-# "padded" is used while E * max(counts) - N <= PAD_ROWS_PER_EXPERT * E (see the module docstring).
+# "padded" is used while E * max(counts) - N <= PAD_ROWS_PER_EXPERT * E (see `choose_grouped_path`).
 PAD_ROWS_PER_EXPERT = 32
 # torch._grouped_mm's CUDA bf16 kernel takes fewer groups than this.
 CUDA_GROUPED_MM_MAX_GROUPS = 1024
@@ -130,6 +84,14 @@ def choose_grouped_path(counts: Sequence[int], *, d_model: int, d_expert: int, d
                         device_type: str, cuda_capability: Optional[tuple[int, int]] = None,
                         grouped_mm_runs: bool = True, weights_ok: bool = True) -> GroupedPath:
     """Which path the `grouped` backend takes; a pure function of its arguments.
+
+    1. no rows at all -> "padded" (a zero-size bmm gives the weights zero gradients, not none;
+       `torch._grouped_mm` rejects empty input);
+    2. `torch._grouped_mm` usable -> "grouped_mm": CPU fp32/bf16/fp16, or CUDA bf16 on compute
+       capability 9.x/10.x with < 1024 experts (elsewhere torch's CUDA op is a host-synchronising
+       loop); d_model and d_expert rows 16-byte aligned; weights the kernel takes; no autocast;
+    3. otherwise "padded" while E * max(counts) - N <= PAD_ROWS_PER_EXPERT * E, else "loop".
+    Why these bounds, measured: docs/benchmarks.md#the-grouped-backends-dispatch-rule.
 
     grouped_mm_runs: `torch._grouped_mm` exists and runs for this device and dtype (probed).
     weights_ok:      the weights have x's dtype and strides the grouped kernel accepts, and
@@ -208,7 +170,9 @@ def grouped_path_for(x_ND: torch.Tensor, counts: Sequence[int], w1_EDF: torch.Te
 
 class _GroupedMM(torch.autograd.Function):
     """y[rows of group g] = a[rows of group g] @ b[g], with a backward that accepts any
-    upstream gradient layout (made contiguous before it reaches the kernel)."""
+    upstream gradient layout (made contiguous before it reaches the kernel): torch's built-in
+    derivative passes it on as is, and the kernel rejects the non-contiguous gradients that
+    `.sum()` or `.expand()` produce (torch 2.13)."""
 
     @staticmethod
     def forward(ctx, a_NK: torch.Tensor, b_GKM: torch.Tensor, offs_G: torch.Tensor,
@@ -273,7 +237,7 @@ GROUPED_PATHS: dict[str, ExpertBackend] = {
 def grouped_backend(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
                     w2_EFD: torch.Tensor) -> torch.Tensor:
     """One grouped matmul per projection (`torch._grouped_mm`), else a padded bmm, else the loop;
-    see the module docstring for which, when."""
+    `choose_grouped_path` says which, when."""
     path = grouped_path_for(x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
     return GROUPED_PATHS[path](x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
 
@@ -316,8 +280,10 @@ def megablocks_backend(x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tens
                        w2_EFD: torch.Tensor) -> torch.Tensor:
     """The SwiGLU experts through `megablocks.grouped_gemm_util.ops.gmm`, as in MegaBlocks' GroupedGLU.
 
-    gmm(a (N, K), b (E, K, M), batch_sizes) multiplies each group's rows by b[e]; our weights
-    are already (E, in, out), so no transposes. Its backward gives x and weight gradients.
+    That is the GEMM MegaBlocks' dropless MoE (dMoE, `mlp_impl="grouped"`) calls (the
+    `grouped_gemm` package). gmm(a (N, K), b (E, K, M), batch_sizes) multiplies each group's rows
+    by b[e]; our weights are already (E, in, out), so no transposes (trans_b=False). Its backward
+    gives x and weight gradients.
     """
     gg = _require_megablocks()
     if x_ND.device.type != "cuda":
