@@ -1,20 +1,13 @@
 """Build typed config dataclasses from plain YAML data, with dotted-path errors.
 
-Configs are plain `@dataclass`es (defined next to the code that uses them). This module
-turns nested dicts/lists into them, rejecting unknown keys and wrong types, then runs each
-dataclass's optional `check()` (yielding `(field, message)` for out-of-range values).
-Every error names the dotted path of the bad value, e.g. `stages[1].optimizer.lr`.
+Configs are plain `@dataclass`es (defined next to the code that uses them). This module turns
+nested dicts/lists into them, rejecting unknown keys and wrong types, then runs each dataclass's
+optional `check()`; every error names the dotted path of the bad value (`stages[1].optimizer.lr`).
 
-Numbers as people type them: PyYAML reads YAML 1.1, where `3e-4` or `1E-8` (an exponent
-without a dot) is a string. A field typed float or int takes a string that is a YAML 1.2 /
-JSON number; an int field takes it (and a float such as `4.0`) only when it is integral, as
-JSON Schema's "integer" does, and refuses `4.5`. A str field keeps `1e5` as typed.
-`coerce_numbers` applies the same rule to plain data (free mappings laid over a typed section).
-
-One error per mistake: a value that failed (wrong type, a check() refused it, or a field an
-unknown key probably meant) is replaced by `INVALID` in the built object. Any use of it raises
-`InvalidValueUsed`, which `unless_invalid` turns into "skip this rule": a rule that involves
-an already-reported value does not report it again under another path.
+Numbers are typed as YAML 1.2 / JSON types them (PyYAML's YAML 1.1 leaves `3e-4` a string), an int
+only when integral; `coerce_numbers` does the same for plain data. A value that failed becomes
+`INVALID`, whose use raises `InvalidValueUsed`, which `unless_invalid` turns into "skip this rule":
+one error per mistake. The rules in full: docs/observability.md#spec-errors-one-per-mistake.
 """
 from __future__ import annotations
 
