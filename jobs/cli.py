@@ -20,33 +20,13 @@ from pathlib import Path
 from typing import Optional
 
 from jobs.jobs_api import add_commands as add_jobs_api_commands
+from jobs.spec_source import load_job_spec
 
 EXIT_SPEC = 2  # a user's mistake: one line on stderr names it and the fix (jobs.user_errors)
 EXIT_PREEMPTED = 3  # SIGTERM to a worker or Ctrl-C stopped the job at a checkpoint; the same command resumes it
 # What a job's driver imports; checked first, so that a cluster whose Python lacks them says so in
 # one line (`moeforge submit` waits for it) instead of a traceback deep inside the job.
 DRIVER_MODULES = ("yaml", "numpy", "torch", "ray", "deepspeed", "transformers", "pyarrow")
-
-
-def load_job_spec(path: str, output_dir: Optional[str] = None):
-    """A validated spec from a YAML file or, as `env:NAME`, from an environment variable (how
-    `moeforge submit` ships the spec, its paths resolved where it was submitted)."""
-    from jobs.jobs_api import SPEC_SOURCE_ENV
-    from jobs.spec import load_spec, parse_spec_text
-    from system.configtree import SpecError
-
-    if path.startswith("env:"):
-        text = os.environ.get(path[4:])
-        source = os.environ.get(SPEC_SOURCE_ENV, path)
-        if text is None:
-            raise SpecError([("", f"environment variable {path[4:]} is not set")], path)
-        spec = parse_spec_text(text, source)
-    else:
-        spec = load_spec(path)
-    if output_dir:
-        spec.run.output_dir = output_dir
-    return spec
-
 
 
 def require_driver_modules() -> None:
@@ -106,7 +86,8 @@ def cmd_schema(args) -> int:
 
 def cmd_run(args) -> int:
     require_driver_modules()
-    from jobs.jobs_api import READY, SPEC_SOURCE_ENV
+    from jobs.jobs_api import READY
+    from jobs.spec_source import SPEC_SOURCE_ENV
     from jobs.orchestrate import inside_ray_job
     from system.configtree import SpecError
 

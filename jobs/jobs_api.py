@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from jobs.spec_source import SPEC_ENV, SPEC_SOURCE_ENV, load_job_spec
 from jobs.user_errors import UserError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-SPEC_ENV = "MOEFORGE_SPEC_YAML"  # the resolved spec's text, for `run env:MOEFORGE_SPEC_YAML`
-SPEC_SOURCE_ENV = "MOEFORGE_SPEC_SOURCE"  # where it came from, for the job's error messages
 READY = "[moeforge] job driver ready:"  # printed by `run` once its imports succeeded
 ARRIVAL_WAIT_S = 60.0
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default: 3): the
@@ -48,7 +47,6 @@ def client(address: str):
 def job_spec_text(spec_path: str, output_dir: Optional[str]) -> tuple[str, str]:
     """The spec as the job will run it (every path absolute, against this directory) and its
     source label; validated here first (`moeforge validate`'s checks, files included)."""
-    from jobs.cli import load_job_spec
     from jobs.spec import dump_spec, with_absolute_paths
 
     spec = load_job_spec(spec_path, output_dir)

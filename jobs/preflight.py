@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from jobs.schema import JobSpec
+from jobs.spec_build import parse_offline
 from jobs.validate import stage_cfgs, stage_vocab_size, vocab_problem
 from system.configtree import SpecError
 from system.data.config import SourceConfig, TokenizerConfig
@@ -130,11 +131,9 @@ def teacher_dir_vocab(ref: str) -> tuple[Optional[int], str]:
 
     if is_hf_model_dir(ref):
         return hf_model_config_fields(ref).get("vocab_size"), f"{ref}/config.json"
-    from jobs.spec import parse_spec
-
     ck = resolve_checkpoint(ref)
     man = read_manifest(ck)
-    tspec = parse_spec(man["spec"], f"{ck}/manifest spec", preflight=False)
+    tspec = parse_offline(man["spec"], f"{ck}/manifest spec")  # its data may have moved since
     tnames = [s.name for s in tspec.stages]
     if man.get("stage") not in tnames:
         return None, ""

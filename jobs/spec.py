@@ -6,7 +6,7 @@ cross-field rules (`jobs.validate`) and, unless asked not to, the checks that re
 (`jobs.preflight`). `jobs.plan.plan_job` then resolves a valid spec into the job's plan.
 
 Numbers are read as YAML 1.2 reads them (`lr: 3e-4` is a float), field by field from the schema,
-stage overrides included (`system.configtree.coerce_numbers`). A value that failed its own check
+stage overrides included (`jobs.spec_build.typed_numbers`). A value that failed its own check
 is INVALID in the built spec, and the later passes skip every rule that reads it, so each
 mistake gives one error.
 """
@@ -20,9 +20,9 @@ from typing import Any, Optional
 import yaml
 
 from jobs.preflight import preflight as run_preflight
-from jobs.schema import STAGE_OVERRIDES, JobSpec
-from jobs.validate import check_job
-from system.configtree import SpecError, build_dataclass, coerce_numbers, to_dict, unless_invalid
+from jobs.schema import JobSpec
+from jobs.spec_build import build_spec
+from system.configtree import SpecError, to_dict, unless_invalid
 
 
 def parse_spec(data: Any, source: str = "spec", *, preflight: bool = True) -> JobSpec:
@@ -30,31 +30,12 @@ def parse_spec(data: Any, source: str = "spec", *, preflight: bool = True) -> Jo
 
     `preflight=False` skips the checks that read files (a worker re-reading a spec the driver
     already checked, or a checkpoint manifest's spec whose data may have moved since)."""
-    problems: list[tuple[str, str]] = []
-    if not isinstance(data, dict):
-        raise SpecError([("", f"the top level must be a mapping, got {type(data).__name__}")], source)
-    from jobs.model_from import resolve_model_from
-
-    data = resolve_model_from(typed_numbers(data), problems)
-    spec = build_dataclass(JobSpec, data, "", problems)
-    problems.extend(check_job(spec))  # every rule is skipped where it reads an INVALID value
+    spec, problems = build_spec(data, source)  # the schema and the pure rules (jobs.spec_build)
     if preflight:
         problems.extend(unless_invalid(run_preflight(spec)))  # stops at the first INVALID it reads
     if problems:
         raise SpecError(problems, source)
     return spec
-
-
-def typed_numbers(data: dict[str, Any]) -> dict[str, Any]:
-    """Spec data whose number strings (`3e-4`, which YAML 1.1 reads as a string) are numbers
-    wherever the schema has a number: the typed sections and the stage-level overrides laid
-    over them (so `jobs.plan` and `jobs.model_from` compare them as numbers too)."""
-    data = coerce_numbers(JobSpec, data)
-    if isinstance(data.get("stages"), list):
-        data["stages"] = [{k: coerce_numbers(STAGE_OVERRIDES[k], v) if k in STAGE_OVERRIDES else v
-                           for k, v in st.items()} if isinstance(st, dict) else st
-                          for st in data["stages"]]
-    return data
 
 
 def load_spec(path: str | os.PathLike) -> JobSpec:
