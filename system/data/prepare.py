@@ -1,22 +1,15 @@
 """`moeforge prepare`'s work: each source tokenized once into token shards with a manifest.
 
     {root}/{source}-{key}/        key: the source's identity, the tokenizer, the holdout fraction
-        manifest.json             written last: the input fingerprint (each file's path, size and
-                                  mtime), the tokenizer's fingerprint, dtype, eos id, per unit its
-                                  shard files' token and document counts and CRC-32s, totals
+        manifest.json             written last: input and tokenizer fingerprints, per-unit counts
         unit-{u:05d}.json         a finished unit (written after its shard files)
         {split}-{u:05d}.bin / .docs.npy   see system.data.shards
 
-* Idempotent: a source whose manifest matches its input by stat (no content is read) is not
-  touched; a changed input (size or mtime) or tokenizer makes a new preparation.
-* Resumable and atomic: every file is written under a temporary name and renamed; a unit counts
-  as finished only when its marker exists and its files have the recorded sizes, so a crash
-  leaves nothing that looks complete, and the next run redoes only the unfinished units.
-* The holdout split is by a hash of each document (its text, or its token ids for a
-  pre-tokenized source), decided here: the same rule as `system.data.dataset.split_holdout`,
-  including its fallback that gives each side at least one document.
-
+Idempotent by stat (a manifest that matches its input means no content is read), resumable and
+atomic (temporary names renamed; a unit is finished only when its marker and files check out), and
+the holdout split decided here by a hash of each document, as `system.data.dataset.split_holdout`.
 `run_units` runs the units' tasks: serially here, or in parallel Ray Data tasks (`jobs.prepare`).
+The layout and the rules in full: docs/data.md#prepared-token-shards-moeforge-prepare.
 """
 from __future__ import annotations
 

@@ -1,21 +1,14 @@
 """A deterministic, resumable mixture sampler: global position -> (domain, chunk index).
 
-The mapping is a pure function of (seed, weights, domain sizes, position), so any process
-can compute any position without replaying the past:
+The mapping is a pure function of (seed, weights, domain sizes, position), so any process can
+compute any position without replaying the past. Positions come in blocks of `BLOCK` (1024) with a
+fixed number of draws per domain (largest-remainder rounding of the weights), shuffled per (seed,
+block), so the proportions are exact over every block; a domain's j-th draw walks a per-epoch
+permutation of its chunks, so every chunk is drawn once per epoch before any repeats. With
+`group_size` G > 1 the domain is drawn per group of G consecutive positions (each group one
+domain); G = 1 is the per-position mapping exactly.
 
-* positions are grouped into blocks of `BLOCK` (1024); each block holds a fixed number of
-  draws per domain (largest-remainder rounding of the normalised weights), so the mixture
-  proportions are exact over every block, in an order shuffled per (seed, block);
-* the j-th draw of domain d (j = block * count_d + rank of the draw within its block) is
-  chunk `perm(seed, d, epoch)[j % n_d]` with epoch = j // n_d: every chunk is drawn once
-  per epoch before any chunk repeats.
-
-With `group_size` G > 1 the domain labels are drawn per *group* of G consecutive positions
-(group q = p // G) instead of per position: blocks hold 1024 groups (1024 * G positions),
-so the proportions are exact over every block of groups and every group is one domain.
-Within domain d, the j-th group's positions are its draws j * G .. j * G + G - 1 (position
-p is draw j * G + p % G), so the epoch-permutation walk above is unchanged. G = 1 is the
-per-position mapping exactly.
+The formulas: docs/data.md#the-mixture-sampler.
 """
 from __future__ import annotations
 

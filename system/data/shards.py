@@ -1,18 +1,14 @@
 """Token shards on disk and the chunk arrays training reads from them by memory map.
 
-A prepared source is a directory of shards, each split ("train", "holdout") a token stream cut
-into consecutive shard files:
+A prepared source holds, per split ("train", "holdout"), its token stream cut into consecutive
+shard files, one per work unit:
 
-    {split}-{unit:05d}.bin       the split's tokens of one work unit, documents in order, each
-                                 followed by the eos id; raw uint16 when the vocabulary fits,
-                                 else uint32 (little-endian)
+    {split}-{unit:05d}.bin       tokens, documents in order, each followed by eos (uint16/uint32)
     {split}-{unit:05d}.docs.npy  int64 end offset of every document in that file (eos included)
 
-A split's stream is its shard files in unit order. Chunk i of a split is tokens
-[i * W, (i + 1) * W) of its stream with W = seq_len + 1 (the tail that does not fill a chunk is
-dropped), the same chunks `system.data.dataset.pack` cuts from the documents in memory: the
-chunks follow from index arithmetic over the shards' token counts, never from concatenating them,
-and the same shards serve any seq_len.
+Chunk i of a split is tokens [i * W, (i + 1) * W) of its stream, W = seq_len + 1: the chunks
+`system.data.dataset.pack` cuts in memory, found by index arithmetic over the shards' token counts
+(never by concatenating them), so the same shards serve any seq_len. More: docs/data.md.
 """
 from __future__ import annotations
 
