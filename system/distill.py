@@ -1,28 +1,15 @@
 """Knowledge-distillation losses for language models. Pure PyTorch, single-device code.
 
-Divergences between a teacher distribution p and the student distribution q over the vocabulary,
-per token, both at temperature T (logits / T before the softmax):
+Divergences between a teacher distribution p and the student's q over the vocabulary, per token,
+both at temperature T: ``forward_kl`` KL(p || q) (mean-seeking; torchtune's default KD loss),
+``reverse_kl`` KL(q || p) (mode-seeking, as in MiniLLM) and ``jsd``, the generalized
+Jensen-Shannon JSD_beta of GKD (TRL's ``generalized_jsd_loss``) with beta strictly in (0, 1).
+The teacher is full logits or a sparse `TopKTeacher`: the k most likely ids plus the mass outside
+them as one "rest" category, the student's rest mass computed exactly, so k = V gives the full
+loss. Everything is computed in float32 (float64 for float64 inputs), the teacher is a constant
+(detached), and zero-mass categories contribute exactly 0 (no NaN).
 
-* ``forward_kl``  KL(p || q) = sum p (log p - log q): mean-seeking; torchtune's default KD loss.
-* ``reverse_kl``  KL(q || p): mode-seeking, as in MiniLLM.
-* ``jsd``         generalized Jensen-Shannon JSD_beta (GKD; TRL's ``generalized_jsd_loss``):
-  with M = beta p + (1 - beta) q, beta KL(p || M) + (1 - beta) KL(q || M), 0 < beta < 1.
-  For small beta, JSD_beta / beta -> KL(p || q); as beta -> 1, JSD_beta / (1 - beta) -> KL(q || p).
-  (TRL special-cases beta = 0 and 1 to those KLs; here beta must lie strictly inside (0, 1) --
-  use ``forward_kl`` / ``reverse_kl`` for the end points.)
-
-The teacher is either full logits (same shape as the student's) or a sparse `TopKTeacher`: the k
-most likely ids with their log-probs and the log of the mass outside them. With a `TopKTeacher`
-the divergence is taken over k + 1 categories: the k ids and one "rest" bucket, the student's
-rest mass being computed exactly (logsumexp over the complement). Categories with zero mass
-contribute exactly 0 (no NaN in values or gradients), so k = V reproduces the full-vocabulary
-loss. Reverse KL with p_rest = 0 < q_rest would be infinite: there p_rest is floored at
-`REVERSE_KL_REST_FLOOR` (probability space; only where q_rest > 0).
-
-Numerics: everything is computed in float32, or float64 when an input is float64 (bf16 / fp16
-inputs are upcast). The teacher is always treated as a constant (detached). Teacher logits of
--inf are allowed (zero mass); with full logits, reverse KL is then +inf if the student puts mass
-there, as it mathematically is (no floor is applied outside the top-k rest bucket).
+Definitions, limits and edge cases in full: docs/continual.md#the-divergences.
 """
 from __future__ import annotations
 
