@@ -2,25 +2,12 @@
 
 `lr_multiplier(cfg, step, total_steps)` is the multiplier of the peak LR (eta_max = 1) for the
 optimizer update with 0-based index `step` of a stage of `total_steps` updates; `lr_phase` names
-the phase that update is in. Every kind starts with the same linear warmup, updates
-0..warmup_steps-1 getting (step+1)/warmup_steps (warmup takes precedence over every other phase).
-After the warmup:
+the phase that update is in. Every kind starts with the same linear warmup, then: constant,
+cosine, linear, wsd (warmup-stable-decay) or infinite (the schedules of Ibrahim et al., arXiv
+2403.08763: cooldown, constant, optional anneal). Infinite without an anneal does not depend on
+total_steps, so a later stage can continue from a constant-phase checkpoint without re-warming.
 
-- constant: the peak LR for ever.
-- cosine: half-cosine from the peak down to min_lr_ratio over the updates after the warmup.
-- linear: straight line from the peak down to min_lr_ratio over the updates after the warmup.
-- wsd (warmup-stable-decay): the peak until the last round(decay_fraction * total_steps) updates
-  (at least one), which decay linearly to min_lr_ratio.
-- infinite (the "infinite" schedules of Ibrahim et al., arXiv 2403.08763, which need no fixed
-  token budget): a cooldown of cooldown_steps updates from the peak to c = const_lr_ratio (shape
-  cosine, linear or inv_sqrt; the last cooldown update lands exactly on c), then the constant c;
-  if anneal_steps > 0, the last anneal_steps updates of the stage anneal exponentially from c to
-  min_lr_ratio (the final update lands on it exactly). With anneal_steps = 0 the multiplier does
-  not depend on total_steps, so a later stage can continue from a constant-phase checkpoint with
-  the same c and no warmup, i.e. without re-warming.
-
-For cosine, linear, wsd and infinite with an anneal, updates at or beyond total_steps stay at the
-end value, min_lr_ratio.
+Each kind, exactly: docs/continual.md#each-kind-exactly.
 """
 from __future__ import annotations
 
