@@ -1,19 +1,13 @@
 """Import local Hugging Face causal LMs (Llama, Qwen2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
 Only local directories are read; nothing is downloaded. `system.hf.families` maps config.json
-onto our config, `system.hf.tensors` the tensor names (the layout table is there). Weights are
-read tensor by tensor from the safetensors (or .bin) shards -- transformers never builds the
+onto our config, `system.hf.tensors` the tensor names (table: docs/hf.md#tensor-names). Weights
+are read tensor by tensor from the safetensors (or .bin) shards -- transformers never builds the
 model -- and copied into ours one tensor at a time, so the host holds the model plus one tensor.
 
-Conventions checked against transformers' code: HF's `rotate_half` RoPE with cos/sin =
-cat(freqs, freqs) rotates the pairs (x[i], x[i + d/2]), exactly our `apply_rope`, with inv_freq
-1 / theta^(2j/d) as in our `rope_tables`; query/key heads are contiguous row blocks of
-q_proj/k_proj, and query head h uses key/value head h // (n_heads / n_kv_heads) (`repeat_kv`,
-SDPA `enable_gqa`); RMSNorm computes in float32 and scales by the weight after casting back,
-as ours does; QK-norm comes before RoPE (Qwen3-MoE per head on the (.., heads, head_dim) view,
-OLMoE over the whole projection); the routers are softmax -> top-k (-> renormalise when
-`norm_topk_prob`; always for Mixtral), combine weights in fp32; Qwen2-MoE adds
-sigmoid(shared_expert_gate(x)) * shared_expert(x).
+RoPE, grouped-query heads, RMSNorm, QK-norm, the routers and Qwen2-MoE's shared expert follow
+transformers' code; what was checked, convention by convention:
+docs/hf.md#conventions-checked-against-transformers.
 """
 from __future__ import annotations
 

@@ -1,21 +1,13 @@
 """Tensor names and layouts: our state dict <-> a Hugging Face family's checkpoint, and a reader
 that streams a checkpoint tensor by tensor.
 
-Per layer i (HF prefix `model.layers.i.`, ours `blocks.i.`):
-    input_layernorm / post_attention_layernorm     -> attn_norm / ffn_norm
-    self_attn.{q,k,v}_proj.weight (and .bias)      -> attn.qkv.weight (.bias): rows [q; k; v]
-    self_attn.o_proj.weight                        -> attn.proj.weight
-    self_attn.{q,k}_norm.weight                    -> attn.{q,k}_norm.weight (Qwen3-MoE, OLMoE)
-    mlp.{gate,up,down}_proj.weight                 -> ffn.{w1,w3,w2}.weight (dense layers)
-    MOE.gate.weight                                -> ffn.router.weight
-    MOE.experts.e.{GATE,UP,DOWN}.weight            -> ffn.experts.{w1,w3,w2}[e], transposed
-                                                      (ours are (E, D, F) / (E, F, D), x @ w)
-    mlp.shared_expert.{gate,up,down}_proj.weight   -> shared.{w1,w3,w2}.weight (Qwen2-MoE)
-    mlp.shared_expert_gate.weight                  -> shared_gate.weight
-with MOE = block_sparse_moe and GATE, UP, DOWN = w1, w3, w2 for Mixtral, MOE = mlp and
-gate_proj, up_proj, down_proj for the others; plus model.embed_tokens, model.norm, lm_head
-(absent when the embeddings are tied). These are the Hub's per-expert names, which
-transformers' `save_pretrained`, vLLM and older transformers all read.
+Per layer i, HF's `model.layers.i.` is our `blocks.i.`: the two norms, the fused q/k/v projection
+(rows [q; k; v]) and o_proj, the QK-norms, dense MLPs, the router, the experts (stacked and
+transposed: ours are (E, D, F) / (E, F, D), x @ w), Qwen2-MoE's shared expert and its gate; plus
+model.embed_tokens, model.norm and lm_head (absent when the embeddings are tied). These are the
+Hub's per-expert names, which transformers' `save_pretrained`, vLLM and older transformers read.
+
+The table, name by name: docs/hf.md#tensor-names.
 """
 from __future__ import annotations
 
