@@ -2,17 +2,14 @@
 directory that the dashboard reads.
 
 RUN/heartbeat.json (`DriverHeartbeat`, around the driver's stage loop): {host, pid, started, time,
-interval_s, state}, rewritten atomically at the start, every `interval_s` from a daemon thread,
-and once more at the end with the final state ("finished", "preempted", "failed" with the error,
-"interrupted" for Ctrl-C). A driver killed outright (SIGKILL, the OOM killer, a lost node, a
-closed terminal) leaves "running" with a time that stops advancing: `run_liveness` calls that
-"dead" once the time is older than `stale_after_s`. Wall-clock times, not a PID: the dashboard
-may run on another host than the driver (the run directory is on shared storage).
+interval_s, state}, rewritten atomically at the start, every `interval_s` from a daemon thread and
+once more at the end with the final state. A driver killed outright leaves "running" with a time
+that stops advancing: `run_liveness` calls that "dead" once the time is older than
+`stale_after_s`. Wall-clock times, not a PID: the dashboard may run on another host.
+RUN/events.jsonl (`record_event`): an append-only line per stage event, the history that the
+other records do not keep.
 
-RUN/events.jsonl (`record_event`): an append-only line per stage event (started, resumed,
-preempted, finished, failed) with its time and step. The other records do not keep this
-history: PREEMPTED.json is deleted when the stage restarts, a resume drops the superseded lines
-of metrics.jsonl, and old checkpoints are pruned.
+Details: docs/observability.md#the-drivers-heartbeat-and-the-stage-events.
 """
 from __future__ import annotations
 
