@@ -9,22 +9,20 @@ the same plan, so its spAG/spRS cost is computed once. ZeRO-3 shards over all N 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
 from parallel import placement
-from parallel.placement import LoadPredictor, Ownership
+from parallel.placement import IterationPlan, LoadPredictor, Ownership
 from parallel.simulator.config import SimConfig, config_from_dict, moe_spacing
 from parallel.simulator.derived import derive
 from parallel.simulator.loads import LoadGenerator, read_trace
 from parallel.simulator.network import Network, copy_hops, copy_traffic, layer_chains, round_arrays
+from parallel.simulator.summary import MASTER_BYTES, Sums, Track, summarize, straggler
 from system.configtree import to_dict
 
-ADAM_BYTES = 16  # bytes per parameter of an owned expert: param, grad, m, v (+ fp32 master with bf16)
-MASTER_BYTES = 4  # the fp32 master a bf16 owner keeps
-GIB = float(1 << 30)
+__all__ = ["Simulator", "simulate", "straggler", "sweep", "token_matrix"]
 
 
 def token_matrix(send: np.ndarray) -> np.ndarray:
@@ -32,44 +30,11 @@ def token_matrix(send: np.ndarray) -> np.ndarray:
     return send.sum(axis=1)
 
 
-def straggler(loads: np.ndarray) -> float:
-    mean = float(loads.mean())
-    return float(loads.max()) / mean if mean > 0 else 1.0
-
-
-class _Acc:
-    """Per-policy sums over iterations."""
-
-    KEYS = ("time", "a2a", "compute", "comm_total", "comm_exposed", "reshard", "straggler",
-            "bytes", "copies")
-
-    def __init__(self):
-        self.s = {k: 0.0 for k in self.KEYS}
-        self.iters = 0
-        self.layers = 0
-
-    def add_layer(self, a2a: float, compute: float, comm_total: float, comm_exposed: float,
-                  strag: float, nbytes: float, copies: int) -> None:
-        self.s["a2a"] += a2a
-        self.s["compute"] += compute
-        self.s["straggler"] += strag
-        self.s["copies"] += copies
-        self.layers += 1
-        self.add_comm(comm_total, comm_exposed, nbytes)
-
-    def add_comm(self, total: float, exposed: float, nbytes: float = 0.0) -> None:
-        """Traffic outside the layers' own sums, e.g. what runs after the backward pass."""
-        self.s["comm_total"] += total
-        self.s["comm_exposed"] += exposed
-        self.s["time"] += exposed
-        self.s["bytes"] += nbytes
-
-    def close_layer(self, a2a: float, compute: float) -> None:
-        self.s["time"] += a2a + compute
-
-
 class Simulator:
-    """Runs every policy over the same per-iteration loads; `run()` returns the summary dict."""
+    """Runs every policy over the same per-iteration loads; `run()` returns the summary dict.
+
+    N GPUs, G per node, in R = N/P expert-parallel groups of P ranks; L MoE layers of E experts.
+    """
 
     def __init__(self, cfg: SimConfig, trace: Optional[np.ndarray] = None):
         if cfg.load.kind == "trace" and trace is None:
@@ -85,8 +50,8 @@ class Simulator:
         self.policies = cfg.policies()
         self.L, self.E = self.d.moe_layers, cfg.model.num_experts
         self.N, self.G = cfg.cluster.gpus, cfg.cluster.gpus_per_node
-        self.Ng, self.R = self.d.group, self.d.replicas  # P ranks per expert-parallel group, N/P groups
-        self.net = Network(cfg.cluster, self.Ng)  # one expert-parallel group (all have the same layout)
+        self.P, self.R = self.d.group, self.d.replicas  # P ranks per expert-parallel group, N/P groups
+        self.net = Network(cfg.cluster, self.P)  # one expert-parallel group (all have the same layout)
         self.net_all = Network(cfg.cluster, self.N)
         self.gen = LoadGenerator(cfg, self.N, trace)
         self._spag_cache: dict = {}
@@ -105,10 +70,16 @@ class Simulator:
     def _copy_time(self, B: np.ndarray, M: np.ndarray) -> float:
         return float(self.net.rank_times(B, M).max()) if B.any() else 0.0
 
-    def _groups(self, c_l: np.ndarray):
+    def _groups(self, counts_NE: np.ndarray):
         """(N, E) counts of one layer -> the (P, E) counts of each expert-parallel group."""
-        P = self.Ng
-        return [c_l[g * P:(g + 1) * P] for g in range(self.R)]
+        P = self.P
+        return [counts_NE[g * P:(g + 1) * P] for g in range(self.R)]
+
+    @property
+    def _replica_allreduce_bytes(self) -> float:
+        """Bytes per GPU of one layer's expert-gradient all-reduce over the R replicas (ring)."""
+        R = self.R
+        return (2 * (R - 1) / R * (self.E // self.P) * self.d.expert_bytes) if R > 1 else 0.0
 
     def spag_cost(self, holders_E: list[list[int]]) -> dict:
         """One layer's spAG under `fssdp.spag` (every group the same): `time` (alone, from the
@@ -118,7 +89,7 @@ class Simulator:
         hit = self._spag_cache.get(key)
         if hit is not None:
             return hit
-        fs, d, P, G = self.cfg.fssdp, self.d, self.Ng, self.G
+        fs, d, P, G = self.cfg.fssdp, self.d, self.P, self.G
         A = d.non_moe_fwd_s
         B, M = copy_traffic(holders_E, P, G, d.expert_bytes, fs.spag, fs.max_chunks)
         if fs.spag == "chain":
@@ -146,8 +117,8 @@ class Simulator:
         fs, d = self.cfg.fssdp, self.d
         if fs.spag == "chain":
             chains: dict = {}
-            for l, hl in enumerate(holders_L):
-                chains.update(layer_chains(hl, self.G, self.Ng, layer=l))
+            for layer, holders_E in enumerate(holders_L):
+                chains.update(layer_chains(holders_E, self.G, self.P, layer=layer))
             if not chains:
                 return 0.0
             return self.net.schedule_time(round_arrays(chains, d.expert_bytes, fs.max_chunks, reduce=True))[0]
@@ -160,12 +131,12 @@ class Simulator:
         expert to every rank of the group while the estimated layer latency drops (with this
         iteration's real counts, as FasterMoE decides after the gate; so its broadcast cannot hide
         behind the attention, while the gradient reduce in the backward can)."""
-        N, d = self.Ng, self.d
+        P, d = self.P, self.d
         load = counts_NE.sum(axis=0)
-        tok = np.zeros((N, N), dtype=np.int64)
+        tok = np.zeros((P, P), dtype=np.int64)
         np.add.at(tok, (slice(None), owner_E), counts_NE)  # EP: every pair goes to the owner
-        B = np.zeros((N, N))
-        M = np.zeros((N, N))
+        B = np.zeros((P, P))
+        M = np.zeros((P, P))
         win_b = 2 * d.non_moe_fwd_s
         ar = d.replica_allreduce_s if self.cfg.fssdp.sprs_overlap else 0.0
 
@@ -174,18 +145,20 @@ class Simulator:
             return (4 * self._a2a(tok) + self._compute(tok.sum(axis=0)) + c
                     + max(0.0, c + ar - win_b))
 
+        def everyone(e: int) -> list[int]:  # the owner first, then every other rank of the group
+            return [int(owner_E[e])] + [r for r in range(P) if r != owner_E[e]]
+
         best = cost(tok, B, M)
         shadow: list[int] = []
         for e in np.argsort(-load, kind="stable"):
             e = int(e)
-            if load[e] <= 0 or N <= 1:
+            if load[e] <= 0 or P <= 1:
                 break
             tok2 = tok.copy()
             tok2[:, owner_E[e]] -= counts_NE[:, e]
-            tok2[np.arange(N), np.arange(N)] += counts_NE[:, e]
-            hs = [int(owner_E[e])] + [r for r in range(N) if r != owner_E[e]]
+            tok2[np.arange(P), np.arange(P)] += counts_NE[:, e]
             B2, M2 = B.copy(), M.copy()
-            for s, dst in copy_hops(hs, e, self.G, "broadcast"):
+            for s, dst in copy_hops(everyone(e), e, self.G, "broadcast"):
                 B2[s, dst] += d.expert_bytes
                 M2[s, dst] += 1
             c2 = cost(tok2, B2, M2)
@@ -195,18 +168,18 @@ class Simulator:
             shadow.append(e)
         holders = placement.ownership_holders(owner_E)
         for e in shadow:
-            holders[e] = [int(owner_E[e])] + [r for r in range(N) if r != owner_E[e]]
+            holders[e] = everyone(e)
         return holders
 
-    def _move_time(self, mv: list) -> float:
-        if not mv:
+    def _move_time(self, moves: list) -> float:
+        if not moves:
             return 0.0
-        B = np.zeros((self.Ng, self.Ng))
-        M = np.zeros((self.Ng, self.Ng))
+        B = np.zeros((self.P, self.P))
+        M = np.zeros((self.P, self.P))
         nbytes = self.d.expert_params * self.move_bytes
-        for (_l, _e, fr, _fs, to, _ts) in mv:
-            B[fr, to] += nbytes
-            M[fr, to] += 1
+        for (_layer, _expert, src, _src_slot, dst, _dst_slot) in moves:
+            B[src, dst] += nbytes
+            M[src, dst] += 1
         return float(self.net.rank_times(B, M).max())
 
     @property
@@ -215,177 +188,138 @@ class Simulator:
         masters, whatever the training dtype) and Adam's two fp32 moments."""
         return 3 * MASTER_BYTES
 
-    def _tokens(self, c_g: np.ndarray, holders: list[list[int]]):
-        tok = placement.assign(c_g, holders, self.G).token_matrix()  # = token_matrix(assign_tokens(...))
+    def _tokens(self, counts_PE: np.ndarray, holders: list[list[int]]):
+        tok = placement.assign(counts_PE, holders, self.G).token_matrix()  # = token_matrix(assign_tokens(...))
         return tok, tok.sum(axis=0)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, d, fs = self.cfg, self.d, self.cfg.fssdp
-        L, E, P, G, N, R = self.L, self.E, self.Ng, self.G, self.N, self.R
-        iters = cfg.sim.iterations
+        """Draw each iteration's loads, plan FSSDP, price every MoE layer under every policy,
+        then the gradient reduction after the backward; the per-iteration means."""
+        iters = self.cfg.sim.iterations
         if self.trace is not None:
             iters = min(iters, len(self.trace))
-        pol = self.policies
-        acc = {p: _Acc() for p in pol}
-        win_f, win_b = d.non_moe_fwd_s, 2 * d.non_moe_fwd_s
-        ar, ar_iter, hide = d.replica_allreduce_s, d.replica_allreduce_iter_s, fs.sprs_overlap
-        own_ep = Ownership.even(L, E, P)
-        own_fs = Ownership.even(L, E, P)
-        predictor = LoadPredictor(fs.window)
-        want_fs = any(p in pol for p in ("fssdp", "fssdp_remat"))
-        S = own_ep.slots_per_rank  # owned experts per rank, all layers
-        Pp = d.expert_params
-        copy_b = 2 * d.param_bytes  # a copy holds a parameter and its gradient in the training dtype
-        peak_copies_all = np.zeros(P)  # fssdp: copies resident at once (all layers)
-        peak_copies_layer = np.zeros(P)  # remat: one layer's copies
-        peak_shadow_all = 0.0
-        n_moves, rounds_sum, rounds_n = 0, 0, 0
-        # ZeRO-3 over all N GPUs: gather the layer's E experts, reduce-scatter their gradients
-        z_ag = self.net_all.ring(E * d.expert_bytes)
-        z_rs = z_ag
-        z_bytes_per_gpu = 3 * (N - 1) / N * E * d.expert_bytes
-        ar_bytes = (2 * (R - 1) / R * (E // P) * d.expert_bytes) if R > 1 else 0.0
-        ep_holders = [placement.ownership_holders(own_ep.owner_LE[l]) for l in range(L)]
-
+        sums = {p: Sums() for p in self.policies}
+        own_ep = Ownership.even(self.L, self.E, self.P)
+        track = Track(own_fs=Ownership.even(self.L, self.E, self.P), predictor=LoadPredictor(self.cfg.fssdp.window),
+                      peak_copies_all=np.zeros(self.P), peak_copies_layer=np.zeros(self.P))
+        plans_fssdp = any(p in self.policies for p in ("fssdp", "fssdp_remat"))
         for it in range(iters):
             counts = self.gen.next()  # (L, N, E) of all N GPUs
-            glob = counts.sum(axis=1)  # (L, E) what the training code all-reduces and logs
-            reshard_s, mv = 0.0, []
-            if want_fs:
-                pred = predictor.predict()
-                if pred is not None and R > 1:
-                    pred = pred / R  # ExpertStore.group_forecast: one group's share of the global load
-                kw = {} if fs.tolerance is None else {"tolerance": fs.tolerance}
-                if fs.reshard_every and it > 0 and it % fs.reshard_every == 0 and pred is not None:
-                    # the training store's rule: Algorithm 2 only when it lowers the predicted straggler
-                    new = placement.reshard_decision(own_fs, pred, d.t, d.m, G, **kw)
-                    if new is not None:
-                        mv = placement.moves(own_fs, new)
-                        n_moves += len(mv)
-                        reshard_s = self._move_time(mv)
-                        own_fs = new
-                plan = placement.plan_iteration(own_fs, pred, d.t, d.m, G, **kw)
-                copies_all = np.zeros(P)
-                for l in range(L):
-                    per = np.zeros(P)
-                    for hs in plan.holders_L[l]:
-                        for h in hs[1:]:
-                            per[h] += 1
-                    copies_all += per
-                    peak_copies_layer = np.maximum(peak_copies_layer, per)
-                peak_copies_all = np.maximum(peak_copies_all, copies_all)
-                for p in ("fssdp", "fssdp_remat"):
-                    if p in acc:
-                        acc[p].s["reshard"] += reshard_s
-                        acc[p].s["time"] += reshard_s
-                        acc[p].s["bytes"] += len(mv) * Pp * self.move_bytes / P
-                layer_costs = []
-            shadow_all = np.zeros((R, P))
-            for l in range(L):
-                groups = self._groups(counts[l])
-                if "ep" in acc:
-                    self._layer(acc["ep"], groups, lambda c: ep_holders[l], 0.0, 0.0,
-                                ar if hide else 0.0, max(0.0, ar - win_b) if hide else 0.0,
-                                ar_bytes if hide else 0.0)  # else counted once, after the backward
-                if want_fs:
-                    hl = plan.holders_L[l]
-                    sc = self.spag_cost(hl)
-                    layer_costs.append(sc)
-                    rounds_sum, rounds_n = rounds_sum + sc["rounds"], rounds_n + 1
-                    ag, rs = sc["time"], sc["sprs"]
-                    ncopies = sum(len(h) - 1 for h in hl)
-                    cb = float(sc["B"].sum()) / P
-                    # spRS (+ the replicas' all-reduce) under the backward attention, or after the backward
-                    red_tot, red_hid = (rs + ar, rs + ar) if hide else (0.0, 0.0)
-                    if "fssdp" in acc:  # spAG under the forward attention
-                        exp = sc["exposed"] + max(0.0, red_hid - win_b)
-                        self._layer(acc["fssdp"], groups, lambda c: hl, ag + red_tot, exp,
-                                    copies=ncopies, nbytes=cb + (cb + ar_bytes if hide else 0.0))
-                    if "fssdp_remat" in acc:  # + a second spAG in the backward
-                        if fs.gather_overlap == "full":  # prefetched, sharing the backward window
-                            exp = sc["exposed"] + max(0.0, ag + red_hid - win_b)
-                        else:  # ExpertStore.refill_layer gathers when the backward reaches the layer
-                            exp = sc["exposed"] + ag + max(0.0, red_hid - win_b)
-                        self._layer(acc["fssdp_remat"], groups, lambda c: hl, 2 * ag + red_tot, exp,
-                                    copies=ncopies, nbytes=2 * cb + (cb + ar_bytes if hide else 0.0))
-                if "fastermoe" in acc:
-                    self._fastermoe_layer(acc["fastermoe"], groups, own_ep.owner_LE[l], shadow_all,
-                                          ar if hide else 0.0, ar_bytes)
-                if "zero3" in acc:  # every GPU holds the whole layer: its tokens stay local
-                    loads = counts[l].sum(axis=1)
-                    exp = max(0.0, z_ag - win_f) + max(0.0, z_ag + z_rs - win_b)
-                    acc["zero3"].add_layer(0.0, self._compute(loads), 2 * z_ag + z_rs, exp, straggler(loads),
-                                           z_bytes_per_gpu, 0)
-                    acc["zero3"].close_layer(0.0, self._compute(loads))
-            if not hide:  # ExpertStore.reduce_grads after the backward: spRS of all layers, then the all-reduce
-                rs_all = self.sprs_after_backward(plan.holders_L, layer_costs) if want_fs else 0.0
-                cb_all = sum(float(c["B"].sum()) for c in layer_costs) / P if want_fs else 0.0
-                for p in pol:
-                    if p == "zero3":
-                        continue
-                    extra = rs_all if p in ("fssdp", "fssdp_remat") else 0.0
-                    acc[p].add_comm(extra + ar_iter, extra + ar_iter,
-                                    (cb_all if extra else 0.0) + L * ar_bytes)
-            peak_shadow_all = max(peak_shadow_all, float(shadow_all.max()))
-            for a in acc.values():
-                a.iters += 1
-            if want_fs:
-                predictor.observe(glob)
+            plan = self._plan_fssdp(it, sums, track) if plans_fssdp else None
+            layer_costs: list[dict] = []  # fssdp: spag_cost of each layer
+            shadows = np.zeros((self.R, self.P))  # fastermoe: shadowed experts on each rank of each group
+            for layer in range(self.L):
+                groups = self._groups(counts[layer])
+                self._price_layer(sums, groups, own_ep.owner_LE[layer], plan, layer, layer_costs, shadows, track)
+                if "zero3" in sums:
+                    self._zero3_layer(sums["zero3"], counts[layer])
+            if not self.cfg.fssdp.sprs_overlap:
+                self._reduce_after_backward(sums, plan, layer_costs)
+            track.peak_shadow_all = max(track.peak_shadow_all, float(shadows.max()))
+            for s in sums.values():
+                s.iters += 1
+            if plans_fssdp:
+                track.predictor.observe(counts.sum(axis=1))  # (L, E): what training all-reduces and logs
+        return summarize(self.cfg, self.d, sums, track, own_ep.slots_per_rank, iters)
 
-        # ---- summary ---------------------------------------------------------------------
-        mem = {
-            "ep": S * Pp * ADAM_BYTES,
-            "fssdp": S * Pp * ADAM_BYTES + float(peak_copies_all.max()) * Pp * copy_b,
-            "fssdp_remat": S * Pp * ADAM_BYTES + float(peak_copies_layer.max()) * Pp * copy_b,
-            "fastermoe": S * Pp * ADAM_BYTES + peak_shadow_all * Pp * copy_b,
-            "zero3": ADAM_BYTES * E * Pp * L / N + E * Pp * d.param_bytes,
-        }
-        non_moe_iter = L * 3 * d.non_moe_fwd_s  # forward + backward of the non-MoE compute
-        out: dict[str, Any] = {}
-        for p, a in acc.items():
-            it = max(1, a.iters)
-            nl = max(1, a.layers)
-            r = {
-                "time_ms": a.s["time"] / it * 1e3,
-                "a2a_ms": a.s["a2a"] / it * 1e3,
-                "compute_ms": a.s["compute"] / it * 1e3,
-                "comm_total_ms": a.s["comm_total"] / it * 1e3,
-                "comm_exposed_ms": a.s["comm_exposed"] / it * 1e3,
-                "reshard_ms": a.s["reshard"] / it * 1e3,
-                "straggler": a.s["straggler"] / nl,
-                "memory_gib": mem[p] / GIB,
-                "gb_moved_per_gpu": a.s["bytes"] / it / 1e9,
-                "copies_per_layer": a.s["copies"] / nl,
-            }
-            r["e2e_ms"] = r["time_ms"] + non_moe_iter * 1e3
-            out[p] = r
-        if "ep" in out:
-            for r in out.values():
-                r["speedup_vs_ep"] = out["ep"]["time_ms"] / r["time_ms"] if r["time_ms"] > 0 else math.inf
-                r["e2e_speedup_vs_ep"] = out["ep"]["e2e_ms"] / r["e2e_ms"]
-        return {
-            "config": to_dict(cfg),
-            "derived": {
-                "gpus": d.gpus, "expert_group": d.group, "expert_parallel_size": d.group, "replicas": d.replicas,
-                "expert_params": d.expert_params, "expert_mib": d.expert_bytes / 2**20,
-                "param_bytes": d.param_bytes,
-                "non_moe_fwd_ms": d.non_moe_fwd_s * 1e3, "non_moe_iter_ms": non_moe_iter * 1e3,
-                "overlap_bandwidth": d.overlap_bandwidth, "t": d.t, "m": d.m,
-                "iterations": iters, "ownership_moves": n_moves,
-                "replica_allreduce_ms": (d.replica_allreduce_s * L if hide else d.replica_allreduce_iter_s) * 1e3,
-                "spag_rounds_per_layer": rounds_sum / rounds_n if rounds_n else 0.0,
-            },
-            "policies": out,
-        }
+    def _plan_fssdp(self, it: int, sums: dict[str, Sums], track: Track) -> IterationPlan:
+        """ExpertStore's plan of this iteration: forecast one group's loads, reshard ownership
+        every `fssdp.reshard_every` iterations (Algorithm 2, charged to the fssdp policies), then
+        plan the copies (Algorithm 1)."""
+        fs, d = self.cfg.fssdp, self.d
+        pred = track.predictor.predict()
+        if pred is not None and self.R > 1:
+            pred = pred / self.R  # ExpertStore.group_forecast: one group's share of the global load
+        kw = {} if fs.tolerance is None else {"tolerance": fs.tolerance}
+        reshard_s, moves = 0.0, []
+        if fs.reshard_every and it > 0 and it % fs.reshard_every == 0 and pred is not None:
+            # the training store's rule: Algorithm 2 only when it lowers the predicted straggler
+            new = placement.reshard_decision(track.own_fs, pred, d.t, d.m, self.G, **kw)
+            if new is not None:
+                moves = placement.moves(track.own_fs, new)
+                track.moves += len(moves)
+                reshard_s = self._move_time(moves)
+                track.own_fs = new
+        plan = placement.plan_iteration(track.own_fs, pred, d.t, d.m, self.G, **kw)
+        track.observe_copies(plan.holders_L, self.P)
+        for p in ("fssdp", "fssdp_remat"):
+            if p in sums:
+                sums[p].s["reshard"] += reshard_s
+                sums[p].s["time"] += reshard_s
+                sums[p].s["bytes"] += len(moves) * d.expert_params * self.move_bytes / self.P
+        return plan
 
-    def _layer(self, a: _Acc, groups, holders_of, comm_total: float, comm_exposed: float,
+    def _price_layer(self, sums: dict[str, Sums], groups, owner_E: np.ndarray, plan: Optional[IterationPlan],
+                     layer: int, layer_costs: list[dict], shadows: np.ndarray, track: Track) -> None:
+        """One MoE layer under ep, fssdp / fssdp_remat and fastermoe (ZeRO-3: `_zero3_layer`)."""
+        hide = self.cfg.fssdp.sprs_overlap
+        ar, win_b, ar_bytes = self.d.replica_allreduce_s, 2 * self.d.non_moe_fwd_s, self._replica_allreduce_bytes
+        if "ep" in sums:  # the replicas' all-reduce under the backward, else counted once after it
+            self._layer(sums["ep"], groups, placement.ownership_holders(owner_E), 0.0, 0.0,
+                        ar if hide else 0.0, max(0.0, ar - win_b) if hide else 0.0, ar_bytes if hide else 0.0)
+        if plan is not None:
+            self._fssdp_layer(sums, groups, plan.holders_L[layer], layer_costs, track)
+        if "fastermoe" in sums:
+            self._fastermoe_layer(sums["fastermoe"], groups, owner_E, shadows, ar if hide else 0.0, ar_bytes)
+
+    def _fssdp_layer(self, sums: dict[str, Sums], groups, holders_E: list[list[int]],
+                     layer_costs: list[dict], track: Track) -> None:
+        """fssdp: spAG under the forward attention; fssdp_remat: a second spAG in the backward.
+        Their spRS (+ the replicas' all-reduce) runs under the backward attention with
+        `fssdp.sprs_overlap`, else after the backward (`_reduce_after_backward`)."""
+        fs, hide = self.cfg.fssdp, self.cfg.fssdp.sprs_overlap
+        ar, win_b, ar_bytes = self.d.replica_allreduce_s, 2 * self.d.non_moe_fwd_s, self._replica_allreduce_bytes
+        cost = self.spag_cost(holders_E)
+        layer_costs.append(cost)
+        track.rounds_sum, track.rounds_n = track.rounds_sum + cost["rounds"], track.rounds_n + 1
+        ag, rs = cost["time"], cost["sprs"]
+        ncopies = sum(len(h) - 1 for h in holders_E)
+        cb = float(cost["B"].sum()) / self.P
+        red_tot, red_hid = (rs + ar, rs + ar) if hide else (0.0, 0.0)
+        if "fssdp" in sums:
+            exp = cost["exposed"] + max(0.0, red_hid - win_b)
+            self._layer(sums["fssdp"], groups, holders_E, ag + red_tot, exp,
+                        copies=ncopies, nbytes=cb + (cb + ar_bytes if hide else 0.0))
+        if "fssdp_remat" in sums:
+            if fs.gather_overlap == "full":  # prefetched, sharing the backward window
+                exp = cost["exposed"] + max(0.0, ag + red_hid - win_b)
+            else:  # ExpertStore.refill_layer gathers when the backward reaches the layer
+                exp = cost["exposed"] + ag + max(0.0, red_hid - win_b)
+            self._layer(sums["fssdp_remat"], groups, holders_E, 2 * ag + red_tot, exp,
+                        copies=ncopies, nbytes=2 * cb + (cb + ar_bytes if hide else 0.0))
+
+    def _zero3_layer(self, sums: Sums, counts_NE: np.ndarray) -> None:
+        """ZeRO-3 over all N GPUs: gather the layer's E experts (forward and backward) and
+        reduce-scatter their gradients; every GPU holds the whole layer, so tokens stay local."""
+        d, N = self.d, self.N
+        gather = reduce = self.net_all.ring(self.E * d.expert_bytes)
+        loads = counts_NE.sum(axis=1)
+        exp = max(0.0, gather - d.non_moe_fwd_s) + max(0.0, gather + reduce - 2 * d.non_moe_fwd_s)
+        sums.add_layer(0.0, self._compute(loads), 2 * gather + reduce, exp, straggler(loads),
+                       3 * (N - 1) / N * self.E * d.expert_bytes, 0)
+        sums.close_layer(0.0, self._compute(loads))
+
+    def _reduce_after_backward(self, sums: dict[str, Sums], plan: Optional[IterationPlan],
+                               layer_costs: list[dict]) -> None:
+        """ExpertStore.reduce_grads after the backward: the spRS of all layers, then the replicas'
+        all-reduce (every policy but ZeRO-3)."""
+        rs_all = self.sprs_after_backward(plan.holders_L, layer_costs) if plan is not None else 0.0
+        cb_all = sum(float(c["B"].sum()) for c in layer_costs) / self.P if plan is not None else 0.0
+        ar_iter, ar_bytes = self.d.replica_allreduce_iter_s, self._replica_allreduce_bytes
+        for p in self.policies:
+            if p == "zero3":
+                continue
+            extra = rs_all if p in ("fssdp", "fssdp_remat") else 0.0
+            sums[p].add_comm(extra + ar_iter, extra + ar_iter, (cb_all if extra else 0.0) + self.L * ar_bytes)
+
+    def _layer(self, a: Sums, groups, holders: list[list[int]], comm_total: float, comm_exposed: float,
                red_tot: float = 0.0, red_exp: float = 0.0, nbytes: float = 0.0, copies: int = 0) -> None:
         """One MoE layer of ep/fssdp: every group's all-to-all and compute under the same plan; the
         layer costs what its slowest group costs. `red_*`: the replicas' all-reduce (ep)."""
         worst, loads_all, a2a_bytes = None, [], 0.0
-        for c_g in groups:
-            tok, loads = self._tokens(c_g, holders_of(c_g))
+        for counts_PE in groups:
+            tok, loads = self._tokens(counts_PE, holders)
             a2a, comp = 4 * self._a2a(tok), self._compute(loads)
             if worst is None or a2a + comp > worst[0] + worst[1]:
                 worst = (a2a, comp)
@@ -395,24 +329,24 @@ class Simulator:
                     straggler(np.concatenate(loads_all)), a2a_bytes / self.N + nbytes, copies)
         a.close_layer(*worst)
 
-    def _fastermoe_layer(self, a: _Acc, groups, owner_E, shadow_all: np.ndarray, ar: float, ar_bytes: float) -> None:
+    def _fastermoe_layer(self, a: Sums, groups, owner_E, shadows: np.ndarray, ar: float, ar_bytes: float) -> None:
         """Each group shadows from its own counts; the layer costs its slowest group."""
         win_b = 2 * self.d.non_moe_fwd_s
         worst, loads_all, nbytes, copies = None, [], 0.0, 0
-        for g, c_g in enumerate(groups):
-            hl = self.fastermoe_holders(c_g, owner_E)
-            tok, loads = self._tokens(c_g, hl)
-            B, M = copy_traffic(hl, self.Ng, self.G, self.d.expert_bytes, "broadcast")
+        for g, counts_PE in enumerate(groups):
+            holders = self.fastermoe_holders(counts_PE, owner_E)
+            tok, loads = self._tokens(counts_PE, holders)
+            B, M = copy_traffic(holders, self.P, self.G, self.d.expert_bytes, "broadcast")
             bc = self._copy_time(B, M)
-            for hs in hl:
+            for hs in holders:
                 for h in hs[1:]:
-                    shadow_all[g, h] += 1
+                    shadows[g, h] += 1
             cur = (4 * self._a2a(tok), self._compute(loads), 2 * bc + ar, bc + max(0.0, bc + ar - win_b))
             if worst is None or cur[0] + cur[1] + cur[3] > worst[0] + worst[1] + worst[3]:
                 worst = cur
             loads_all.append(loads)
             nbytes += self._a2a_bytes(tok) + 2 * float(B.sum())
-            copies += sum(len(h) - 1 for h in hl)
+            copies += sum(len(h) - 1 for h in holders)
         a.add_layer(worst[0], worst[1], worst[2], worst[3], straggler(np.concatenate(loads_all)),
                     nbytes / self.N + (ar_bytes if ar else 0.0), copies / len(groups))
         a.close_layer(worst[0], worst[1])
