@@ -1,22 +1,13 @@
 """Initialise a model from another one's weights: plain loading, sparse upcycling, diversification.
 
-Sparse upcycling (Komatsuzaki et al., arXiv 2212.05055): every MoE layer whose source is a
-dense FFN (or an MoE layer with one expert) gets E copies of that FFN as its experts and a
-fresh router. Copies of one FFN behind a router whose top-k weights sum to 1 compute exactly
-the dense layer, so the upcycled model starts where the source was.
-
-Identical experts get identical gradients from identical inputs and only drift apart through
-the router; `UpcycleConfig.diversify` breaks the symmetry at initialisation:
-  copy   exact copies (plain sparse upcycling);
-  mask   Drop-Upcycling (Nakamura et al., arXiv 2502.19261): per copy, round(fraction * F) of
-         the F hidden units, drawn uniformly without replacement and independently per copy, are
-         re-initialised -- the matching columns of w1 and w3 (D, F) and rows of w2 (F, D) are
-         redrawn from N(mean, std) of the whole original matrix. This is also how we realise
-         EvoMoE's (arXiv 2112.14397) "expert-diversify" step, which spawns the experts from its
-         one trained shared expert by random masking; we use Drop-Upcycling's structured,
-         statistics-preserving variant rather than zeroing individual weights;
-  noise  each copy plus Gaussian noise of std `noise_std` x the original matrix's std.
-With `keep_first` expert 0 stays an exact copy of the source FFN.
+`init_model_from` loads a moeforge checkpoint, a local Hugging Face directory or a state dict
+into a `system.model.Transformer`. Equal shapes load as they are. A target MoE layer whose source
+is a dense FFN (or a one-expert MoE layer) gets E copies of it as experts and keeps its fresh
+router: sparse upcycling (Komatsuzaki et al., arXiv 2212.05055), which starts exactly where the
+dense model was. Identical copies only drift apart through the router, so `UpcycleConfig`
+can diversify them at initialisation: `copy` (none), `mask` (Drop-Upcycling, arXiv 2502.19261;
+also our EvoMoE "expert-diversify") or `noise`. docs/routing.md ("EvoMoE and upcycling as
+recipes") has the details and the experiment.
 """
 from __future__ import annotations
 
@@ -84,9 +75,7 @@ def diversify_experts(w1_DF: torch.Tensor, w3_DF: torch.Tensor, w2_FD: torch.Ten
         raise ValueError(f"num_experts={num_experts} must be >= 1")
     if cfg.diversify not in ("copy", "mask", "noise"):
         raise ValueError(f"upcycle.diversify {cfg.diversify!r} is not one of ['copy', 'mask', 'noise']")
-    problems = list(cfg.check())
-    if problems:
-        raise ValueError("invalid upcycle config: " + "; ".join(f"{k}: {m}" for k, m in problems))
+    _check_config(cfg)
     gen = generator if generator is not None else torch.Generator()
     dtype, E = w1_DF.dtype, num_experts
     src = [w.detach().to("cpu", torch.float32) for w in (w1_DF, w3_DF, w2_FD)]
@@ -151,6 +140,12 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_config(cfg: UpcycleConfig) -> None:
+    problems = list(cfg.check())
+    if problems:
+        raise ValueError("invalid upcycle config: " + "; ".join(f"{k}: {m}" for k, m in problems))
+
+
 @torch.no_grad()
 def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleConfig] = None,
                     seed: int = 0, want_expert=None) -> dict[str, Any]:
@@ -175,164 +170,238 @@ def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleC
     came from), MoE layers loaded as is, keys left at their init, the diversification used.
     """
     cfg = upcycle or UpcycleConfig()
-    problems = list(cfg.check())
-    if problems:
-        raise ValueError("invalid upcycle config: " + "; ".join(f"{k}: {m}" for k, m in problems))
+    _check_config(cfg)
     seed = cfg.seed if cfg.seed is not None else seed
-    if not isinstance(source, Mapping):
-        from system.checkpoint import is_complete
-        from system.hf_import import is_hf_moe_dir, load_hf_into_model
+    if _is_hf_moe_dir(source):
+        from system.hf_import import load_hf_into_model
 
-        if not is_complete(Path(source)) and is_hf_moe_dir(source):
-            return load_hf_into_model(model, source, want_expert)
+        return load_hf_into_model(model, source, want_expert)
     src, kind, where = _load_source(source)
-    target = model.state_dict()
-    blocks = getattr(model, "blocks", [])
-    moe_layers = {i for i, b in enumerate(blocks) if getattr(b, "is_moe", False)}
+    loader = _StateLoader(model, src, where)
+    loader.load_outside_moe_layers()
+    for i in loader.moe_layers:
+        loader.load_moe_layer(i, cfg, seed)
+    loader.check_every_source_tensor_used()
+    model.load_state_dict(loader.state_dict(), strict=True)
+    return loader.report(kind, cfg, seed)
 
-    def src_has_moe(i: int) -> bool:
-        return any(k.startswith(f"blocks.{i}.ffn.experts.") or k == f"blocks.{i}.ffn.router.weight"
-                   for k in src)
 
-    def src_has_dense(i: int) -> bool:
-        return f"blocks.{i}.ffn.w1.weight" in src
+def _is_hf_moe_dir(source: Source) -> bool:
+    if isinstance(source, Mapping):
+        return False
+    from system.checkpoint import is_complete
+    from system.hf_import import is_hf_moe_dir
 
-    def bad(key: str, msg: str) -> ValueError:
-        return ValueError(f"init from {where}: {key}: {msg}")
+    return not is_complete(Path(source)) and is_hf_moe_dir(source)
 
-    new: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    loaded: list[str] = []
-    fresh: list[str] = []
-    upcycled: dict[str, str] = {}
-    moe_as_is: list[int] = []
 
-    # 1. Everything but the MoE layers: equal shapes, nothing missing.
-    for k, t in target.items():
-        m = _BLOCK_RE.match(k)
-        if m and int(m.group(1)) in moe_layers and m.group(2).startswith("ffn."):
-            continue
-        if m and m.group(2).startswith("ffn.") and src_has_moe(int(m.group(1))):
-            raise bad(k, f"target layer {m.group(1)} is dense but the source layer is MoE "
-                      f"(MoE-to-dense is not supported)")
-        if k not in src:
-            raise bad(k, f"missing from the source (target shape {_shape(t)})")
-        if _shape(src[k]) != _shape(t):
-            hint = ""
-            if k.endswith("attn.qkv.weight"):
-                hint = " (check d_model, n_heads and n_kv_heads)"
-            elif m and m.group(2).startswith("ffn.w"):
-                hint = " (check d_ff)"
-            raise bad(k, f"source shape {_shape(src[k])} != target shape {_shape(t)}{hint}")
-        new[k] = src[k]
-        loaded.append(k)
-        used.add(k)
+@dataclass(frozen=True)
+class _MoETarget:
+    """A target MoE layer: its keys and full shapes. A layer built with only some experts (an
+    ep/fssdp rank's own, `rows`) compares full shapes and keeps its rows of what it loads."""
 
-    # 2. MoE target layers, whole layer at a time.
-    for i in sorted(moe_layers):
+    index: int
+    keys: list[str]  # every target key of the layer's FFN, sorted
+    E: int
+    D: int
+    F: int
+    rows: Optional[list[int]]
+    shapes: dict[str, tuple[int, ...]]  # key -> full shape
+
+    @classmethod
+    def of(cls, target: Mapping[str, torch.Tensor], blocks, i: int) -> "_MoETarget":
         pre = f"blocks.{i}.ffn."
-        keys = sorted(k for k in target if k.startswith(pre))
         rows = _expert_rows(blocks, i)
         E, D, F = target[pre + "experts.w1"].shape
         if rows is not None:
             E = blocks[i].ffn.experts.num_experts
-        # A layer built with only this rank's experts compares full shapes and keeps its rows.
         full = {pre + w: (E,) + _shape(target[pre + w])[1:] for w in _EXPERT_WEIGHTS}
+        keys = sorted(k for k in target if k.startswith(pre))
+        return cls(i, keys, E, D, F, rows, {k: full.get(k, _shape(target[k])) for k in keys})
 
-        def tshape(k: str) -> tuple[int, ...]:
-            return full.get(k, _shape(target[k]))
+    @property
+    def prefix(self) -> str:
+        return f"blocks.{self.index}.ffn."
 
-        def mine(k: str, t: torch.Tensor) -> torch.Tensor:
-            return t[rows] if rows is not None and k in full else t
-        if src_has_dense(i):
-            dense = {n: pre + f"{n}.weight" for n in ("w1", "w3", "w2")}
-            for n, k in dense.items():
-                if k not in src:
-                    raise bad(k, f"the dense source layer {i} has no {n}")
-            s1, s3, s2 = (src[dense[n]] for n in ("w1", "w3", "w2"))
-            if _shape(s1)[1:] != (D,) or _shape(s3) != _shape(s1) or _shape(s2) != (D, _shape(s1)[0]):
-                raise bad(pre + "w1.weight", f"source dense FFN shapes w1 {_shape(s1)}, w3 {_shape(s3)}, "
-                          f"w2 {_shape(s2)} do not fit d_model {D} of target {pre}experts.w1 {(E, D, F)}")
-            if s1.shape[0] != F:
-                raise bad(pre + "w1.weight", f"source shape {_shape(s1)} (d_ff {s1.shape[0]}) cannot be "
-                          f"upcycled into target {pre}experts.w1 {(E, D, F)}: dense-to-MoE upcycling needs "
-                          f"d_ff of the source == d_expert of the target ({s1.shape[0]} != {F})")
-            ws, origin = (s1.t(), s3.t(), s2.t()), "dense"
-            used.update(dense.values())
-            extra = [k for k in src if k.startswith(pre) and k not in dense.values()]
-            if extra:
-                raise bad(extra[0], f"source layer {i} mixes a dense FFN with other ffn tensors {extra}")
-        elif src_has_moe(i):
-            sk = pre + "experts.w1"
-            if sk not in src:
-                raise bad(sk, f"source MoE layer {i} has no stacked expert weights")
-            es = src[sk].shape[0]
-            if es == E and es > 1:
-                origin = None
-            elif es == 1:
-                s = {n: src.get(pre + f"experts.{n}") for n in ("w1", "w3", "w2")}
-                for n, t in s.items():
-                    if t is None:
-                        raise bad(pre + f"experts.{n}", f"missing from source MoE layer {i}")
-                if _shape(s["w1"]) != (1, D, F) or _shape(s["w3"]) != (1, D, F) or _shape(s["w2"]) != (1, F, D):
-                    raise bad(sk, f"source one-expert shapes w1 {_shape(s['w1'])}, w3 {_shape(s['w3'])}, "
-                              f"w2 {_shape(s['w2'])} do not fit target {(E, D, F)} / {(E, F, D)}")
-                ws, origin = (s["w1"][0], s["w3"][0], s["w2"][0]), "moe_1_expert"
-                used.update(k for k in src if k.startswith(pre))  # its 1-expert router/bias are dropped
-            else:
-                raise bad(sk, f"source has {es} experts {_shape(src[sk])}, target has {E} {(E, D, F)}: "
-                          f"only a dense FFN, a one-expert MoE or an MoE with the same number of experts "
-                          f"can initialise an MoE layer")
+    def mine(self, k: str, t: torch.Tensor) -> torch.Tensor:
+        """What this layer keeps of a full tensor for key `k`: its rows of an expert weight."""
+        expert_key = k.startswith(self.prefix) and k[len(self.prefix):] in _EXPERT_WEIGHTS
+        return t[self.rows] if self.rows is not None and expert_key else t
+
+
+class _StateLoader:
+    """The state dict `init_model_from` builds from one source, step by step, and its report.
+    Every check raises before anything is written into the model."""
+
+    def __init__(self, model: nn.Module, src: dict[str, torch.Tensor], where: str):
+        self.src, self.where = src, where
+        self.target = model.state_dict()
+        self.blocks = getattr(model, "blocks", [])
+        self.moe_layers = sorted(i for i, b in enumerate(self.blocks) if getattr(b, "is_moe", False))
+        self.new: dict[str, torch.Tensor] = {}
+        self.used: set[str] = set()  # source keys placed (or deliberately dropped)
+        self.loaded: list[str] = []
+        self.fresh: list[str] = []  # target keys that keep their init
+        self.upcycled: dict[str, str] = {}  # layer index -> "dense" | "moe_1_expert"
+        self.moe_as_is: list[int] = []
+
+    def bad(self, key: str, msg: str) -> ValueError:
+        return ValueError(f"init from {self.where}: {key}: {msg}")
+
+    def src_has_moe(self, i: int) -> bool:
+        return any(k.startswith(f"blocks.{i}.ffn.experts.") or k == f"blocks.{i}.ffn.router.weight"
+                   for k in self.src)
+
+    def src_has_dense(self, i: int) -> bool:
+        return f"blocks.{i}.ffn.w1.weight" in self.src
+
+    def take(self, k: str, t: torch.Tensor) -> None:
+        self.new[k] = t
+        self.loaded.append(k)
+        self.used.add(k)
+
+    def load_outside_moe_layers(self) -> None:
+        """Everything but the MoE layers' FFNs: equal shapes, nothing missing."""
+        for k, t in self.target.items():
+            m = _BLOCK_RE.match(k)
+            if m and int(m.group(1)) in self.moe_layers and m.group(2).startswith("ffn."):
+                continue
+            if m and m.group(2).startswith("ffn.") and self.src_has_moe(int(m.group(1))):
+                raise self.bad(k, f"target layer {m.group(1)} is dense but the source layer is MoE "
+                               f"(MoE-to-dense is not supported)")
+            if k not in self.src:
+                raise self.bad(k, f"missing from the source (target shape {_shape(t)})")
+            if _shape(self.src[k]) != _shape(t):
+                raise self.bad(k, f"source shape {_shape(self.src[k])} != target shape {_shape(t)}"
+                               f"{_shape_hint(k, m)}")
+            self.take(k, self.src[k])
+
+    def load_moe_layer(self, i: int, cfg: UpcycleConfig, seed: int) -> None:
+        """MoE layer i, whole: loaded as is from an MoE source with the same E, else upcycled."""
+        layer = _MoETarget.of(self.target, self.blocks, i)
+        spawn = self.spawn_source(layer)
+        if spawn is None:
+            self.load_moe_as_is(layer)
         else:
-            raise bad(pre + "experts.w1", f"source has no FFN for layer {i} (neither {pre}w1.weight nor "
-                      f"{pre}experts.w1); target shape {(E, D, F)}")
-        if origin is None:  # same E: load as is
-            for k in keys:
-                if k in src:
-                    if _shape(src[k]) != tshape(k):
-                        raise bad(k, f"source shape {_shape(src[k])} != target shape {tshape(k)}")
-                    new[k] = mine(k, src[k])
-                    loaded.append(k)
-                    used.add(k)
-                elif k.rsplit(".", 1)[-1] in _OPTIONAL_MOE_KEYS:
-                    fresh.append(k)
-                else:
-                    raise bad(k, f"missing from the source (target shape {tshape(k)})")
-            extra = [k for k in src if k.startswith(pre) and k not in target]
-            if extra:
-                raise bad(extra[0], f"source tensor has no counterpart in the target MoE layer {i}")
-            moe_as_is.append(i)
-            continue
-        gen = torch.Generator().manual_seed(_layer_seed(seed, i))
-        w1, w3, w2 = diversify_experts(*ws, E, cfg, gen)  # all E (the same draws on every rank)
+            self.upcycle(layer, *spawn, cfg, seed)
+
+    def spawn_source(self, layer: _MoETarget) -> Optional[tuple[tuple[torch.Tensor, ...], str]]:
+        """((w1_DF, w3_DF, w2_FD), origin) the layer's experts are spawned from, or None when
+        the source layer is an MoE with the target's E > 1 experts (loaded as is)."""
+        i, pre, (E, D, F) = layer.index, layer.prefix, (layer.E, layer.D, layer.F)
+        if self.src_has_dense(i):
+            return self.dense_source(layer), "dense"
+        if not self.src_has_moe(i):
+            raise self.bad(pre + "experts.w1", f"source has no FFN for layer {i} (neither {pre}w1.weight nor "
+                           f"{pre}experts.w1); target shape {(E, D, F)}")
+        sk = pre + "experts.w1"
+        if sk not in self.src:
+            raise self.bad(sk, f"source MoE layer {i} has no stacked expert weights")
+        es = self.src[sk].shape[0]
+        if es == E and es > 1:
+            return None
+        if es == 1:
+            return self.one_expert_source(layer), "moe_1_expert"
+        raise self.bad(sk, f"source has {es} experts {_shape(self.src[sk])}, target has {E} {(E, D, F)}: "
+                       f"only a dense FFN, a one-expert MoE or an MoE with the same number of experts "
+                       f"can initialise an MoE layer")
+
+    def dense_source(self, layer: _MoETarget) -> tuple[torch.Tensor, ...]:
+        """The source's dense FFN of the layer, in the experts' layout (the nn.Linear transposes)."""
+        i, pre, (E, D, F) = layer.index, layer.prefix, (layer.E, layer.D, layer.F)
+        dense = {n: pre + f"{n}.weight" for n in ("w1", "w3", "w2")}
+        for n, k in dense.items():
+            if k not in self.src:
+                raise self.bad(k, f"the dense source layer {i} has no {n}")
+        s1, s3, s2 = (self.src[dense[n]] for n in ("w1", "w3", "w2"))
+        if _shape(s1)[1:] != (D,) or _shape(s3) != _shape(s1) or _shape(s2) != (D, _shape(s1)[0]):
+            raise self.bad(pre + "w1.weight", f"source dense FFN shapes w1 {_shape(s1)}, w3 {_shape(s3)}, "
+                           f"w2 {_shape(s2)} do not fit d_model {D} of target {pre}experts.w1 {(E, D, F)}")
+        if s1.shape[0] != F:
+            raise self.bad(pre + "w1.weight", f"source shape {_shape(s1)} (d_ff {s1.shape[0]}) cannot be "
+                           f"upcycled into target {pre}experts.w1 {(E, D, F)}: dense-to-MoE upcycling needs "
+                           f"d_ff of the source == d_expert of the target ({s1.shape[0]} != {F})")
+        self.used.update(dense.values())
+        extra = [k for k in self.src if k.startswith(pre) and k not in dense.values()]
+        if extra:
+            raise self.bad(extra[0], f"source layer {i} mixes a dense FFN with other ffn tensors {extra}")
+        return s1.t(), s3.t(), s2.t()
+
+    def one_expert_source(self, layer: _MoETarget) -> tuple[torch.Tensor, ...]:
+        """The one expert of the source's MoE layer; its router and bias are dropped."""
+        i, pre, (E, D, F) = layer.index, layer.prefix, (layer.E, layer.D, layer.F)
+        s = {n: self.src.get(pre + f"experts.{n}") for n in ("w1", "w3", "w2")}
+        for n, t in s.items():
+            if t is None:
+                raise self.bad(pre + f"experts.{n}", f"missing from source MoE layer {i}")
+        if _shape(s["w1"]) != (1, D, F) or _shape(s["w3"]) != (1, D, F) or _shape(s["w2"]) != (1, F, D):
+            raise self.bad(pre + "experts.w1", f"source one-expert shapes w1 {_shape(s['w1'])}, w3 "
+                           f"{_shape(s['w3'])}, w2 {_shape(s['w2'])} do not fit target {(E, D, F)} / {(E, F, D)}")
+        self.used.update(k for k in self.src if k.startswith(pre))
+        return s["w1"][0], s["w3"][0], s["w2"][0]
+
+    def load_moe_as_is(self, layer: _MoETarget) -> None:
+        """An MoE source layer with the target's E: every tensor of equal (full) shape."""
+        for k in layer.keys:
+            if k in self.src:
+                if _shape(self.src[k]) != layer.shapes[k]:
+                    raise self.bad(k, f"source shape {_shape(self.src[k])} != target shape {layer.shapes[k]}")
+                self.take(k, layer.mine(k, self.src[k]))
+            elif k.rsplit(".", 1)[-1] in _OPTIONAL_MOE_KEYS:
+                self.fresh.append(k)
+            else:
+                raise self.bad(k, f"missing from the source (target shape {layer.shapes[k]})")
+        extra = [k for k in self.src if k.startswith(layer.prefix) and k not in self.target]
+        if extra:
+            raise self.bad(extra[0], f"source tensor has no counterpart in the target MoE layer {layer.index}")
+        self.moe_as_is.append(layer.index)
+
+    def upcycle(self, layer: _MoETarget, ws: tuple[torch.Tensor, ...], origin: str, cfg: UpcycleConfig,
+                seed: int) -> None:
+        """E experts from one FFN (`diversify_experts`); router, expert_bias, ... keep their init."""
+        gen = torch.Generator().manual_seed(_layer_seed(seed, layer.index))
+        w1, w3, w2 = diversify_experts(*ws, layer.E, cfg, gen)  # all E (the same draws on every rank)
         for w, t in zip(_EXPERT_WEIGHTS, (w1, w3, w2)):
-            new[pre + w] = mine(pre + w, t)
-        for k in keys:
-            if k not in new:
-                fresh.append(k)  # router, expert_bias, ...: the target's own init
-        upcycled[str(i)] = origin
+            self.new[layer.prefix + w] = layer.mine(layer.prefix + w, t)
+        self.fresh.extend(k for k in layer.keys if k not in self.new)
+        self.upcycled[str(layer.index)] = origin
 
-    unused = sorted(set(src) - used)
-    if unused:
-        k = unused[0]
-        raise bad(k, f"source tensor {_shape(src[k])} has no place in the target model"
-                  + (f" (and {len(unused) - 1} more: {unused[1:6]})" if len(unused) > 1 else "")
-                  + (" -- set model.qkv_bias: true" if k.endswith("attn.qkv.bias") else ""))
+    def check_every_source_tensor_used(self) -> None:
+        unused = sorted(set(self.src) - self.used)
+        if unused:
+            k = unused[0]
+            raise self.bad(k, f"source tensor {_shape(self.src[k])} has no place in the target model"
+                           + (f" (and {len(unused) - 1} more: {unused[1:6]})" if len(unused) > 1 else "")
+                           + (" -- set model.qkv_bias: true" if k.endswith("attn.qkv.bias") else ""))
 
-    for k in fresh:
-        new[k] = target[k]
-    missing = set(target) - set(new)
-    assert not missing, missing  # every target key was handled above
-    model.load_state_dict(new, strict=True)
-    return {
-        "source": where,
-        "kind": kind,
-        "loaded": loaded,
-        "upcycled_layers": upcycled,  # layer index -> "dense" | "moe_1_expert"
-        "moe_layers_loaded": moe_as_is,
-        "kept_init": sorted(fresh),
-        "num_experts": {str(i): int(getattr(blocks[i].ffn.experts, "num_experts", None)
-                                    or target[f"blocks.{i}.ffn.experts.w1"].shape[0]) for i in sorted(moe_layers)},
-        "upcycle": asdict(cfg),
-        "seed": seed,
-    }
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full state dict to load: what was placed, and the target's own init elsewhere."""
+        for k in self.fresh:
+            self.new[k] = self.target[k]
+        missing = set(self.target) - set(self.new)
+        assert not missing, missing  # every target key was handled above
+        return self.new
+
+    def report(self, kind: str, cfg: UpcycleConfig, seed: int) -> dict[str, Any]:
+        return {
+            "source": self.where,
+            "kind": kind,
+            "loaded": self.loaded,
+            "upcycled_layers": self.upcycled,
+            "moe_layers_loaded": self.moe_as_is,
+            "kept_init": sorted(self.fresh),
+            "num_experts": {str(i): int(getattr(self.blocks[i].ffn.experts, "num_experts", None)
+                                        or self.target[f"blocks.{i}.ffn.experts.w1"].shape[0])
+                            for i in self.moe_layers},
+            "upcycle": asdict(cfg),
+            "seed": seed,
+        }
+
+
+def _shape_hint(k: str, m: Optional[re.Match]) -> str:
+    """Which model fields to check when a non-MoE tensor's shape differs."""
+    if k.endswith("attn.qkv.weight"):
+        return " (check d_model, n_heads and n_kv_heads)"
+    if m and m.group(2).startswith("ffn.w"):
+        return " (check d_ff)"
+    return ""
