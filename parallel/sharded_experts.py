@@ -7,6 +7,7 @@ SparseAllGather is posted before the block's attention, so the transfer overlaps
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -25,6 +26,20 @@ def _monotone(counts_AB: np.ndarray) -> bool:
     (a, b) segments, visited B-major, never go back in a. `counts_AB[a, b]` = segment sizes."""
     a_idx = np.nonzero(np.asarray(counts_AB).T)[1]  # a of each non-empty segment, in B-major order
     return bool(np.all(np.diff(a_idx) >= 0)) if a_idx.size else True
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    """What `combine` needs to undo a `dispatch`: the all-to-all splits and both row
+    permutations. Each permutation is skipped when it is the identity (classic EP's contiguous
+    ownership): each is a full copy of the tokens' activations, forward and backward."""
+
+    send_splits: tuple[int, ...]  # rows this rank sends to each rank
+    recv_splits: tuple[int, ...]  # rows each rank sends to this one
+    send_order: torch.Tensor  # this rank's rows (sorted by expert) -> grouped by destination rank
+    send_is_identity: bool
+    recv_order: torch.Tensor  # arriving rows (source-major) -> grouped by local expert
+    recv_is_identity: bool
 
 
 class AttentionOverlap:
@@ -47,11 +62,11 @@ class AttentionOverlap:
 class ShardedExperts(nn.Module):
     """Drop-in for `GroupedExperts` under ep/fssdp: same call, rows in, rows out; no parameters.
 
-    forward(x_ND, counts_E): rows sorted by expert (this rank's tokens) ->
-      1. all-gather every rank's counts; every rank derives the same token assignment;
-      2. uneven all-to-all of the rows to the holders the assignment names;
-      3. the holder computes its local experts (owned ones from the pool, copies from spAG);
-      4. the reverse all-to-all brings the results back in the input order.
+    forward(x_ND, counts_E), rows sorted by expert (this rank's tokens), in three steps:
+      dispatch: all-gather every rank's counts (every rank derives the same token assignment),
+                then an uneven all-to-all of the rows to the holders the assignment names;
+      compute:  the holder computes its local experts (owned ones from the pool, copies from spAG);
+      combine:  the reverse all-to-all brings the results back in the input order.
     """
 
     def __init__(self, store: ExpertStore, layer: int, num_experts: int):
@@ -63,47 +78,75 @@ class ShardedExperts(nn.Module):
         self.store.start_gather(self.layer)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        st, l, E = self.store, self.layer, self.num_experts
-        N, me = st.world, st.rank
+        st = self.store
         if st.cfg.sprs_overlap and st.strategy == "fssdp" and x_ND.requires_grad:
-            x_ND = mark_layer_backward(x_ND, st, l)  # its backward: the layer's spRS may start
-        counts = counts_E.detach().to(torch.int64)
-        if N > 1:
-            gathered = [torch.empty_like(counts) for _ in range(N)]
-            dist.all_gather(gathered, counts, group=st.group)
-            counts_NE = torch.stack(gathered).cpu().numpy()
-        else:
-            counts_NE = counts.cpu().numpy()[None]
-        plan = assign(counts_NE, st.holders(l), st.nodes)  # O(N*E), never the (N, E, N) array
+            x_ND = mark_layer_backward(x_ND, st, self.layer)  # its backward: the layer's spRS may start
+        rows, local_counts, meta = self.dispatch(x_ND, counts_E)
+        return self.combine(self.compute(rows, local_counts), meta)
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def dispatch(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchMeta]:
+        """Send each row to the rank the token assignment names. Returns the rows this rank
+        computes, grouped by local expert (`local_experts` order), their count per local expert,
+        and the metadata `combine` needs."""
+        st, layer, world, rank = self.store, self.layer, self.store.world, self.store.rank
+        plan = assign(self._all_counts(counts_E), st.holders(layer), st.nodes)  # O(R*E), no (R, E, R) array
         st.record_loads(plan.rank_loads())
-        mine = plan.from_rank(me)  # (E, N)
-        dst_rows = torch.repeat_interleave(torch.arange(N).repeat(E), torch.from_numpy(np.ascontiguousarray(mine).reshape(-1)))
-        order = torch.argsort(dst_rows, stable=True).to(x_ND.device)
-        in_splits = mine.sum(axis=0).tolist()
-        recv_SE = plan.to_rank(me)  # rows arriving from each source, by expert
-        out_splits = recv_SE.sum(axis=1).tolist()
-        # Classic EP's contiguous ownership makes these row permutations identities: skip them
-        # (each is a full copy of the tokens' activations, forward and backward).
-        send_id = _monotone(mine.T)  # segments in (expert, dst) order already grouped by dst
-        xs = x_ND if send_id else x_ND.index_select(0, order)
-        recv = coll.all_to_all(xs, in_splits, out_splits, st.group, st.comm) if N > 1 else xs
-        experts = st.local_experts(l)  # owned first, then copies: the order of the weight stacks
-        pos = torch.full((E,), E, dtype=torch.long)
-        pos[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
-        # arriving rows are source-major, expert-minor; the experts want (local order)-major
-        key = torch.repeat_interleave((torch.arange(N)[:, None] + N * pos[None, :]).reshape(-1),
-                                      torch.from_numpy(np.ascontiguousarray(recv_SE).reshape(-1)))
-        perm = torch.argsort(key, stable=True).to(x_ND.device)
-        # arrival visits (source, expert id); identity when the local positions never go back
-        arrival_pos = pos.numpy()[np.nonzero(recv_SE)[1]]
-        recv_id = bool(np.all(np.diff(arrival_pos) >= 0))
-        rows = recv if recv_id else recv.index_select(0, perm)
-        local_counts = [int(recv_SE[:, e].sum()) for e in experts]
+        send_ER = plan.from_rank(rank)  # rows of each expert this rank sends to each rank
+        send_order, send_is_identity = self._send_order(send_ER, x_ND.device)
+        send_splits = tuple(send_ER.sum(axis=0).tolist())
+        recv_RE = plan.to_rank(rank)  # rows arriving from each source rank, by expert
+        recv_splits = tuple(recv_RE.sum(axis=1).tolist())
+        xs = x_ND if send_is_identity else x_ND.index_select(0, send_order)
+        recv = coll.all_to_all(xs, send_splits, recv_splits, st.group, st.comm) if world > 1 else xs
+        experts = st.local_experts(layer)  # owned first, then copies: the order of the weight stacks
+        recv_order, recv_is_identity = self._recv_order(recv_RE, experts, x_ND.device)
+        rows = recv if recv_is_identity else recv.index_select(0, recv_order)
+        local_counts = [int(recv_RE[:, e].sum()) for e in experts]
         held = set(experts)
-        missing = [int(e) for e in np.flatnonzero(recv_SE.sum(axis=0)) if int(e) not in held]
+        missing = [int(e) for e in np.flatnonzero(recv_RE.sum(axis=0)) if int(e) not in held]
         if missing:
-            raise RuntimeError(f"layer {l}: rank {me} received tokens for experts {missing} it does not hold")
-        own_w, copy_w = st.local_weights(l, experts)
+            raise RuntimeError(f"layer {layer}: rank {rank} received tokens for experts {missing} it does not hold")
+        return rows, local_counts, DispatchMeta(send_splits, recv_splits, send_order, send_is_identity,
+                                                recv_order, recv_is_identity)
+
+    def _all_counts(self, counts_E: torch.Tensor) -> np.ndarray:
+        """(world, E): every rank's rows per expert, the same array on every rank."""
+        st = self.store
+        counts = counts_E.detach().to(torch.int64)
+        if st.world == 1:
+            return counts.cpu().numpy()[None]
+        gathered = [torch.empty_like(counts) for _ in range(st.world)]
+        dist.all_gather(gathered, counts, group=st.group)
+        return torch.stack(gathered).cpu().numpy()
+
+    def _send_order(self, send_ER: np.ndarray, device) -> tuple[torch.Tensor, bool]:
+        """The permutation grouping this rank's rows (expert-major) by destination rank, and
+        whether it is the identity (the (expert, destination) segments already rank-major)."""
+        world, E = self.store.world, self.num_experts
+        dst_rows = torch.repeat_interleave(torch.arange(world).repeat(E),
+                                           torch.from_numpy(np.ascontiguousarray(send_ER).reshape(-1)))
+        return torch.argsort(dst_rows, stable=True).to(device), _monotone(send_ER.T)
+
+    def _recv_order(self, recv_RE: np.ndarray, experts: list[int], device) -> tuple[torch.Tensor, bool]:
+        """The permutation taking the arriving rows (source-major, expert-minor) to local-expert
+        order, and whether it is the identity (the local positions never go back on arrival)."""
+        world, E = self.store.world, self.num_experts
+        pos = torch.full((E,), E, dtype=torch.long)  # each expert's position among the local ones
+        pos[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+        key = torch.repeat_interleave((torch.arange(world)[:, None] + world * pos[None, :]).reshape(-1),
+                                      torch.from_numpy(np.ascontiguousarray(recv_RE).reshape(-1)))
+        order = torch.argsort(key, stable=True).to(device)
+        arrival_pos = pos.numpy()[np.nonzero(recv_RE)[1]]  # arrival visits (source, expert id)
+        return order, bool(np.all(np.diff(arrival_pos) >= 0))
+
+    # -- compute ----------------------------------------------------------------------------------
+    def compute(self, rows: torch.Tensor, local_counts: list[int]) -> torch.Tensor:
+        """This rank's local experts on their rows: owned experts straight from the pool, copies
+        from the gathered stacks (no weight copies); rows out in the same order."""
+        st, layer = self.store, self.layer
+        experts = st.local_experts(layer)
+        own_w, copy_w = st.local_weights(layer, experts)
         if own_w[0].dtype != rows.dtype:
             # The pool keeps fp32 master weights outside DeepSpeed; under bf16 the engine casts the
             # dense module only, so compute in the activations' dtype (gradients flow back in fp32).
@@ -111,7 +154,6 @@ class ShardedExperts(nn.Module):
             copy_w = [w.to(rows.dtype) for w in copy_w]
         n_own = len(experts) - (copy_w[0].shape[0] if copy_w else 0)
         rows_own = sum(local_counts[:n_own])
-        # owned experts straight from the pool, copies from the gathered stacks: no weight copies
         y = st.backend(rows[:rows_own], local_counts[:n_own], *own_w)
         if copy_w:
             if st.cfg.rematerialize and torch.is_grad_enabled():
@@ -124,11 +166,18 @@ class ShardedExperts(nn.Module):
         if st.cfg.rematerialize and st.strategy == "fssdp":
             # On every rank (senders too): backward gathers the copies again before it needs them.
             if y.requires_grad:
-                y = refill_before_backward(y, st, l)
-            st.release_layer(l)
-        y_src = y if recv_id else y.index_select(0, torch.argsort(perm))
-        back = coll.all_to_all(y_src, out_splits, in_splits, st.group, st.comm) if N > 1 else y_src
-        return back if send_id else back.index_select(0, torch.argsort(order))
+                y = refill_before_backward(y, st, layer)
+            st.release_layer(layer)
+        return y
+
+    # -- combine ----------------------------------------------------------------------------------
+    def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """The reverse of `dispatch`: every result row back to its token's rank, in input order."""
+        st = self.store
+        y_src = y if meta.recv_is_identity else y.index_select(0, torch.argsort(meta.recv_order))
+        back = (coll.all_to_all(y_src, meta.recv_splits, meta.send_splits, st.group, st.comm) if st.world > 1
+                else y_src)
+        return back if meta.send_is_identity else back.index_select(0, torch.argsort(meta.send_order))
 
 
 def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None, groups=None,
