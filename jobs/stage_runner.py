@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -101,8 +101,55 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
 def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[MetricSink, ...] = (),
                       on_step: Optional[Callable[[dict], None]] = None,
                       stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
-    par = stage.parallel
+    """Train `stage` of the job's `plan` on this rank; return the last step's metrics.
+
+    The steps run in this order on every rank: device and process group, corpus, strategy,
+    model (seeded, then initialised from `init_from`), engine, data stream, teacher, resume
+    point and metric sinks, trainer, training, and (rank 0) the stage's records."""
     rank = pdist.rank()
+    device = _start_rank(stage.parallel)
+    layout = RunLayout(plan.run_dir)
+    # The job's whole corpus (every stage's sources, one tokenizer): this stage trains on its own
+    # sources (plus replay pools) and evaluates on any of them.
+    corpus = PackedCorpus.build(plan.corpus)
+    pdist.startup_trace("corpus")
+    nodes = rank_nodes() if stage.parallel.expert_strategy in ("ep", "fssdp") else None
+    strategy = build_strategy(stage.parallel, stage.ep_size, stage.grad_clip, nodes)
+    model, init_ckpt, init_report = _build_initialised_model(plan, stage, layout, corpus, strategy, device)
+    strategy.prepare(model)
+    pdist.startup_trace("model")
+    engine = _build_engine(stage, model, strategy, init_ckpt)
+    data = _stage_data(stage, layout, corpus)
+    teacher = _build_teacher(plan, stage, layout, corpus, data, model)
+    # Where the stage resumes, decided before the metrics file opens: the records past that step
+    # are superseded.
+    resume_from = _resume_point(layout.checkpoints(stage.name), rank)
+    sinks = _stage_sinks(plan, stage, layout, resume_from, extra_sinks, rank)
+    ckpt = CheckpointManager(layout.checkpoints(stage.name), rank, pdist.barrier,
+                             plan.ray.checkpoint_config.num_to_keep)
+    manifest_base = {"run": plan.run.name, "spec": to_dict(plan.spec), "tokenizer": corpus.tokenizer.fingerprint,
+                     "init_from": str(init_ckpt) if init_ckpt else None, "init_report": init_report}
+    trainer = Trainer(engine=engine, model=model, strategy=strategy, stream=data.stream,
+                      holdout_batches=data.eval_batches, stage=stage, balancing=stage.experts.balancing,
+                      stage_name=stage.name, sinks=sinks, ckpt=ckpt, manifest_base=manifest_base,
+                      log_every=plan.metrics.log_every,
+                      hooks=TrainerHooks(on_step=on_step, stop_requested=stop_requested), teacher=teacher,
+                      # Forgetting / adaptation only mean something for a stage that starts from a
+                      # trained model: "old" is what it knew, "new" what this stage trains on.
+                      domain_groups=stage.domain_groups())
+    if resume_from is not None:
+        _resume(trainer, stage, layout, resume_from, rank)
+    last = _fit(trainer, data.stream, sinks)
+    if rank == 0:
+        _write_stage_records(layout, stage, trainer, data.sampler, data.stream, data.train, data.weights, corpus,
+                             last, latest_checkpoint(ckpt.root))
+    pdist.barrier()
+    return last
+
+
+def _start_rank(par) -> torch.device:
+    """This rank's device, its process group (its own when alone, else Ray Train's, connected
+    now) and DeepSpeed's communication, in the order they need each other."""
     device = worker_device(par.use_gpu)
     pdist.configure_accelerator(par.use_gpu)
     pdist.bind_device(device)  # before NCCL's communicator and DeepSpeed's accelerator
@@ -117,14 +164,13 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     pdist.startup_trace("deepspeed_comm")
     if par.threads_per_worker:
         torch.set_num_threads(par.threads_per_worker)
-    layout = RunLayout(plan.run_dir)
+    return device
 
-    # The job's whole corpus (every stage's sources, one tokenizer): this stage trains on its own
-    # sources (plus replay pools) and evaluates on any of them.
-    corpus = PackedCorpus.build(plan.corpus)
-    pdist.startup_trace("corpus")
-    nodes = rank_nodes() if par.expert_strategy in ("ep", "fssdp") else None
-    strategy = build_strategy(par, stage.ep_size, stage.grad_clip, nodes)
+
+def _build_initialised_model(plan: JobPlan, stage: StagePlan, layout: RunLayout, corpus: PackedCorpus,
+                             strategy: ExpertStrategy, device: torch.device):
+    """(model, init checkpoint or None, init report or None): the stage's model from the model
+    seed, then loaded from `init_from` when the stage has one."""
     # Same seed on every rank: the replicated (dense) parameters must start identical.
     torch.manual_seed(stage.model_seed)
     init_ckpt = init_checkpoint(stage, layout)
@@ -136,84 +182,102 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                         corpus.tokenizer.eos_id if plan.corpus.document_mask else None)
     if device.type == "cuda":
         model = model.to(device)
-    init_report = None
-    if init_ckpt is not None:
-        # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts
-        # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
-        init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=stage.data_seed,
-                                      want_expert=lambda l, e: strategy.owns_initially(l, e, stage.model.num_experts))
-        if rank == 0:
-            up = init_report.get("upcycled_layers") or {}
-            print(f"[moeforge] stage {stage.name}: initialised from {init_report.get('kind')} {init_ckpt}: "
-                  f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
-                  + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
-    strategy.prepare(model)
-    pdist.startup_trace("model")
+    if init_ckpt is None:
+        return model, None, None
+    # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts
+    # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
+    init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=stage.data_seed,
+                                  want_expert=lambda l, e: strategy.owns_initially(l, e, stage.model.num_experts))
+    if pdist.rank() == 0:
+        up = init_report.get("upcycled_layers") or {}
+        print(f"[moeforge] stage {stage.name}: initialised from {init_report.get('kind')} {init_ckpt}: "
+              f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
+              + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
+    return model, init_ckpt, init_report
 
+
+def _build_engine(stage: StagePlan, model: Transformer, strategy: ExpertStrategy, init_ckpt):
+    """The DeepSpeed engine; a full-state `init_from` (not `init_weights_only`) also brings the
+    optimizer moments (the LR schedule restarts with this stage)."""
     from parallel.engine import build_engine
+
     engine = build_engine(model, stage, stage.deepspeed, pdist.world_size(), strategy)
     pdist.startup_trace("engine")
     if init_ckpt is not None and not stage.init_weights_only and not is_hf_model_dir(init_ckpt):
-        # Full state: optimizer moments too (the LR schedule restarts with this stage).
         strategy.load_init_state(engine, init_ckpt)
+    return engine
 
+
+@dataclass
+class _StageData:
+    """What the stage trains on (its mixture's chunks, weights, sampler and stream) and evaluates on."""
+
+    train: dict  # chunk arrays per sampler domain: the stage's sources and replay pools
+    weights: dict
+    sampler: MixtureSampler
+    stream: DataStream
+    eval_domains: list
+    eval_batches: Callable[[], dict]
+
+
+def _stage_data(stage: StagePlan, layout: RunLayout, corpus: PackedCorpus) -> _StageData:
     train, weights = stage_mixture(stage, layout, corpus)
     group = stage.micro_batch_size if stage.data.microbatch_domains == "single" else 1
     sampler = MixtureSampler({d: len(v) for d, v in train.items()}, weights, seed=stage.data_seed, group_size=group)
     # The next micro-batch is gathered in a background thread (pinned on GPU for a non-blocking copy).
-    stream = DataStream(train, sampler, rank, pdist.world_size(), stage.micro_batch_size, prefetch=True,
-                        pin_memory=par.use_gpu and torch.cuda.is_available())
+    stream = DataStream(train, sampler, pdist.rank(), pdist.world_size(), stage.micro_batch_size, prefetch=True,
+                        pin_memory=stage.parallel.use_gpu and torch.cuda.is_available())
     eval_domains = list(stage.eval_domains)
 
     def eval_batches():
         return {d: list(holdout_batches(corpus.holdout, d, stage.micro_batch_size, stage.eval_batches))
                 for d in eval_domains}
 
-    teacher = None
-    if stage.teacher is not None:
-        from parallel.teacher import build_teacher_source
-        teacher = build_teacher_source(stage, resolve_teacher(plan, stage, layout), layout.teacher_cache(stage.name),
-                                       corpus, train, sampler, model, eval_domains)
+    return _StageData(train, weights, sampler, stream, eval_domains, eval_batches)
 
-    # Where the stage resumes (rank 0 verifies and screens, every rank gets the same answer),
-    # decided before the metrics file opens: the records past that step are superseded.
-    ckpt_root = layout.checkpoints(stage.name)
-    resume_from = _resume_point(ckpt_root, rank)
+
+def _build_teacher(plan: JobPlan, stage: StagePlan, layout: RunLayout, corpus: PackedCorpus, data: _StageData,
+                   model: Transformer):
+    """A distillation stage's teacher source (`parallel.teacher`); None for other stages."""
+    if stage.teacher is None:
+        return None
+    from parallel.teacher import build_teacher_source
+
+    return build_teacher_source(stage, resolve_teacher(plan, stage, layout), layout.teacher_cache(stage.name),
+                                corpus, data.train, data.sampler, model, data.eval_domains)
+
+
+def _stage_sinks(plan: JobPlan, stage: StagePlan, layout: RunLayout, resume_from: Optional[Path],
+                 extra_sinks: tuple[MetricSink, ...], rank: int) -> list[MetricSink]:
+    """The metric sinks: on rank 0 metrics.jsonl and the optional ones (its records past the
+    resumed step superseded first), then `extra_sinks`; on other ranks `extra_sinks` only."""
     sinks: list[MetricSink] = list(extra_sinks)
     if rank == 0:
         resumed_step = None if resume_from is None else read_manifest(resume_from)["step"]
         supersede_stage_records(layout.metrics_file, stage.name, resumed_step)
         sinks[:0] = [JsonlSink(layout.metrics_file), *_optional_sinks(plan, stage, layout, resumed_step)]
-    ckpt = CheckpointManager(ckpt_root, rank, pdist.barrier, plan.ray.checkpoint_config.num_to_keep)
-    manifest_base = {"run": plan.run.name, "spec": to_dict(plan.spec), "tokenizer": corpus.tokenizer.fingerprint,
-                     "init_from": str(init_ckpt) if init_ckpt else None, "init_report": init_report}
-    trainer = Trainer(engine=engine, model=model, strategy=strategy, stream=stream, holdout_batches=eval_batches,
-                      stage=stage, balancing=stage.experts.balancing, stage_name=stage.name, sinks=sinks,
-                      ckpt=ckpt, manifest_base=manifest_base, log_every=plan.metrics.log_every,
-                      hooks=TrainerHooks(on_step=on_step, stop_requested=stop_requested), teacher=teacher,
-                      # Forgetting / adaptation only mean something for a stage that starts from a
-                      # trained model: "old" is what it knew, "new" what this stage trains on.
-                      domain_groups=stage.domain_groups())
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        if rank == 0:
-            print(f"[moeforge] stage {stage.name}: resumed from {resume_from} at step {trainer.state.step}",
-                  flush=True)
-            from jobs.heartbeat import record_event  # the dashboard's timeline marks it
+    return sinks
 
-            record_event(layout.root, "resumed", stage.name, trainer.state.step, checkpoint=str(resume_from))
+
+def _resume(trainer: Trainer, stage: StagePlan, layout: RunLayout, resume_from: Path, rank: int) -> None:
+    trainer.resume(resume_from)
+    if rank == 0:
+        print(f"[moeforge] stage {stage.name}: resumed from {resume_from} at step {trainer.state.step}",
+              flush=True)
+        from jobs.heartbeat import record_event  # the dashboard's timeline marks it
+
+        record_event(layout.root, "resumed", stage.name, trainer.state.step, checkpoint=str(resume_from))
+
+
+def _fit(trainer: Trainer, stream: DataStream, sinks: list[MetricSink]) -> dict[str, Any]:
+    """Train; the stream's prefetch thread and the sinks are closed however it ends."""
     pdist.startup_trace("fit")
     try:
-        last = trainer.fit()
+        return trainer.fit()
     finally:
         stream.close()
         for s in sinks:
             s.close()
-    if rank == 0:
-        _write_stage_records(layout, stage, trainer, sampler, stream, train, weights, corpus, last,
-                             latest_checkpoint(ckpt.root))
-    pdist.barrier()
-    return last
 
 
 def _optional_sinks(plan: JobPlan, stage: StagePlan, layout: RunLayout, resumed_step: Optional[int]) -> list:
