@@ -11,7 +11,7 @@ from torch import nn
 from experts.backends import get_backend, recomputing
 from experts.config import RouterConfig
 from experts.dispatch import combine, permute, plan_dispatch
-from experts.router import RouterOutput, dts_route, topk_route
+from experts.router import RouteContext, RouterOutput, get_router
 
 
 @dataclass
@@ -23,7 +23,7 @@ class MoEAux:
     counts_E:  tokens routed to each expert in this micro-batch (detached, int64).
     ids_TK, valid_TK: the routing decision (detached), for sequence-level LBL and statistics.
     batch_size: B, so that T = B * seq_len tokens can be split back into sequences.
-    temperature: the DTS gate's temperature (None for other routers).
+    temperature, hard: the DTS gate's temperature and phase (None for other routers).
     """
 
     probs_TE: torch.Tensor
@@ -34,11 +34,18 @@ class MoEAux:
     valid_TK: Optional[torch.Tensor] = None
     batch_size: int = 1
     temperature: Optional[float] = None
+    hard: Optional[bool] = None
 
     def active_per_token(self) -> float:
         if self.valid_TK is None:
             return float(self.top_k)
         return float(self.valid_TK.sum(dim=1).float().mean())
+
+    def router_scalars(self) -> dict[str, float]:
+        """The router's own per-step figures for the metrics (host values, no sync)."""
+        if self.temperature is None:
+            return {}
+        return {"temperature": self.temperature, "dts_hard": float(bool(self.hard))}
 
 
 class GroupedExperts(nn.Module):
@@ -110,9 +117,9 @@ class MoELayer(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.cfg = router or RouterConfig()
+        self._router = get_router(self.cfg.kind)  # experts/router.py's registry
+        self._router.check(self.cfg, top_k, num_experts)
         self.hard_top_k = self.cfg.dts.hard_top_k or top_k
-        if self.cfg.kind == "dts" and not 1 <= self.hard_top_k <= num_experts:
-            raise ValueError(f"dts.hard_top_k={self.hard_top_k} must be in [1, num_experts={num_experts}]")
         self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -128,13 +135,8 @@ class MoELayer(nn.Module):
         logits_TE = self.router(x_TD)
         # Always applied: a zero bias chooses exactly what no bias would, and testing it for zero
         # would cost a device->host sync per layer per forward.
-        bias = self.expert_bias
-        if self.cfg.kind == "dts":
-            return dts_route(logits_TE, self.routing_step, self.cfg.dts, self.hard_top_k, training=self.training,
-                             normalize=self.cfg.normalize_topk, bias_E=bias)
-        c = self.cfg
-        return topk_route(logits_TE, self.top_k, score=c.score, normalize=c.normalize_topk, bias_E=bias,
-                          n_group=c.n_group, topk_group=c.topk_group, scaling=c.routed_scaling_factor)
+        ctx = RouteContext(self.top_k, self.routing_step, self.training, self.expert_bias)
+        return self._router.route(logits_TE, self.cfg, ctx)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """
@@ -150,7 +152,7 @@ class MoELayer(nn.Module):
         y_ND = self.experts(permute(x_TD, plan), plan.counts_E)
         out_TD = combine(y_ND, r.weights_TK, plan, B * T)
         aux = MoEAux(r.probs_TE, r.logits_TE, plan.counts_E.detach(), self.top_k, r.ids_TK.detach(),
-                     r.valid_TK, B, r.temperature)
+                     r.valid_TK, B, r.temperature, r.hard)
         return out_TD.reshape(B, T, D), aux
 
 

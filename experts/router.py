@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from experts.config import DTSConfig
+from experts.config import DTSConfig, RouterConfig
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RouterOutput:
                  or for sigmoid scores the scores normalised per token (DeepSeek-V3).
     valid_TK:    which slots are real, (T, K) bool; None means all (fixed top-k).
     temperature: the DTS gate's temperature at this step (None for other routers).
+    hard:        whether the DTS gate routed with its hard top-k (None for other routers).
     """
 
     weights_TK: torch.Tensor
@@ -36,6 +37,7 @@ class RouterOutput:
     probs_TE: torch.Tensor
     valid_TK: Optional[torch.Tensor] = None
     temperature: Optional[float] = None
+    hard: Optional[bool] = None
 
     def active_per_token(self) -> torch.Tensor:
         """Mean number of experts each token is sent to (a 0-dim tensor)."""
@@ -154,7 +156,7 @@ def dts_route(logits_TE: torch.Tensor, step: int, cfg: DTSConfig, hard_top_k: in
     temperature = dts_temperature(step, cfg)
     if not training or step >= cfg.hard_step():
         out = topk_route(logits_TE, hard_top_k, score="softmax", normalize=normalize, bias_E=bias_E)
-        out.temperature = temperature
+        out.temperature, out.hard = temperature, True
         return out
     if gumbel_TE is None:
         gumbel_TE = sample_gumbel(logits_TE.shape, device=logits_TE.device)
@@ -166,7 +168,7 @@ def dts_route(logits_TE: torch.Tensor, step: int, cfg: DTSConfig, hard_top_k: in
         valid_TK[:, 0] = True
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weights_TK = probs_TE.gather(1, ids_TK) * valid_TK
-    return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE, valid_TK, temperature)
+    return RouterOutput(weights_TK, ids_TK, logits_TE, probs_TE, valid_TK, temperature, hard=False)
 
 
 def expert_counts(ids_TK: torch.Tensor, num_experts: int, valid_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -183,3 +185,54 @@ def aux_free_bias_update(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: flo
     """
     c = counts_E.to(torch.float64)
     return bias_E + rate * torch.sign(c.mean() - c).to(bias_E.dtype)
+
+
+# -- the registry: router kind -> how a layer routes with it ----------------------------------------
+@dataclass(frozen=True)
+class RouteContext:
+    """What a layer knows when it routes, besides its logits and its router config."""
+
+    top_k: int
+    step: int  # the optimizer step (the DTS temperature follows it)
+    training: bool
+    bias_E: Optional[torch.Tensor]  # the aux-loss-free bias (zeros when off)
+
+
+@dataclass(frozen=True)
+class Router:
+    """A router kind: `route` decides, `check` refuses a config the kind cannot run (at build)."""
+
+    route: Callable[[torch.Tensor, RouterConfig, RouteContext], RouterOutput]
+    check: Callable[[RouterConfig, int, int], None]  # (cfg, top_k, num_experts)
+
+
+def _route_topk(logits_TE: torch.Tensor, cfg: RouterConfig, ctx: RouteContext) -> RouterOutput:
+    return topk_route(logits_TE, ctx.top_k, score=cfg.score, normalize=cfg.normalize_topk, bias_E=ctx.bias_E,
+                      n_group=cfg.n_group, topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor)
+
+
+def _route_dts(logits_TE: torch.Tensor, cfg: RouterConfig, ctx: RouteContext) -> RouterOutput:
+    return dts_route(logits_TE, ctx.step, cfg.dts, cfg.dts.hard_top_k or ctx.top_k, training=ctx.training,
+                     normalize=cfg.normalize_topk, bias_E=ctx.bias_E)
+
+
+def _check_nothing(cfg: RouterConfig, top_k: int, num_experts: int) -> None:
+    pass
+
+
+def _check_dts(cfg: RouterConfig, top_k: int, num_experts: int) -> None:
+    hard = cfg.dts.hard_top_k or top_k
+    if not 1 <= hard <= num_experts:
+        raise ValueError(f"dts.hard_top_k={hard} must be in [1, num_experts={num_experts}]")
+
+
+ROUTERS: dict[str, Router] = {
+    "topk": Router(_route_topk, _check_nothing),
+    "dts": Router(_route_dts, _check_dts),
+}
+
+
+def get_router(kind: str) -> Router:
+    if kind not in ROUTERS:
+        raise ValueError(f"unknown router kind {kind!r}; available: {sorted(ROUTERS)}")
+    return ROUTERS[kind]

@@ -11,8 +11,8 @@ from experts.config import DTSConfig, RouterConfig
 from experts.dispatch import plan_dispatch
 from experts.layer import MoELayer, dense_moe_reference
 from experts.losses import load_balancing_loss, sequence_balancing_loss, sequence_counts
-from experts.router import (aux_free_bias_update, dts_route, dts_temperature, expert_counts, topk_route,
-                            topk_softmax)
+from experts.router import (ROUTERS, Router, RouterOutput, aux_free_bias_update, dts_route, dts_temperature,
+                            expert_counts, get_router, topk_route, topk_softmax)
 from experts.stats import domain_specialisation, global_load_stats
 
 
@@ -163,6 +163,48 @@ def test_dts_layer_matches_dense_reference_forward_and_backward():
         torch.testing.assert_close(a, b)
     assert aux.valid_TK is not None and aux.temperature == 2.0
     assert int(aux.counts_E.sum()) == int(aux.valid_TK.sum())
+
+
+# -- the router registry ---------------------------------------------------------------------------
+def test_the_layer_routes_through_the_registry_and_reports_the_routers_own_figures(monkeypatch):
+    """A kind registered in ROUTERS runs in MoELayer with no edit to the layer; its check runs at
+    build; the DTS gate's temperature and phase reach MoEAux.router_scalars (what the trainer logs)."""
+    assert set(ROUTERS) == {"topk", "dts"}
+    with pytest.raises(ValueError, match="unknown router kind 'nope'; available: \\['dts', 'topk'\\]"):
+        get_router("nope")
+
+    def first_expert(logits_TE, cfg, ctx):
+        T = logits_TE.shape[0]
+        ids = torch.zeros(T, ctx.top_k, dtype=torch.int64)
+        ids[:, 1:] = torch.arange(1, ctx.top_k)
+        w = torch.full((T, ctx.top_k), 1.0 / ctx.top_k, dtype=logits_TE.dtype)
+        return RouterOutput(w, ids, logits_TE, torch.softmax(logits_TE, dim=-1))
+
+    def refuse_odd_k(cfg, top_k, num_experts):
+        if top_k % 2:
+            raise ValueError("first_expert wants an even top_k")
+
+    monkeypatch.setitem(ROUTERS, "first", Router(first_expert, refuse_odd_k))
+    layer = MoELayer(8, 4, 2, 12, RouterConfig(kind="first")).double()
+    layer.reset_parameters(std=0.5, out_std=0.3)
+    _, aux = layer(torch.randn(2, 3, 8, dtype=torch.float64))
+    assert aux.counts_E.tolist() == [6, 6, 0, 0] and aux.router_scalars() == {}
+    with pytest.raises(ValueError, match="even top_k"):
+        MoELayer(8, 4, 1, 12, RouterConfig(kind="first"))
+    with pytest.raises(ValueError, match="dts.hard_top_k=5 must be in \\[1, num_experts=4\\]"):
+        MoELayer(8, 4, 2, 12, RouterConfig(kind="dts", dts=DTSConfig(hard_top_k=5)))
+
+    dts = MoELayer(8, 4, 2, 12, RouterConfig(kind="dts", dts=DTSConfig(t_max=2.0, t_min=0.5, decay_steps=4,
+                                                                       hard_at_step=2))).double()
+    dts.reset_parameters(std=0.5, out_std=0.3)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    seen = []
+    for step in (0, 1, 2, 3):
+        dts.routing_step = step
+        seen.append(dts(x)[1].router_scalars())
+    assert [s["temperature"] for s in seen] == [dts_temperature(t, dts.cfg.dts) for t in (0, 1, 2, 3)]
+    hard = [s["dts_hard"] for s in seen]
+    assert hard == [float(t >= dts.cfg.dts.hard_step()) for t in (0, 1, 2, 3)] and 0.0 in hard and 1.0 in hard
 
 
 # -- losses -----------------------------------------------------------------------------------
