@@ -9,17 +9,18 @@ branch on it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from experts.router import aux_free_bias_update, dts_temperature
-from experts.stats import domain_specialisation, global_load_stats, local_routing_scalars
+from experts.stats import domain_specialisation
 from parallel import dist as pdist
-from parallel.balancing import GlobalCountBuffer, reduce_counts, stack_counts
+from parallel.balancing import stack_counts
+from parallel.callbacks import (Callback, Distillation, FaultInjection, ReplayMetrics, ReportProgress, StepContext,
+                                StopOnRequest)
+from parallel.moe_callback import MoEBalancing
 from system.checkpoint import CheckpointManager, tag_for
 from system.losses import lm_cross_entropy, training_loss
 from system.metrics import MetricSink
@@ -59,36 +60,6 @@ class StagePreempted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
-def maybe_inject_fault(step: int) -> None:
-    """Crash on purpose after `step` when MOEFORGE_FAULT_AT_STEP says so (failure testing).
-
-    With MOEFORGE_FAULT_ONCE=PATH the fault fires only while PATH does not exist (it is
-    created first), so a restarted worker group runs on.
-    """
-    at = os.environ.get("MOEFORGE_FAULT_AT_STEP")
-    if not at or int(at) != step:
-        return
-    once = os.environ.get("MOEFORGE_FAULT_ONCE")
-    if once:
-        try:
-            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
-        except FileExistsError:
-            return
-    raise RuntimeError(f"moeforge: injected fault after step {step} (MOEFORGE_FAULT_AT_STEP)")
-
-
-def maybe_inject_nonfinite(step: int, loss: torch.Tensor, rank: int) -> torch.Tensor:
-    """An Inf loss on purpose at the steps MOEFORGE_FAULT_NONFINITE lists (e.g. "3,4"), on rank
-    MOEFORGE_FAULT_NONFINITE_RANK (default 0): numerics-guard testing."""
-    at = os.environ.get("MOEFORGE_FAULT_NONFINITE")
-    if not at or step not in {int(x) for x in at.split(",") if x.strip()}:
-        return loss
-    if rank != int(os.environ.get("MOEFORGE_FAULT_NONFINITE_RANK", "0")):
-        return loss
-    return loss * math.inf
-
-
 @dataclass
 class TrainerHooks:
     """`on_step`: called on rank 0 after each logged step (e.g. a progress bar).
@@ -103,7 +74,8 @@ class Trainer:
     def __init__(self, *, engine, model, strategy, stream, holdout_batches: Callable[[], dict[str, Sequence[dict]]],
                  stage, balancing, stage_name: str, sinks: Sequence[MetricSink], ckpt: CheckpointManager,
                  manifest_base: dict[str, Any], log_every: int = 1, hooks: TrainerHooks = TrainerHooks(),
-                 teacher=None, domain_groups: Optional[dict[str, list[str]]] = None):
+                 teacher=None, domain_groups: Optional[dict[str, list[str]]] = None,
+                 callbacks: Sequence[Callback] = ()):
         self.engine, self.model, self.stream = engine, model, stream
         self.holdout_batches = holdout_batches
         self.stage, self.bal, self.stage_name = stage, balancing, stage_name
@@ -116,8 +88,24 @@ class Trainer:
         self.teacher = teacher  # distill stages: jobs.teacher.TeacherSource
         self.stop_agreed = False  # every rank: a stop was requested on some rank this step
         self.domain_groups = domain_groups or {}  # {"new": [...], "old": [...]} for the cl/ metrics
-        names = getattr(getattr(stream, "sampler", None), "domains", [])
-        self._replay_ids = [i for i, n in enumerate(names) if n.startswith("replay/")]
+        self.callbacks = self._default_callbacks() + list(callbacks)
+
+    def _default_callbacks(self) -> list[Callback]:
+        """The per-step behaviours, in the order their hooks run (their metrics in that order too)."""
+        cbs: list[Callback] = []
+        names = getattr(getattr(self.stream, "sampler", None), "domains", [])
+        if any(n.startswith("replay/") for n in names):
+            cbs.append(ReplayMetrics(self.stream, lambda: self.state))
+        cbs.append(MoEBalancing(self.model, self.bal, self.device, self.stage.grad_accum_steps,
+                                lambda: self.state.step))
+        if self.teacher is not None:
+            cbs.append(Distillation(self.teacher))
+        cbs.append(FaultInjection(self.rank))
+        if self.hooks.stop_requested is not None:
+            cbs.append(StopOnRequest(self.hooks.stop_requested))
+        if self.hooks.on_step is not None:
+            cbs.append(ReportProgress(self.hooks.on_step))
+        return cbs
 
     # -- resume -------------------------------------------------------------------
     def resume(self, ckpt_dir) -> None:
@@ -146,153 +134,90 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """Run grad_accum_steps micro-batches and one optimizer update; return the step's metrics.
-
-        Global-batch LBL: each micro-batch's per-layer expert counts are all-reduced over the
-        data-parallel ranks and accumulated in `GlobalCountBuffer` (the thin distributed step);
-        the result is passed into the pure loss. With `global_accumulation: exact` a no-grad
-        routing pass over the step's micro-batches comes first (same RNG stream replayed).
-        After the update, aux-loss-free biases move with the step's global counts.
-        """
+        What a step does besides forward, backward and update lives in `self.callbacks`."""
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        n_micro = self.stage.grad_accum_steps
-        tokens_local = 0
-        grad_norm = None
-        moe = self._moe_layers()
-        self._set_routing_step(self.state.step)
+        ctx = StepContext(step=self.state.step + 1, stream_start=self.stream.position, moe_layers=self._moe_layers())
         self.strategy.begin_step(self.state.step)
-        pos0 = self.stream.position
-        batches = [self.stream.next_microbatch() for _ in range(n_micro)]
-        gbuf = GlobalCountBuffer(n_micro, self.bal.global_accumulation) if self.bal.lbl == "global_batch" else None
-        if gbuf is not None and gbuf.mode == "exact" and moe:
-            gbuf.set_total(self._routing_prepass(batches))
-        step_counts_local = None
-        micro_last = None
-        loss_bad = skipped = False
-        for micro, batch in enumerate(batches):
-            # non_blocking: a pinned batch (the stream's pin_memory, on GPU) copies asynchronously
-            ids = batch["input_ids"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            out = self.engine(ids)
-            local = stack_counts([a.counts_E for a in out.moe_aux])
-            override = None
-            if gbuf is not None and out.moe_aux:
-                override = list(gbuf.add(reduce_counts(local)))
-            distill = self.teacher.objective(batch) if self.teacher is not None else None
-            loss, parts = training_loss(out, labels, self.bal, counts_override=override, distill=distill)
-            injected = maybe_inject_nonfinite(self.state.step + 1, loss, self.rank)
-            if injected is not loss:
-                loss, parts = injected, {**parts, "loss": injected.detach()}
-            loss_bad = loss_bad or not math.isfinite(float(loss.detach()))
-            self.strategy.before_backward(micro == n_micro - 1)
-            self.engine.backward(loss)
-            if micro == n_micro - 1:  # the accumulation boundary: reduce, clip, update (or skip)
-                # The rate this update uses (a skipped one: would have used), read before the
-                # engine's step moves the scheduler on to the next update's rate.
-                lr = float(self.engine.get_lr()[0])
-                grad_norm, skipped = self.strategy.optimizer_step(self.engine, self.model, loss_bad)
-            else:
-                self.engine.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            for i, a in enumerate(out.moe_aux):
-                for k, v in local_routing_scalars(a).items():
-                    sums[f"moe/{i}/{k}"] = sums.get(f"moe/{i}/{k}", 0.0) + v
-            step_counts_local = local if step_counts_local is None else step_counts_local + local
-            micro_last = local
-            tokens_local += labels.numel()
-        # The step's global counts: from the buffer when global-batch LBL reduced them already,
-        # else one all-reduce. Every rank gets the same counts (the aux-free bias needs that).
-        if gbuf is not None and moe:
-            step_counts = gbuf.finish_step()
-        elif moe:
-            step_counts = reduce_counts(step_counts_local)
-        else:
-            step_counts = None
-        if step_counts is not None and self.bal.aux_free and not skipped:
-            self._update_expert_bias(step_counts)
-        if step_counts is not None:
-            self.strategy.observe(step_counts)
-        # Reduce for logging only: the mean of each loss part and routing scalar over ranks
-        # and micro-batches.
-        # The stop request rides along as the last element (no collective of its own).
-        keys = sorted(sums)
-        stop = self.hooks.stop_requested is not None and self.hooks.stop_requested()
-        vec = pdist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(stop)], dtype=torch.float64))
-        self.stop_agreed = bool(vec[-1] > 0)
-        vec = vec[:-1] / (n_micro * self.world)
+        ctx.batches = [self.stream.next_microbatch() for _ in range(self.stage.grad_accum_steps)]
+        self._each("begin_step", ctx)
+        for micro, batch in enumerate(ctx.batches):
+            self._micro_batch(ctx, batch, last=micro == len(ctx.batches) - 1)
+        self._each("after_optimizer_step", ctx)
+        if ctx.step_counts_LE is not None:
+            self.strategy.observe(ctx.step_counts_LE)
+        means = self._reduce_for_logging(ctx)
         dt = time.perf_counter() - t0
+        self._advance(ctx)
+        return self._record(ctx, means, dt)
+
+    def _micro_batch(self, ctx: StepContext, batch: dict, last: bool) -> None:
+        """Forward, loss, backward; on the step's last micro-batch also the optimizer update."""
+        # non_blocking: a pinned batch (the stream's pin_memory, on GPU) copies asynchronously
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        ctx.out = self.engine(ids)
+        extra: dict[str, Any] = {}
+        for cb in self.callbacks:
+            extra.update(cb.loss_inputs(ctx, batch))
+        loss, parts = training_loss(ctx.out, labels, self.bal, **extra)
+        for cb in self.callbacks:
+            loss, parts = cb.before_backward(ctx, loss, parts)
+        ctx.loss_bad = ctx.loss_bad or not math.isfinite(float(loss.detach()))
+        self.strategy.before_backward(last)
+        self.engine.backward(loss)
+        if last:  # the accumulation boundary: reduce, clip, update (or skip)
+            # The rate this update uses (a skipped one: would have used), read before the
+            # engine's step moves the scheduler on to the next update's rate.
+            ctx.lr = float(self.engine.get_lr()[0])
+            ctx.grad_norm, ctx.skipped = self.strategy.optimizer_step(self.engine, self.model, ctx.loss_bad)
+        else:
+            self.engine.step()
+        for k, v in parts.items():
+            ctx.sums[k] = ctx.sums.get(k, 0.0) + float(v)
+        ctx.tokens_local += labels.numel()
+        self._each("after_micro_batch", ctx)
+
+    def _reduce_for_logging(self, ctx: StepContext) -> dict[str, float]:
+        """The mean of each per-micro scalar over ranks and micro-batches, in one all-reduce that
+        also carries the stop request (any rank's)."""
+        keys = sorted(ctx.sums)
+        stop = any(cb.stop_requested() for cb in self.callbacks)
+        vec = pdist.all_reduce_sum(torch.tensor([ctx.sums[k] for k in keys] + [float(stop)], dtype=torch.float64))
+        self.stop_agreed = bool(vec[-1] > 0)
+        vec = vec[:-1] / (len(ctx.batches) * self.world)
+        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+
+    def _advance(self, ctx: StepContext) -> None:
         self.state.step += 1
-        self.state.skipped += int(skipped)
-        self.state.bad_streak = self.state.bad_streak + 1 if skipped else 0
-        self.state.tokens += tokens_local * self.world
+        self.state.skipped += int(ctx.skipped)
+        self.state.bad_streak = self.state.bad_streak + 1 if ctx.skipped else 0
+        self.state.tokens += ctx.tokens_local * self.world
         self.state.data = self.stream.state_dict()
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
+
+    def _record(self, ctx: StepContext, means: dict[str, float], dt: float) -> dict[str, Any]:
+        grad_norm = ctx.grad_norm if ctx.grad_norm is not None else self.engine.get_global_grad_norm()
         rec: dict[str, Any] = {
-            "stage": self.stage_name, "step": self.state.step, "time": time.time(),
-            **{k: float(v) for k, v in zip(keys, vec.tolist())},
-            "lr": lr,
+            "stage": self.stage_name, "step": self.state.step, "time": time.time(), **means,
+            "lr": ctx.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "tokens": self.state.tokens,
-            "tokens_per_s": tokens_local * self.world / dt,
+            "tokens_per_s": ctx.tokens_local * self.world / dt,
             "step_time_s": dt,
-            "step_skipped": float(skipped),
+            "step_skipped": float(ctx.skipped),
             "skipped_steps": self.state.skipped,
         }
         rec.update(self.strategy.step_metrics())
-        if self._replay_ids:
-            rec.update(self._replay_metrics(pos0, self.stream.position))
-        for i, layer in enumerate(moe):
-            stats = global_load_stats(step_counts[i], micro_last[i],
-                                      layer.expert_bias if self.bal.aux_free else None)
-            rec.update({f"moe/{i}/{k}": v for k, v in stats.items()})
-            if layer.cfg.kind == "dts":
-                rec[f"moe/{i}/temperature"] = dts_temperature(layer.routing_step, layer.cfg.dts)
-                rec[f"moe/{i}/dts_hard"] = float(layer.routing_step >= layer.cfg.dts.hard_step())
+        for cb in self.callbacks:
+            rec.update(cb.step_metrics(ctx))
         return rec
 
-    def _replay_metrics(self, start: int, stop: int) -> dict[str, float]:
-        """The replayed share of the step's samples (all ranks; exact, from the sampler) and of
-        the stage so far."""
-        doms, _ = self.stream.sampler.lookup_range(start, stop)
-        n_replay = int(sum((doms == i).sum() for i in self._replay_ids))
-        self.state.drawn += len(doms)
-        self.state.replay_drawn += n_replay
-        return {"data/replay_fraction": n_replay / max(1, len(doms)),
-                "data/replay_fraction_total": self.state.replay_drawn / max(1, self.state.drawn)}
+    def _each(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
 
     def _moe_layers(self) -> list:
         fn = getattr(self.model, "moe_layers", None)
         return fn() if fn is not None else []
-
-    def _set_routing_step(self, step: int) -> None:
-        fn = getattr(self.model, "set_routing_step", None)
-        if fn is not None:
-            fn(step)
-
-    @torch.no_grad()
-    def _routing_prepass(self, batches: Sequence[dict]) -> torch.Tensor:
-        """Exact global-batch counts of a step: route every micro-batch without gradients, sum
-        over micro-batches and ranks. The RNG state is restored so the training pass draws the
-        same random numbers (the DTS gate's Gumbel noise) and routes identically."""
-        cpu_state = torch.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        total = None
-        for batch in batches:
-            out = self.model(batch["input_ids"].to(self.device))
-            local = stack_counts([a.counts_E for a in out.moe_aux])
-            total = local if total is None else total + local
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
-        return reduce_counts(total)
-
-    @torch.no_grad()
-    def _update_expert_bias(self, step_counts_LE: torch.Tensor) -> None:
-        for layer, c in zip(self._moe_layers(), step_counts_LE):
-            layer.expert_bias.copy_(aux_free_bias_update(layer.expert_bias, c.to(layer.expert_bias.device),
-                                                         self.bal.bias_update_rate))
 
     # -- evaluation ---------------------------------------------------------------
     @torch.no_grad()
@@ -413,8 +338,7 @@ class Trainer:
                 if self.rank == 0:
                     for s in self.sinks:
                         s.log(rec)
-                    if self.hooks.on_step:
-                        self.hooks.on_step(rec)
+                    self._each("on_log", rec)
             if self.state.bad_streak >= self.stage.max_bad_steps:
                 self._stop_diverged(step)
             due = step % self.stage.checkpoint_every == 0 or step == self.stage.steps
@@ -422,6 +346,6 @@ class Trainer:
                 self.save()
             if self.stop_agreed and step < self.stage.steps:
                 raise StagePreempted(step, str(self.ckpt.root / tag_for(step)))
-            maybe_inject_fault(step)
+            self._each("end_step", step)
             last = rec
         return last
