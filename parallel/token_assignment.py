@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -184,88 +184,160 @@ def _bincount(idx: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class _Replicated:
+    """The experts with more than one holder: their (expert, holder) pairs, the fill order and
+    the holder table the water fills draw their candidates from."""
+
+    experts: np.ndarray  # (M,) the replicated experts, ascending
+    holder: np.ndarray  # rank of every (expert, holder) pair, expert by expert
+    index: np.ndarray  # index into `experts` of every pair
+    kept: np.ndarray  # tokens each holder keeps: its own tokens of that expert
+    pos: np.ndarray  # (M,) place of each expert in the fill order
+    fill_experts: np.ndarray  # (M,) the experts in fill order: most remote tokens first, then id
+    node: np.ndarray  # (N,) node of every rank as 0..G-1
+    num_nodes: int  # G
+    table: np.ndarray  # row p*G + g: the holders of fill_experts[p] on node g, padded with rank N
+    per_row: np.ndarray  # holders in each table row (0: the node has none)
+
+
+@dataclass
+class _Fills:
+    """One water fill per (replicated expert, source holding no copy, with tokens of it), in
+    level order; level i is the fills cut[i]:cut[i+1]."""
+
+    src: np.ndarray  # the source rank
+    expert: np.ndarray  # the expert
+    row: np.ndarray  # the holder-table row of its candidates
+    tokens: np.ndarray  # tokens it sends
+    is_global: np.ndarray  # the source's node holds no copy: the candidates are all holders
+    cut: list
+
+
+def _single_holder_loads(counts: np.ndarray, holders: Sequence[Sequence[int]],
+                         num_holders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The destination of every single-holder expert (-1: replicated) and the (N + 1,) loads
+    they put on their holders (loads[N]: the holder table's pad, set by `_replicated`)."""
+    world, num_experts = counts.shape
+    single = np.flatnonzero(num_holders == 1)
+    single_dst = np.full(num_experts, -1, dtype=np.int64)
+    single_dst[single] = [holders[e][0] for e in single.tolist()]
+    loads = np.zeros(world + 1, dtype=np.int64)
+    loads[:world] = _bincount(single_dst[single], counts.sum(axis=0)[single], world)
+    return single_dst, loads
+
+
+def _replicated(counts: np.ndarray, holders: Sequence[Sequence[int]], num_holders: np.ndarray,
+                loads: np.ndarray, ranks_per_node: Nodes) -> _Replicated:
+    """Every holder keeps its own tokens (added to `loads`); the experts fill in order of their
+    remote tokens, heaviest first; the holder table groups each expert's holders by node."""
+    world = counts.shape[0]
+    colsum = counts.sum(axis=0)
+    experts = np.flatnonzero(num_holders > 1)
+    num = len(experts)
+    holder = np.concatenate([np.asarray(holders[e], dtype=np.int64) for e in experts.tolist()])
+    index = np.repeat(np.arange(num), num_holders[experts])
+    kept = counts[holder, experts[index]]
+    loads[:world] += _bincount(holder, kept, world)
+    remote = colsum[experts] - _bincount(index, kept, num)
+    order = np.lexsort((experts, -remote))  # (-remote, e)
+    pos = np.empty(num, dtype=np.int64)
+    pos[order] = np.arange(num)
+    loads[world] = (int(colsum.sum()) + 1) * (world + 1)  # above any load + fill: sorts last, never raised
+    node, num_nodes = _dense_nodes(world, ranks_per_node)
+    key = pos[index] * num_nodes + node[holder]
+    o = np.argsort(key, kind="stable")
+    per_row = np.bincount(key, minlength=num * num_nodes)
+    table = np.full((num * num_nodes, int(per_row.max())), world, dtype=np.int64)
+    table[key[o], np.arange(len(holder)) - np.repeat(np.cumsum(per_row) - per_row, per_row)] = holder[o]
+    return _Replicated(experts, holder, index, kept, pos, experts[order], node, num_nodes, table, per_row)
+
+
+def _fills(counts: np.ndarray, rep: _Replicated) -> Optional[_Fills]:
+    """The fills in level order (`_levels`); None when every source holds what it sends."""
+    is_holder = np.zeros((len(rep.experts), counts.shape[0]), dtype=bool)
+    is_holder[rep.pos[rep.index], rep.holder] = True
+    fill_pos, src = np.nonzero(~is_holder & (counts[:, rep.fill_experts].T > 0))  # in sequential order
+    if not fill_pos.size:
+        return None
+    row = fill_pos * rep.num_nodes + rep.node[src]
+    is_global = rep.per_row[row] == 0
+    level = _levels(is_global, rep.node[src])
+    so = np.argsort(level, kind="stable")
+    level, fill_pos, src, row, is_global = level[so], fill_pos[so], src[so], row[so], is_global[so]
+    expert = rep.fill_experts[fill_pos]
+    cut = np.flatnonzero(np.r_[True, level[1:] != level[:-1], True]).tolist()
+    return _Fills(src, expert, row, counts[src, expert], is_global, cut)
+
+
+def _python_runs(level: int, cut: list, is_global: list, expert: list, cands: np.ndarray,
+                 holders: Sequence[Sequence[int]], world: int) -> tuple[list, int]:
+    """The fills from `level` on that run in plain Python (faster than numpy for a few), as
+    (fill indices, candidates) runs, and the next level: a global fill with the global fills of
+    its expert right after it, or a level of at most _PY_ROWS fills over at most 32 candidates.
+    No runs: the level runs in numpy."""
+    first, end = cut[level], cut[level + 1]
+    nxt = level + 1
+    if is_global[first]:
+        while nxt < len(cut) - 1 and is_global[cut[nxt]] and expert[cut[nxt]] == expert[first]:
+            nxt += 1
+        return [(cut[level:nxt], [int(c) for c in holders[expert[first]]])], nxt
+    if end - first <= _PY_ROWS:
+        runs = [([x], [c for c in cands[x].tolist() if c < world]) for x in range(first, end)]
+        if max(len(c) for _, c in runs) <= 32:
+            return runs, nxt
+    return [], nxt
+
+
+def _fill_levels(fills: _Fills, cands: np.ndarray, holders: Sequence[Sequence[int]], loads: np.ndarray,
+                 world: int) -> tuple[np.ndarray, np.ndarray, tuple[list, list, list, list]]:
+    """Run the fills level by level, raising `loads`. Returns the numpy levels' candidates
+    (sorted) and what each gets, and the (src, exp, dst, amt) lists of the Python fills."""
+    add = np.zeros_like(cands)
+    python_sends: tuple[list, list, list, list] = ([], [], [], [])
+    tokens, is_global = fills.tokens.tolist(), fills.is_global.tolist()
+    src, expert = fills.src.tolist(), fills.expert.tolist()
+    level, num_levels = 0, len(fills.cut) - 1
+    while level < num_levels:
+        runs, nxt = _python_runs(level, fills.cut, is_global, expert, cands, holders, world)
+        for xs, run_cands in runs:
+            for x, (cs, ad) in zip(xs, _fill_run([tokens[x] for x in xs], run_cands, loads)):
+                python_sends[0].extend([src[x]] * len(cs))
+                python_sends[1].extend([expert[x]] * len(cs))
+                python_sends[2].extend(cs)
+                python_sends[3].extend(ad)
+        if not runs:
+            a, b = fills.cut[level], fills.cut[level + 1]
+            cands[a:b], add[a:b] = _fill_rows(fills.tokens[a:b], cands[a:b], loads, world)
+            loads[cands[a:b]] += add[a:b]  # pads get 0, the rows' holders are disjoint
+        level = nxt
+    return cands, add, python_sends
+
+
 def assign(counts_NE: np.ndarray, holders: Sequence[Sequence[int]], ranks_per_node: Nodes = 8) -> TokenAssignment:
     """The token assignment of `assign_tokens` as a TokenAssignment (O(N*E) memory), the same
     integers. Single-holder experts are one vectorised step; the replicated experts' water fills
     run in levels of fills on disjoint holders (docs/planner.md). `holders[e]`: distinct ranks."""
     counts = np.asarray(counts_NE, dtype=np.int64)
-    N, E = counts.shape
-    nh = np.array([len(h) for h in holders], dtype=np.int64)
-    single = np.flatnonzero(nh == 1)
-    single_dst = np.full(E, -1, dtype=np.int64)
-    single_dst[single] = [holders[e][0] for e in single.tolist()]
-    colsum = counts.sum(axis=0)
-    loads = np.zeros(N + 1, dtype=np.int64)  # loads[N]: the pad of the holder table, never raised
-    loads[:N] = _bincount(single_dst[single], colsum[single], N)
-    multi = np.flatnonzero(nh > 1)
-    M = len(multi)
-    if not M:
+    world = counts.shape[0]
+    num_holders = np.array([len(h) for h in holders], dtype=np.int64)
+    single_dst, loads = _single_holder_loads(counts, holders, num_holders)
+    if not (num_holders > 1).any():
         none = np.zeros(0, dtype=np.int64)
-        return TokenAssignment(counts, single_dst, none, none, none, none, loads[:N])
-    hs = np.concatenate([np.asarray(holders[e], dtype=np.int64) for e in multi.tolist()])
-    he = np.repeat(np.arange(M), nh[multi])
-    kept = counts[hs, multi[he]]  # a holder keeps its own tokens
-    loads[:N] += _bincount(hs, kept, N)
-    remote = colsum[multi] - _bincount(he, kept, M)
-    order = np.lexsort((multi, -remote))  # (-remote, e)
-    pos = np.empty(M, dtype=np.int64)
-    pos[order] = np.arange(M)
-    ep = multi[order]  # the experts in fill order
-    loads[N] = (int(colsum.sum()) + 1) * (N + 1)  # above any load + fill: sorts last, never raised
-    nd, G = _dense_nodes(N, ranks_per_node)
-    key = pos[he] * G + nd[hs]  # holder table: row p*G + g = holders of expert ep[p] on node g
-    o = np.argsort(key, kind="stable")
-    per = np.bincount(key, minlength=M * G)
-    table = np.full((M * G, int(per.max())), N, dtype=np.int64)
-    table[key[o], np.arange(len(hs)) - np.repeat(np.cumsum(per) - per, per)] = hs[o]
-    is_h = np.zeros((M, N), dtype=bool)
-    is_h[pos[he], hs] = True
-    fp, fs = np.nonzero(~is_h & (counts[:, ep].T > 0))  # the fills, in sequential order
-    if not fp.size:
-        return TokenAssignment(counts, single_dst, hs, multi[he], hs, kept, loads[:N])
-    row = fp * G + nd[fs]
-    glob = per[row] == 0
-    lv = _levels(glob, nd[fs])
-    so = np.argsort(lv, kind="stable")
-    lv, fp, fs, row, glob = lv[so], fp[so], fs[so], row[so], glob[so]
-    n_all = counts[fs, ep[fp]]
-    cut = np.flatnonzero(np.r_[True, lv[1:] != lv[:-1], True]).tolist()
-    C = table[row]
-    add = np.zeros_like(C)
-    py: tuple[list, list, list, list] = ([], [], [], [])  # src, exp, dst, amt of the Python fills
-    n_l, glob_l, fs_l, e_l = n_all.tolist(), glob.tolist(), fs.tolist(), ep[fp].tolist()
-    i, nlev = 0, len(cut) - 1
-    while i < nlev:
-        a, b = cut[i], cut[i + 1]
-        j = i + 1
-        runs = []  # (fill indices, candidates) done in plain Python: faster than numpy for a few
-        if glob_l[a]:  # a global fill, and the global fills of that expert right after it
-            while j < nlev and glob_l[cut[j]] and e_l[cut[j]] == e_l[a]:
-                j += 1
-            runs = [(cut[i:j], [int(c) for c in holders[e_l[a]]])]
-        elif b - a <= _PY_ROWS:
-            runs = [([x], [c for c in C[x].tolist() if c < N]) for x in range(a, b)]
-            if max(len(c) for _, c in runs) > 32:
-                runs = []
-        for xs, cands in runs:
-            for x, (cs, ad) in zip(xs, _fill_run([n_l[x] for x in xs], cands, loads)):
-                py[0].extend([fs_l[x]] * len(cs))
-                py[1].extend([e_l[x]] * len(cs))
-                py[2].extend(cs)
-                py[3].extend(ad)
-        if runs:
-            i = j
-            continue
-        C[a:b], add[a:b] = _fill_rows(n_all[a:b], C[a:b], loads, N)
-        loads[C[a:b]] += add[a:b]  # pads get 0, the rows' holders are disjoint
-        i = j
-    k = add > 0
-    K = C.shape[1]
-    parts = [(hs, multi[he], hs, kept), tuple(np.asarray(x, dtype=np.int64) for x in py),
-             (np.repeat(fs, K)[k.ravel()], np.repeat(ep[fp], K)[k.ravel()], C[k], add[k])]
+        return TokenAssignment(counts, single_dst, none, none, none, none, loads[:world])
+    rep = _replicated(counts, holders, num_holders, loads, ranks_per_node)
+    kept = (rep.holder, rep.experts[rep.index], rep.holder, rep.kept)  # every holder's own tokens
+    fills = _fills(counts, rep)
+    if fills is None:
+        return TokenAssignment(counts, single_dst, *kept, loads[:world])
+    cands, add, python_sends = _fill_levels(fills, rep.table[fills.row], holders, loads, world)
+    k = (add > 0).ravel()
+    K = cands.shape[1]
+    parts = [kept, tuple(np.asarray(x, dtype=np.int64) for x in python_sends),
+             (np.repeat(fills.src, K)[k], np.repeat(fills.expert, K)[k], cands.ravel()[k], add.ravel()[k])]
     src, exp, dst, amt = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    k = amt != 0
-    return TokenAssignment(counts, single_dst, src[k], exp[k], dst[k], amt[k], loads[:N])
+    nonzero = amt != 0
+    return TokenAssignment(counts, single_dst, src[nonzero], exp[nonzero], dst[nonzero], amt[nonzero], loads[:world])
 
 
 def assign_tokens(counts_NE: np.ndarray, holders: Sequence[Sequence[int]], ranks_per_node: Nodes = 8) -> np.ndarray:
