@@ -136,8 +136,8 @@ def non_retryable() -> tuple[type, ...]:
             PermissionError, NotImplementedError, TrainingDiverged)
 
 
-
 def record_fatal(path: Path, err: BaseException) -> None:
+    """FATAL.json: a non-retryable error of rank 0, which the driver raises as StageFailed."""
     from system.checkpoint import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +145,7 @@ def record_fatal(path: Path, err: BaseException) -> None:
 
 
 def wants_embedded_ray(address: Optional[str]) -> bool:
+    """No cluster named (no `--address`, no RAY_ADDRESS): the driver starts a local Ray."""
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
@@ -198,49 +199,23 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
     A trained stage's training settings may not change (`jobs.run_record`) unless `retrain_from`
     names it or an earlier stage."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from jobs.preemption import PreemptibleTorchConfig
-
-    from jobs.progress import ProgressActor, ProgressBar
-    from parallel.dist import resolve_backend
-    from system.checkpoint import atomic_write_text, valid_checkpoint
 
     spec = with_absolute_paths(spec)
     plan = plan_job(spec)
     layout = RunLayout(plan.run_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    if retrain_from is not None:
-        run_record.retrain_from(layout, plan, retrain_from, log=lambda m: print(m, flush=True))
-    run_record.check_against_record(layout, plan)  # spec.yaml only ever records what was trained
-    atomic_write_text(layout.spec_file, dump_spec(spec))
-    # Verify every unfinished stage's checkpoints before Ray starts: a damaged newest one is
-    # reported once (the workers fall back to the same previous one), and with none intact the
-    # run stops now instead of spending every max_failures restart on the same error.
-    for stage in plan.stages:
-        if not layout.done_file(stage.name).is_file():
-            valid_checkpoint(layout.checkpoints(stage.name),
-                             warn=lambda m, s=stage.name: print(f"[moeforge] stage {s}: warning: {m}", flush=True))
+    _record_spec(spec, plan, layout, retrain_from)
+    _verify_checkpoints(plan, layout)
     if all(layout.done_file(stage.name).is_file() for stage in plan.stages):
         for stage in plan.stages:  # a finished job run again: nothing to start Ray or prepare data for
             _say_skipped(stage.name)
         return {}
-    from jobs.heartbeat import DriverHeartbeat, record_event
+    from jobs.heartbeat import DriverHeartbeat
 
     # heartbeat.json tells a dashboard a running driver from a dead one; events.jsonl keeps the
     # stages' history (docs/observability.md)
     stop = interrupt.requested if interrupt is not None else None
     with DriverHeartbeat(layout.root) as hb:
-        init_ray(plan, address, verbose)
-        if interrupt is not None:
-            interrupt.install()  # after ray.init, which installs its own SIGTERM handler
-        # The corpus is tokenized here, once, in parallel Ray Data tasks when it is missing or stale
-        # (`moeforge prepare`); the workers then only open the shards (checked by stat).
-        from jobs.prepare import prepare_corpus
-
-        prepare_corpus(plan.corpus, progress=plan.metrics.progress_bar,
-                       log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
+        _start_ray_and_prepare(plan, address, verbose, interrupt)
         namespace = ray.get_runtime_context().namespace
         results: dict[str, Any] = {}
         for stage in plan.stages:
@@ -251,60 +226,131 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
                 hb.state = "interrupted"
                 raise JobPreempted(f"stopped (Ctrl-C) before stage {stage.name} started; run the same command "
                                    f"again to go on")
-            ws, par = stage.world_size, stage.parallel
-            res = dict(plan.ray.scaling_config.resources_per_worker)
-            actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
-            actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
-            rc = plan.ray.run_config
-            trainer = TorchTrainer(
-                _train_loop,
-                train_loop_config={"spec": spec.to_dict(), "stage_index": stage.index, "stage_name": stage.name,
-                                   "run_name": plan.run.name, "progress_actor": actor_name, "namespace": namespace,
-                                   "ray_metrics": plan.metrics.ray_metrics,
-                                   "fatal_file": str(layout.fatal_file(stage.name)),
-                                   "preempted_file": str(layout.preempted_file(stage.name)),
-                                   "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
-                                   "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
-                torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
-                scaling_config=ScalingConfig(num_workers=ws, use_gpu=par.use_gpu, resources_per_worker=res),
-                run_config=RunConfig(
-                    name=rc.name or f"{plan.run.name}-{stage.name}",
-                    storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
-                    failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
-            )
-            print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {ws} workers, "
-                  f"experts {par.expert_strategy}", flush=True)
-            fatal, preempted = layout.fatal_file(stage.name), layout.preempted_file(stage.name)
-            fatal.unlink(missing_ok=True)
-            preempted.unlink(missing_ok=True)
-            record_event(layout.root, "started", stage.name)
-            try:
-                with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar, stop=stop):
-                    result = _fit_off_main_thread(trainer)
-            finally:
-                ray.kill(actor)
-            if fatal.is_file():
-                err = json.loads(fatal.read_text())
-                record_event(layout.root, "failed", stage.name, error=f"{err['type']}: {err['message']}")
-                raise StageFailed(f"stage {stage.name} stopped: {err['type']}: {err['message']} "
-                                  f"(not retried: a restart cannot fix it)")
-            if preempted.is_file():
-                p = json.loads(preempted.read_text())
-                ctrl_c = stop is not None and stop.is_set()
-                why = "stopped (Ctrl-C or SIGTERM at the driver)" if ctrl_c else "preempted (SIGTERM)"
-                record_event(layout.root, "preempted", stage.name, p["step"], checkpoint=p["checkpoint"], cause=why)
-                hb.state = "interrupted" if ctrl_c else "preempted"
-                raise JobPreempted(f"stage {stage.name} {why}: checkpointed at step {p['step']} "
-                                   f"({p['checkpoint']}); run the same command again to resume from there")
-            if result.error:
-                record_event(layout.root, "failed", stage.name, error=str(result.error))
-                raise RuntimeError(f"stage {stage.name} failed: {result.error}")
-            done = json.loads(layout.done_file(stage.name).read_text())
-            results[stage.name] = done
-            record_event(layout.root, "finished", stage.name, done["step"])
-            print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
-                  flush=True)
+            results[stage.name] = _run_stage(spec, plan, layout, stage, namespace, verbose, stop, hb)
     return results
+
+
+def _record_spec(spec: JobSpec, plan: JobPlan, layout: RunLayout, retrain_from: Optional[str]) -> None:
+    """Check the spec against the run's record (`--retrain-from` first forgets the stages it
+    names), then write it as the run's spec.yaml, which only ever records what was trained."""
+    from system.checkpoint import atomic_write_text
+
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if retrain_from is not None:
+        run_record.retrain_from(layout, plan, retrain_from, log=lambda m: print(m, flush=True))
+    run_record.check_against_record(layout, plan)
+    atomic_write_text(layout.spec_file, dump_spec(spec))
+
+
+def _verify_checkpoints(plan: JobPlan, layout: RunLayout) -> None:
+    """Verify every unfinished stage's checkpoints before Ray starts: a damaged newest one is
+    reported once (the workers fall back to the same previous one), and with none intact the
+    run stops now instead of spending every max_failures restart on the same error."""
+    from system.checkpoint import valid_checkpoint
+
+    for stage in plan.stages:
+        if not layout.done_file(stage.name).is_file():
+            valid_checkpoint(layout.checkpoints(stage.name),
+                             warn=lambda m, s=stage.name: print(f"[moeforge] stage {s}: warning: {m}", flush=True))
+
+
+def _start_ray_and_prepare(plan: JobPlan, address: Optional[str], verbose: bool,
+                           interrupt: Optional[DriverInterrupt]) -> None:
+    """Ray up, the driver's Ctrl-C handler in, and the corpus tokenized: once, here, in parallel
+    Ray Data tasks when it is missing or stale (`moeforge prepare`); the workers then only open
+    the shards (checked by stat)."""
+    init_ray(plan, address, verbose)
+    if interrupt is not None:
+        interrupt.install()  # after ray.init, which installs its own SIGTERM handler
+    from jobs.prepare import prepare_corpus
+
+    prepare_corpus(plan.corpus, progress=plan.metrics.progress_bar,
+                   log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
+
+
+def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage, namespace: str, verbose: bool,
+               stop, hb) -> dict[str, Any]:
+    """One stage as a Ray Train run, its progress bar fed by a progress actor; returns its
+    DONE.json, or raises what the workers recorded (`_raise_for_outcome`)."""
+    import ray
+
+    from jobs.heartbeat import record_event
+    from jobs.progress import ProgressActor, ProgressBar
+
+    actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
+    actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
+    trainer = _torch_trainer(spec, plan, layout, stage, actor_name, namespace, verbose)
+    print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {stage.world_size} workers, "
+          f"experts {stage.parallel.expert_strategy}", flush=True)
+    layout.fatal_file(stage.name).unlink(missing_ok=True)
+    layout.preempted_file(stage.name).unlink(missing_ok=True)
+    record_event(layout.root, "started", stage.name)
+    try:
+        with ProgressBar(actor, stage.name, stage.steps, enabled=plan.metrics.progress_bar, stop=stop):
+            result = _fit_off_main_thread(trainer)
+    finally:
+        ray.kill(actor)
+    _raise_for_outcome(layout, stage, result, stop, hb)
+    done = json.loads(layout.done_file(stage.name).read_text())
+    record_event(layout.root, "finished", stage.name, done["step"])
+    print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
+          flush=True)
+    return done
+
+
+def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage, actor_name: str, namespace: str,
+                   verbose: bool):
+    """The stage's Ray Train TorchTrainer: `stage.world_size` workers running `_train_loop`."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.preemption import PreemptibleTorchConfig
+    from parallel.dist import resolve_backend
+
+    par = stage.parallel
+    res = dict(plan.ray.scaling_config.resources_per_worker)
+    rc = plan.ray.run_config
+    return TorchTrainer(
+        _train_loop,
+        train_loop_config={"spec": spec.to_dict(), "stage_index": stage.index, "stage_name": stage.name,
+                           "run_name": plan.run.name, "progress_actor": actor_name, "namespace": namespace,
+                           "ray_metrics": plan.metrics.ray_metrics,
+                           "fatal_file": str(layout.fatal_file(stage.name)),
+                           "preempted_file": str(layout.preempted_file(stage.name)),
+                           "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
+                           "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
+        torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
+        scaling_config=ScalingConfig(num_workers=stage.world_size, use_gpu=par.use_gpu, resources_per_worker=res),
+        run_config=RunConfig(
+            name=rc.name or f"{plan.run.name}-{stage.name}",
+            storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
+            failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
+    )
+
+
+def _raise_for_outcome(layout: RunLayout, stage, result, stop, hb) -> None:
+    """A stage that did not finish: StageFailed for an error its rank 0 recorded as not
+    retryable, JobPreempted for a checkpointed stop (SIGTERM or the driver's Ctrl-C), and
+    RuntimeError for an error Ray Train gave up on."""
+    from jobs.heartbeat import record_event
+
+    fatal, preempted = layout.fatal_file(stage.name), layout.preempted_file(stage.name)
+    if fatal.is_file():
+        err = json.loads(fatal.read_text())
+        record_event(layout.root, "failed", stage.name, error=f"{err['type']}: {err['message']}")
+        raise StageFailed(f"stage {stage.name} stopped: {err['type']}: {err['message']} "
+                          f"(not retried: a restart cannot fix it)")
+    if preempted.is_file():
+        p = json.loads(preempted.read_text())
+        ctrl_c = stop is not None and stop.is_set()
+        why = "stopped (Ctrl-C or SIGTERM at the driver)" if ctrl_c else "preempted (SIGTERM)"
+        record_event(layout.root, "preempted", stage.name, p["step"], checkpoint=p["checkpoint"], cause=why)
+        hb.state = "interrupted" if ctrl_c else "preempted"
+        raise JobPreempted(f"stage {stage.name} {why}: checkpointed at step {p['step']} "
+                           f"({p['checkpoint']}); run the same command again to resume from there")
+    if result.error:
+        record_event(layout.root, "failed", stage.name, error=str(result.error))
+        raise RuntimeError(f"stage {stage.name} failed: {result.error}")
 
 
 def _fit_off_main_thread(trainer):
