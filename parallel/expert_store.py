@@ -3,15 +3,17 @@
 `ExpertStore` extends this rank's `ExpertPool` with the iteration: the plan (EP: the ownership
 only; FSSDP: Hecate Algorithm 1 on the load predictor's forecast, with heterogeneous re-sharding
 every `reshard_every` steps), the overlap budget t (agreed by every rank), the SparseAllGather
-of each layer's copies (posted before the attention of its block so it overlaps it), optional
-rematerialization, and the SparseReduceScatter of the copies' gradients: after the last backward
-of the step, or (`sprs_overlap`) each layer's as soon as its backward has finished, advanced one
-round per later layer so it overlaps the rest of the backward pass. The per-layer dispatch that uses it is `parallel.sharded_experts`.
+of each layer's copies (posted before its block's attention, to overlap it), optional
+rematerialization, and the SparseReduceScatter of the copies' gradients: after the step's last
+backward, or (`sprs_overlap`) each layer's as soon as its backward has finished, advanced one
+round per later layer. What one iteration materializes is an `IterationState`; the per-layer
+dispatch that uses the store is `parallel.sharded_experts`. docs/expert_parallel.md has the story.
 """
 from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +30,59 @@ from parallel.placement import (FSSDPPlanConfig, IterationPlan, LoadPredictor, o
                                 reshard_decision)
 
 
+@dataclass
+class IterationState:
+    """What one iteration materializes on this rank: the copies gathered for it, the collectives
+    in flight, and the counters its step metrics read. `ExpertStore.begin_iteration` creates it
+    and drops the previous one; `drop_copies` ends the copies' life at the optimizer step (or a
+    new plan), and forwards after it (evaluation) gather into the same object again."""
+
+    step: int = 0
+    copies: dict = field(default_factory=dict)  # layer -> (expert ids, [w1, w3, w2] stacked leaf tensors)
+    gathered: set = field(default_factory=set)  # layers whose spAG ran (the same on every rank)
+    pending: dict = field(default_factory=dict)  # layer -> PendingGather
+    reduce_armed: bool = False  # this backward is the step's last: start each layer's spRS in it
+    reducing: dict = field(default_factory=dict)  # layer -> PendingReduce started in the backward pass
+    accumulated: set = field(default_factory=set)  # (layer, weight index): copy gradient accumulated
+    rank_loads: list = field(default_factory=list)  # per training forward: (world,) expert rows per rank
+    sprs_in_backward: int = 0  # layers whose spRS started during this step's backward
+
+    def finish_reduces(self) -> dict:
+        """Complete the spRS started in the backward pass, round by round in layer order."""
+        pending = [self.reducing[k] for k in sorted(self.reducing)]
+        while any(not p.done for p in pending):
+            for p in pending:
+                p.advance()
+        out = {}
+        for p in pending:
+            out.update(p.out)
+        self.reducing.clear()
+        return out
+
+    def drop_copies(self) -> None:
+        """Release the copies and complete every message still in flight (a step abandoned
+        after its backward may leave posted spRS rounds)."""
+        if self.reducing:
+            self.finish_reduces()
+        self.reduce_armed = False
+        self.copies.clear()
+        self.gathered.clear()
+        for pg in self.pending.values():
+            pg.wait()
+        self.pending.clear()
+
+    def copy_count(self) -> int:
+        return sum(len(ids) for ids, _ in self.copies.values())
+
+    def live_copy_bytes(self) -> int:
+        """Bytes of copies resident now (rematerialization frees a layer's after its forward)."""
+        return sum(t.untyped_storage().nbytes() for _, ts in self.copies.values() for t in ts)
+
+
 class ExpertStore(ExpertPool):
+    """This rank's expert pool plus the iteration: plan, overlap budget, copies, spAG and spRS.
+    `__init__` holds what lives across steps; the iteration's own state is `self.iteration`."""
+
     def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
                  plan_cfg: Optional[FSSDPPlanConfig] = None, dtype=torch.float32, device="cpu",
                  backend: str = "reference", groups=None, comm_dtype=None):
@@ -41,24 +95,18 @@ class ExpertStore(ExpertPool):
         self.cfg = plan_cfg or FSSDPPlanConfig()
         self.backend = get_backend(backend)
         self.predictor = LoadPredictor(self.cfg.window)
+        # the plan in force (the ownership until the first plan) and the budget it was made with
         self.plan = IterationPlan([[[int(o)] for o in self.own.owner_LE[l]] for l in range(num_layers)])
-        self.iteration = 0
         self.t_budget = self.cfg.overlap_budget if self.cfg.overlap_budget is not None else num_experts
-        self._copies: dict = {}  # l -> (expert ids, [w1, w3, w2] stacked leaf tensors) of this iteration
-        self._gathered: set = set()  # layers whose spAG ran this iteration (same on every rank)
-        self._pending: dict = {}  # l -> PendingGather
-        self.peak_copies = 0  # most copies held at once (all layers)
+        self.peak_copies = 0  # most copies held at once (all layers), over the run
         self.peak_copy_bytes = 0  # most bytes of copies resident at once (rematerialization frees them)
-        self._rank_loads: list = []  # per training forward: (N,) expert rows per rank
         self._attn_times: list = []  # measured attention seconds per block (to derive t)
         self._agreed: Optional[tuple[int, int]] = None  # (samples it was derived from, agreed t)
-        self._reduce_armed = False  # this backward is the step's last: start each layer's spRS in it
-        self._reducing: dict = {}  # l -> PendingReduce started in the backward pass
-        self._accumulated: set = set()  # (l, weight index) of copies whose gradient this backward accumulated
-        self.sprs_in_backward = 0  # layers whose spRS started during this step's backward
         # the overlapped spRS travels on its own group (NCCL: its own stream), see second_ep_group
         self.reduce_group = (second_ep_group(self.groups) if self.cfg.sprs_overlap and strategy == "fssdp"
                              else self.group)
+        # forwards before the first begin_iteration (the step-0 evaluation) gather into this one
+        self.iteration = IterationState()
 
     # -- the overlap budget t ---------------------------------------------------------------------
     def attention_clock(self) -> Optional[float]:
@@ -110,12 +158,17 @@ class ExpertStore(ExpertPool):
 
     def record_loads(self, loads) -> None:
         if torch.is_grad_enabled():
-            self._rank_loads.append(np.asarray(loads, dtype=np.float64))
+            self.iteration.rank_loads.append(np.asarray(loads, dtype=np.float64))
 
     def straggler_ratio(self) -> float:
         """Busiest rank's expert rows over the mean, averaged over this step's layer forwards."""
-        vals = [x.max() / x.mean() for x in self._rank_loads if x.mean() > 0]
+        vals = [x.max() / x.mean() for x in self.iteration.rank_loads if x.mean() > 0]
         return float(np.mean(vals)) if vals else 1.0
+
+    @property
+    def sprs_in_backward(self) -> int:
+        """Layers whose spRS started during this step's backward."""
+        return self.iteration.sprs_in_backward
 
     # -- holders ---------------------------------------------------------------------------------
     @property
@@ -137,12 +190,11 @@ class ExpertStore(ExpertPool):
 
     # -- the iteration -------------------------------------------------------------------------
     def begin_iteration(self, step: int) -> None:
-        """Plan this iteration: reshard every `reshard_every` steps, then materialize (FSSDP)."""
-        self.iteration = step
-        self._drop_copies()
+        """Plan this iteration: reshard every `reshard_every` steps, then materialize (FSSDP).
+        The previous iteration's state is dropped (its messages completed) and a new one starts."""
+        self.iteration.drop_copies()
+        self.iteration = IterationState(step)
         self.comm.reset()
-        self.sprs_in_backward = 0
-        self._rank_loads = []
         self.t_budget = self.agreed_budget()
         if self.strategy == "ep":
             return
@@ -179,7 +231,7 @@ class ExpertStore(ExpertPool):
                     # a repeated holder would make the token assignment's sends collide
                     raise ValueError(f"plan for layer {l} expert {e}: holders {list(hl)} must be distinct "
                                      f"ranks in [0, {self.world})")
-        self._drop_copies()
+        self.iteration.drop_copies()
         self.plan = plan
 
     def observe(self, counts_LE: torch.Tensor) -> None:
@@ -199,13 +251,14 @@ class ExpertStore(ExpertPool):
         """Post layer l's SparseAllGather (non-blocking); a no-op when the copies are present."""
         # Every rank (sender, receiver or neither) records the gather, so all agree on whether a
         # later forward of this iteration (another micro-batch, evaluation) gathers again.
-        if l in self._pending or (not self.cfg.rematerialize and l in self._gathered):
+        it = self.iteration
+        if l in it.pending or (not self.cfg.rematerialize and l in it.gathered):
             return
-        self._gathered.add(l)
+        it.gathered.add(l)
         chains = self._layer_chains(l)
         if not chains:
             return
-        self._pending[l] = coll.sparse_all_gather_start(chains, self.rank, lambda k: self.pack(*k),
+        it.pending[l] = coll.sparse_all_gather_start(chains, self.rank, lambda k: self.pack(*k),
                                                         self.expert_numel, self.comm_dtype, self.device,
                                                         self.comm, self.peer, self.group)
 
@@ -214,7 +267,8 @@ class ExpertStore(ExpertPool):
         order of `local_experts` (copies by expert id). Rematerialization refills the same leaf
         tensors in place: autograd saved them, and their `.grad` accumulates across forwards."""
         self.start_gather(l)
-        pg = self._pending.pop(l, None)
+        it = self.iteration
+        pg = it.pending.pop(l, None)
         if pg is None:
             return
         got = pg.wait()
@@ -223,20 +277,18 @@ class ExpertStore(ExpertPool):
             return
         parts = [self.unpack(got[(l, e)]) for e in order]
         stacks = [torch.stack([p[i] for p in parts]) for i in range(3)]
-        old = self._copies.get(l)
+        old = it.copies.get(l)
         if old is not None:
             for o, new in zip(old[1], stacks):
                 o.untyped_storage().resize_(new.numel() * new.element_size())
                 o.data.copy_(new)
         else:
-            self._copies[l] = (order, [t.requires_grad_(True) for t in stacks])
-            for i, t in enumerate(self._copies[l][1]):
-                t.register_post_accumulate_grad_hook(lambda _t, key=(l, i): self._accumulated.add(key))
-        self.peak_copy_bytes = max(self.peak_copy_bytes, self._live_copy_bytes())
-        self.peak_copies = max(self.peak_copies, sum(len(c[0]) for c in self._copies.values()))
-
-    def _live_copy_bytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for _, ts in self._copies.values() for t in ts)
+            it.copies[l] = (order, [t.requires_grad_(True) for t in stacks])
+            for i, t in enumerate(it.copies[l][1]):
+                # the iteration current when the gradient arrives (looked up then, not now)
+                t.register_post_accumulate_grad_hook(lambda _t, key=(l, i): self.iteration.accumulated.add(key))
+        self.peak_copy_bytes = max(self.peak_copy_bytes, it.live_copy_bytes())
+        self.peak_copies = max(self.peak_copies, it.copy_count())
 
     def local_weights(self, l: int, experts: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This rank's weights for layer l: the owned experts (views of the pool when their
@@ -248,27 +300,17 @@ class ExpertStore(ExpertPool):
         copies = experts[len(owned):]
         if not copies:
             return own_w, []
-        order, stacks = self._copies[l]
+        order, stacks = self.iteration.copies[l]
         if order != copies:
             raise RuntimeError(f"layer {l}: gathered copies {order} differ from the plan's {copies}")
         return own_w, stacks
 
-    def _drop_copies(self) -> None:
-        if self._reducing:  # a step abandoned after its backward: complete the posted messages
-            self._finish_reduces()
-        self._reduce_armed = False
-        self._copies.clear()
-        self._gathered.clear()
-        for pg in self._pending.values():
-            pg.wait()
-        self._pending.clear()
-
     # -- rematerialization ------------------------------------------------------------------
     def release_layer(self, l: int) -> None:
         """Free layer l's copies right after its forward pass (rematerialization)."""
-        if not self.cfg.rematerialize or l not in self._copies:
+        if not self.cfg.rematerialize or l not in self.iteration.copies:
             return
-        for t in self._copies[l][1]:
+        for t in self.iteration.copies[l][1]:
             t.untyped_storage().resize_(0)
 
     def refill_layer(self, l: int) -> None:
@@ -282,15 +324,15 @@ class ExpertStore(ExpertPool):
     def arm_reduce(self, final: bool) -> None:
         """Called before each backward pass: `final` marks the step's last micro-batch, whose
         backward may start the layers' spRS (`sprs_overlap`; FSSDP only, EP has no copies)."""
-        self._reduce_armed = bool(final and self.cfg.sprs_overlap and self.strategy == "fssdp"
-                                  and torch.is_grad_enabled())
-        self._accumulated.clear()
+        self.iteration.reduce_armed = bool(final and self.cfg.sprs_overlap and self.strategy == "fssdp"
+                                           and torch.is_grad_enabled())
+        self.iteration.accumulated.clear()
 
     def _copy_grads(self, l: int) -> dict:
         """{(l, e): flat gradient} of this rank's copies of layer l."""
-        if l not in self._copies:
+        if l not in self.iteration.copies:
             return {}
-        order, ws = self._copies[l]
+        order, ws = self.iteration.copies[l]
         gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype, device=self.device) for w in ws]
         return {(l, e): torch.cat([g[i].reshape(-1) for g in gs]) for i, e in enumerate(order)}
 
@@ -299,29 +341,18 @@ class ExpertStore(ExpertPool):
         its copies' gradients are final). Every rank calls this at the same point of the backward
         pass, in the same layer order: advance the spRS already in flight by one round, then start
         layer l's. The message order is then the same on every rank, whatever the backend's tags."""
-        if not self._reduce_armed or l in self._reducing:
+        it = self.iteration
+        if not it.reduce_armed or l in it.reducing:
             return
-        if l in self._copies and any((l, i) not in self._accumulated for i in range(3)):
+        if l in it.copies and any((l, i) not in it.accumulated for i in range(3)):
             raise RuntimeError(f"sprs_overlap: layer {l}'s copies have no final gradient when its backward "
                                "finished; set parallel.fssdp.sprs_overlap: false")
-        for k in sorted(self._reducing):
-            self._reducing[k].advance()
-        self._reducing[l] = coll.sparse_reduce_scatter_start(
+        for k in sorted(it.reducing):
+            it.reducing[k].advance()
+        it.reducing[l] = coll.sparse_reduce_scatter_start(
             self._layer_chains(l), self.rank, self._copy_grads(l), self.expert_numel, self.comm_dtype,
             self.device, self.comm, self.peer, self.reduce_group)
-        self.sprs_in_backward += 1
-
-    def _finish_reduces(self) -> dict:
-        """Complete the spRS started in the backward pass, round by round in layer order."""
-        pending = [self._reducing[k] for k in sorted(self._reducing)]
-        while any(not p.done for p in pending):
-            for p in pending:
-                p.advance()
-        out = {}
-        for p in pending:
-            out.update(p.out)
-        self._reducing.clear()
-        return out
+        it.sprs_in_backward += 1
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -330,12 +361,12 @@ class ExpertStore(ExpertPool):
         (each rank's loss is a mean over its own tokens, as DeepSpeed averages dense gradients).
         The layers whose spRS started in the backward pass are completed; the others (all of
         them without `sprs_overlap`) run as one schedule over their chains."""
-        self._reduce_armed = False
+        self.iteration.reduce_armed = False
         for p in self.params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        started = set(self._reducing)
-        summed = self._finish_reduces()
+        started = set(self.iteration.reducing)
+        summed = self.iteration.finish_reduces()
         chains, grads = {}, {}
         for l in range(self.L):
             if l not in started:
@@ -359,17 +390,17 @@ class ExpertStore(ExpertPool):
     @torch.no_grad()
     def step(self, lr: float, clip_coef: float = 1.0) -> None:
         super().step(lr, clip_coef)
-        self._drop_copies()
+        self.iteration.drop_copies()  # their gradients are spent
 
     def discard_grads(self) -> None:
         super().discard_grads()
-        self._drop_copies()
+        self.iteration.drop_copies()
 
     # -- memory and checkpoints ------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Bytes of expert state on this rank: owned parameters, optimizer state, copies."""
-        return {**self.state_bytes(), "copy_bytes": self._live_copy_bytes(),
-                "copies": sum(len(c[0]) for c in self._copies.values()),
+        return {**self.state_bytes(), "copy_bytes": self.iteration.live_copy_bytes(),
+                "copies": self.iteration.copy_count(),
                 "peak_copies": self.peak_copies, "peak_copy_bytes": self.peak_copy_bytes}
 
     def state_for_checkpoint(self) -> dict:

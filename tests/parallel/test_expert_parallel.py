@@ -399,7 +399,7 @@ def _repeat_worker(rank: int, world: int) -> dict:
         outs.append(layer(xs[rank * per:(rank + 1) * per])[0])
     spag = store.comm.spag
     store.reduce_grads()
-    return {"spag": spag, "outs": outs, "copies": len(store._copies)}
+    return {"spag": spag, "outs": outs, "copies": len(store.iteration.copies)}
 
 
 @pytest.mark.procs

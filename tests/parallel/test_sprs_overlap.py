@@ -146,7 +146,7 @@ def _eval_worker(rank: int, world: int) -> dict:
         model(x).pow(2).mean().backward()
         if step == 0:
             store.discard_grads()  # the step is skipped: the reductions in flight complete
-            assert not store._reducing
+            assert not store.iteration.reducing
         else:
             store.reduce_grads()
             store.step(1e-2)
