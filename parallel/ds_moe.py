@@ -1,53 +1,15 @@
 """The `deepspeed_moe` expert strategy: DeepSpeed's own MoE layer (`deepspeed.moe.layer.MoE`),
 the GShard-style baseline, behind the interface of `experts.layer.MoELayer`.
 
-What DeepSpeed (0.19.8) does and needs, and what this wrapper adds:
-
-* Experts. `MoE` deep-copies one expert module `num_experts / ep_size` times; each rank holds
-  only its local experts. Global expert `ep_rank * num_local + i` is local expert i on EP rank
-  `ep_rank`. DeepSpeed tags every expert parameter `allreduce = False` and
-  `group_name = "ep_size_<ep_size>"` (`deepspeed.moe.utils.is_moe_param`); we also tag them
-  `moeforge_expert = True` so `parallel.engine.param_groups` files them as expert parameters.
-* Routing. DeepSpeed's `TopKGate` (a bias-free linear `wg`, fp32 softmax): top-1 (optional
-  Random Token Selection), top-2 (second expert sampled with Gumbel noise unless
-  `top2_2nd_expert_sampling=False`) or top-k, each with a capacity of
-  ceil(T / E * capacity_factor * k), at least `min_capacity`; routes over capacity are dropped
-  (their token gets the other routes' output, or zero). `drop_tokens=False`: the capacity is
-  the largest expert load, maxed over the EP group, so nothing is dropped. Dispatch and
-  combine are two all-to-alls over the expert-parallel group (gloo supports them on CPU).
-* Process groups. The expert-parallel group `ep_size_N` (consecutive ranks) and the
-  expert-data-parallel groups (ranks with the same EP rank) come from
-  `deepspeed.utils.groups._create_expert_and_data_parallel(ep_size)`, which needs
-  `deepspeed.comm` initialised over the existing torch process group
-  (`deepspeed.comm.init_distributed(dist_init_required=False)`). The engine does both in
-  `deepspeed.initialize` by calling `set_deepspeed_parallelism()` on every `MoE` module;
-  DeepSpeed's version asserts when the group is set twice, so the MoE built here makes it
-  idempotent, and this layer creates the groups itself at construction when torch.distributed
-  is up (so it also runs without an engine, and its parameters can be initialised per global
-  expert). With ep_size > 1 it must be constructed after `init_process_group`; ep_size = 1
-  runs in a single process without any groups.
-* Gradients. The engine all-reduces dense gradients over the data-parallel group and expert
-  gradients over the expert-data-parallel group, both divided by the data-parallel world size
-  (expert gradients already hold every EP rank's tokens through the all-to-all's backward).
-* Optimizer groups. With ZeRO 1/2, DeepSpeed's optimizer requires the expert parameters in
-  groups marked `moe: True` whose `name` is the expert group name (it looks the expert-data-
-  parallel group up by that name): `ds_moe_param_groups` builds them. Plain (ZeRO 0) training
-  only needs the parameter tags, but the same groups work there too. ZeRO 3 is refused by
-  DeepSpeed for its native MoE ("use AutoEP or choose ZeRO stage 1/2").
-* Clipping. Under ZeRO 0 (fp32) DeepSpeed's `clip_grad_norm_` averages the ranks' local grad
-  norms (each over the dense and *its own* experts' gradients) instead of forming the global
-  norm, so with ep_size > 1 clipping differs slightly from a single-process run (updates up
-  to about 1.5% off in our 2-rank test); without clipping the updates match exactly.
-
-Auxiliary outputs. DeepSpeed's gate returns its routing decision but not its logits, and
-`top2gating` adds Gumbel noise to its logits in place; so `forward` recomputes the logits
-from `gate.wg` on the same input (one (T, D) x (D, E) fp32 matmul, exactly the gate's own
-logits unless `noisy_gate_policy="Jitter"`, which jitters only the gate's copy of the input)
-and gives probs = softmax(logits): our LBL and z-loss then train `gate.wg` as they train
-MoELayer's router. `counts_E` is DeepSpeed's `exp_counts`: tokens assigned to each expert by
-the top-k choice *before* capacity drops, so it sums to T * k. `ids_TK`/`valid_TK`/`weights_TK`
-are the routes the layer actually ran (dropped routes invalid). DeepSpeed's own balancing loss
-is `aux.ds_l_aux` (grad-carrying; add it yourself with your coefficient).
+`DeepSpeedMoELayer` wraps DeepSpeed's layer (its top-k softmax gate with capacity, two
+all-to-alls over the expert-parallel group) around our SwiGLU expert; it creates DeepSpeed's
+expert(-data)-parallel groups itself when torch.distributed is up (so it runs without an engine
+and initialises its parameters per global expert), tags the expert parameters, and returns the
+same `MoEAux` as MoELayer: the gate's logits recomputed from `gate.wg` so our LBL and z-loss
+train it, DeepSpeed's `exp_counts` (before capacity drops) and the routes it ran; DeepSpeed's
+own balancing loss is `aux.ds_l_aux`. `ds_moe_param_groups` builds the optimizer groups
+DeepSpeed's ZeRO 1/2 need (ZeRO 3 is refused for native MoE). What DeepSpeed 0.19.8 does and
+why each piece is here: docs/expert_parallel.md, "deepspeed_moe: what DeepSpeed does".
 """
 from __future__ import annotations
 
