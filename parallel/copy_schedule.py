@@ -1,24 +1,12 @@
 """The schedule of SparseAllGather and SparseReduceScatter: pipelined chains over each expert's holders.
 
 Pure (no torch.distributed): training (`parallel.collectives`) and the cluster simulator
-(`parallel.simulator`) use the same schedule.
-
-A flat spAG has the owner of a hot expert send one copy to every holder, so at 16+ ranks the
-owner's link is the hotspot. Here each expert travels down a chain of its holders, owner first,
-then the other holders of the owner's node, then node after node (a remote node's first holder
-rotates with the expert so that several hot experts do not all enter a node through one NIC).
-The message is cut into `chunks` pieces that flow down the chain in a pipeline: in round r, hop i
-of the chain forwards piece r - i. Every holder sends at most one copy of each expert; the
-busiest rank sends about one expert's bytes per hot expert whatever the number of holders.
-
-spRS runs the same chains backwards: the last holder sends piece c of its gradient to the
-previous holder, which adds its own piece c and forwards the sum, down to the owner. Round r of
-the reduction, for hop i counted from the end, moves piece r - i.
-
-Rounds are lists of `Hop`s in a fixed order; every rank derives the same rounds, posts its sends
-and receives of a round in that order and completes the round before the next. So message
-matching never depends on tags (NCCL ignores them): between two ranks the k-th send of a round
-meets the k-th receive.
+(`parallel.simulator`) use the same schedule. Each copied expert travels down a chain of its
+holders (owner, its node's other holders, then node after node) in `chunks` pieces, so the
+owner's link is no hotspot: in round r, hop i forwards piece r - i; spRS runs the chains
+backwards, summing. Every rank derives the same rounds of `Hop`s in a fixed order, so message
+matching never depends on tags. Why and how: docs/expert_parallel.md, "SparseAllGather /
+SparseReduceScatter as pipelined chains".
 """
 from __future__ import annotations
 
