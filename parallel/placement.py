@@ -1,22 +1,14 @@
-"""Where experts live and where tokens go: the pure planning code of EP and FSSDP.
+"""Where experts live and where tokens go: the pure planning code of EP and FSSDP (Hecate).
 
-Everything here is a deterministic function of small integer/float arrays (numpy), with no
-torch.distributed: every rank computes the same answer from the same inputs, and the cluster
-simulator (`parallel.simulator`) runs the very same functions at 8-256 simulated GPUs.
-
-Vocabulary (methods.md section 1, Hecate):
-* ownership P0: `owner_LE[l, e]` is the one rank that holds expert e of MoE layer l, its
-  parameters and its optimizer state; `slot_LE[l, e]` is the row of that rank's expert pool.
-  Every rank has the same number of slots S = L*E/N (balanced memory).
-* materialization plan P1 = P0 + copies: `holders[e]` lists the ranks that hold expert e in
-  this iteration (owner first). SparseAllGather sends the owner's parameters to the others.
-* token assignment: `send[s, e, d]` = tokens of expert e that source rank s sends to rank d;
-  `assign` (parallel.token_assignment) returns it as a `TokenAssignment` in O(N*E) memory.
-* nodes: where a function takes `ranks_per_node`, it is either an int (node of rank r =
-  r // ranks_per_node) or the node id of every rank (as Ray placed them), see `node_ids`.
-
-The planner is vectorised (numpy) and gives exactly the results of the original loops, which
-`tests/parallel/planner_reference.py` keeps as the test oracle (docs/planner.md).
+Deterministic functions of small numpy arrays, no torch.distributed: every rank computes the
+same plan from the same inputs, and the cluster simulator (`parallel.simulator`) runs the very
+same functions. Here: ownership P0 (`Ownership`, one owner rank and pool slot per (layer,
+expert)), the per-iteration copies P1 (`plan_materialization` = Algorithm 1, `plan_iteration`:
+`holders[e]`, owner first), heterogeneous sharding (`heterogeneous_sharding` = Algorithm 2,
+`reshard_decision`); the token assignment lives in `parallel.token_assignment`, re-exported.
+`ranks_per_node`: an int or the node id of every rank. The vocabulary, and the vectorised planner
+that gives exactly the original loops' results (kept as the test oracle in
+`tests/parallel/planner_reference.py`): docs/planner.md.
 """
 from __future__ import annotations
 
