@@ -1,19 +1,16 @@
 """Expert-parallel x data-parallel process groups of `ep` and `fssdp`.
 
-Rank layout, for a world of W ranks and `parallel.expert_parallel_size` P (P divides W):
+For a world of W ranks and `parallel.expert_parallel_size` P (P divides W):
 
     EP group g      = ranks [g*P, (g+1)*P)             (g = 0 .. W/P - 1)
     EDP group i     = ranks {i, i + P, i + 2P, ...}    (i = 0 .. P - 1: the rank's place in its EP group)
 
-Each EP group holds every expert once (ep: owner per expert in the group; fssdp: copies within
-the group too); tokens travel only inside their EP group. The ranks at the same place of every
-group own the same experts in the same pool slots, so expert gradients are summed over the EDP
-group (data parallelism of experts) and the dense gradients over the whole world (DeepSpeed).
-Ray Train numbers its workers node by node, so with P dividing the ranks per node an EP group
-lies inside one node and only the expert-gradient all-reduce crosses nodes.
-
-`rank_nodes` (node index of every global rank) comes from where Ray placed the workers when the
-caller knows it (`jobs.stage_runner`), else from `ranks_per_node`.
+Each EP group holds every expert once and its tokens never leave it; the ranks at the same place
+of every group own the same experts in the same pool slots, so expert gradients are summed over
+the EDP group (dense ones over the world). `rank_nodes` (node of every global rank) comes from
+where Ray placed the workers when the caller knows it (`jobs.stage_runner`), else from
+`ranks_per_node`; Ray numbers workers node by node, so with P dividing the ranks per node only
+the EDP all-reduce crosses nodes. More: docs/expert_parallel.md, "EP x DP".
 """
 from __future__ import annotations
 
