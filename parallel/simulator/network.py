@@ -1,18 +1,11 @@
 """The network: alpha-beta with two link classes (NVLink in a node, one NIC per GPU across
 nodes), and the messages that bring expert copies from their owner to the other holders.
 
-spAG/spRS schedules (`fssdp.spag`):
-
-* `chain`: training's schedule, `parallel.copy_schedule`: each copied expert travels down the
-  chain of its holders (`copy_schedule.chain`) in `num_chunks` pieces, round by round
-  (`gather_rounds` / `reduce_rounds`). `Network.schedule_time` runs those rounds as training does:
-  a rank posts a round's sends and receives once it finished its previous round, and a transfer
-  starts when both ends have posted it; a round costs a rank alpha per message plus its piece
-  bytes per link class (the larger of sent and received). One chain of K hops in C pieces thus
-  takes (K + C - 1) rounds of message/C bytes, each on the link class of its hops.
-* `broadcast`: the same chains (`copy_schedule.chain`) priced as one ideal, deeply pipelined
-  NCCL broadcast: bytes only, no pipeline fill (Hecate's NCCL broadcasts; FasterMoE's shadows).
-* `p2p`: the former flat training schedule: the owner sends one message to every holder at once.
+spAG/spRS schedules (`fssdp.spag`): `chain` is training's (`parallel.copy_schedule`), run round
+by round by `Network.schedule_time` as the training ranks run it; `broadcast` prices the same
+chains as one ideal, deeply pipelined NCCL broadcast (bytes only: Hecate's broadcasts,
+FasterMoE's shadows); `p2p` is the former flat schedule, the owner sending to every holder at
+once. The costs of each: docs/simulator.md, "Cost of one MoE layer".
 """
 from __future__ import annotations
 
