@@ -187,7 +187,8 @@ def init_ray(plan: JobPlan, address: Optional[str] = None, verbose: bool = False
 
 
 def inside_ray_job() -> bool:
-    # The job supervisor hands the submitted runtime_env to the driver through this variable.
+    """This driver is a submitted Ray job: the job supervisor hands it the submitted runtime_env
+    through this variable."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 

@@ -23,6 +23,8 @@ Problems = Iterator[tuple[str, str]]
 
 
 def preflight(spec: JobSpec) -> Problems:
+    """Every problem the files show: per stage its init_from, data sources and teacher, then the
+    top-level sources and the tokenizer directory."""
     names = [s.name for s in spec.stages]
     for i, st in enumerate(spec.stages):
         p = f"stages[{i}]"

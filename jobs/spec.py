@@ -47,6 +47,7 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
 
 
 def parse_spec_text(text: str, source: str = "spec") -> JobSpec:
+    """`parse_spec` of a YAML text; a syntax error is a SpecError too."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -55,6 +56,7 @@ def parse_spec_text(text: str, source: str = "spec") -> JobSpec:
 
 
 def dump_spec(spec: JobSpec) -> str:
+    """The spec as YAML, every field written out (the run's spec.yaml)."""
     return yaml.safe_dump(to_dict(spec), sort_keys=False)
 
 

@@ -149,25 +149,18 @@ def _check_config(cfg: UpcycleConfig) -> None:
 @torch.no_grad()
 def init_model_from(model: nn.Module, source: Source, upcycle: Optional[UpcycleConfig] = None,
                     seed: int = 0, want_expert=None) -> dict[str, Any]:
-    """Load `source` into `model` (a `system.model.Transformer`), upcycling where needed.
+    """Load `source` into `model` (a `system.model.Transformer`), upcycling where needed; return
+    a JSON-able report (source, kind, loaded keys, upcycled layers and their origin, MoE layers
+    loaded as is, keys left at their init, the diversification and seed).
 
-    `source`: a moeforge checkpoint (a directory with moeforge.json, or a root holding them),
-    a local Hugging Face directory, or a state dict in our naming. A Hugging Face MoE model
-    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) streams into a model of its own shape
-    (`system.hf_import.load_hf_into_model`; `want_expert(layer, e)` limits which experts are
-    read); dense ones (Llama, Qwen2) go through the state-dict path below (and may upcycle).
-
-    Per target key: equal shapes load as is. A target MoE layer whose source layer is a dense
-    FFN (`ffn.w1.weight`) or an MoE layer with one expert gets its E experts from
-    `diversify_experts`, keeps its freshly initialised router (sparse upcycling's new router)
-    and its `expert_bias`. An MoE source with the target's E loads as is (`expert_bias`
-    stays at its init when the source lacks it). Everything else -- a different shape, a
-    missing or unused source tensor, an MoE source with another E > 1, a dense target layer
-    with an MoE source -- raises ValueError naming the key, the source and the shapes.
-    Nothing is written into `model` unless everything fits.
-
-    Returns a JSON-able report: source, kind, loaded keys, upcycled layers (with what they
-    came from), MoE layers loaded as is, keys left at their init, the diversification used.
+    `source`: a moeforge checkpoint (a directory with moeforge.json, or a root holding them), a
+    local Hugging Face directory or a state dict in our naming. A Hugging Face MoE model streams
+    into a model of its own shape (`system.hf_import.load_hf_into_model`; `want_expert(layer, e)`
+    limits which experts are read). Anything else is matched key by key (`_StateLoader`): equal
+    shapes load as is; an MoE layer whose source is a dense FFN or a one-expert MoE gets E experts
+    from `diversify_experts` and keeps its fresh router and expert_bias; an MoE source with the
+    target's E loads as is. Any other mismatch raises ValueError naming the key, the source and
+    the shapes, before anything is written into `model`.
     """
     cfg = upcycle or UpcycleConfig()
     _check_config(cfg)
