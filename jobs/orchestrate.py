@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from jobs import run_record
 from jobs.layout import RunLayout
-from jobs.plan import JobPlan, plan_job
+from jobs.plan import JobPlan, StagePlan, plan_job
 from jobs.interrupt import DriverInterrupt
 from jobs.schema import JobSpec
 from jobs.spec import dump_spec, with_absolute_paths
@@ -269,8 +269,8 @@ def _start_ray_and_prepare(plan: JobPlan, address: Optional[str], verbose: bool,
                    log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
 
 
-def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage, namespace: str, verbose: bool,
-               stop, hb) -> dict[str, Any]:
+def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: StagePlan, namespace: str, verbose: bool,
+               stop: Optional[threading.Event], hb) -> dict[str, Any]:
     """One stage as a Ray Train run, its progress bar fed by a progress actor; returns its
     DONE.json, or raises what the workers recorded (`_raise_for_outcome`)."""
     import ray
@@ -299,8 +299,8 @@ def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage, namespace
     return done
 
 
-def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage, actor_name: str, namespace: str,
-                   verbose: bool):
+def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: StagePlan, actor_name: str,
+                   namespace: str, verbose: bool):
     """The stage's Ray Train TorchTrainer: `stage.world_size` workers running `_train_loop`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -329,7 +329,7 @@ def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage, actor
     )
 
 
-def _raise_for_outcome(layout: RunLayout, stage, result, stop, hb) -> None:
+def _raise_for_outcome(layout: RunLayout, stage: StagePlan, result, stop: Optional[threading.Event], hb) -> None:
     """A stage that did not finish: StageFailed for an error its rank 0 recorded as not
     retryable, JobPreempted for a checkpointed stop (SIGTERM or the driver's Ctrl-C), and
     RuntimeError for an error Ray Train gave up on."""
