@@ -23,14 +23,13 @@ from torch import nn
 
 from parallel import dist as pdist
 from parallel.numerics import any_rank, local_dense_nonfinite, skip_dense_update
-from parallel.strategy import ExpertStrategy
+from parallel.expert_strategy import ExpertStrategy
 
 
 class ShardedStrategy(ExpertStrategy):
     def __init__(self, parallel, ep_size: int, grad_clip: float, rank_nodes=None):
-        super().__init__(parallel, ep_size, grad_clip)
+        super().__init__(parallel, ep_size, grad_clip, rank_nodes)
         self.name = parallel.expert_strategy
-        self.rank_nodes = rank_nodes  # node index of every rank, as Ray placed them (None: ranks_per_node)
         self.groups = None
         self.store = None
         self.lr = 0.0
