@@ -79,7 +79,7 @@ class Ownership:
         """(layer, expert, slot) owned by `rank`, in slot order."""
         ls, es = np.nonzero(self.owner_LE == rank)
         items = sorted(zip(self.slot_LE[ls, es].tolist(), ls.tolist(), es.tolist()))
-        return [(l, e, s) for s, l, e in items]
+        return [(layer, e, s) for s, layer, e in items]
 
     def to_dict(self) -> dict:
         return {"owner": self.owner_LE.tolist(), "slot": self.slot_LE.tolist(), "num_ranks": self.num_ranks}
@@ -233,13 +233,13 @@ def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
     cur_owner = current.owner_LE.tolist()
     new_owner = np.full((L, E), -1, dtype=np.int64)
     held: list[tuple[int, int]] = []
-    for l in np.argsort(-load.max(axis=1), kind="stable").tolist():
-        order = np.argsort(-load[l], kind="stable")
-        total = load[l].sum()
-        n_hot = int((load[l] > total / E * (1 + 1e-9)).sum()) if total > 0 else 0
+    for layer in np.argsort(-load.max(axis=1), kind="stable").tolist():
+        order = np.argsort(-load[layer], kind="stable")
+        total = load[layer].sum()
+        n_hot = int((load[layer] > total / E * (1 + 1e-9)).sum()) if total > 0 else 0
         th = min(t, n_hot)
-        held += [(l, int(e)) for e in order[:th]]
-        row, own_row, out = load[l].tolist(), cur_owner[l], new_owner[l]
+        held += [(layer, int(e)) for e in order[:th]]
+        row, own_row, out = load[layer].tolist(), cur_owner[layer], new_owner[layer]
         ll, node_ld, ver = [0.0] * N, [0.0] * G, [0] * G
         heap = [(0.0, n, 0) for n in range(G) if open_ranks[n] > 0]
         for e in order[th:].tolist():
@@ -266,10 +266,10 @@ def heterogeneous_sharding(load_LE: np.ndarray, current: Ownership, t: int,
             if open_ranks[n] > 0:
                 heapq.heappush(heap, (s, n, ver[n]))
     free_a = np.asarray(free, dtype=np.int64)
-    for l, e in held:  # leftover slots: prefer the current owner (no move), then the emptiest rank
-        cur = cur_owner[l][e]
+    for layer, e in held:  # leftover slots: prefer the current owner (no move), then the emptiest rank
+        cur = cur_owner[layer][e]
         r = cur if free_a[cur] > 0 else int(np.argmax(free_a))
-        new_owner[l, e] = r
+        new_owner[layer, e] = r
         free_a[r] -= 1
     out = Ownership(new_owner, _new_slots(current, new_owner), N)
     out.check()
@@ -325,7 +325,7 @@ class IterationPlan:
 
     def copies(self) -> list[tuple[int, int, int]]:
         """(layer, expert, holder) for every copy (not the owner)."""
-        return [(l, e, h) for l, hs in enumerate(self.holders_L) for e, hl in enumerate(hs) for h in hl[1:]]
+        return [(layer, e, h) for layer, hs in enumerate(self.holders_L) for e, hl in enumerate(hs) for h in hl[1:]]
 
 
 def predicted_straggler(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_per_node: Nodes = 8,
@@ -336,9 +336,9 @@ def predicted_straggler(own: Ownership, load_LE: np.ndarray, t: int, m: int, ran
     N = own.num_ranks
     plan = plan_iteration(own, load, t, m, ranks_per_node, tolerance)
     worst = 1.0
-    for l in range(own.num_layers):
-        counts = np.tile(np.round(load[l] / N).astype(np.int64), (N, 1))
-        r = assign(counts, plan.holders_L[l], ranks_per_node).rank_loads().astype(np.float64)
+    for layer in range(own.num_layers):
+        counts = np.tile(np.round(load[layer] / N).astype(np.int64), (N, 1))
+        r = assign(counts, plan.holders_L[layer], ranks_per_node).rank_loads().astype(np.float64)
         if r.mean() > 0:
             worst = max(worst, float(r.max() / r.mean()))
     return worst
@@ -360,11 +360,13 @@ def reshard_decision(own: Ownership, load_LE: np.ndarray, t: int, m: int, ranks_
 
 def plan_iteration(own: Ownership, load_LE: Optional[np.ndarray], t: int, m: int,
                    ranks_per_node: Nodes = 8, tolerance: float = 0.05) -> IterationPlan:
+    """Every layer's holders this iteration: Algorithm 1 on the forecast `load_LE`, or the
+    ownership alone before there is one."""
     holders = []
-    for l in range(own.num_layers):
+    for layer in range(own.num_layers):
         if load_LE is None:
-            holders.append(ownership_holders(own.owner_LE[l]))
+            holders.append(ownership_holders(own.owner_LE[layer]))
         else:
-            holders.append(plan_materialization(load_LE[l], own.owner_LE[l], own.num_ranks, t, m, ranks_per_node,
-                                                tolerance))
+            holders.append(plan_materialization(load_LE[layer], own.owner_LE[layer], own.num_ranks, t, m,
+                                                ranks_per_node, tolerance))
     return IterationPlan(holders)

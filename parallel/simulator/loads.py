@@ -79,17 +79,17 @@ class LoadGenerator:
             self.rank_of = np.stack([self.rng.permutation(self.E) for _ in range(self.L)])  # expert at rank j
 
     def _drift(self) -> None:
-        for l in range(self.L):
+        for layer in range(self.L):
             for _ in range(self.rng.poisson(self.drift) if self.drift > 0 else 0):
                 j = int(self.rng.integers(0, self.E - 1))
-                self.rank_of[l, [j, j + 1]] = self.rank_of[l, [j + 1, j]]
+                self.rank_of[layer, [j, j + 1]] = self.rank_of[layer, [j + 1, j]]
 
     def shares(self) -> np.ndarray:
         """(L, E) expected share of each expert this iteration (before drawing)."""
         if self.kind == "zipf":
             out = np.zeros((self.L, self.E))
-            for l in range(self.L):
-                out[l, self.rank_of[l]] = self.p_rank
+            for layer in range(self.L):
+                out[layer, self.rank_of[layer]] = self.p_rank
             return out
         if self.kind == "uniform":
             return np.full((self.L, self.E), 1.0 / self.E)
@@ -110,8 +110,8 @@ class LoadGenerator:
             if self.kind == "trace" and not self.scale:
                 step = self.trace[self.it % len(self.trace)]
                 pairs = max(1, int(round(step.sum(axis=1).mean() / self.N)))
-            for l in range(self.L):
-                out[l] = self.rng.multinomial(pairs, sh[l], size=self.N)
+            for layer in range(self.L):
+                out[layer] = self.rng.multinomial(pairs, sh[layer], size=self.N)
         self.it += 1
         if self.kind == "zipf":
             self._drift()
