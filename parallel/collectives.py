@@ -1,16 +1,13 @@
 """The collectives of expert parallelism: a differentiable uneven all-to-all, SparseAllGather
-and SparseReduceScatter, each counting the bytes it moves.
+and SparseReduceScatter, each counting the bytes it moves (`CommStats`).
 
-spAG/spRS are point-to-point, on the pipelined chains of `parallel.copy_schedule`: an expert's
-flat message (w1|w3|w2, in the communication dtype) travels from its owner down the chain of its
-holders in pieces, and spRS sums the copies' gradients back up the same chain to the owner, so
-no rank sends more than one copy of an expert whatever the number of holders. Each round's
-messages are posted at once (`batch_isend_irecv`, in the schedule's order on every rank, so the
-matching never relies on tags); `sparse_all_gather_start` posts the first round and returns a
-handle whose `wait()` runs the others, which is how the gathers overlap with the attention
-compute that runs before the MoE layer. spRS likewise has a handle (`PendingReduce`) advanced one
-round at a time, so a layer's reduction can run during the rest of the backward pass. Ranks are places in the expert-parallel group; `peer`
-maps them to the global ranks point-to-point operations address.
+spAG sends an expert's flat message (w1|w3|w2) from its owner down the pipelined chain of its
+holders (`parallel.copy_schedule`); spRS sums the copies' gradients back up the same chain, so
+no rank sends more than one copy of an expert. Each round is posted at once, in the same order
+on every rank (matching never relies on tags). Both return handles that run one round at a time
+(`PendingGather`, `PendingReduce`), so the transfers overlap the attention and the backward pass.
+Ranks are places in the expert-parallel group; `peer` maps them to global ranks.
+docs/expert_parallel.md ("SparseAllGather / SparseReduceScatter as pipelined chains") has more.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The autograd pieces of sharded experts: pool rows as views, rematerialization's free/refill, and
-the end of a layer's backward (where an overlapped SparseReduceScatter starts)."""
+"""The autograd pieces of sharded experts: pool rows as views, rematerialization's free and
+refill, and the end of a layer's backward (where an overlapped SparseReduceScatter starts)."""
 from __future__ import annotations
 
 import torch

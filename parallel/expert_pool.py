@@ -1,13 +1,11 @@
 """The expert pool of `ep` and `fssdp`: this rank's owned experts, their AdamW and their files.
 
 Three tensors (S, D, F) / (S, F, D) of S = L*E/N slots shared by all MoE layers, so every rank
-keeps the same number of expert slots whatever heterogeneous sharding does. The pool is outside
-the module tree: DeepSpeed never sees, reduces or steps expert parameters; the pool has its own
-AdamW (one copy of every expert's optimizer state in each expert-parallel group), moves rows and
-moments when ownership changes (`reshard`), and writes its own checkpoint files
-(`system.expert_files`: the first expert-parallel group writes them, the others hold the same).
-Ranks here are places in the expert-parallel group (`parallel.groups`): with EP x DP every group
-has the same ownership, and `peer` turns a place into the global rank point-to-point needs.
+keeps the same number of slots whatever heterogeneous sharding does. The pool is outside the
+module tree (DeepSpeed never sees, reduces or steps an expert): it has its own AdamW, moves rows
+and moments when ownership changes (`reshard`) and writes its own checkpoint files
+(`system.expert_files`, written by the first expert-parallel group). Ranks here are places in
+the expert-parallel group (`parallel.groups`); `peer` turns a place into a global rank.
 """
 from __future__ import annotations
 
@@ -27,6 +25,8 @@ WEIGHT_NAMES = ("w1", "w3", "w2")
 
 
 class ExpertPool:
+    """This rank's owned experts of every MoE layer in S slots, with their AdamW (see the module)."""
+
     def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
                  dtype=torch.float32, device="cpu", groups: Optional[ExpertGroups] = None):
         if groups is None:

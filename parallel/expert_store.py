@@ -236,12 +236,9 @@ class ExpertStore(ExpertPool):
 
     def observe(self, counts_LE: torch.Tensor) -> None:
         """The step's global (L, E) counts (already all-reduced over the world): the load
-        predictor's input; a group plans with the forecast / groups (`group_forecast`).
-
-        Every group plans from the same global counts rather than its own: the groups must keep
-        one ownership (the expert-data-parallel reduction sums the same slots), the global counts
-        average W/P times more tokens (a steadier forecast), and each group draws an equal random
-        share of the global batch, so its expected load is the global one / groups."""
+        predictor's input; a group plans with the forecast / groups (`group_forecast`). Every
+        group plans from the same global counts, so all keep one ownership (docs/expert_parallel.md,
+        "FSSDP plans from the global counts")."""
         self.predictor.observe(counts_LE.detach().cpu().numpy())  # global: the checkpoint fits any world
 
     def _layer_chains(self, l: int) -> dict:

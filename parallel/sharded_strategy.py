@@ -1,15 +1,10 @@
 """`ep` and `fssdp`: experts sharded over the ranks in an `ExpertStore`, outside DeepSpeed.
 
 The engine holds the dense parameters only; the store has its own AdamW with the same
-hyper-parameters. Gradient clipping uses the global norm of both: the dense part (replicated
-after DeepSpeed's reduction, counted once) plus the sum over ranks of each rank's owned experts.
-
-* ZeRO 0: DeepSpeed's clipping is off and we clip dense and expert gradients ourselves.
-* ZeRO 1/2: the dense gradients are partitioned inside DeepSpeed's optimizer. We ask it for the
-  dense norm (its public `scaled_global_norm`), form the global norm, and set the optimizer's
-  clip threshold for this step so that DeepSpeed's own coefficient, computed from the dense
-  norm, is the global one (bit for bit where a float32 threshold can express it, otherwise
-  within two float32 ulps); the experts are clipped by the global coefficient.
+hyper-parameters. Clipping uses the global norm of both (dense counted once, experts summed over
+ranks): under ZeRO 0 we clip both ourselves; under ZeRO 1/2 we set DeepSpeed's clip threshold
+for the step so that its own coefficient, computed from the dense norm, is the global one
+(`_matching_threshold`; docs/expert_parallel.md, "After the backward pass").
 """
 from __future__ import annotations
 
@@ -27,6 +22,9 @@ from parallel.expert_strategy import ExpertStrategy
 
 
 class ShardedStrategy(ExpertStrategy):
+    """`ep` and `fssdp` (`self.name`): the model's experts in an `ExpertStore` after `prepare`;
+    a model without MoE layers falls back to the replicated behaviour."""
+
     def __init__(self, parallel, ep_size: int, grad_clip: float, rank_nodes=None):
         super().__init__(parallel, ep_size, grad_clip, rank_nodes)
         self.name = parallel.expert_strategy
