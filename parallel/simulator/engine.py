@@ -211,7 +211,8 @@ class Simulator:
             shadows = np.zeros((self.R, self.P))  # fastermoe: shadowed experts on each rank of each group
             for layer in range(self.L):
                 groups = self._groups(counts[layer])
-                self._price_layer(sums, groups, own_ep.owner_LE[layer], plan, layer, layer_costs, shadows, track)
+                fs_holders = plan.holders_L[layer] if plan is not None else None
+                self._price_layer(sums, groups, own_ep.owner_LE[layer], fs_holders, layer_costs, shadows, track)
                 if "zero3" in sums:
                     self._zero3_layer(sums["zero3"], counts[layer])
             if not self.cfg.fssdp.sprs_overlap:
@@ -250,16 +251,18 @@ class Simulator:
                 sums[p].s["bytes"] += len(moves) * d.expert_params * self.move_bytes / self.P
         return plan
 
-    def _price_layer(self, sums: dict[str, Sums], groups, owner_E: np.ndarray, plan: Optional[IterationPlan],
-                     layer: int, layer_costs: list[dict], shadows: np.ndarray, track: Track) -> None:
-        """One MoE layer under ep, fssdp / fssdp_remat and fastermoe (ZeRO-3: `_zero3_layer`)."""
+    def _price_layer(self, sums: dict[str, Sums], groups, owner_E: np.ndarray, fs_holders: Optional[list],
+                     layer_costs: list[dict], shadows: np.ndarray, track: Track) -> None:
+        """One MoE layer under ep, fssdp / fssdp_remat (`fs_holders`: the plan's, None when not
+        simulated) and fastermoe; ZeRO-3 is `_zero3_layer`."""
         hide = self.cfg.fssdp.sprs_overlap
+        # ar: one layer's expert-gradient all-reduce over the replicas; win_b: the backward window 2A
         ar, win_b, ar_bytes = self.d.replica_allreduce_s, 2 * self.d.non_moe_fwd_s, self._replica_allreduce_bytes
         if "ep" in sums:  # the replicas' all-reduce under the backward, else counted once after it
             self._layer(sums["ep"], groups, placement.ownership_holders(owner_E), 0.0, 0.0,
                         ar if hide else 0.0, max(0.0, ar - win_b) if hide else 0.0, ar_bytes if hide else 0.0)
-        if plan is not None:
-            self._fssdp_layer(sums, groups, plan.holders_L[layer], layer_costs, track)
+        if fs_holders is not None:
+            self._fssdp_layer(sums, groups, fs_holders, layer_costs, track)
         if "fastermoe" in sums:
             self._fastermoe_layer(sums["fastermoe"], groups, owner_E, shadows, ar if hide else 0.0, ar_bytes)
 
