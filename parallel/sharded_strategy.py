@@ -195,7 +195,7 @@ class ShardedStrategy(ExpertStrategy):
     def full_expert_weights(self, model: nn.Module) -> dict[int, tuple[torch.Tensor, ...]]:
         if self.store is None:
             return super().full_expert_weights(model)
-        return {l: self.store.full_layer(l) for l in range(self.store.L)}
+        return {layer: self.store.full_layer(layer) for layer in range(self.store.L)}
 
 
 def _ds_clip(dense: torch.Tensor, loss_scale, threshold: float) -> torch.Tensor:
