@@ -58,18 +58,18 @@ class ExpertPool:
     def expert_numel(self) -> int:
         return 3 * self.D * self.F
 
-    def owner(self, l: int, e: int) -> int:
-        return int(self.own.owner_LE[l, e])
+    def owner(self, layer: int, e: int) -> int:
+        return int(self.own.owner_LE[layer, e])
 
-    def slot(self, l: int, e: int) -> int:
-        return int(self.own.slot_LE[l, e])
+    def slot(self, layer: int, e: int) -> int:
+        return int(self.own.slot_LE[layer, e])
 
     def peer(self, place: int) -> int:
         """The global rank at `place` of this rank's expert-parallel group."""
         return self.groups.global_rank(place)
 
-    def pack(self, l: int, e: int) -> torch.Tensor:
-        s = self.slot(l, e)
+    def pack(self, layer: int, e: int) -> torch.Tensor:
+        s = self.slot(layer, e)
         return torch.cat([self.w1[s].detach().reshape(-1), self.w3[s].detach().reshape(-1),
                           self.w2[s].detach().reshape(-1)])
 
@@ -79,24 +79,24 @@ class ExpertPool:
 
     # -- building ----------------------------------------------------------------------------
     @torch.no_grad()
-    def load_full_layer(self, l: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-        """Take this rank's experts of layer l from full (E, ...) tensors."""
+    def load_full_layer(self, layer: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        """Take this rank's experts of `layer` from full (E, ...) tensors."""
         for e in range(self.E):
-            if self.owner(l, e) == self.rank:
-                s = self.slot(l, e)
+            if self.owner(layer, e) == self.rank:
+                s = self.slot(layer, e)
                 self.w1[s].copy_(w1[e])
                 self.w3[s].copy_(w3[e])
                 self.w2[s].copy_(w2[e])
 
     @torch.no_grad()
-    def load_rows(self, l: int, experts, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-        """Take this rank's experts of layer l from tensors holding only them: row j is expert
+    def load_rows(self, layer: int, experts, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        """Take this rank's experts of `layer` from tensors holding only them: row j is expert
         experts[j] (`GroupedExperts.rows`); they must be exactly the experts this rank owns."""
-        mine = [e for e in range(self.E) if self.owner(l, e) == self.rank]
+        mine = [e for e in range(self.E) if self.owner(layer, e) == self.rank]
         if list(experts) != mine:
-            raise ValueError(f"layer {l}: the model materialized experts {list(experts)}, this rank owns {mine}")
+            raise ValueError(f"layer {layer}: the model materialized experts {list(experts)}, this rank owns {mine}")
         for j, e in enumerate(mine):
-            s = self.slot(l, e)
+            s = self.slot(layer, e)
             self.w1[s].copy_(w1[j])
             self.w3[s].copy_(w3[j])
             self.w2[s].copy_(w2[j])
@@ -141,8 +141,8 @@ class ExpertPool:
             return 0
         tensors = self._slot_tensors()
         ops, outgoing, incoming = [], [], []
-        for i, (l, e, src, s_slot, dst, d_slot) in enumerate(mv):
-            tag = l * self.E + e
+        for i, (layer, e, src, s_slot, dst, d_slot) in enumerate(mv):
+            tag = layer * self.E + e
             if src == self.rank:
                 buf = torch.cat([t[s_slot].reshape(-1) for t in tensors])
                 outgoing.append(buf)
@@ -190,12 +190,12 @@ class ExpertPool:
 
     # -- full weights ---------------------------------------------------------------------------
     @torch.no_grad()
-    def full_layer(self, l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer l's (E, ...) weights of every expert, assembled on every rank (a collective)."""
+    def full_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`layer`'s (E, ...) weights of every expert, assembled on every rank (a collective)."""
         out = [torch.zeros((self.E,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.params()]
         for e in range(self.E):
-            if self.owner(l, e) == self.rank:
-                s = self.slot(l, e)
+            if self.owner(layer, e) == self.rank:
+                s = self.slot(layer, e)
                 for o, p in zip(out, self.params()):
                     o[e].copy_(p[s])
         if self.world > 1:
@@ -208,13 +208,13 @@ class ExpertPool:
         experts = {}
         st = {} if self.optimizer is None else self.optimizer.state
         names = ("w1", "w3", "w2")
-        for l, e, s in self.own.owned(self.rank):
+        for layer, e, s in self.own.owned(self.rank):
             rec = {n: p[s].detach().clone() for n, p in zip(names, self.params())}
             for n, p in zip(names, self.params()):
                 if st.get(p):
                     rec[f"exp_avg.{n}"] = st[p]["exp_avg"][s].clone()
                     rec[f"exp_avg_sq.{n}"] = st[p]["exp_avg_sq"][s].clone()
-            experts[f"{l}.{e}"] = rec
+            experts[f"{layer}.{e}"] = rec
         adam_step = None
         if st.get(self.w1):
             adam_step = float(st[self.w1]["step"])
@@ -250,8 +250,8 @@ class ExpertPool:
             for p in self.params():
                 self.optimizer.state[p] = {"step": torch.tensor(float(head["adam_step"])),
                                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        for l, e, s in self.own.owned(self.rank):
-            rec = allx[f"{l}.{e}"]
+        for layer, e, s in self.own.owned(self.rank):
+            rec = allx[f"{layer}.{e}"]
             for n, p in zip(names, self.params()):
                 p[s].copy_(rec[n])
                 if have_state and self.optimizer is not None:

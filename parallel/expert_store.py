@@ -96,7 +96,7 @@ class ExpertStore(ExpertPool):
         self.backend = get_backend(backend)
         self.predictor = LoadPredictor(self.cfg.window)
         # the plan in force (the ownership until the first plan) and the budget it was made with
-        self.plan = IterationPlan([[[int(o)] for o in self.own.owner_LE[l]] for l in range(num_layers)])
+        self.plan = IterationPlan([[[int(o)] for o in self.own.owner_LE[layer]] for layer in range(num_layers)])
         self.t_budget = self.cfg.overlap_budget if self.cfg.overlap_budget is not None else num_experts
         self.peak_copies = 0  # most copies held at once (all layers), over the run
         self.peak_copy_bytes = 0  # most bytes of copies resident at once (rematerialization frees them)
@@ -180,13 +180,14 @@ class ExpertStore(ExpertPool):
             return self.cfg.ranks_per_node
         return nodes
 
-    def holders(self, l: int) -> list[list[int]]:
-        return self.plan.holders_L[l]
+    def holders(self, layer: int) -> list[list[int]]:
+        return self.plan.holders_L[layer]
 
-    def local_experts(self, l: int) -> list[int]:
-        """The experts this rank computes for layer l: the owned ones, then the copies (each by id)."""
-        held = [e for e, hs in enumerate(self.plan.holders_L[l]) if self.rank in hs]
-        return [e for e in held if self.owner(l, e) == self.rank] + [e for e in held if self.owner(l, e) != self.rank]
+    def local_experts(self, layer: int) -> list[int]:
+        """The experts this rank computes for `layer`: the owned ones, then the copies (each by id)."""
+        held = [e for e, hs in enumerate(self.plan.holders_L[layer]) if self.rank in hs]
+        owned = [e for e in held if self.owner(layer, e) == self.rank]
+        return owned + [e for e in held if self.owner(layer, e) != self.rank]
 
     # -- the iteration -------------------------------------------------------------------------
     def begin_iteration(self, step: int) -> None:
@@ -223,13 +224,13 @@ class ExpertStore(ExpertPool):
 
     def set_plan(self, plan: IterationPlan) -> None:
         """Use a given plan for this iteration (tests; calibration). It must contain the owners."""
-        for l, hs in enumerate(plan.holders_L):
+        for layer, hs in enumerate(plan.holders_L):
             for e, hl in enumerate(hs):
-                if self.owner(l, e) not in hl:
-                    raise ValueError(f"plan for layer {l} expert {e} lacks its owner rank {self.owner(l, e)}")
+                if self.owner(layer, e) not in hl:
+                    raise ValueError(f"plan for layer {layer} expert {e} lacks its owner rank {self.owner(layer, e)}")
                 if len(set(hl)) != len(hl) or any(not 0 <= int(h) < self.world for h in hl):
                     # a repeated holder would make the token assignment's sends collide
-                    raise ValueError(f"plan for layer {l} expert {e}: holders {list(hl)} must be distinct "
+                    raise ValueError(f"plan for layer {layer} expert {e}: holders {list(hl)} must be distinct "
                                      f"ranks in [0, {self.world})")
         self.iteration.drop_copies()
         self.plan = plan
@@ -241,81 +242,81 @@ class ExpertStore(ExpertPool):
         "FSSDP plans from the global counts")."""
         self.predictor.observe(counts_LE.detach().cpu().numpy())  # global: the checkpoint fits any world
 
-    def _layer_chains(self, l: int) -> dict:
-        return coll.layer_chains(self.plan.holders_L[l], l, self.groups.nodes)
+    def _layer_chains(self, layer: int) -> dict:
+        return coll.layer_chains(self.plan.holders_L[layer], layer, self.groups.nodes)
 
-    def start_gather(self, l: int) -> None:
-        """Post layer l's SparseAllGather (non-blocking); a no-op when the copies are present."""
+    def start_gather(self, layer: int) -> None:
+        """Post `layer`'s SparseAllGather (non-blocking); a no-op when the copies are present."""
         # Every rank (sender, receiver or neither) records the gather, so all agree on whether a
         # later forward of this iteration (another micro-batch, evaluation) gathers again.
         it = self.iteration
-        if l in it.pending or (not self.cfg.rematerialize and l in it.gathered):
+        if layer in it.pending or (not self.cfg.rematerialize and layer in it.gathered):
             return
-        it.gathered.add(l)
-        chains = self._layer_chains(l)
+        it.gathered.add(layer)
+        chains = self._layer_chains(layer)
         if not chains:
             return
-        it.pending[l] = coll.sparse_all_gather_start(chains, self.rank, lambda k: self.pack(*k),
+        it.pending[layer] = coll.sparse_all_gather_start(chains, self.rank, lambda k: self.pack(*k),
                                                         self.expert_numel, self.comm_dtype, self.device,
                                                         self.comm, self.peer, self.group)
 
-    def _finish_gather(self, l: int) -> None:
-        """Complete layer l's spAG into one stacked leaf per weight, (n_copies, ...), in the
+    def _finish_gather(self, layer: int) -> None:
+        """Complete `layer`'s spAG into one stacked leaf per weight, (n_copies, ...), in the
         order of `local_experts` (copies by expert id). Rematerialization refills the same leaf
         tensors in place: autograd saved them, and their `.grad` accumulates across forwards."""
-        self.start_gather(l)
+        self.start_gather(layer)
         it = self.iteration
-        pg = it.pending.pop(l, None)
+        pg = it.pending.pop(layer, None)
         if pg is None:
             return
         got = pg.wait()
-        order = sorted(e for (ll, e) in got if ll == l)
+        order = sorted(e for (got_layer, e) in got if got_layer == layer)
         if not order:  # this rank only sent
             return
-        parts = [self.unpack(got[(l, e)]) for e in order]
+        parts = [self.unpack(got[(layer, e)]) for e in order]
         stacks = [torch.stack([p[i] for p in parts]) for i in range(3)]
-        old = it.copies.get(l)
+        old = it.copies.get(layer)
         if old is not None:
             for o, new in zip(old[1], stacks):
                 o.untyped_storage().resize_(new.numel() * new.element_size())
                 o.data.copy_(new)
         else:
-            it.copies[l] = (order, [t.requires_grad_(True) for t in stacks])
-            for i, t in enumerate(it.copies[l][1]):
+            it.copies[layer] = (order, [t.requires_grad_(True) for t in stacks])
+            for i, t in enumerate(it.copies[layer][1]):
                 # the iteration current when the gradient arrives (looked up then, not now)
-                t.register_post_accumulate_grad_hook(lambda _t, key=(l, i): self.iteration.accumulated.add(key))
+                t.register_post_accumulate_grad_hook(lambda _t, key=(layer, i): self.iteration.accumulated.add(key))
         self.peak_copy_bytes = max(self.peak_copy_bytes, it.live_copy_bytes())
         self.peak_copies = max(self.peak_copies, it.copy_count())
 
-    def local_weights(self, l: int, experts: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """This rank's weights for layer l: the owned experts (views of the pool when their
+    def local_weights(self, layer: int, experts: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's weights for `layer`: the owned experts (views of the pool when their
         slots are contiguous) and the copies (the gathered stacks), each in `experts` order."""
-        self._finish_gather(l)
-        owned = [e for e in experts if self.owner(l, e) == self.rank]
-        idx = torch.tensor([self.slot(l, e) for e in owned], dtype=torch.long, device=self.device)
+        self._finish_gather(layer)
+        owned = [e for e in experts if self.owner(layer, e) == self.rank]
+        idx = torch.tensor([self.slot(layer, e) for e in owned], dtype=torch.long, device=self.device)
         own_w = [pool_rows(pool, idx) for pool in self.params()]
         copies = experts[len(owned):]
         if not copies:
             return own_w, []
-        order, stacks = self.iteration.copies[l]
+        order, stacks = self.iteration.copies[layer]
         if order != copies:
-            raise RuntimeError(f"layer {l}: gathered copies {order} differ from the plan's {copies}")
+            raise RuntimeError(f"layer {layer}: gathered copies {order} differ from the plan's {copies}")
         return own_w, stacks
 
     # -- rematerialization ------------------------------------------------------------------
-    def release_layer(self, l: int) -> None:
-        """Free layer l's copies right after its forward pass (rematerialization)."""
-        if not self.cfg.rematerialize or l not in self.iteration.copies:
+    def release_layer(self, layer: int) -> None:
+        """Free `layer`'s copies right after its forward pass (rematerialization)."""
+        if not self.cfg.rematerialize or layer not in self.iteration.copies:
             return
-        for t in self.iteration.copies[l][1]:
+        for t in self.iteration.copies[layer][1]:
             t.untyped_storage().resize_(0)
 
-    def refill_layer(self, l: int) -> None:
-        """Gather layer l's copies again (a second spAG) into the freed tensors, for backward."""
+    def refill_layer(self, layer: int) -> None:
+        """Gather `layer`'s copies again (a second spAG) into the freed tensors, for backward."""
         if not self.cfg.rematerialize:
             return
         with torch.no_grad():
-            self._finish_gather(l)
+            self._finish_gather(layer)
 
     # -- the SparseReduceScatter -------------------------------------------------------------
     def arm_reduce(self, final: bool) -> None:
@@ -325,29 +326,29 @@ class ExpertStore(ExpertPool):
                                            and torch.is_grad_enabled())
         self.iteration.accumulated.clear()
 
-    def _copy_grads(self, l: int) -> dict:
-        """{(l, e): flat gradient} of this rank's copies of layer l."""
-        if l not in self.iteration.copies:
+    def _copy_grads(self, layer: int) -> dict:
+        """{(layer, e): flat gradient} of this rank's copies of `layer`."""
+        if layer not in self.iteration.copies:
             return {}
-        order, ws = self.iteration.copies[l]
+        order, ws = self.iteration.copies[layer]
         gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype, device=self.device) for w in ws]
-        return {(l, e): torch.cat([g[i].reshape(-1) for g in gs]) for i, e in enumerate(order)}
+        return {(layer, e): torch.cat([g[i].reshape(-1) for g in gs]) for i, e in enumerate(order)}
 
-    def layer_backward_done(self, l: int) -> None:
-        """Layer l's backward has finished on this rank (its dispatch's gradient is computed, so
+    def layer_backward_done(self, layer: int) -> None:
+        """`layer`'s backward has finished on this rank (its dispatch's gradient is computed, so
         its copies' gradients are final). Every rank calls this at the same point of the backward
         pass, in the same layer order: advance the spRS already in flight by one round, then start
-        layer l's. The message order is then the same on every rank, whatever the backend's tags."""
+        `layer`'s. The message order is then the same on every rank, whatever the backend's tags."""
         it = self.iteration
-        if not it.reduce_armed or l in it.reducing:
+        if not it.reduce_armed or layer in it.reducing:
             return
-        if l in it.copies and any((l, i) not in it.accumulated for i in range(3)):
-            raise RuntimeError(f"sprs_overlap: layer {l}'s copies have no final gradient when its backward "
+        if layer in it.copies and any((layer, i) not in it.accumulated for i in range(3)):
+            raise RuntimeError(f"sprs_overlap: layer {layer}'s copies have no final gradient when its backward "
                                "finished; set parallel.fssdp.sprs_overlap: false")
         for k in sorted(it.reducing):
             it.reducing[k].advance()
-        it.reducing[l] = coll.sparse_reduce_scatter_start(
-            self._layer_chains(l), self.rank, self._copy_grads(l), self.expert_numel, self.comm_dtype,
+        it.reducing[layer] = coll.sparse_reduce_scatter_start(
+            self._layer_chains(layer), self.rank, self._copy_grads(layer), self.expert_numel, self.comm_dtype,
             self.device, self.comm, self.peer, self.reduce_group)
         it.sprs_in_backward += 1
 
@@ -365,14 +366,14 @@ class ExpertStore(ExpertPool):
         started = set(self.iteration.reducing)
         summed = self.iteration.finish_reduces()
         chains, grads = {}, {}
-        for l in range(self.L):
-            if l not in started:
-                chains.update(self._layer_chains(l))
-                grads.update(self._copy_grads(l))
+        for layer in range(self.L):
+            if layer not in started:
+                chains.update(self._layer_chains(layer))
+                grads.update(self._copy_grads(layer))
         summed.update(coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.comm_dtype,
                                                  self.device, self.comm, self.peer, self.group))
-        for (l, e), flat in summed.items():
-            s = self.slot(l, e)
+        for (layer, e), flat in summed.items():
+            s = self.slot(layer, e)
             g1, g3, g2 = self.unpack(flat.to(self.dtype))
             self.w1.grad[s] += g1
             self.w3.grad[s] += g3
