@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.distributed as dist
+from parallel import dist as pdist
 
 
 def this_node_id() -> Optional[str]:
@@ -27,10 +27,9 @@ def rank_nodes() -> Optional[list[int]]:
     """Node index (0, 1, ... by first rank on it) of every rank; None outside Ray. A collective
     when distributed: every rank calls it."""
     mine = this_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
+    if not pdist.is_dist():
         return None if mine is None else [0]
-    ids = [None] * dist.get_world_size()
-    dist.all_gather_object(ids, mine)
+    ids = pdist.all_gather_object(mine)
     if any(i is None for i in ids):
         return None
     order: dict = {}

@@ -160,7 +160,7 @@ def _start_rank(par) -> torch.device:
         pdist.init_single_process_group(par.backend, par.use_gpu, device)
     else:
         pdist.eager_connect(device)  # Ray Train's group: bound to the device, communicator made now
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    deepspeed.init_distributed(dist_backend=pdist.backend())
     pdist.startup_trace("deepspeed_comm")
     if par.threads_per_worker:
         torch.set_num_threads(par.threads_per_worker)

@@ -33,8 +33,7 @@ def reduce_counts(counts_LE: torch.Tensor, group=None) -> torch.Tensor:
     if not pdist.is_dist() or counts_LE.numel() == 0:
         return counts_LE.clone()
     out = counts_LE.clone()
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM, group=group)
-    return out
+    return pdist.all_reduce_(out, "sum", group)
 
 
 class GlobalCountBuffer:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
+from parallel import dist as pdist
 from parallel.copy_schedule import chain, chunk_bounds, gather_rounds, num_chunks, reduce_rounds
 
 
@@ -55,9 +55,9 @@ def _a2a(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group,
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     if stats is not None:
         row = x[0].numel() * x.element_size() if x.shape[0] else 0
-        me = dist.get_rank(group)
+        me = pdist.rank(group)
         stats.all_to_all += row * (sum(in_splits) - in_splits[me])  # rows that leave this rank
-    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    pdist.all_to_all_single(out, x, out_splits, in_splits, group)
     return out
 
 
@@ -74,13 +74,11 @@ def all_to_all(x: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[i
 # SparseAllGather / SparseReduceScatter
 # --------------------------------------------------------------------------------------------
 def _post(ops: list) -> list:
-    if not ops:
-        return []
-    return dist.batch_isend_irecv(ops)
+    return pdist.batch_isend_irecv(ops)
 
 
-def _op(fn, buf: torch.Tensor, peer: int, group, tag: int):
-    return dist.P2POp(fn, buf, peer, group=group, tag=tag)
+def _op(kind: str, buf: torch.Tensor, peer: int, group, tag: int):
+    return pdist.p2p_op(kind, buf, peer, group, tag)
 
 
 class PendingGather:
@@ -113,12 +111,12 @@ class PendingGather:
             a, b = chunk_bounds(self.numel, self.chunks[h.key])[h.chunk]
             piece = self.buf[h.key][a:b]
             if h.src == self.rank:
-                ops.append(_op(dist.isend, piece, self.peer(h.dst), self.group, tag))
+                ops.append(_op("send", piece, self.peer(h.dst), self.group, tag))
                 if self.stats is not None:
                     self.stats.spag += piece.numel() * piece.element_size()
                     self.stats.messages += 1
             else:
-                ops.append(_op(dist.irecv, piece, self.peer(h.src), self.group, tag))
+                ops.append(_op("recv", piece, self.peer(h.src), self.group, tag))
         self.next_round += 1
         self.works = _post(ops)
 
@@ -192,14 +190,14 @@ class PendingReduce:
             a, b = chunk_bounds(self.numel, self.chunks[h.key])[h.chunk]
             if h.src == self.rank:
                 piece = self.acc[h.key][a:b]
-                ops.append(_op(dist.isend, piece, self.peer(h.dst), self.group, tag))
+                ops.append(_op("send", piece, self.peer(h.dst), self.group, tag))
                 if self.stats is not None:
                     self.stats.sprs += piece.numel() * piece.element_size()
                     self.stats.messages += 1
             else:
                 buf = torch.empty(b - a, dtype=self.dtype, device=self.device)
                 self.arrived.append((h.key, a, b, buf))
-                ops.append(_op(dist.irecv, buf, self.peer(h.src), self.group, tag))
+                ops.append(_op("recv", buf, self.peer(h.src), self.group, tag))
         self.next_round += 1
         self.works = _post(ops)
 

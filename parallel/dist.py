@@ -1,25 +1,45 @@
-"""Thin helpers over torch.distributed that also work in a single, non-distributed process."""
+"""The one module that calls torch.distributed: every collective, group and rank query of the
+library goes through it (tests/test_architecture.py refuses any other call site).
+
+Each collective puts its tensors where the group's backend takes them: NCCL carries CUDA tensors
+only, so a host tensor (a flag, a count, a logged scalar) is staged on the current CUDA device and
+its result copied back; gloo and mixed backends ("cpu:gloo,cuda:nccl") take host tensors as they
+are. Every function also works in a single, non-distributed process.
+"""
 from __future__ import annotations
 
 import os
 import socket
 import sys
 import time
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_dist() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_dist() else 1
+
+
+def backend(group=None) -> str:
+    """The group's backend name ("gloo", "nccl", "cpu:gloo,cuda:nccl", ...)."""
+    return str(dist.get_backend(group))
+
+
+def new_group(ranks: Sequence[int]):
+    """A sub-group of the default one (same backend); every rank of the world must call it."""
+    return dist.new_group(list(ranks))
 
 
 def barrier() -> None:
@@ -27,18 +47,59 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def takes_host_tensors(backend_name: str) -> bool:
+    """Whether a backend carries CPU tensors: every one but pure NCCL."""
+    parts = [b.split(":")[-1] for b in backend_name.split(",")]
+    return any(p != "nccl" for p in parts)
+
+
+def _nccl_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _staged(t: torch.Tensor, group) -> torch.Tensor:
+    """`t`, or a copy on the current CUDA device when the group's backend cannot carry host tensors."""
+    if t.device.type != "cpu" or takes_host_tensors(backend(group)):
+        return t
+    return t.to(_nccl_device(), copy=True)
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce `t` in place over the group's ranks ("sum", "min" or "max"); returns `t`."""
+    if not is_dist():
+        return t
+    work = _staged(t, group)
+    dist.all_reduce(work, op=_OPS[op], group=group)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum over ranks (returns a new tensor; the input is left unchanged)."""
-    out = t.detach().clone()
-    if is_dist():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return all_reduce_(t.detach().clone(), "sum", group)
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    out = t.detach().clone()
-    if is_dist():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    return all_reduce_(t.detach().clone(), "max", group)
+
+
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape on every rank), in rank order."""
+    if not is_dist():
+        return [t.clone()]
+    work = _staged(t.contiguous(), group)
+    out = [torch.empty_like(work) for _ in range(world_size(group))]
+    dist.all_gather(out, work, group=group)
+    return out if work is t or work.device == t.device else [o.to(t.device) for o in out]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's picklable `obj`, in rank order (the default group)."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -47,14 +108,57 @@ def broadcast_object(obj, src: int = 0):
     if not is_dist():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
+def _require_backend_device(t: torch.Tensor, group, what: str) -> None:
+    if t.device.type == "cpu" and not takes_host_tensors(backend(group)):
+        raise ValueError(f"{what}: a host tensor on a {backend(group)} group; its buffers must live on the GPU")
+
+
+def all_to_all_single(out: torch.Tensor, x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                      group=None) -> None:
+    """Uneven all-to-all of rows: x's rows [sum(in_splits[:d]), ...) go to rank d; `out` receives."""
+    _require_backend_device(x, group, "all_to_all_single")
+    dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
+
+
+def p2p_op(kind: str, buf: torch.Tensor, peer: int, group=None, tag: int = 0):
+    """A batched point-to-point operation ("send" or "recv") for `batch_isend_irecv`; `peer` is a
+    rank of the world (not of the group), as torch.distributed expects."""
+    _require_backend_device(buf, group, f"p2p {kind}")
+    return dist.P2POp(dist.isend if kind == "send" else dist.irecv, buf, peer, group=group, tag=tag)
+
+
+def batch_isend_irecv(ops: list) -> list:
+    """Post the operations together; the works to wait on (none for no operation)."""
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def init_process_group(backend_name: str, rank_: int, world: int, init_method: str, **kwargs) -> None:
+    dist.init_process_group(backend_name, rank=rank_, world_size=world, init_method=init_method, **kwargs)
+
+
+def destroy_process_group() -> None:
+    """Every group, sub-groups included (nothing when none is up)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
 def resolve_backend(requested: str, use_gpu: bool) -> str:
+    """The backend of a process group this process starts: "auto" is NCCL where this process sees
+    a GPU it was asked to use, else gloo."""
     if requested != "auto":
         return requested
     return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+
+
+def ray_train_backend(requested: str) -> Optional[str]:
+    """The backend a Ray Train job's driver passes to its TorchConfig: for "auto" none, so Ray
+    Train decides from the workers' resources (NCCL for workers holding a GPU, else gloo) where
+    they run, not from whether the driver's machine has a GPU."""
+    return None if requested == "auto" else requested
 
 
 STARTUP_TRACE_ENV = "MOEFORGE_STARTUP_TRACE"
@@ -90,9 +194,9 @@ def init_single_process_group(requested_backend: str, use_gpu: bool,
     CUDA `device` and NCCL the group is bound to it (`device_id`: eager communicator, see
     `eager_connect`)."""
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
-    backend = resolve_backend(requested_backend, use_gpu)
-    extra = {"device_id": device} if backend == "nccl" and device is not None and device.type == "cuda" else {}
-    dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}", **extra)
+    name = resolve_backend(requested_backend, use_gpu)
+    extra = {"device_id": device} if name == "nccl" and device is not None and device.type == "cuda" else {}
+    init_process_group(name, 0, 1, f"tcp://127.0.0.1:{free_port()}", **extra)
 
 
 def bind_device(device: torch.device) -> None:
@@ -113,15 +217,15 @@ def eager_connect(device: torch.device) -> bool:
     pair of ranks, which would also need every rank of the group in the first batched
     send/recv (docs/gpu.md, "NCCL point-to-point"). Returns whether it connected; False on CPU,
     for a non-NCCL group, or when the group is bound already."""
-    if device.type != "cuda" or not is_dist() or "nccl" not in str(dist.get_backend()):
+    if device.type != "cuda" or not is_dist() or "nccl" not in backend():
         return False
     pg = dist.distributed_c10d._get_default_group()
     if getattr(pg, "bound_device_id", None) is not None:
         return False
     pg.bound_device_id = device
-    backend = pg._get_backend(device)
-    if hasattr(backend, "eager_connect_single_device"):
-        backend.eager_connect_single_device(device)
+    device_backend = pg._get_backend(device)
+    if hasattr(device_backend, "eager_connect_single_device"):
+        device_backend.eager_connect_single_device(device)
     return True
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
 from experts.backends import swiglu
 from experts.config import RouterConfig
 from experts.layer import MoEAux
+from parallel import dist as pdist
 from parallel.engine import param_groups
 
 
@@ -58,7 +58,7 @@ def _init_deepspeed_comm() -> None:
     import deepspeed.comm as dscomm
 
     if not dscomm.is_initialized():
-        dscomm.init_distributed(dist_backend=tdist.get_backend(), dist_init_required=False)
+        dscomm.init_distributed(dist_backend=pdist.backend(), dist_init_required=False)
 
 
 class DeepSpeedMoELayer(nn.Module):
@@ -86,13 +86,13 @@ class DeepSpeedMoELayer(nn.Module):
         if self.cfg.kind != "topk" or self.cfg.score != "softmax":
             raise ValueError("deepspeed_moe supports only router kind 'topk' with softmax scores "
                              f"(got kind={self.cfg.kind!r}, score={self.cfg.score!r})")
-        dist_up = tdist.is_available() and tdist.is_initialized()
+        dist_up = pdist.is_dist()
         if ep_size > 1:
             if not dist_up:
                 raise RuntimeError("DeepSpeedMoELayer with ep_size > 1 must be constructed after "
                                    "torch.distributed.init_process_group (it creates the expert groups)")
-            if tdist.get_world_size() % ep_size:
-                raise ValueError(f"ep_size={ep_size} does not divide the world size {tdist.get_world_size()}")
+            if pdist.world_size() % ep_size:
+                raise ValueError(f"ep_size={ep_size} does not divide the world size {pdist.world_size()}")
         self.num_experts, self.top_k, self.ep_size = num_experts, top_k, ep_size
         self.num_local_experts = num_experts // ep_size
         self.hard_top_k = top_k
@@ -142,7 +142,7 @@ class DeepSpeedMoELayer(nn.Module):
     def ep_rank(self) -> int:
         """This rank's position in its expert-parallel group (0 without groups, ep_size 1)."""
         g = self.moe.deepspeed_moe.ep_group
-        return 0 if g is None else tdist.get_rank(group=g)
+        return 0 if g is None else pdist.rank(g)
 
     def create_expert_groups(self) -> None:
         """Create DeepSpeed's expert(-data)-parallel groups if missing and hand the EP group to

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from parallel import dist as pdist
 from parallel.collectives import CommStats
 from parallel.groups import ExpertGroups, single_group
 from parallel.placement import Ownership, moves
@@ -30,7 +30,7 @@ class ExpertPool:
     def __init__(self, *, num_layers: int, num_experts: int, d_model: int, d_expert: int, strategy: str,
                  dtype=torch.float32, device="cpu", groups: Optional[ExpertGroups] = None):
         if groups is None:
-            w, r = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+            w, r = pdist.world_size(), pdist.rank()
             groups = single_group(w, r)
         self.groups = groups
         self.group = groups.ep_group  # None: the whole world
@@ -150,12 +150,12 @@ class ExpertPool:
                 if dst == self.rank:
                     incoming.append((d_slot, buf))
                 else:
-                    ops.append(dist.P2POp(dist.isend, buf, self.peer(dst), group=self.group, tag=tag))
+                    ops.append(pdist.p2p_op("send", buf, self.peer(dst), self.group, tag))
             elif dst == self.rank:
                 buf = torch.empty(sum(t[0].numel() for t in tensors), dtype=self.dtype, device=self.device)
                 incoming.append((d_slot, buf))
-                ops.append(dist.P2POp(dist.irecv, buf, self.peer(src), group=self.group, tag=tag))
-        for w in (dist.batch_isend_irecv(ops) if ops else []):
+                ops.append(pdist.p2p_op("recv", buf, self.peer(src), self.group, tag))
+        for w in pdist.batch_isend_irecv(ops):
             w.wait()
         for d_slot, buf in incoming:  # after every send has left, so no slot is overwritten early
             off = 0
@@ -200,7 +200,7 @@ class ExpertPool:
                     o[e].copy_(p[s])
         if self.world > 1:
             for o in out:
-                dist.all_reduce(o, group=self.group)  # each expert is non-zero on its owner only
+                pdist.all_reduce_(o, "sum", self.group)  # each expert is non-zero on its owner only
         return tuple(out)
 
     # -- checkpoints ------------------------------------------------------------------------------

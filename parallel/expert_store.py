@@ -19,10 +19,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from experts.backends import get_backend
 from parallel import collectives as coll
+from parallel import dist as pdist
 from parallel.expert_autograd import pool_rows
 from parallel.expert_pool import ExpertPool
 from parallel.groups import second_ep_group
@@ -146,7 +146,7 @@ class ExpertStore(ExpertPool):
         n = len(self._attn_times)
         if self._agreed is None or self._agreed[0] != n:
             t = torch.tensor([mine], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # the world: every group plans alike
+            pdist.all_reduce_(t, "min")  # the world: every group plans alike
             self._agreed = (n, int(t.item()))
         return self._agreed[1]
 
@@ -380,7 +380,7 @@ class ExpertStore(ExpertPool):
             self.w2.grad[s] += g2
         if self.groups.edp_group is not None:
             for p in self.params():
-                dist.all_reduce(p.grad, group=self.groups.edp_group)
+                pdist.all_reduce_(p.grad, "sum", self.groups.edp_group)
         if self.groups.world > 1:
             for p in self.params():
                 p.grad.div_(self.groups.world)

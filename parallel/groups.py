@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch.distributed as dist
+
+from parallel import dist as pdist
 
 
 @dataclass
@@ -84,8 +85,7 @@ def layout_problems(world: int, ep_size: int, rank_nodes: Sequence[int]) -> list
 def build_expert_groups(ep_size: int, rank_nodes: Optional[Sequence[int]] = None,
                         ranks_per_node: int = 8) -> ExpertGroups:
     """The EP and EDP groups of this process (a collective: every rank calls it, in order)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = pdist.world_size(), pdist.rank()
     P = int(ep_size)
     if P < 1 or world % P:
         raise ValueError(f"parallel.expert_parallel_size={P} does not divide the world of {world} ranks")
@@ -100,11 +100,11 @@ def build_expert_groups(ep_size: int, rank_nodes: Optional[Sequence[int]] = None
     if G > 1:
         # new_group is collective over the world: every rank creates every group, in one order.
         for g in range(G):
-            pg = dist.new_group(list(range(g * P, (g + 1) * P)))
+            pg = pdist.new_group(range(g * P, (g + 1) * P))
             if g == rank // P:
                 ep_group = pg
         for i in range(P):
-            pg = dist.new_group(list(range(i, world, P)))
+            pg = pdist.new_group(range(i, world, P))
             if i == rank % P:
                 edp_group = pg
     return ExpertGroups(world, P, rank, ep_group, edp_group, ep_ranks, edp_ranks, nodes)
@@ -116,11 +116,11 @@ def second_ep_group(groups: ExpertGroups):
     each group has its own communicator and stream, so the backward pass's all-to-alls, queued on
     the first group, never wait behind spRS transfers in flight (at the price of one more
     communicator per rank)."""
-    if not dist.is_initialized() or groups.world == 1:
+    if not pdist.is_dist() or groups.world == 1:
         return None
     P, mine = groups.ep_size, None
     for g in range(groups.num_groups):
-        pg = dist.new_group(list(range(g * P, (g + 1) * P)))
+        pg = pdist.new_group(range(g * P, (g + 1) * P))
         if g == groups.group_index:
             mine = pg
     return mine

@@ -12,10 +12,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from parallel import collectives as coll
+from parallel import dist as pdist
 from parallel.expert_autograd import mark_layer_backward, refill_before_backward, release_after_backward
 from parallel.expert_store import ExpertStore
 from parallel.placement import FSSDPPlanConfig, assign
@@ -116,9 +116,7 @@ class ShardedExperts(nn.Module):
         counts = counts_E.detach().to(torch.int64)
         if st.world == 1:
             return counts.cpu().numpy()[None]
-        gathered = [torch.empty_like(counts) for _ in range(st.world)]
-        dist.all_gather(gathered, counts, group=st.group)
-        return torch.stack(gathered).cpu().numpy()
+        return torch.stack(pdist.all_gather(counts, st.group)).cpu().numpy()
 
     def _send_order(self, send_ER: np.ndarray, device) -> tuple[torch.Tensor, bool]:
         """The permutation grouping this rank's rows (expert-major) by destination rank, and

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from parallel import dist as pdist
@@ -130,9 +129,9 @@ class ShardedStrategy(ExpertStrategy):
 
     def _expert_sq(self) -> float:
         sq = self.store.grad_sq_norm()
-        if dist.is_initialized():
+        if pdist.is_dist():
             # one expert-parallel group holds every expert once (the groups hold equal gradients)
-            dist.all_reduce(sq, group=self.store.group)
+            pdist.all_reduce_(sq, "sum", self.store.group)
         return float(sq)
 
     def coef(self, norm: Optional[float]) -> float:

@@ -68,22 +68,15 @@ class DeepSpeedMoEStrategy(ExpertStrategy):
 
     @torch.no_grad()
     def full_expert_weights(self, model: nn.Module) -> dict[int, tuple[torch.Tensor, ...]]:
-        import torch.distributed as dist
-
         out = {}
         for i, layer in enumerate(model.moe_layers()):
             local = layer.experts.deepspeed_experts
             mine = [torch.stack([getattr(ex, n).detach() for ex in local]) for n in ("w1", "w3", "w2")]
             g = layer.moe.deepspeed_moe.ep_group
-            if g is None or dist.get_world_size(group=g) == 1:
+            if g is None or pdist.world_size(g) == 1:
                 out[i] = tuple(m.clone() for m in mine)
                 continue
-            n = dist.get_world_size(group=g)
-            parts = []
-            for m in mine:
-                got = [torch.empty_like(m) for _ in range(n)]
-                dist.all_gather(got, m.contiguous(), group=g)
-                parts.append(torch.cat(got))
+            parts = [torch.cat(pdist.all_gather(m.contiguous(), g)) for m in mine]
             out[i] = tuple(parts)
         return out
 

@@ -39,18 +39,17 @@ def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
 
 def _call(rank: int, world: int, port: int, fn: Callable, args: tuple) -> tuple[bool, Any]:
     """One call on this rank inside a new process group; (ok, pickled result or traceback)."""
-    import torch.distributed as dist
+    from parallel import dist as pdist
 
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+        pdist.init_process_group("gloo", rank, world, f"tcp://127.0.0.1:{port}")
         # Plain pickle bytes: torch's queue pickler would pass tensors as shared-memory handles
         # that die with this process (or are reused by its next call).
         return True, pickle.dumps(fn(rank, world, *args))
     except BaseException:
         return False, f"[rank {rank}] " + traceback.format_exc()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # every group, sub-groups included
+        pdist.destroy_process_group()  # every group, sub-groups included
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:

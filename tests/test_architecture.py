@@ -67,3 +67,58 @@ def test_trainer_and_model_have_no_strategy_branches(path):
                  "import deepspeed", "ds_moe"):
         assert not re.search(rf"\b{word}\b", src), \
             f"{path} mentions {word!r}: strategy-specific code belongs in parallel/strategy*"
+
+
+def test_only_parallel_dist_calls_torch_distributed():
+    """Every collective, group and rank query goes through parallel/dist.py, which stages host
+    tensors on the device an NCCL group needs: any other call site could hand NCCL a CPU tensor."""
+    bad = []
+    for pkg in LIBRARY:
+        for f, tree in _modules(pkg):
+            if f == ROOT / "parallel" / "dist.py":
+                continue
+            names = _imports(tree)
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+                bad.append(f"{f.relative_to(ROOT)} imports torch.distributed")
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and node.attr == "distributed" and \
+                        isinstance(node.value, ast.Name) and node.value.id == "torch":
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno} uses torch.distributed")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circles_in_the_library():
+    """Module A importing B (lazily too) while B imports A: neither reads alone (issue 31)."""
+    mods = {}
+    for pkg in LIBRARY:
+        for f, tree in _modules(pkg):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            mods[name] = tree
+    graph = {m: {n for n in _imports(t) if n in mods and n != m} for m, t in mods.items()}
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(mods):
+        if v not in index:
+            visit(v)
+    assert not circles, circles
