@@ -306,7 +306,7 @@ def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: Stage
     from ray.train.torch import TorchTrainer
 
     from jobs.preemption import PreemptibleTorchConfig
-    from parallel.dist import resolve_backend
+    from parallel.dist import ray_train_backend
 
     par = stage.parallel
     res = dict(plan.ray.scaling_config.resources_per_worker)
@@ -320,7 +320,7 @@ def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: Stage
                            "preempted_file": str(layout.preempted_file(stage.name)),
                            "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
                            "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
-        torch_config=PreemptibleTorchConfig(backend=resolve_backend(par.backend, par.use_gpu)),
+        torch_config=PreemptibleTorchConfig(backend=ray_train_backend(par.backend)),
         scaling_config=ScalingConfig(num_workers=stage.world_size, use_gpu=par.use_gpu, resources_per_worker=res),
         run_config=RunConfig(
             name=rc.name or f"{plan.run.name}-{stage.name}",

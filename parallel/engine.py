@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -165,9 +167,22 @@ def build_engine(model: nn.Module, stage, passthrough: dict[str, Any], world_siz
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(sched_cfg, s, total))
     on_gpu = parallel.use_gpu and torch.cuda.is_available()
     config = strategy.configure(deepspeed_config(stage, parallel, passthrough, world_size, on_gpu))
+    device = next(model.parameters()).device
+    # DeepSpeed takes cuda:LOCAL_RANK unless told the device; the worker's (Ray's) GPU may differ
+    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     with _zero_optimizer_at_stage1():
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config, dist_init_required=False)
+    check_engine_device(engine, device)
     check_zero_optimizer(engine)
     strategy.attach(engine, opt_cfg)
     return engine
+
+
+def check_engine_device(engine, device: torch.device) -> None:
+    """The engine must compute where the model and the expert store live: one device per worker."""
+    got = torch.device(engine.device)
+    if got.type != device.type or (device.type == "cuda" and got != device):
+        raise RuntimeError(f"DeepSpeed bound this rank to {got} but its model is on {device} (LOCAL_RANK="
+                           f"{os.environ.get('LOCAL_RANK')}, CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')}): one device per worker is required")
