@@ -42,8 +42,10 @@ def any_rank(flag: bool) -> bool:
 def skip_dense_update(engine, model: nn.Module) -> None:
     """Finish the step in DeepSpeed without updating anything, keeping its counters in step.
 
-    ZeRO 0: every gradient is dropped, so AdamW's step skips every parameter (no moment or
-    weight-decay change); clipping is off for this step (DeepSpeed's clip needs a gradient).
+    ZeRO 0: the optimizer's step is replaced for this step by one that only drops the gradients:
+    dropping `.grad` alone is not enough under bf16, where DeepSpeed's wrapper keeps fp32
+    gradients of its own and would step AdamW on zeros (moments decay, weight decay applies).
+    Clipping is off for this step (DeepSpeed's clip needs a gradient).
     ZeRO 1/2: DeepSpeed's own overflow path for this step (its grad
     overflow check on, the overflow forced), which clears the partitioned gradients and leaves
     weights and moments untouched. In both the LR scheduler advances once, as on a good step."""
@@ -51,12 +53,19 @@ def skip_dense_update(engine, model: nn.Module) -> None:
     if zero == 0:
         for p in model.parameters():
             p.grad = None
+        opt = engine.optimizer
+        own_step = vars(opt).get("step")  # None: the class's method
+        opt.step = lambda closure=None: _drop_wrapper_grads(opt)
         clip = engine._config.gradient_clipping
         engine._config.gradient_clipping = 0.0
         try:
             engine.step()
         finally:
             engine._config.gradient_clipping = clip
+            if own_step is None:
+                del opt.step
+            else:
+                opt.step = own_step
         return
     opt = engine.optimizer
     saved = opt.check_grad_overflow
@@ -69,3 +78,15 @@ def skip_dense_update(engine, model: nn.Module) -> None:
         opt.check_grad_overflow = saved
     if engine.lr_scheduler is not None:  # DeepSpeed holds the schedule back on overflow
         engine.lr_scheduler.step()
+
+
+def _drop_wrapper_grads(opt) -> None:
+    """A skipped ZeRO-0 optimizer step: clear the gradients a DeepSpeed wrapper holds besides
+    `.grad` (BF16_Optimizer's fp32 ones) and report no overflow, so the engine moves the LR
+    schedule on as on a good step."""
+    for name in ("clear_hp_grads", "clear_lp_grads"):
+        fn = getattr(opt, name, None)
+        if fn is not None:
+            fn()
+    if hasattr(opt, "overflow"):
+        opt.overflow = False

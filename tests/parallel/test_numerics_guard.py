@@ -1,7 +1,8 @@
 """The numerics guard: an Inf injected into one rank's loss skips the step's update on every rank
 (no weight, no optimizer moment changes; counted in the metrics) and training goes on; after
 `max_bad_steps` bad steps in a row the stage stops naming the steps and the last good checkpoint.
-Replicated (ZeRO 0 and 2) and fssdp (ZeRO 1), 2 gloo ranks."""
+fp32: replicated (ZeRO 0 and 2) and fssdp (ZeRO 1); bf16 (DeepSpeed's CPU accelerator runs it):
+every strategy x ZeRO 0/1/2. 2 gloo ranks."""
 from __future__ import annotations
 
 import json
@@ -56,12 +57,19 @@ def _state(ck: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+BF16 = {"bf16": {"enabled": True}}
+GRID = [(s, z, None) for s, z in (("replicated", 0), ("replicated", 2), ("fssdp", 1))] + \
+    [(s, z, "bf16") for s in ("replicated", "ep", "fssdp", "deepspeed_moe") for z in (0, 1, 2)]
+
+
 @pytest.mark.procs
-@pytest.mark.parametrize("strategy,zero", [("replicated", 0), ("replicated", 2), ("fssdp", 1)])
-def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy, zero):
+@pytest.mark.parametrize("strategy,zero,dtype", GRID)
+def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy, zero, dtype):
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE", "3")
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE_RANK", "1")  # one rank only: the skip is agreed
     spec = _spec(tmp_path, strategy, zero)
+    if dtype == "bf16":
+        spec["deepspeed"] = BF16
     run_distributed(_train, 2, spec, timeout_s=300)
     run = tmp_path / "runs" / "guard"
     recs = _records(run)
