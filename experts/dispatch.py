@@ -48,7 +48,15 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs back in token order: (T, D)."""
-    w_N = weights_TK.reshape(-1).index_select(0, plan.slot_idx_N).to(y_ND.dtype)
-    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return out_TD.index_add(0, plan.token_idx_N, y_ND * w_N.unsqueeze(-1))
+    """Weighted sum of each token's expert outputs back in token order: (T, D), in y's dtype.
+
+    Accumulated in fp32 (at least) and deterministically: each weighted row goes back to its
+    (token, slot) place (unique indices, no atomic adds) and each token's K slots are summed in
+    slot order; unused slots (the DTS gate's padding) stay zero. For K <= 2 the sum is bit for bit
+    the old index_add's (two terms add the same in either order)."""
+    acc = torch.promote_types(y_ND.dtype, torch.float32)
+    w_N = weights_TK.reshape(-1).index_select(0, plan.slot_idx_N).to(acc)
+    K = weights_TK.shape[1]
+    slots_SD = y_ND.new_zeros(num_tokens * K, y_ND.shape[-1], dtype=acc)
+    slots_SD = slots_SD.index_copy(0, plan.slot_idx_N, y_ND.to(acc) * w_N.unsqueeze(-1))
+    return slots_SD.view(num_tokens, K, -1).sum(dim=1).to(y_ND.dtype)
