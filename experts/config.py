@@ -53,6 +53,9 @@ class RouterConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0  # the combine weights are multiplied by this (DeepSeek-V3)
+    # The router projection in fp32 even when the model runs in bf16 (close logits decide the
+    # top-k); false keeps it in the model's dtype (cheaper, as some reference codebases do).
+    logits_fp32: bool = True
     dts: DTSConfig = field(default_factory=DTSConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:

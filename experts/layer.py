@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from experts.backends import get_backend, recomputing
@@ -132,7 +133,10 @@ class MoELayer(nn.Module):
         self.expert_bias.zero_()
 
     def route(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = self.router(x_TD)
+        if self.cfg.logits_fp32 and x_TD.dtype not in (torch.float32, torch.float64):
+            logits_TE = F.linear(x_TD.float(), self.router.weight.float())  # grads flow back to bf16
+        else:
+            logits_TE = self.router(x_TD)
         # Always applied: a zero bias chooses exactly what no bias would, and testing it for zero
         # would cost a device->host sync per layer per forward.
         ctx = RouteContext(self.top_k, self.routing_step, self.training, self.expert_bias)

@@ -263,3 +263,20 @@ def test_topk_softmax_alias():
     logits = _logits()
     a, b = topk_softmax(logits, 2), topk_route(logits, 2)
     assert torch.equal(a.ids_TK, b.ids_TK)
+
+
+def test_router_logits_in_fp32_for_a_bf16_layer_unless_asked_otherwise():
+    """A bf16 layer computes its router projection in fp32 (top-k decisions hinge on close
+    logits); `logits_fp32: false` keeps the model's dtype. The gradient reaches the bf16 weight."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8).to(torch.bfloat16)
+    for fp32 in (True, False):
+        layer = MoELayer(8, 4, 2, 12, RouterConfig(logits_fp32=fp32)).to(torch.bfloat16)
+        layer.reset_parameters(std=0.5, out_std=0.3)
+        r = layer.route(x)
+        w = layer.router.weight
+        want = x.float() @ w.float().T if fp32 else (x @ w.T).float()
+        assert r.logits_TE.dtype == torch.float32 and torch.equal(r.logits_TE, want)
+        r.logits_TE.square().sum().backward()
+        assert w.grad is not None and w.grad.dtype == torch.bfloat16
+    assert not torch.equal(x.float() @ w.float().T, (x @ w.T).float())  # the choice is visible
