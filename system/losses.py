@@ -9,11 +9,17 @@ import torch.nn.functional as F
 
 from experts.config import BalancingConfig
 from experts.losses import load_balancing_loss, router_z_loss, sequence_balancing_loss
+from system.chunked_ce import chunked_cross_entropy
 from system.model import ModelOutput
 
 
 def lm_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1))
+    """Mean token cross-entropy in fp32. Low-precision logits go through `chunked_cross_entropy`
+    (no fp32 copy of the whole (B, T, V)); fp32 ones through torch's own (no copy to avoid)."""
+    logits_NV, labels_N = logits_BTV.reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1)
+    if logits_NV.dtype in (torch.float32, torch.float64):
+        return F.cross_entropy(logits_NV.float(), labels_N)
+    return chunked_cross_entropy(logits_NV, labels_N)
 
 
 def training_loss(out: ModelOutput, labels_BT: torch.Tensor, bal: BalancingConfig,
