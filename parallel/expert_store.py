@@ -44,6 +44,7 @@ class IterationState:
     reduce_armed: bool = False  # this backward is the step's last: start each layer's spRS in it
     reducing: dict = field(default_factory=dict)  # layer -> PendingReduce started in the backward pass
     accumulated: set = field(default_factory=set)  # (layer, weight index): copy gradient accumulated
+    copy_grads: dict = field(default_factory=dict)  # (layer, weight index) -> its gradient, summed in fp32
     rank_loads: list = field(default_factory=list)  # per training forward: (world,) expert rows per rank
     sprs_in_backward: int = 0  # layers whose spRS started during this step's backward
 
@@ -66,6 +67,7 @@ class IterationState:
             self.finish_reduces()
         self.reduce_armed = False
         self.copies.clear()
+        self.copy_grads.clear()
         self.gathered.clear()
         for pg in self.pending.values():
             pg.wait()
@@ -92,6 +94,8 @@ class ExpertStore(ExpertPool):
                          strategy=strategy, dtype=dtype, device=device, groups=groups)
         # spAG/spRS messages: the training dtype (bf16 under bf16), the fp32 masters stay here
         self.comm_dtype = comm_dtype or dtype
+        # copies' gradients are summed over micro-batches and along the spRS chain in fp32 at least
+        self.grad_dtype = torch.promote_types(self.comm_dtype, torch.float32)
         self.cfg = plan_cfg or FSSDPPlanConfig()
         self.backend = get_backend(backend)
         self.predictor = LoadPredictor(self.cfg.window)
@@ -263,7 +267,7 @@ class ExpertStore(ExpertPool):
     def _finish_gather(self, layer: int) -> None:
         """Complete `layer`'s spAG into one stacked leaf per weight, (n_copies, ...), in the
         order of `local_experts` (copies by expert id). Rematerialization refills the same leaf
-        tensors in place: autograd saved them, and their `.grad` accumulates across forwards."""
+        tensors in place: autograd saved them (their gradients are summed by `_keep_copy_grad`)."""
         self.start_gather(layer)
         it = self.iteration
         pg = it.pending.pop(layer, None)
@@ -283,8 +287,7 @@ class ExpertStore(ExpertPool):
         else:
             it.copies[layer] = (order, [t.requires_grad_(True) for t in stacks])
             for i, t in enumerate(it.copies[layer][1]):
-                # the iteration current when the gradient arrives (looked up then, not now)
-                t.register_post_accumulate_grad_hook(lambda _t, key=(layer, i): self.iteration.accumulated.add(key))
+                t.register_post_accumulate_grad_hook(lambda t, key=(layer, i): self._keep_copy_grad(t, key))
         self.peak_copy_bytes = max(self.peak_copy_bytes, it.live_copy_bytes())
         self.peak_copies = max(self.peak_copies, it.copy_count())
 
@@ -326,12 +329,28 @@ class ExpertStore(ExpertPool):
                                            and torch.is_grad_enabled())
         self.iteration.accumulated.clear()
 
+    def _keep_copy_grad(self, t: torch.Tensor, key: tuple) -> None:
+        """A copy's gradient of one backward, added into its fp32 sum over the step's micro-batches
+        (the copies are bf16 under bf16: their own `.grad` would accumulate in bf16, and the hottest
+        experts, copied most, would get the least precise gradients). The iteration current when
+        the gradient arrives is looked up then."""
+        it, g = self.iteration, t.grad
+        t.grad = None
+        acc = it.copy_grads.get(key)
+        if acc is None:
+            it.copy_grads[key] = g if g.dtype == self.grad_dtype else g.to(self.grad_dtype)
+        else:
+            acc.add_(g)
+        it.accumulated.add(key)
+
     def _copy_grads(self, layer: int) -> dict:
-        """{(layer, e): flat gradient} of this rank's copies of `layer`."""
+        """{(layer, e): flat fp32 gradient} of this rank's copies of `layer`."""
         if layer not in self.iteration.copies:
             return {}
         order, ws = self.iteration.copies[layer]
-        gs = [w.grad if w.grad is not None else torch.zeros(w.shape, dtype=w.dtype, device=self.device) for w in ws]
+        gs = [self.iteration.copy_grads.get((layer, i)) for i in range(len(ws))]
+        gs = [g if g is not None else torch.zeros(w.shape, dtype=self.grad_dtype, device=self.device)
+              for g, w in zip(gs, ws)]
         return {(layer, e): torch.cat([g[i].reshape(-1) for g in gs]) for i, e in enumerate(order)}
 
     def layer_backward_done(self, layer: int) -> None:
@@ -348,7 +367,7 @@ class ExpertStore(ExpertPool):
         for k in sorted(it.reducing):
             it.reducing[k].advance()
         it.reducing[layer] = coll.sparse_reduce_scatter_start(
-            self._layer_chains(layer), self.rank, self._copy_grads(layer), self.expert_numel, self.comm_dtype,
+            self._layer_chains(layer), self.rank, self._copy_grads(layer), self.expert_numel, self.grad_dtype,
             self.device, self.comm, self.peer, self.reduce_group)
         it.sprs_in_backward += 1
 
@@ -370,7 +389,7 @@ class ExpertStore(ExpertPool):
             if layer not in started:
                 chains.update(self._layer_chains(layer))
                 grads.update(self._copy_grads(layer))
-        summed.update(coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.comm_dtype,
+        summed.update(coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.grad_dtype,
                                                  self.device, self.comm, self.peer, self.group))
         for (layer, e), flat in summed.items():
             s = self.slot(layer, e)

@@ -158,3 +158,23 @@ def test_skipped_step_and_evaluation_keep_ranks_in_step():
     res = run_distributed(_eval_worker, 2)
     assert all(r["started"] == LAYERS for r in res)
     assert all(torch.isfinite(r["pool"]).all() for r in res)
+
+
+def test_copy_gradients_are_summed_in_fp32_over_micro_batches():
+    """bf16 copies: each backward's gradient is added into an fp32 sum (not the copy's bf16
+    `.grad`), which is what the SparseReduceScatter sends; fp32 copies keep their exact sum."""
+    from types import SimpleNamespace
+
+    from parallel.expert_store import ExpertStore, IterationState
+
+    store = SimpleNamespace(iteration=IterationState(), grad_dtype=torch.float32)
+    t = torch.zeros(3, 4, dtype=torch.bfloat16, requires_grad=True)
+    parts = [torch.full((3, 4), 1.0, dtype=torch.bfloat16), torch.full((3, 4), 2.0 ** -9, dtype=torch.bfloat16)]
+    for g in parts:  # two micro-batches
+        t.grad = g.clone()
+        ExpertStore._keep_copy_grad(store, t, (0, 1))
+        assert t.grad is None
+    acc = store.iteration.copy_grads[(0, 1)]
+    assert acc.dtype == torch.float32 and torch.all(acc == 1.0 + 2.0 ** -9)  # bf16 would round to 1.0
+    assert (parts[0] + parts[1]).eq(1.0).all()
+    assert store.iteration.accumulated == {(0, 1)}
