@@ -208,12 +208,15 @@ class ExpertPool:
         experts = {}
         st = {} if self.optimizer is None else self.optimizer.state
         names = ("w1", "w3", "w2")
+        def host(t: torch.Tensor) -> torch.Tensor:  # record by record: no device-side copy of the pool
+            return t.detach().to("cpu", copy=True)
+
         for layer, e, s in self.own.owned(self.rank):
-            rec = {n: p[s].detach().clone() for n, p in zip(names, self.params())}
+            rec = {n: host(p[s]) for n, p in zip(names, self.params())}
             for n, p in zip(names, self.params()):
                 if st.get(p):
-                    rec[f"exp_avg.{n}"] = st[p]["exp_avg"][s].clone()
-                    rec[f"exp_avg_sq.{n}"] = st[p]["exp_avg_sq"][s].clone()
+                    rec[f"exp_avg.{n}"] = host(st[p]["exp_avg"][s])
+                    rec[f"exp_avg_sq.{n}"] = host(st[p]["exp_avg_sq"][s])
             experts[f"{layer}.{e}"] = rec
         adam_step = None
         if st.get(self.w1):
@@ -236,7 +239,7 @@ class ExpertPool:
         With the same expert-parallel size the saved ownership is kept (heterogeneous sharding
         survives a restart, whatever the number of groups); otherwise the even sharding.
         """
-        head, allx = read_expert_files(Path(ckpt_dir))
+        head, allx = read_expert_files(Path(ckpt_dir), mmap=True)  # only the owned records are read
         for k, v in (("num_layers", self.L), ("num_experts", self.E), ("d_model", self.D), ("d_expert", self.F)):
             if head[k] != v:
                 raise ValueError(f"checkpoint {ckpt_dir}: experts have {k}={head[k]}, this model has {v}")

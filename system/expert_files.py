@@ -23,14 +23,15 @@ def write_expert_file(ckpt_dir: Path, rank: int, state: dict) -> None:
     os.replace(tmp, d / f"rank{rank:05d}.pt")
 
 
-def read_expert_files(ckpt_dir: Path) -> tuple[dict, dict]:
-    """(the first file's header, {"layer.expert": record} over every rank's file), checked complete."""
+def read_expert_files(ckpt_dir: Path, mmap: bool = False) -> tuple[dict, dict]:
+    """(the first file's header, {"layer.expert": record} over every rank's file), checked complete.
+    `mmap`: the tensors are mapped from the files, so only the records a caller copies are read."""
     files = sorted((Path(ckpt_dir) / EXPERT_DIR).glob("rank*.pt"))
     if not files:
         raise ValueError(f"checkpoint {ckpt_dir} has no {EXPERT_DIR}/rank*.pt files (not an ep/fssdp checkpoint)")
     from system.safe_load import load_tensors
 
-    parts = [load_tensors(f) for f in files]
+    parts = [load_tensors(f, mmap=mmap) for f in files]
     head = parts[0]
     if len(parts) != head["world"]:
         raise ValueError(f"checkpoint {ckpt_dir}: {len(parts)} expert files, written by {head['world']} ranks")
