@@ -33,6 +33,9 @@ def deepspeed_config(stage, parallel, passthrough: dict[str, Any], world_size: i
     }
     if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         cfg["bf16"] = {"enabled": True}
+    if on_gpu and parallel.zero_stage in (1, 2):
+        # the gradient reduce-scatter on its own stream, bucket by bucket during the backward
+        cfg["zero_optimization"]["overlap_comm"] = True
     return with_fp32_gradients(_deep_merge(cfg, passthrough), parallel.zero_stage)
 
 

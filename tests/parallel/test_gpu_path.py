@@ -79,6 +79,16 @@ def test_bf16_config_reduces_in_fp32_and_accumulates_in_fp32_under_zero(tmp_path
         assert "data_types" not in cfg
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_zero_overlaps_its_gradient_reduction_on_gpu_only(tmp_path, zero):
+    st = _stage(tmp_path, zero)
+    gpu = deepspeed_config(st, st.parallel, {}, 2, on_gpu=True)
+    assert gpu["zero_optimization"].get("overlap_comm", False) is (zero in (1, 2))
+    assert "overlap_comm" not in deepspeed_config(st, st.parallel, {}, 2, on_gpu=False)["zero_optimization"]
+    off = deepspeed_config(st, st.parallel, {"zero_optimization": {"overlap_comm": False}}, 2, on_gpu=True)
+    assert off["zero_optimization"]["overlap_comm"] is False  # the spec's passthrough wins
+
+
 def test_passthrough_dtypes_win(tmp_path):
     st = _stage(tmp_path, 1)
     cfg = deepspeed_config(st, st.parallel, {**BF16, "data_types": {"grad_accum_dtype": "bf16"},
