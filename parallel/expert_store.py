@@ -93,9 +93,7 @@ class ExpertStore(ExpertPool):
         super().__init__(num_layers=num_layers, num_experts=num_experts, d_model=d_model, d_expert=d_expert,
                          strategy=strategy, dtype=dtype, device=device, groups=groups)
         # spAG/spRS messages: the training dtype (bf16 under bf16), the fp32 masters stay here
-        self.comm_dtype = comm_dtype or dtype
-        # copies' gradients are summed over micro-batches and along the spRS chain in fp32 at least
-        self.grad_dtype = torch.promote_types(self.comm_dtype, torch.float32)
+        self.comm_dtype = comm_dtype or dtype  # the strategy sets bf16 when the engine trains in bf16
         self.cfg = plan_cfg or FSSDPPlanConfig()
         self.backend = get_backend(backend)
         self.predictor = LoadPredictor(self.cfg.window)
@@ -328,6 +326,11 @@ class ExpertStore(ExpertPool):
         self.iteration.reduce_armed = bool(final and self.cfg.sprs_overlap and self.strategy == "fssdp"
                                            and torch.is_grad_enabled())
         self.iteration.accumulated.clear()
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        """Copies' gradients are summed over micro-batches and along the spRS chain in fp32 at least."""
+        return torch.promote_types(self.comm_dtype, torch.float32)
 
     def _keep_copy_grad(self, t: torch.Tensor, key: tuple) -> None:
         """A copy's gradient of one backward, added into its fp32 sum over the step's micro-batches
