@@ -119,7 +119,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.cfg = router or RouterConfig()
         self._router = get_router(self.cfg.kind)  # experts/router.py's registry
-        self._router.check(self.cfg, top_k, num_experts)
+        if self._router.check is not None:
+            self._router.check(self.cfg, top_k, num_experts)
         self.hard_top_k = self.cfg.dts.hard_top_k or top_k
         self.num_experts, self.top_k = num_experts, top_k
         self.router = nn.Linear(d_model, num_experts, bias=False)

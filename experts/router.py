@@ -200,10 +200,11 @@ class RouteContext:
 
 @dataclass(frozen=True)
 class Router:
-    """A router kind: `route` decides, `check` refuses a config the kind cannot run (at build)."""
+    """A router kind: `route` decides; `check`, where a kind has one, refuses at build a config
+    the kind cannot run."""
 
     route: Callable[[torch.Tensor, RouterConfig, RouteContext], RouterOutput]
-    check: Callable[[RouterConfig, int, int], None]  # (cfg, top_k, num_experts)
+    check: Optional[Callable[[RouterConfig, int, int], None]] = None  # (cfg, top_k, num_experts)
 
 
 def _route_topk(logits_TE: torch.Tensor, cfg: RouterConfig, ctx: RouteContext) -> RouterOutput:
@@ -216,10 +217,6 @@ def _route_dts(logits_TE: torch.Tensor, cfg: RouterConfig, ctx: RouteContext) ->
                      normalize=cfg.normalize_topk, bias_E=ctx.bias_E)
 
 
-def _check_nothing(cfg: RouterConfig, top_k: int, num_experts: int) -> None:
-    pass
-
-
 def _check_dts(cfg: RouterConfig, top_k: int, num_experts: int) -> None:
     hard = cfg.dts.hard_top_k or top_k
     if not 1 <= hard <= num_experts:
@@ -227,7 +224,7 @@ def _check_dts(cfg: RouterConfig, top_k: int, num_experts: int) -> None:
 
 
 ROUTERS: dict[str, Router] = {
-    "topk": Router(_route_topk, _check_nothing),
+    "topk": Router(_route_topk),
     "dts": Router(_route_dts, _check_dts),
 }
 
