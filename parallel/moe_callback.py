@@ -25,7 +25,7 @@ class MoEBalancing(Callback):
         self.gbuf: Optional[GlobalCountBuffer] = None
         self.local_LE: Optional[torch.Tensor] = None  # the current micro-batch's counts
         self.sum_local_LE: Optional[torch.Tensor] = None  # this rank's counts over the step
-        self.last_aux: list = []  # the last micro-batch's MoEAux per layer
+        self.router_scalars: list = []  # the last micro-batch's router figures per layer (host values)
 
     def begin_step(self, ctx: StepContext) -> None:
         fn = getattr(self.model, "set_routing_step", None)
@@ -48,7 +48,7 @@ class MoEBalancing(Callback):
             for k, v in local_routing_scalars(a).items():
                 ctx.sums[f"moe/{i}/{k}"] = ctx.sums.get(f"moe/{i}/{k}", 0.0) + v
         self.sum_local_LE = self.local_LE if self.sum_local_LE is None else self.sum_local_LE + self.local_LE
-        self.last_aux = list(ctx.out.moe_aux)
+        self.router_scalars = [a.router_scalars() for a in ctx.out.moe_aux]
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """The step's global counts (from the buffer when global-batch LBL reduced them already,
@@ -65,7 +65,7 @@ class MoEBalancing(Callback):
             stats = global_load_stats(ctx.step_counts_LE[i], self.local_LE[i],
                                       layer.expert_bias if self.bal.aux_free else None)
             rec.update({f"moe/{i}/{k}": v for k, v in stats.items()})
-            rec.update({f"moe/{i}/{k}": v for k, v in self.last_aux[i].router_scalars().items()})
+            rec.update({f"moe/{i}/{k}": v for k, v in self.router_scalars[i].items()})
         return rec
 
     @torch.no_grad()
