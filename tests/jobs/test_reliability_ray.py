@@ -125,8 +125,11 @@ def drill(tmp_path_factory, shared_ray) -> dict:
             _wait(lambda: victim not in _train_workers(), proc, 60, "the killed worker to go")
         # preemption in the third attempt, once it has trained again
         term_from = kills[-1][1]
-        _wait(lambda: _last_step(run_dir) >= term_from + 10 and len(_train_workers()) == 2, proc, 240,
-              f"step {term_from + 10} with two workers")
+        # ... at a step well inside a checkpoint interval, so the step the SIGTERM lands at is not
+        # also a scheduled checkpoint (which would hide an off-schedule one)
+        _wait(lambda: (_last_step(run_dir) >= term_from + 10 and 3 <= _last_step(run_dir) % 20 <= 12
+                       and len(_train_workers()) == 2), proc, 240,
+              f"a step past {term_from + 10}, 3-12 into a checkpoint interval, with two workers")
         out["term_at"] = _last_step(run_dir)
         rank0 = _rank0_pid(run_dir)
         out["rank0_alive"] = rank0 in _train_workers()
