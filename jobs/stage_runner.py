@@ -21,6 +21,7 @@ from jobs.ray_nodes import rank_nodes
 from jobs.sources import init_checkpoint, resolve_teacher
 from jobs.spec import parse_spec
 from parallel import dist as pdist
+from parallel.engine import cast_like_engine, engine_param_dtype
 from parallel.strategy import ExpertStrategy, build_strategy
 from parallel.trainer import Trainer, TrainerHooks
 from system.checkpoint import (CheckpointCorrupt, CheckpointManager, atomic_write_text, latest_checkpoint,
@@ -180,19 +181,23 @@ def _build_initialised_model(plan: JobPlan, stage: StagePlan, layout: RunLayout,
     strategy.build_owned_only = True
     model = build_model(stage, corpus.tokenizer.vocab_size, strategy,
                         corpus.tokenizer.eos_id if plan.corpus.document_mask else None)
+    init_report = None
+    if init_ckpt is not None:
+        # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts
+        # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
+        # On the host, in fp32, before any cast.
+        init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=stage.data_seed,
+                                      want_expert=lambda l, e: strategy.owns_initially(l, e, stage.model.num_experts))
+        if pdist.rank() == 0:
+            up = init_report.get("upcycled_layers") or {}
+            print(f"[moeforge] stage {stage.name}: initialised from {init_report.get('kind')} {init_ckpt}: "
+                  f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
+                  + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
     if device.type == "cuda":
+        # Cast as DeepSpeed will, then move: the fp32 model never occupies the GPU.
+        cast_like_engine(model, engine_param_dtype(stage, pdist.world_size()),
+                         keep_experts=not strategy.engine_holds_experts)
         model = model.to(device)
-    if init_ckpt is None:
-        return model, None, None
-    # Same shapes load as they are; a dense FFN or 1-expert source spawns this stage's experts
-    # (sparse upcycling / EvoMoE diversify); a Hugging Face Llama/Qwen2 directory is converted.
-    init_report = init_model_from(model, init_ckpt, stage.upcycle, seed=stage.data_seed,
-                                  want_expert=lambda l, e: strategy.owns_initially(l, e, stage.model.num_experts))
-    if pdist.rank() == 0:
-        up = init_report.get("upcycled_layers") or {}
-        print(f"[moeforge] stage {stage.name}: initialised from {init_report.get('kind')} {init_ckpt}: "
-              f"{len(init_report.get('loaded', []))} tensors loaded, {len(up)} MoE layers upcycled"
-              + (f" ({stage.upcycle.diversify})" if up else ""), flush=True)
     return model, init_ckpt, init_report
 
 

@@ -5,7 +5,7 @@ import contextlib
 import copy
 import os
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -37,6 +37,30 @@ def deepspeed_config(stage, parallel, passthrough: dict[str, Any], world_size: i
         # the gradient reduce-scatter on its own stream, bucket by bucket during the backward
         cfg["zero_optimization"]["overlap_comm"] = True
     return with_fp32_gradients(_deep_merge(cfg, passthrough), parallel.zero_stage)
+
+
+def engine_param_dtype(stage, world_size: int) -> Optional[torch.dtype]:
+    """The dtype DeepSpeed will cast the stage's model parameters to (bf16 / fp16), or None (fp32)."""
+    on_gpu = stage.parallel.use_gpu and torch.cuda.is_available()
+    cfg = deepspeed_config(stage, stage.parallel, stage.deepspeed, world_size, on_gpu)
+    if bf16_enabled(cfg):
+        return torch.bfloat16
+    return torch.float16 if (cfg.get("fp16") or {}).get("enabled") else None
+
+
+def cast_like_engine(model: nn.Module, dtype: Optional[torch.dtype], keep_experts: bool) -> int:
+    """Cast the parameters DeepSpeed would cast (floating ones; buffers stay, as DeepSpeed leaves
+    them) to `dtype` now, so the model can move to the GPU already cast: an fp32 copy of the
+    whole model never sits there. `keep_experts`: expert parameters stay fp32 (an expert store
+    keeps them as masters outside DeepSpeed). Returns the number of parameters cast."""
+    if dtype is None:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not (keep_experts and getattr(p, "moeforge_expert", False)):
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
 
 
 def bf16_enabled(cfg: dict[str, Any]) -> bool:

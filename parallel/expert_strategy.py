@@ -32,6 +32,9 @@ class ExpertStrategy:
     # set before `moe_factory` when the stage starts from its seed (no init_from): a strategy that
     # shards experts may then build only this rank's (ep/fssdp: `ShardedStrategy.moe_factory`)
     build_owned_only = False
+    # whether the expert parameters are the DeepSpeed module's (and cast with it under bf16);
+    # ep/fssdp keep fp32 masters in their own store instead
+    engine_holds_experts = True
 
     def __init__(self, parallel, ep_size: int, grad_clip: float, rank_nodes=None):
         self.parallel, self.ep_size, self.grad_clip = parallel, ep_size, float(grad_clip or 0.0)

@@ -24,6 +24,8 @@ class ShardedStrategy(ExpertStrategy):
     """`ep` and `fssdp` (`self.name`): the model's experts in an `ExpertStore` after `prepare`;
     a model without MoE layers falls back to the replicated behaviour."""
 
+    engine_holds_experts = False  # the store keeps fp32 expert masters outside DeepSpeed
+
     def __init__(self, parallel, ep_size: int, grad_clip: float, rank_nodes=None):
         super().__init__(parallel, ep_size, grad_clip, rank_nodes)
         self.name = parallel.expert_strategy

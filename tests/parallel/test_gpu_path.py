@@ -97,14 +97,25 @@ def test_passthrough_dtypes_win(tmp_path):
 
 
 # -- ZeRO 1: DeepSpeed's ZeRO optimizer instead of BF16_Optimizer, with the same numbers ----------
-def _tiny_engine(rank: int, world: int, zero: int, keep_zero_optimizer: bool) -> dict:
+def _tiny_engine(rank: int, world: int, zero: int, keep_zero_optimizer: bool, precast: bool = False) -> dict:
     import deepspeed
 
-    from parallel.engine import _zero_optimizer_at_stage1, grad_accum_dtype, with_fp32_gradients
+    from parallel.engine import _zero_optimizer_at_stage1, cast_like_engine, grad_accum_dtype, with_fp32_gradients
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    if precast:  # what a GPU stage does before moving the model: DeepSpeed must find nothing left to cast
+        assert cast_like_engine(model, torch.bfloat16, keep_experts=False) == 4
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    left, cast = [], DeepSpeedEngine._cast_module_mixed_precision
+
+    def spy(self, *a, **k):  # what DeepSpeed still had to cast
+        left.append(sum(p.dtype != torch.bfloat16 for p in self.module.parameters()))
+        return cast(self, *a, **k)
+
+    DeepSpeedEngine._cast_module_mixed_precision = spy
     cfg = with_fp32_gradients({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
                                "train_batch_size": 4 * world, "gradient_clipping": 0.05,
                                "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
@@ -122,6 +133,7 @@ def _tiny_engine(rank: int, world: int, zero: int, keep_zero_optimizer: bool) ->
     return {"cls": type(engine.optimizer).__name__, "accum": grad_accum_dtype(engine),
             "comm": engine.communication_data_type, "norms": norms,
             "interface": [a for a in ZERO_OPTIMIZER_INTERFACE if hasattr(engine.optimizer, a)],
+            "left_to_cast": left,
             "weights": [p.detach().float().clone() for p in model.parameters()]}
 
 
@@ -130,14 +142,40 @@ def test_zero1_bf16_keeps_the_zero_optimizer_with_bf16_optimizers_numbers():
     ours = run_distributed(_tiny_engine, 2, 1, True)[0]
     theirs = run_distributed(_tiny_engine, 2, 1, False)[0]
     zero2 = run_distributed(_tiny_engine, 2, 2, True)[0]
+    precast = run_distributed(_tiny_engine, 2, 1, True, True)[0]
+    assert ours["left_to_cast"] == [4] and precast["left_to_cast"] == [0]  # cast before the move: nothing left
     assert ours["cls"] == zero2["cls"] == "DeepSpeedZeroOptimizer" and theirs["cls"] == "BF16_Optimizer"
     assert ours["accum"] == zero2["accum"] == theirs["accum"] == torch.float32
     assert ours["comm"] == torch.float32
     assert ours["interface"] == list(ZERO_OPTIMIZER_INTERFACE)
-    for other in (theirs, zero2):  # clipping is active (norms > 0.05): the same norms, the same weights
+    for other in (theirs, zero2, precast):  # clipping is active (norms > 0.05): the same norms, the same weights
         assert ours["norms"] == pytest.approx(other["norms"], rel=1e-6) and min(ours["norms"]) > 0.05
         for a, b in zip(ours["weights"], other["weights"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_gpu_stage_casts_as_deepspeed_will_before_the_model_moves(tmp_path):
+    """bf16: the dense parameters are cast on the host (the fp32 model never sits on the GPU);
+    ep/fssdp expert parameters stay fp32 (their store keeps fp32 masters)."""
+    from jobs.stage_runner import build_model
+    from parallel.engine import cast_like_engine, engine_param_dtype
+    from parallel.strategy import STRATEGIES
+
+    spec = tiny_spec(tmp_path, deepspeed=BF16, parallel={"expert_strategy": "fssdp"})
+    st = plan_job(parse_spec(spec, preflight=False)).stages[0]
+    assert engine_param_dtype(st, 1) == torch.bfloat16
+    assert engine_param_dtype(_stage(tmp_path, 1), 1) is None  # fp32 stage: nothing cast
+    for name, keep in (("replicated", False), ("fssdp", True)):
+        assert STRATEGIES[name].engine_holds_experts is not keep
+        model = build_model(st, 64)
+        buffers = {n: b.dtype for n, b in model.named_buffers()}
+        n = cast_like_engine(model, torch.bfloat16, keep_experts=keep)
+        expert = {nm: p.dtype for nm, p in model.named_parameters() if getattr(p, "moeforge_expert", False)}
+        dense = {nm: p.dtype for nm, p in model.named_parameters() if not getattr(p, "moeforge_expert", False)}
+        assert expert and set(dense.values()) == {torch.bfloat16}
+        assert set(expert.values()) == ({torch.float32} if keep else {torch.bfloat16})
+        assert n == len(dense) + (0 if keep else len(expert))
+        assert {n: b.dtype for n, b in model.named_buffers()} == buffers  # buffers as DeepSpeed leaves them
 
 
 # -- whole stages in bf16 -------------------------------------------------------------------------
