@@ -1,8 +1,8 @@
 """Benchmark the MoE feed-forward layer (forward + backward), comparing the expert backends.
 
 For every shape in the grid, time one forward + backward pass of `MoELayer` over a fixed
-number of tokens with each available expert backend (experts.backends: reference, grouped,
-and megablocks where it can run), next to a dense SwiGLU FFN with the same *active* hidden
+number of tokens with each available expert backend (experts.backends: auto, reference, grouped,
+and megablocks where it can run; an `auto` row names the backend it resolved to), next to a dense SwiGLU FFN with the same *active* hidden
 size (d_ff = top_k * d_expert). All of them run in the same process, take turns within every
 timed iteration, and share weights (hence routing), so the `vs reference` ratios are
 measured under the same conditions even on a noisy shared machine.
@@ -76,7 +76,7 @@ class Row:
     dense_ms_per_iter: float
     dense_tflops: float
     max_over_mean_load: float
-    path: str = ""  # for `grouped`: the path its dispatch rule took
+    path: str = ""  # for `grouped`: the path its dispatch rule took; for `auto`: what it ran
     ratio_to_reference: Optional[float] = None  # reference time / this backend's time (>1 = faster)
     ms_all: list[float] = field(default_factory=list)
 
@@ -153,6 +153,14 @@ def _grouped_path(layer: MoELayer, x_BTD: torch.Tensor, counts: list[int]) -> st
     return grouped_path_for(x_BTD.reshape(-1, x_BTD.shape[-1]), counts, ex.w1, ex.w3, ex.w2)
 
 
+def _backend_path(name: str, layer: MoELayer, x_BTD: torch.Tensor, counts: list[int]) -> str:
+    """What a row ran: `grouped`'s path; for `auto` the backend it resolved to (and its path)."""
+    if name == "auto":
+        chosen = layer.experts._backend.chosen or "?"
+        return f"{chosen}: {_grouped_path(layer, x_BTD, counts)}" if chosen == "grouped" else chosen
+    return _grouped_path(layer, x_BTD, counts) if name == "grouped" else ""
+
+
 def bench_shape(d_model: int, num_experts: int, top_k: int, *, tokens: int, d_expert: Optional[int],
                 active_mult: int, warmup: int, iters: int, dtype: torch.dtype, device: torch.device, seed: int,
                 backends: list[str], log: Callable[[str], None]) -> list[Row]:
@@ -182,7 +190,7 @@ def bench_shape(d_model: int, num_experts: int, top_k: int, *, tokens: int, d_ex
     rows = []
     for name, layer, ms_all in zip(backends, layers, moe_all):
         ms = statistics.median(ms_all)
-        path = _grouped_path(layer, x, counts) if name == "grouped" else ""
+        path = _backend_path(name, layer, x, counts)
         rows.append(Row(d_model, num_experts, top_k, f, name, tokens, ms, tokens / ms * 1e3, flops / ms / 1e9,
                         d_ff, dense_ms, flops / dense_ms / 1e9, load, path=path,
                         ms_all=[round(t, 3) for t in ms_all]))

@@ -5,6 +5,8 @@ and the stacked weights w1, w3: (E, D, F), w2: (E, F, D); it returns one output 
 row, in the same order. All are dropless and differentiable in x and the three weights. The job
 spec picks one with `experts.backend`:
 
+auto        the default: one of the others per device, dtype and expert shape, chosen once
+            (`choose_auto_backend`; measured on CPU: docs/benchmarks.md#expertsbackend-auto).
 reference   a Python loop over experts: plain, obviously correct, the yardstick for the others.
 grouped     one grouped matmul per projection (`torch._grouped_mm`) where it can run, else a
             padded batched matmul while padding stays small, else the loop; the pure function
@@ -272,7 +274,7 @@ def _require_megablocks():
     gg = _megablocks_gg()
     if isinstance(gg, str):
         raise BackendUnavailableError(f"expert backend 'megablocks' is unavailable: {gg}. To use it, "
-                                      f"{MEGABLOCKS_INSTALL}; or set experts.backend: grouped.")
+                                      f"{MEGABLOCKS_INSTALL}; or set experts.backend: auto (or grouped).")
     return gg
 
 
@@ -309,9 +311,75 @@ def gmm_swiglu(gmm: Callable[..., torch.Tensor], x_ND: torch.Tensor, counts: Seq
 
 
 # ---------------------------------------------------------------------------------------------
+# auto: a concrete backend per device, dtype and expert shape, chosen once
+
+
+def choose_auto_backend(*, device_type: str, dtype: torch.dtype, d_model: int, d_expert: int,
+                        grouped_mm_runs: bool, megablocks_reason: Optional[str]) -> str:
+    """The backend `auto` runs; a pure function of its arguments.
+
+    cuda: `megablocks` where it can run (megablocks_reason None) and the dtype is bf16, else
+          `grouped` (whose rule takes `torch._grouped_mm` where its kernel runs). MegaBlocks vs
+          grouped_mm is a documented rule, not a measurement here: only a GPU can time them (the
+          GPU suite's `moe_layer` case times both).
+    cpu:  `grouped` where `torch._grouped_mm` runs for the dtype and the rows are 16-byte aligned
+          (then it always takes that path: a C++ loop of the reference's matmuls, bit-identical to
+          `reference` in fp32 and bf16, as fast or faster); else `reference` (the padded bmm,
+          the other way to be faster on small shapes, changes the fp32 weight gradients in their
+          last bits, so it would move the golden curves).
+    other devices: `grouped` (its padded bmm or loop; not measured).
+    Measured: docs/benchmarks.md#expertsbackend-auto (bench/backend_auto.py).
+    """
+    if device_type == "cuda":
+        return "megablocks" if megablocks_reason is None and dtype == torch.bfloat16 else "grouped"
+    if device_type != "cpu":
+        return "grouped"
+    aligned = all(size * dtype.itemsize % _GMM_ALIGN_BYTES == 0 for size in (d_model, d_expert))
+    return "grouped" if grouped_mm_runs and aligned and dtype in _CPU_GMM_DTYPES else "reference"
+
+
+def resolve_auto(device: torch.device, dtype: torch.dtype, d_model: int, d_expert: int) -> str:
+    """What `auto` runs for experts of this shape on `device` in `dtype` (probes once, cached)."""
+    device = torch.device(device)
+    return _resolve_auto(device.type, device.index, dtype, d_model, d_expert)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_auto(device_type: str, index: Optional[int], dtype: torch.dtype, d_model: int, d_expert: int) -> str:
+    mb_reason = megablocks_unavailable_reason() if device_type == "cuda" else "not CUDA"
+    return choose_auto_backend(device_type=device_type, dtype=dtype, d_model=d_model, d_expert=d_expert,
+                               grouped_mm_runs=_grouped_mm_probe(device_type, index, dtype),
+                               megablocks_reason=mb_reason)
+
+
+class AutoBackend:
+    """`experts.backend: auto`: runs the backend `resolve_auto` picks for the tensors it is given.
+
+    The model is built on the host in fp32 and only later moved to its device and cast (DeepSpeed's
+    bf16), so the facts exist at the first call, not at build: each instance (one per layer or
+    expert store) resolves once per (device, dtype, shape) and keeps the answer; a call after that
+    costs a dict lookup on host attributes (no device sync). `chosen` is the last choice, for logs.
+    """
+
+    def __init__(self):
+        self._by_key: dict[tuple, ExpertBackend] = {}
+        self.chosen: Optional[str] = None
+
+    def __call__(self, x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
+                 w2_EFD: torch.Tensor) -> torch.Tensor:
+        key = (x_ND.device, x_ND.dtype, x_ND.shape[-1], w1_EDF.shape[-1])
+        backend = self._by_key.get(key)
+        if backend is None:
+            self.chosen = resolve_auto(*key)
+            backend = self._by_key[key] = get_backend(self.chosen)
+        return backend(x_ND, counts, w1_EDF, w3_EDF, w2_EFD)
+
+
+# ---------------------------------------------------------------------------------------------
 # registry
 
 BACKENDS: dict[str, ExpertBackend] = {
+    "auto": AutoBackend(),  # `get_backend("auto")` gives each caller its own
     "reference": reference_backend,
     "grouped": grouped_backend,
     "megablocks": megablocks_backend,
@@ -337,4 +405,6 @@ def get_backend(name: str) -> ExpertBackend:
         raise ValueError(f"unknown expert backend {name!r}; available: {sorted(BACKENDS)}")
     if name == "megablocks":
         _require_megablocks()
+    if name == "auto":
+        return AutoBackend()
     return BACKENDS[name]
