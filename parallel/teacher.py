@@ -20,6 +20,7 @@ import torch
 
 from experts.config import ExpertsConfig
 from parallel import dist as pdist
+from parallel.engine import cast_like_engine
 from system.checkpoint import atomic_write_text
 from system.distill import TopKTeacher, agreement, teacher_topk
 from system.model import ModelConfig, Transformer
@@ -41,9 +42,30 @@ class ResolvedTeacher:
     tokenizer: Optional[str] = None
 
 
+def teacher_dtype(device: torch.device, student_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an online teacher runs in: on CUDA the student's compute dtype (bf16 when the stage
+    trains in bf16: an fp32 teacher forward, TF32 off as it is by default, would run its matmuls far
+    below the GPU's bf16 rate, every micro-batch, for logits the objective reads in fp32 anyway);
+    on CPU fp32 whatever the student, so CPU runs (and their golden curves) do not change.
+    The offline teacher stays fp32: it runs once, and its cache is reused."""
+    return student_dtype if torch.device(device).type == "cuda" else torch.float32
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its first floating non-expert parameter's (experts may keep
+    fp32 masters in an expert store while the rest trains in bf16)."""
+    for p in model.parameters():
+        if p.is_floating_point() and not getattr(p, "moeforge_expert", False):
+            return p.dtype
+    return torch.float32
+
+
 def load_teacher(teacher: ResolvedTeacher, vocab_size: int, tokenizer_fp: str, device: torch.device,
-                 where: str, document_sep_id: Optional[int] = None) -> tuple[Transformer, str]:
-    """The teacher model (eval mode, no gradients) and a string naming exactly what was loaded."""
+                 where: str, document_sep_id: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[Transformer, str]:
+    """The teacher model (eval mode, no gradients) and a string naming exactly what was loaded.
+    `dtype`: its parameters' dtype (cast on the host, before the move; buffers stay as they are,
+    as in the student: `parallel.engine.cast_like_engine`)."""
     routing_step = 1 << 30  # a DTS teacher routes with its final, hard gate
     if teacher.tokenizer is not None and teacher.tokenizer != tokenizer_fp:
         raise ValueError(f"{where}: {teacher.source} was trained with tokenizer {teacher.tokenizer!r}, this job "
@@ -57,12 +79,14 @@ def load_teacher(teacher: ResolvedTeacher, vocab_size: int, tokenizer_fp: str, d
     model = Transformer(mcfg, teacher.experts, document_sep_id=document_sep_id)  # masked as the student is
     init_model_from(model, teacher.source)
     model.set_routing_step(routing_step)
+    cast_like_engine(model, None if dtype == torch.float32 else dtype, keep_experts=False)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     n = sum(p.numel() for p in model.parameters())
     return model, (f"{teacher.source} ({n / 1e6:.2f}M parameters, "
-                   f"{mcfg.num_experts if mcfg.moe_layer_ids() else 0} experts)")
+                   f"{mcfg.num_experts if mcfg.moe_layer_ids() else 0} experts"
+                   + (f", {str(dtype).removeprefix('torch.')}" if dtype != torch.float32 else "") + ")")
 
 
 class TeacherSource(ABC):
@@ -247,7 +271,7 @@ def build_teacher_source(stage, teacher: ResolvedTeacher, cache_root: Path, corp
     sep = student.document_sep_id
     if cfg.mode == "online":
         model, what = load_teacher(teacher, corpus.tokenizer.vocab_size, corpus.tokenizer.fingerprint, device, where,
-                                   sep)
+                                   sep, dtype=teacher_dtype(device, compute_dtype(student)))
         if rank == 0:
             print(f"[moeforge] stage {stage.name}: teacher {what}, online, {cfg.divergence}"
                   + (f", top-{cfg.top_k}" if cfg.top_k else ", full logits"), flush=True)
