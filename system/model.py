@@ -16,6 +16,7 @@ from torch import nn
 
 from experts.config import ExpertsConfig
 from experts.layer import MoEAux, MoELayer, init_std_for_depth
+from system.attention import DocumentLayout, document_attention, document_layout
 from system.model_config import ModelConfig
 
 
@@ -75,9 +76,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d if per_head else H * d, cfg.norm_eps)
             self.k_norm = RMSNorm(d if per_head else G * d, cfg.norm_eps)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TH, sin_TH, mask_BTT: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`mask_BTT`: which keys each query may attend to (True = allowed), e.g. the document
-        mask; None: plain causal attention."""
+    def forward(self, x_BTD: torch.Tensor, cos_TH, sin_TH, docs: Optional[DocumentLayout] = None) -> torch.Tensor:
+        """`docs`: attention stays within these documents (`system.attention`); None: plain
+        causal attention."""
         B, T, _ = x_BTD.shape
         H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qk_norm == "full":
@@ -89,11 +90,11 @@ class Attention(nn.Module):
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_TH, sin_TH), apply_rope(k, cos_TH, sin_TH)  # (B, H|G, T, d)
-        gqa = {} if G == H else {"enable_gqa": True}
-        if mask_BTT is None:
+        if docs is None:
+            gqa = {} if G == H else {"enable_gqa": True}
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTT[:, None], **gqa)
+            y = document_attention(q, k, v, docs)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * d))
 
 
@@ -146,18 +147,18 @@ class Block(nn.Module):
         if moe and self.checkpointing != "none":
             set_expert_recompute(self.ffn)
 
-    def _attend(self, x_BTD, cos_TH, sin_TH, mask_BTT=None):
-        return self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH, mask_BTT)
+    def _attend(self, x_BTD, cos_TH, sin_TH, docs=None):
+        return self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH, docs)
 
     def _shared_ffn(self, h):
         y = self.shared(h)
         return y if self.shared_gate is None else torch.sigmoid(self.shared_gate(h)) * y
 
-    def forward(self, x_BTD, cos_TH, sin_TH, mask_BTT=None) -> tuple[torch.Tensor, Optional[MoEAux]]:
+    def forward(self, x_BTD, cos_TH, sin_TH, docs=None) -> tuple[torch.Tensor, Optional[MoEAux]]:
         full = self.checkpointing == "full" and torch.is_grad_enabled()
         with self.attention_hook or contextlib.nullcontext():
-            a = _recompute(self._attend, x_BTD, cos_TH, sin_TH, mask_BTT) if full \
-                else self._attend(x_BTD, cos_TH, sin_TH, mask_BTT)
+            a = _recompute(self._attend, x_BTD, cos_TH, sin_TH, docs) if full \
+                else self._attend(x_BTD, cos_TH, sin_TH, docs)
             x_BTD = x_BTD + a
         h = self.ffn_norm(x_BTD)
         if not self.is_moe:
@@ -188,12 +189,14 @@ class Transformer(nn.Module):
     """`moe_factory` builds each MoE layer (default: `experts.layer.MoELayer`); an expert
     strategy may supply another with the same interface (DeepSpeed's MoE layer).
     `document_sep_id`: with a token id (the tokenizer's eos, `data.document_mask`), attention
-    stays within each document of a packed sequence (`document_mask`)."""
+    stays within each document of a packed sequence (`system.attention`: no (B, T, T) mask);
+    `document_attention_path` picks how ("auto": FlexAttention on CUDA, else the split path)."""
 
     def __init__(self, cfg: ModelConfig, experts: Optional[ExpertsConfig] = None,
                  moe_factory: Optional[MoEFactory] = None, document_sep_id: Optional[int] = None):
         super().__init__()
         self.document_sep_id = document_sep_id
+        self.document_attention_path = "auto"
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
@@ -241,26 +244,16 @@ class Transformer(nn.Module):
         cos_TH, sin_TH = rope_tables(T, self.cfg.attn_head_dim(), self.cfg.rope_theta,
                                      input_ids_BT.device)
         x_BTD = self.embed(input_ids_BT)
-        mask = None if self.document_sep_id is None else document_mask(input_ids_BT, self.document_sep_id)
+        docs = None if self.document_sep_id is None else \
+            document_layout(input_ids_BT, self.document_sep_id, self.document_attention_path)
         aux: list[MoEAux] = []
         for blk in self.blocks:
-            x_BTD, a = blk(x_BTD, cos_TH, sin_TH, mask)
+            x_BTD, a = blk(x_BTD, cos_TH, sin_TH, docs)
             if a is not None:
                 aux.append(a)
         h = self.norm(x_BTD)
         logits = h @ self.embed.weight.t() if self.head is None else self.head(h)
         return ModelOutput(logits, aux)
-
-
-def document_mask(input_ids_BT: torch.Tensor, sep_id: int) -> torch.Tensor:
-    """(B, T, T) bool: query i may attend to key j when j <= i and both are in the same document
-    of the packed sequence; a document ends with (and includes) its `sep_id` token. With RoPE
-    the scores depend only on relative positions, so each document is computed as if alone."""
-    sep = (input_ids_BT == sep_id).to(torch.int32)
-    doc_BT = torch.cumsum(sep, dim=1) - sep  # eos tokens strictly before each position
-    T = input_ids_BT.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids_BT.device).tril()
-    return causal & (doc_BT[:, :, None] == doc_BT[:, None, :])
 
 
 @torch.no_grad()

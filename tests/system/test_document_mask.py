@@ -1,14 +1,16 @@
 """`data.document_mask`: attention stays within each document of a packed sequence. A token right
 after an eos attends to nothing before it, and the packed sequence's logits (and loss) equal
-running each document on its own; without the mask they do not (the control)."""
+running each document on its own; without the mask they do not (the control). `document_mask` is
+the (B, T, T) reference; the model attends without it (tests/system/test_attention.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from experts.config import ExpertsConfig
+from system.attention import document_mask
 from system.losses import lm_cross_entropy
-from system.model import ModelConfig, Transformer, document_mask
+from system.model import ModelConfig, Transformer
 
 EOS = 0
 
