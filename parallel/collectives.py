@@ -11,6 +11,7 @@ docs/expert_parallel.md ("SparseAllGather / SparseReduceScatter as pipelined cha
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -81,12 +82,37 @@ def _op(kind: str, buf: torch.Tensor, peer: int, group, tag: int):
     return pdist.p2p_op(kind, buf, peer, group, tag)
 
 
+_SIDE_STREAMS: dict = {}
+
+
+@contextlib.contextmanager
+def _side_stream(device):
+    """On CUDA, a stream of its own that first waits for the current one (whose kernels packed
+    the messages): rounds chained there never make the compute stream wait. Elsewhere nothing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    s = _SIDE_STREAMS.get(device)
+    if s is None:
+        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        yield
+
+
 class PendingGather:
     """spAG in flight: round 0 is posted; `wait()` runs the remaining rounds and returns this
-    rank's received flat buffers by key (the keys it holds a copy of, not the ones it owns)."""
+    rank's received flat buffers by key (the keys it holds a copy of, not the ones it owns).
+
+    `post_all` (a stream-ordered backend, NCCL, on a group of its own): every round is posted at
+    once. A round's sends forward what the previous round received, so each round is posted
+    after a `wait()` on the previous round's works, made on a side stream: the device orders the
+    rounds, no host thread blocks, and the whole chain runs behind the attention. On gloo a
+    `wait()` blocks, so there the rounds run one at a time from `wait()` (the default)."""
 
     def __init__(self, rounds, rank: int, chains: dict, pack, numel: int, dtype, device, chunks: dict,
-                 stats: Optional[CommStats], peer, group):
+                 stats: Optional[CommStats], peer, group, post_all: bool = False):
         self.rounds, self.rank, self.pack, self.numel = rounds, rank, pack, numel
         self.dtype, self.device, self.chunks, self.stats, self.peer, self.group = (dtype, device, chunks, stats,
                                                                                   peer, group)
@@ -99,7 +125,20 @@ class PendingGather:
                 self.buf[key] = self.recv[key] = torch.empty(numel, dtype=dtype, device=device)
         self.next_round = 0
         self.works: list = []
-        self._post_next()
+        if not post_all:
+            self._post_next()
+            return
+        posted: list = []
+        with _side_stream(device):
+            while self.next_round < len(self.rounds):
+                for w in self.works:  # NCCL: the side stream waits; gloo (tests): the host does
+                    w.wait()
+                self._post_next()
+                posted += self.works
+        # `wait()`: on CUDA the consumer's stream waits for every round (a work waited on twice is
+        # an event waited on twice); a gloo point-to-point work must be waited on once only
+        if torch.device(device).type == "cuda":
+            self.works = posted
 
     def _post_next(self) -> None:
         if self.next_round >= len(self.rounds):
@@ -137,12 +176,13 @@ def layer_chains(holders_E: Sequence[Sequence[int]], layer: int, nodes) -> dict:
 
 def sparse_all_gather_start(chains: dict, rank: int, pack, numel: int, dtype, device,
                             stats: Optional[CommStats] = None, peer=lambda r: r, group=None,
-                            max_chunks: int = 4) -> PendingGather:
+                            max_chunks: int = 4, post_all: bool = False) -> PendingGather:
     """Post spAG: every key's owner (chain[0]) sends `pack(key)` (a flat tensor, cast to `dtype`)
-    down its chain. Returns at once; the received flat buffers are valid after `wait()`."""
+    down its chain. Returns at once; the received flat buffers are valid after `wait()`.
+    `post_all`: every round now (see `PendingGather`)."""
     chunks = {k: num_chunks(len(c), max_chunks) for k, c in chains.items()}
     return PendingGather(gather_rounds(chains, max_chunks), rank, chains, pack, numel, dtype, device, chunks,
-                         stats, peer, group)
+                         stats, peer, group, post_all)
 
 
 class PendingReduce:

@@ -75,6 +75,21 @@ def all_reduce_(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     return t
 
 
+def all_reduce_start(t: torch.Tensor, op: str = "sum", group=None):
+    """Post an in-place all-reduce of a device tensor and return its handle (`wait()`); None
+    when there is nothing to reduce. Asynchronous: `t` is valid after the wait."""
+    if not is_dist():
+        return None
+    _require_backend_device(t, group, "all_reduce_start")
+    return dist.all_reduce(t, op=_OPS[op], group=group, async_op=True)
+
+
+def stream_ordered(group=None) -> bool:
+    """Whether the group's backend orders a rank's operations on device streams (NCCL): a
+    `wait()` on its work then blocks no host thread, only the stream that waits."""
+    return is_dist() and backend(group) == "nccl"
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum over ranks (returns a new tensor; the input is left unchanged)."""
     return all_reduce_(t.detach().clone(), "sum", group)

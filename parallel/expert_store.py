@@ -47,6 +47,8 @@ class IterationState:
     copy_grads: dict = field(default_factory=dict)  # (layer, weight index) -> its gradient, summed in fp32
     rank_loads: list = field(default_factory=list)  # per training forward: (world,) expert rows per rank
     sprs_in_backward: int = 0  # layers whose spRS started during this step's backward
+    edp_armed: bool = False  # this backward is the step's last: reduce each layer's owned grads over EDP in it
+    edp_works: dict = field(default_factory=dict)  # layer -> its expert-data-parallel all-reduces in flight
 
     def finish_reduces(self) -> dict:
         """Complete the spRS started in the backward pass, round by round in layer order."""
@@ -60,12 +62,25 @@ class IterationState:
         self.reducing.clear()
         return out
 
+    def finish_edp(self) -> list:
+        """Complete the layers' expert-data-parallel all-reduces posted in the backward pass;
+        returns the layers they covered."""
+        for works in self.edp_works.values():
+            for w, dst, idx, buf in works:
+                w.wait()
+                if dst is not None:  # rows that were not one run: summed in a buffer, put back
+                    dst.index_copy_(0, idx, buf)
+        done = sorted(self.edp_works)
+        self.edp_works.clear()
+        return done
+
     def drop_copies(self) -> None:
         """Release the copies and complete every message still in flight (a step abandoned
-        after its backward may leave posted spRS rounds)."""
+        after its backward may leave posted spRS rounds and EDP all-reduces)."""
         if self.reducing:
             self.finish_reduces()
-        self.reduce_armed = False
+        self.finish_edp()
+        self.reduce_armed = self.edp_armed = False
         self.copies.clear()
         self.copy_grads.clear()
         self.gathered.clear()
@@ -107,6 +122,14 @@ class ExpertStore(ExpertPool):
         # the overlapped spRS travels on its own group (NCCL: its own stream), see second_ep_group
         self.reduce_group = (second_ep_group(self.groups) if self.cfg.sprs_overlap and strategy == "fssdp"
                              else self.group)
+        # NCCL: every spAG round is posted before the attention, on a communicator of its own (the
+        # dispatch all-to-alls never queue behind it), and each layer's owned expert gradients are
+        # summed over the expert-data-parallel group as soon as its backward is done. On gloo
+        # (CPU) the rounds run one at a time and the EDP sum follows the backward: CPU results
+        # stay bit for bit as before. Both can be set after construction (tests force them).
+        self.gather_post_all = pdist.stream_ordered(self.group) and strategy == "fssdp"
+        self.gather_group = second_ep_group(self.groups) if self.gather_post_all else self.group
+        self.edp_in_backward = self.groups.edp_group is not None and pdist.stream_ordered(self.groups.edp_group)
         # forwards before the first begin_iteration (the step-0 evaluation) gather into this one
         self.iteration = IterationState()
 
@@ -151,6 +174,21 @@ class ExpertStore(ExpertPool):
             pdist.all_reduce_(t, "min")  # the world: every group plans alike
             self._agreed = (n, int(t.item()))
         return self._agreed[1]
+
+    def budget_to_agree(self) -> Optional[tuple[int, torch.Tensor]]:
+        """At the optimizer step: (timings, the next iteration's agreed budget as a device tensor,
+        all-reduced, not yet read) when `agreed_budget` would re-agree; the strategy reads it with
+        its own host sync and hands it to `set_agreed`, so the next iteration needs none."""
+        if self.cfg.overlap_budget is not None or self.groups.world == 1:
+            return None
+        n = len(self._attn_times)
+        if self._agreed is not None and self._agreed[0] == n:
+            return None
+        t = torch.full((1,), self.derive_budget(), dtype=torch.int64, device=self.device)
+        return n, pdist.all_reduce_(t, "min")
+
+    def set_agreed(self, samples: int, budget: int) -> None:
+        self._agreed = (samples, int(budget))
 
     def plan_fingerprint(self) -> str:
         """A short hash of this iteration's plan and ownership (equal on every rank, or ranks hang)."""
@@ -260,7 +298,8 @@ class ExpertStore(ExpertPool):
             return
         it.pending[layer] = coll.sparse_all_gather_start(chains, self.rank, lambda k: self.pack(*k),
                                                         self.expert_numel, self.comm_dtype, self.device,
-                                                        self.comm, self.peer, self.group)
+                                                        self.comm, self.peer, self.gather_group,
+                                                        post_all=self.gather_post_all)
 
     def _finish_gather(self, layer: int) -> None:
         """Complete `layer`'s spAG into one stacked leaf per weight, (n_copies, ...), in the
@@ -325,6 +364,7 @@ class ExpertStore(ExpertPool):
         backward may start the layers' spRS (`sprs_overlap`; FSSDP only, EP has no copies)."""
         self.iteration.reduce_armed = bool(final and self.cfg.sprs_overlap and self.strategy == "fssdp"
                                            and torch.is_grad_enabled())
+        self.iteration.edp_armed = bool(final and self.edp_in_backward and torch.is_grad_enabled())
         self.iteration.accumulated.clear()
 
     @property
@@ -362,6 +402,8 @@ class ExpertStore(ExpertPool):
         pass, in the same layer order: advance the spRS already in flight by one round, then start
         `layer`'s. The message order is then the same on every rank, whatever the backend's tags."""
         it = self.iteration
+        if it.edp_armed and layer not in it.edp_works:
+            self._start_layer_edp(layer)
         if not it.reduce_armed or layer in it.reducing:
             return
         if layer in it.copies and any((layer, i) not in it.accumulated for i in range(3)):
@@ -373,6 +415,40 @@ class ExpertStore(ExpertPool):
             self._layer_chains(layer), self.rank, self._copy_grads(layer), self.expert_numel, self.grad_dtype,
             self.device, self.comm, self.peer, self.reduce_group)
         it.sprs_in_backward += 1
+
+    @property
+    def marks_layer_backward(self) -> bool:
+        """Whether a layer's dispatch must report the end of its backward (`layer_backward_done`)."""
+        return (self.cfg.sprs_overlap and self.strategy == "fssdp") or self.edp_in_backward
+
+    @torch.no_grad()
+    def _start_layer_edp(self, layer: int) -> None:
+        """Post the all-reduces of `layer`'s owned expert gradients over the expert-data-parallel
+        group (its last backward is done, so its owned rows' gradients in the pool are final but
+        for the copies' spRS sums, which `reduce_grads` reduces separately). Every rank posts them
+        at the same point, in the same layer order; the slots come from the host-side ownership."""
+        works = []
+        for p in self.params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            rows, idx = self._layer_grad_rows(p, layer)
+            if rows is None:
+                continue
+            w = pdist.all_reduce_start(rows, "sum", self.groups.edp_group)
+            if w is not None:
+                works.append((w, None if idx is None else p.grad, idx, rows))
+        self.iteration.edp_works[layer] = works
+
+    def _layer_grad_rows(self, p, layer: int):
+        """(rows, idx): `layer`'s owned rows of `p.grad`, a view when their slots are one run
+        (idx None), else a copy gathered at `idx`; (None, None) when this rank owns none."""
+        slots = sorted(s for (lay, _e, s) in self.own.owned(self.rank) if lay == layer)
+        if not slots:
+            return None, None
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return p.grad.narrow(0, slots[0], len(slots)), None
+        idx = torch.tensor(slots, dtype=torch.long).to(p.grad.device)
+        return p.grad.index_select(0, idx), idx
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -394,15 +470,31 @@ class ExpertStore(ExpertPool):
                 grads.update(self._copy_grads(layer))
         summed.update(coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.grad_dtype,
                                                  self.device, self.comm, self.peer, self.group))
+        reduced = set(self.iteration.finish_edp())  # layers whose owned rows were summed in the backward
+        if reduced:
+            # the copies' sums of those layers still need their expert-data-parallel sum: one
+            # all-reduce of just those rows (the same keys in every group: all groups plan alike)
+            keys = sorted(k for k in summed if k[0] in reduced)
+            if keys:
+                flat = pdist.all_reduce_(torch.stack([summed[k] for k in keys]), "sum", self.groups.edp_group)
+                summed.update(zip(keys, flat.unbind(0)))
         for (layer, e), flat in summed.items():
             s = self.slot(layer, e)
             g1, g3, g2 = self.unpack(flat.to(self.dtype))
             self.w1.grad[s] += g1
             self.w3.grad[s] += g3
             self.w2.grad[s] += g2
-        if self.groups.edp_group is not None:
+        if self.groups.edp_group is not None and len(reduced) < self.L:
             for p in self.params():
-                pdist.all_reduce_(p.grad, "sum", self.groups.edp_group)
+                if not reduced:
+                    pdist.all_reduce_(p.grad, "sum", self.groups.edp_group)
+                    continue
+                for layer in range(self.L):  # the layers the backward did not reduce
+                    rows, idx = self._layer_grad_rows(p, layer) if layer not in reduced else (None, None)
+                    if rows is not None:
+                        pdist.all_reduce_(rows, "sum", self.groups.edp_group)
+                        if idx is not None:
+                            p.grad.index_copy_(0, idx, rows)
         if self.groups.world > 1:
             for p in self.params():
                 p.grad.div_(self.groups.world)

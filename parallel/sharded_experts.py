@@ -79,7 +79,7 @@ class ShardedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         st = self.store
-        if st.cfg.sprs_overlap and st.strategy == "fssdp" and x_ND.requires_grad:
+        if st.marks_layer_backward and x_ND.requires_grad:
             x_ND = mark_layer_backward(x_ND, st, self.layer)  # its backward: the layer's spRS may start
         rows, local_counts, meta = self.dispatch(x_ND, counts_E)
         return self.combine(self.compute(rows, local_counts), meta)

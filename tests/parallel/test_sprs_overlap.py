@@ -62,18 +62,21 @@ def _plan(world: int, owner_LE, seed: int):
 
 
 def _worker(rank: int, world: int, cases: list, P: int) -> list:
-    from parallel.groups import build_expert_groups
+    from parallel.groups import build_expert_groups, second_ep_group
     from parallel.placement import FSSDPPlanConfig
     from parallel.sharded_experts import shard_model
 
     groups = build_expert_groups(P)
     out = []
     per = BATCH // (world * MICRO)
-    for overlap, remat in cases:
+    for overlap, remat, post_all, edp in cases:
         layers, xs = _model()
         model = _Stack(layers)
         store = shard_model(model, "fssdp", FSSDPPlanConfig(sprs_overlap=overlap, rematerialize=remat),
                             groups=groups)
+        if post_all:  # NCCL's spAG: every round posted at once, on a group of its own
+            store.gather_post_all, store.gather_group = True, second_ep_group(groups)
+        store.edp_in_backward = edp and groups.edp_group is not None  # NCCL's per-layer EDP sum
         store.begin_iteration(0)
         store.set_plan(_plan(P, store.own.owner_LE, seed=world))
         for m in range(MICRO):
@@ -82,15 +85,19 @@ def _worker(rank: int, world: int, cases: list, P: int) -> list:
             x = xs[lo:lo + per].clone().requires_grad_(True)  # as a model's embeddings: layer 0 too
             (model(x).pow(2).sum() / BATCH).backward()
         started = store.sprs_in_backward
+        edp_layers = sorted(store.iteration.edp_works)
         store.reduce_grads()
         grads = {(l, e): tuple(g[s].clone() * world for g in (store.w1.grad, store.w3.grad, store.w2.grad))
                  for (l, e, s) in store.own.owned(store.rank)}
-        out.append({"grads": grads, "started": started, "sprs_bytes": store.comm.sprs,
+        out.append({"grads": grads, "started": started, "sprs_bytes": store.comm.sprs, "edp_layers": edp_layers,
+                    "spag_bytes": store.comm.spag,
                     "copies": len([c for c in store.plan.copies() if c[2] == rank])})
     return out
 
 
-CASES = [(False, False), (True, False), (True, True)]
+# (sprs_overlap, rematerialize, spAG posted at once on its own group, EDP sum in the backward)
+CASES = [(False, False, False, False), (True, False, False, False), (True, True, False, False),
+         (True, True, True, False), (False, False, True, True), (True, False, False, True)]
 
 
 def _reference():
@@ -114,14 +121,20 @@ def test_overlapped_sprs_equals_the_post_backward_one(world, P):
         ex = ref[l].experts
         for g, want in zip(gs, (ex.w1.grad[e], ex.w3.grad[e], ex.w2.grad[e])):
             torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"layer {l} expert {e}: {m}")
-    for c, (overlap, remat) in enumerate(CASES):
+    for c, (overlap, remat, post_all, edp) in enumerate(CASES):
+        edp = edp and world != P
         for rank, r in enumerate(res):
             got = r[c]
             assert got["started"] == (LAYERS if overlap else 0), (overlap, remat, rank)
             assert got["sprs_bytes"] == r[0]["sprs_bytes"]  # the same messages, only earlier
+            assert remat or got["spag_bytes"] == r[0]["spag_bytes"]  # the same copies (remat gathers again)
+            assert got["edp_layers"] == (list(range(LAYERS)) if edp else [])  # posted inside the backward
             for k, gs in got["grads"].items():
                 for g, b in zip(gs, r[0]["grads"][k]):
-                    assert torch.equal(g, b), f"case {(overlap, remat)} rank {rank} {k}: differs from post-backward spRS"
+                    if edp:  # the copies' sums are summed over EDP apart from the owned rows: order only
+                        torch.testing.assert_close(g, b, rtol=1e-6, atol=1e-7)
+                    else:
+                        assert torch.equal(g, b), f"case {c} rank {rank} {k}: differs from post-backward spRS"
     assert sum(r[0]["copies"] for r in res) > 0 and res[0][0]["sprs_bytes"] > 0  # there was something to reduce
 
 
