@@ -25,18 +25,23 @@ class DispatchPlan:
     counts_E: torch.Tensor
 
 
-def plan_dispatch(ids_TK: torch.Tensor, num_experts: int, valid_TK: Optional[torch.Tensor] = None) -> DispatchPlan:
+def plan_dispatch(ids_TK: torch.Tensor, num_experts: int, valid_TK: Optional[torch.Tensor] = None,
+                  trim: bool = True) -> DispatchPlan:
     """Stable sort of the flattened expert ids, so order within an expert follows the tokens.
 
     Invalid slots (`valid_TK` False: the DTS gate's padding) sort last under a sentinel id and
-    are cut off, so no expert computes them.
+    are cut off (`trim`: a host sync for their number), so no expert computes them. With
+    `trim=False` they stay at the end: the expert computation cuts its rows to sum(counts_E)
+    once it has the counts on the host anyway, and `combine` follows its output's length.
     """
     flat_ids = ids_TK.reshape(-1)
     if valid_TK is not None:
         flat_ids = torch.where(valid_TK.reshape(-1), flat_ids, torch.full_like(flat_ids, num_experts))
     slot_idx_N = torch.argsort(flat_ids, stable=True)
-    counts_E = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
-    if valid_TK is not None:
+    # scatter_add, not bincount: CUDA's bincount reads the ids' range on the host (a sync)
+    counts_E = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_ids.device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int64))[:num_experts]
+    if valid_TK is not None and trim:
         slot_idx_N = slot_idx_N[: int(counts_E.sum())]
     token_idx_N = torch.div(slot_idx_N, ids_TK.shape[1], rounding_mode="floor")
     return DispatchPlan(token_idx_N, slot_idx_N, counts_E)
@@ -55,8 +60,9 @@ def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, nu
     slot order; unused slots (the DTS gate's padding) stay zero. For K <= 2 the sum is bit for bit
     the old index_add's (two terms add the same in either order)."""
     acc = torch.promote_types(y_ND.dtype, torch.float32)
-    w_N = weights_TK.reshape(-1).index_select(0, plan.slot_idx_N).to(acc)
+    slot_idx_N = plan.slot_idx_N[: y_ND.shape[0]]  # an untrimmed plan: its valid rows only
+    w_N = weights_TK.reshape(-1).index_select(0, slot_idx_N).to(acc)
     K = weights_TK.shape[1]
     slots_SD = y_ND.new_zeros(num_tokens * K, y_ND.shape[-1], dtype=acc)
-    slots_SD = slots_SD.index_copy(0, plan.slot_idx_N, y_ND.to(acc) * w_N.unsqueeze(-1))
+    slots_SD = slots_SD.index_copy(0, slot_idx_N, y_ND.to(acc) * w_N.unsqueeze(-1))
     return slots_SD.view(num_tokens, K, -1).sum(dim=1).to(y_ND.dtype)

@@ -97,9 +97,11 @@ class GroupedExperts(nn.Module):
         if self.rows is not None:
             raise RuntimeError(f"these experts hold only experts {self.rows} of {self.num_experts}: "
                                f"an expert strategy's store runs them (parallel.sharded_experts.shard_model)")
-        # The backend needs host-side split sizes; one small device->host copy per layer.
+        # The backend needs host-side split sizes: the layer's one device->host copy. Rows past
+        # their sum (an untrimmed plan's invalid slots) are not computed.
         backend = recomputing(self._backend) if self.recompute else self._backend
-        return backend(x_ND, counts_E.tolist(), self.w1, self.w3, self.w2)
+        counts = counts_E.tolist()
+        return backend(x_ND[:sum(counts)], counts, self.w1, self.w3, self.w2)
 
 
 class MoELayer(nn.Module):
@@ -146,14 +148,14 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """
         1. Flatten tokens and route: weights and expert ids per token.
-        2. Plan the dispatch: sort the T*K (token, slot) pairs by expert.
+        2. Plan the dispatch: sort the T*K (token, slot) pairs by expert (no host sync).
         3. Run each expert on its rows.
         4. Combine: weighted sum of each token's K expert outputs, in token order.
         """
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         r = self.route(x_TD)
-        plan = plan_dispatch(r.ids_TK, self.num_experts, r.valid_TK)
+        plan = plan_dispatch(r.ids_TK, self.num_experts, r.valid_TK, trim=False)  # the experts cut the rows
         y_ND = self.experts(permute(x_TD, plan), plan.counts_E)
         out_TD = combine(y_ND, r.weights_TK, plan, B * T)
         aux = MoEAux(r.probs_TE, r.logits_TE, plan.counts_E.detach(), self.top_k, r.ids_TK.detach(),

@@ -6,18 +6,23 @@ import torch
 
 
 class _PoolRows(torch.autograd.Function):
-    """pool[idx] whose backward adds straight into pool.grad (index_add_), instead of building a
-    pool-sized zero gradient per MoE layer and per micro-batch for autograd to sum."""
+    """pool[slots] whose backward adds straight into pool.grad (index_add_), instead of building a
+    pool-sized zero gradient per MoE layer and per micro-batch for autograd to sum. `slots` is a
+    host-side tuple: whether it is one contiguous run is decided there (no device value read)."""
 
     @staticmethod
-    def forward(ctx, pool, idx):
-        ctx.pool, ctx.idx = pool, idx
-        n = idx.numel()
-        ctx.start = int(idx[0]) if n and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + n,
-                                                                     device=idx.device)).all()) else None
+    def forward(ctx, pool, slots):
+        n = len(slots)
+        ctx.pool, ctx.n = pool, n
+        ctx.start = slots[0] if n and slots == tuple(range(slots[0], slots[0] + n)) else None
         if ctx.start is not None:  # a contiguous run of slots (the usual case): a view, no copy
+            ctx.idx = None
             return pool.detach().narrow(0, ctx.start, n)
-        return pool.detach().index_select(0, idx)
+        host = torch.tensor(slots, dtype=torch.long)
+        if pool.device.type == "cuda":
+            host = host.pin_memory()
+        ctx.idx = host.to(pool.device, non_blocking=True)
+        return pool.detach().index_select(0, ctx.idx)
 
     @staticmethod
     def backward(ctx, g):
@@ -25,7 +30,7 @@ class _PoolRows(torch.autograd.Function):
         if pool.grad is None:
             pool.grad = torch.zeros_like(pool)
         if ctx.start is not None:
-            pool.grad.narrow(0, ctx.start, ctx.idx.numel()).add_(g.to(pool.grad.dtype))
+            pool.grad.narrow(0, ctx.start, ctx.n).add_(g.to(pool.grad.dtype))
         else:
             pool.grad.index_add_(0, ctx.idx, g.to(pool.grad.dtype))
         return None, None
@@ -78,9 +83,12 @@ class _LayerBackwardDone(torch.autograd.Function):
         return g, None, None
 
 
-def pool_rows(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """pool[idx] (a view when contiguous) whose gradient adds into pool.grad."""
-    return _PoolRows.apply(pool, idx)
+def pool_rows(pool: torch.Tensor, slots) -> torch.Tensor:
+    """pool[slots] (a view when the slots are contiguous) whose gradient adds into pool.grad;
+    `slots`: the pool rows as host integers (a tensor is read back to the host once)."""
+    if isinstance(slots, torch.Tensor):
+        slots = slots.tolist()
+    return _PoolRows.apply(pool, tuple(int(s) for s in slots))
 
 
 def release_after_backward(w: torch.Tensor) -> torch.Tensor:

@@ -280,7 +280,9 @@ class ExpertStore(ExpertPool):
         predictor's input; a group plans with the forecast / groups (`group_forecast`). Every
         group plans from the same global counts, so all keep one ownership (docs/expert_parallel.md,
         "FSSDP plans from the global counts")."""
-        self.predictor.observe(counts_LE.detach().cpu().numpy())  # global: the checkpoint fits any world
+        if torch.is_tensor(counts_LE):
+            counts_LE = counts_LE.detach().cpu().numpy()
+        self.predictor.observe(counts_LE)  # global: the checkpoint fits any world
 
     def _layer_chains(self, layer: int) -> dict:
         return coll.layer_chains(self.plan.holders_L[layer], layer, self.groups.nodes)
@@ -333,8 +335,8 @@ class ExpertStore(ExpertPool):
         slots are contiguous) and the copies (the gathered stacks), each in `experts` order."""
         self._finish_gather(layer)
         owned = [e for e in experts if self.owner(layer, e) == self.rank]
-        idx = torch.tensor([self.slot(layer, e) for e in owned], dtype=torch.long, device=self.device)
-        own_w = [pool_rows(pool, idx) for pool in self.params()]
+        slots = [self.slot(layer, e) for e in owned]  # host-side: contiguity is decided without a sync
+        own_w = [pool_rows(pool, slots) for pool in self.params()]
         copies = experts[len(owned):]
         if not copies:
             return own_w, []

@@ -31,15 +31,55 @@ def _monotone(counts_AB: np.ndarray) -> bool:
 @dataclass(frozen=True)
 class DispatchMeta:
     """What `combine` needs to undo a `dispatch`: the all-to-all splits and both row
-    permutations. Each permutation is skipped when it is the identity (classic EP's contiguous
-    ownership): each is a full copy of the tokens' activations, forward and backward."""
+    permutations with their inverses (None when the permutation is the identity, as under classic
+    EP's contiguous ownership: each is a full copy of the tokens' activations, forward and backward)."""
 
     send_splits: tuple[int, ...]  # rows this rank sends to each rank
     recv_splits: tuple[int, ...]  # rows each rank sends to this one
-    send_order: torch.Tensor  # this rank's rows (sorted by expert) -> grouped by destination rank
-    send_is_identity: bool
-    recv_order: torch.Tensor  # arriving rows (source-major) -> grouped by local expert
-    recv_is_identity: bool
+    send_order: Optional[torch.Tensor]  # this rank's rows (sorted by expert) -> grouped by destination rank
+    send_inverse: Optional[torch.Tensor]
+    recv_order: Optional[torch.Tensor]  # arriving rows (source-major) -> grouped by local expert
+    recv_inverse: Optional[torch.Tensor]
+
+    @property
+    def send_is_identity(self) -> bool:
+        return self.send_order is None
+
+    @property
+    def recv_is_identity(self) -> bool:
+        return self.recv_order is None
+
+
+def _segments(lens_in_out_order: np.ndarray, starts_in_src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A permutation made of contiguous segments, as (per-segment shift, segment lengths): output
+    row j of segment s is source row starts_in_src[s] + (j - start of s in the output)."""
+    out_starts = np.cumsum(lens_in_out_order) - lens_in_out_order
+    return starts_in_src - out_starts, lens_in_out_order
+
+
+def _src_starts(lens: np.ndarray) -> np.ndarray:
+    return np.cumsum(lens) - lens
+
+
+def _segment_perms(parts: list) -> list:
+    """Each (shift, lens) of `_segments` as a row index tensor on `device`, built there: the host
+    sends the small segment tables in one copy (pinned and asynchronous on a GPU), the device
+    expands them (repeat_interleave with its output size known, plus an arange), so no row index
+    crosses from the host and nothing is sorted."""
+    device = parts[0][2]
+    sizes = [len(sh) for sh, _, _ in parts]
+    host = torch.from_numpy(np.concatenate([np.concatenate([sh, ln]) for sh, ln, _ in parts]).astype(np.int64))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    table = host.to(device, non_blocking=True)
+    out, off = [], 0
+    for n, (_, ln, _) in zip(sizes, parts):
+        shift, lens = table[off:off + n], table[off + n:off + 2 * n]
+        off += 2 * n
+        total = int(ln.sum())
+        out.append(torch.arange(total, device=device)
+                   + torch.repeat_interleave(shift, lens, output_size=total))
+    return out
 
 
 class AttentionOverlap:
@@ -90,53 +130,70 @@ class ShardedExperts(nn.Module):
         computes, grouped by local expert (`local_experts` order), their count per local expert,
         and the metadata `combine` needs."""
         st, layer, world, rank = self.store, self.layer, self.store.world, self.store.rank
-        plan = assign(self._all_counts(counts_E), st.holders(layer), st.nodes)  # O(R*E), no (R, E, R) array
+        all_counts = self._all_counts(counts_E)
+        x_ND = x_ND[:int(all_counts[rank].sum())]  # an untrimmed plan's invalid rows (DTS padding) stay here
+        plan = assign(all_counts, st.holders(layer), st.nodes)  # O(R*E), no (R, E, R) array
         st.record_loads(plan.rank_loads())
-        send_ER = plan.from_rank(rank)  # rows of each expert this rank sends to each rank
-        send_order, send_is_identity = self._send_order(send_ER, x_ND.device)
+        send_ER = np.ascontiguousarray(plan.from_rank(rank))  # rows of each expert this rank sends to each rank
         send_splits = tuple(send_ER.sum(axis=0).tolist())
-        recv_RE = plan.to_rank(rank)  # rows arriving from each source rank, by expert
+        recv_RE = np.ascontiguousarray(plan.to_rank(rank))  # rows arriving from each source rank, by expert
         recv_splits = tuple(recv_RE.sum(axis=1).tolist())
-        xs = x_ND if send_is_identity else x_ND.index_select(0, send_order)
-        recv = coll.all_to_all(xs, send_splits, recv_splits, st.group, st.comm) if world > 1 else xs
         experts = st.local_experts(layer)  # owned first, then copies: the order of the weight stacks
-        recv_order, recv_is_identity = self._recv_order(recv_RE, experts, x_ND.device)
-        rows = recv if recv_is_identity else recv.index_select(0, recv_order)
-        local_counts = [int(recv_RE[:, e].sum()) for e in experts]
         held = set(experts)
         missing = [int(e) for e in np.flatnonzero(recv_RE.sum(axis=0)) if int(e) not in held]
         if missing:
             raise RuntimeError(f"layer {layer}: rank {rank} received tokens for experts {missing} it does not hold")
-        return rows, local_counts, DispatchMeta(send_splits, recv_splits, send_order, send_is_identity,
-                                                recv_order, recv_is_identity)
+        send, recv = self._send_segments(send_ER), self._recv_segments(recv_RE, experts)
+        wanted = [p for p in (send, recv) if p is not None]
+        perms = iter(_segment_perms([(sh, ln, x_ND.device) for p in wanted for sh, ln in p]) if wanted else [])
+        send_order, send_inverse = (next(perms), next(perms)) if send is not None else (None, None)
+        recv_order, recv_inverse = (next(perms), next(perms)) if recv is not None else (None, None)
+        xs = x_ND if send_order is None else x_ND.index_select(0, send_order)
+        got = coll.all_to_all(xs, send_splits, recv_splits, st.group, st.comm) if world > 1 else xs
+        rows = got if recv_order is None else got.index_select(0, recv_order)
+        local_counts = [int(recv_RE[:, e].sum()) for e in experts]
+        return rows, local_counts, DispatchMeta(send_splits, recv_splits, send_order, send_inverse,
+                                                recv_order, recv_inverse)
 
     def _all_counts(self, counts_E: torch.Tensor) -> np.ndarray:
-        """(world, E): every rank's rows per expert, the same array on every rank."""
+        """(world, E): every rank's rows per expert, the same array on every rank. Bringing it to
+        the host is the layer's one host sync: everything after it is planned there."""
         st = self.store
         counts = counts_E.detach().to(torch.int64)
-        if st.world == 1:
-            return counts.cpu().numpy()[None]
-        return torch.stack(pdist.all_gather(counts, st.group)).cpu().numpy()
+        if st.world > 1:
+            counts = torch.stack(pdist.all_gather(counts, st.group))
+        return np.asarray(counts.tolist(), dtype=np.int64).reshape(-1, self.num_experts)
 
-    def _send_order(self, send_ER: np.ndarray, device) -> tuple[torch.Tensor, bool]:
-        """The permutation grouping this rank's rows (expert-major) by destination rank, and
-        whether it is the identity (the (expert, destination) segments already rank-major)."""
-        world, E = self.store.world, self.num_experts
-        dst_rows = torch.repeat_interleave(torch.arange(world).repeat(E),
-                                           torch.from_numpy(np.ascontiguousarray(send_ER).reshape(-1)))
-        return torch.argsort(dst_rows, stable=True).to(device), _monotone(send_ER.T)
+    def _send_segments(self, send_ER: np.ndarray):
+        """The permutation grouping this rank's rows (expert-major) by destination rank, and its
+        inverse, as segment tables; None when it is the identity (the (expert, destination)
+        segments already rank-major). Row order within a segment is kept (a stable sort's)."""
+        if _monotone(send_ER.T):
+            return None
+        starts_ER = _src_starts(send_ER.reshape(-1)).reshape(send_ER.shape)  # expert-major layout
+        fwd = _segments(send_ER.T.reshape(-1), starts_ER.T.reshape(-1))  # destination-major output
+        out_starts_RE = _src_starts(send_ER.T.reshape(-1)).reshape(send_ER.T.shape)
+        inv = _segments(send_ER.reshape(-1), out_starts_RE.T.reshape(-1))
+        return fwd, inv
 
-    def _recv_order(self, recv_RE: np.ndarray, experts: list[int], device) -> tuple[torch.Tensor, bool]:
+    def _recv_segments(self, recv_RE: np.ndarray, experts: list[int]):
         """The permutation taking the arriving rows (source-major, expert-minor) to local-expert
-        order, and whether it is the identity (the local positions never go back on arrival)."""
-        world, E = self.store.world, self.num_experts
-        pos = torch.full((E,), E, dtype=torch.long)  # each expert's position among the local ones
-        pos[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
-        key = torch.repeat_interleave((torch.arange(world)[:, None] + world * pos[None, :]).reshape(-1),
-                                      torch.from_numpy(np.ascontiguousarray(recv_RE).reshape(-1)))
-        order = torch.argsort(key, stable=True).to(device)
-        arrival_pos = pos.numpy()[np.nonzero(recv_RE)[1]]  # arrival visits (source, expert id)
-        return order, bool(np.all(np.diff(arrival_pos) >= 0))
+        order (sources ascending within an expert), and its inverse; None when it is the
+        identity (the local positions never go back on arrival)."""
+        E = self.num_experts
+        pos = np.full(E, E, dtype=np.int64)  # each expert's position among the local ones
+        pos[np.asarray(experts, dtype=np.int64)] = np.arange(len(experts))
+        arrival_pos = pos[np.nonzero(recv_RE)[1]]  # arrival visits (source, expert id)
+        if np.all(np.diff(arrival_pos) >= 0):
+            return None
+        starts_RE = _src_starts(recv_RE.reshape(-1)).reshape(recv_RE.shape)
+        local = np.asarray(experts, dtype=np.int64)
+        fwd = _segments(recv_RE[:, local].T.reshape(-1), starts_RE[:, local].T.reshape(-1))  # expert-major
+        out_lens = recv_RE[:, local].T.reshape(-1)
+        out_starts = np.zeros_like(recv_RE)
+        out_starts[:, local] = _src_starts(out_lens).reshape(len(local), -1).T
+        inv = _segments(recv_RE.reshape(-1), out_starts.reshape(-1))
+        return fwd, inv
 
     # -- compute ----------------------------------------------------------------------------------
     def compute(self, rows: torch.Tensor, local_counts: list[int]) -> torch.Tensor:
@@ -172,10 +229,10 @@ class ShardedExperts(nn.Module):
     def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """The reverse of `dispatch`: every result row back to its token's rank, in input order."""
         st = self.store
-        y_src = y if meta.recv_is_identity else y.index_select(0, torch.argsort(meta.recv_order))
+        y_src = y if meta.recv_inverse is None else y.index_select(0, meta.recv_inverse)
         back = (coll.all_to_all(y_src, meta.recv_splits, meta.send_splits, st.group, st.comm) if st.world > 1
                 else y_src)
-        return back if meta.send_is_identity else back.index_select(0, torch.argsort(meta.send_order))
+        return back if meta.send_inverse is None else back.index_select(0, meta.send_inverse)
 
 
 def shard_model(model, strategy: str, plan_cfg: Optional[FSSDPPlanConfig] = None, groups=None,
