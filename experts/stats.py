@@ -13,8 +13,9 @@ import torch
 from experts.layer import MoEAux
 
 
-def local_routing_scalars(aux: MoEAux) -> dict[str, float]:
-    """Per-micro-batch quantities, to be averaged over micro-batches and ranks.
+def local_routing_scalars(aux: MoEAux) -> dict[str, Any]:
+    """Per-micro-batch quantities, to be averaged over micro-batches and ranks; 0-dim float64
+    tensors on the layer's device (no host sync: the trainer brings them over once a step).
 
     entropy:          mean over tokens of the entropy (nats) of the router distribution;
     maxvio_micro:     MaxVio of this micro-batch's counts;
@@ -22,42 +23,75 @@ def local_routing_scalars(aux: MoEAux) -> dict[str, float]:
     """
     with torch.no_grad():
         p = aux.probs_TE.detach().float()
-        ent = float(-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean())
+        ent = (-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()).double()
         c = aux.counts_E.double()
-        mean = float(c.mean())
-        return {"entropy": ent, "maxvio_micro": (float(c.max()) / mean - 1.0) if mean > 0 else 0.0,
-                "active_per_token": aux.active_per_token()}
+        mean = c.mean()
+        maxvio = torch.where(mean > 0, c.max() / mean - 1.0, torch.zeros_like(mean))
+        active = (float(aux.top_k) if aux.valid_TK is None
+                  else aux.valid_TK.sum(dim=1).float().mean().double())
+        return {"entropy": ent, "maxvio_micro": maxvio, "active_per_token": active}
+
+
+def load_stats_values(counts_E: torch.Tensor, micro_counts_E: Optional[torch.Tensor] = None,
+                      bias_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`global_load_stats`' figures as one float64 vector on the counts' device (no host sync);
+    `load_stats_from_values` reads them back from the host copy of that vector."""
+    c = counts_E.detach().double()
+    n = c.numel()
+    total, mean, top = c.sum(), c.mean(), c.max()
+    zero = torch.zeros_like(total)
+    nan = torch.full_like(total, math.nan)
+    parts = [c, torch.where(total != 0, c / total, zero),
+             torch.where(mean > 0, top / mean, nan), torch.where(mean > 0, top / mean - 1.0, nan),
+             (c == 0).sum().double(), _normalised_entropy(c, total, n)]
+    if micro_counts_E is not None:
+        m = micro_counts_E.detach().double()
+        parts.append(torch.where(m.sum() != 0, m / m.sum(), torch.zeros_like(m)))
+    if bias_E is not None:
+        b = bias_E.detach().double().to(c.device)
+        parts.append(b.max() - b.min())
+    return torch.cat([x.reshape(-1) for x in parts])
+
+
+def load_stats_from_values(v: list, num_experts: int, micro: bool, bias: bool) -> dict[str, Any]:
+    """The statistics of one layer from the host list of its `load_stats_values`."""
+    E = num_experts
+    out: dict[str, Any] = {
+        "tokens_per_expert": [int(x) for x in v[:E]],
+        "frac_global": list(v[E:2 * E]),
+        "max_over_mean": v[2 * E],
+        "maxvio_global": v[2 * E + 1],
+        "dead_experts": int(v[2 * E + 2]),
+        # entropy of the load distribution / log E: 1.0 when perfectly balanced
+        "load_entropy": v[2 * E + 3],
+    }
+    at = 2 * E + 4
+    if micro:
+        out["frac_micro"] = list(v[at:at + E])
+        at += E
+    if bias:
+        out["bias_spread"] = v[at]
+    return out
+
+
+def load_stats_size(num_experts: int, micro: bool, bias: bool) -> int:
+    return 2 * num_experts + 4 + (num_experts if micro else 0) + (1 if bias else 0)
 
 
 def global_load_stats(counts_E: torch.Tensor, micro_counts_E: Optional[torch.Tensor] = None,
                       bias_E: Optional[torch.Tensor] = None) -> dict[str, Any]:
-    """Statistics of one layer's counts over the global batch of a step."""
-    c = counts_E.detach().double().cpu()
-    total, mean = float(c.sum()), float(c.mean())
-    out: dict[str, Any] = {
-        "tokens_per_expert": [int(x) for x in c.tolist()],
-        "frac_global": [float(x) / total if total else 0.0 for x in c.tolist()],
-        "max_over_mean": float(c.max()) / mean if mean > 0 else math.nan,
-        "maxvio_global": float(c.max()) / mean - 1.0 if mean > 0 else math.nan,
-        "dead_experts": int((c == 0).sum()),
-        # entropy of the load distribution / log E: 1.0 when perfectly balanced
-        "load_entropy": _normalised_entropy(c),
-    }
-    if micro_counts_E is not None:
-        m = micro_counts_E.detach().double().cpu()
-        out["frac_micro"] = [float(x) / float(m.sum()) if float(m.sum()) else 0.0 for x in m.tolist()]
-    if bias_E is not None:
-        b = bias_E.detach().double().cpu()
-        out["bias_spread"] = float(b.max() - b.min())
-    return out
+    """Statistics of one layer's counts over the global batch of a step (one host copy)."""
+    v = load_stats_values(counts_E, micro_counts_E, bias_E).tolist()
+    return load_stats_from_values(v, counts_E.numel(), micro_counts_E is not None, bias_E is not None)
 
 
-def _normalised_entropy(c: torch.Tensor) -> float:
-    n = c.numel()
-    if n <= 1 or float(c.sum()) == 0:
-        return 1.0
+def _normalised_entropy(c: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
+    """Entropy of the distribution c / log n, 1.0 when n <= 1 or c is all zero (a 0-dim tensor)."""
+    one = torch.ones_like(total)
+    if n <= 1:
+        return one
     q = c / c.sum()
-    return float(-(q * torch.log(q.clamp_min(1e-30))).sum()) / math.log(n)
+    return torch.where(total == 0, one, -(q * torch.log(q.clamp_min(1e-30))).sum() / math.log(n))
 
 
 def domain_specialisation(counts_DE: torch.Tensor) -> dict[str, Any]:

@@ -25,9 +25,10 @@ class StepContext:
     moe_layers: list
     batches: list = field(default_factory=list)
     out: Any = None  # the current micro-batch's model output
-    sums: dict[str, float] = field(default_factory=dict)  # per-micro scalars, reduced for logging
+    sums: dict[str, Any] = field(default_factory=dict)  # per-micro scalars (floats or 0-dim device tensors), reduced for logging
     tokens_local: int = 0  # this rank's tokens in the step
-    loss_bad: bool = False  # some micro-batch's loss was not finite
+    loss_bad: Any = False  # some micro-batch's loss was not finite (a device bool tensor after the first)
+    host: dict = field(default_factory=dict)  # callback -> its `host_values`, brought to the host (floats)
     lr: float = math.nan  # the rate this update used (a skipped one: would have used)
     grad_norm: Optional[float] = None
     skipped: bool = False  # the update was skipped (non-finite loss or gradient)
@@ -57,6 +58,12 @@ class Callback:
     def stop_requested(self) -> bool:
         """True asks every rank to checkpoint and stop (ORed over ranks with the logging reduce)."""
         return False
+
+    def host_values(self, ctx: StepContext) -> Optional[torch.Tensor]:
+        """A 1-D float64 device tensor of figures `step_metrics` needs on the host, or None. The
+        trainer brings every callback's over with the logging reduce's result in one copy (one
+        host sync a step for all of them) and puts the list in `ctx.host[self]`."""
+        return None
 
     def step_metrics(self, ctx: StepContext) -> dict[str, Any]:
         """Figures added to the step's metric record (after the strategy's)."""

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from experts.router import aux_free_bias_update
-from experts.stats import global_load_stats, local_routing_scalars
+from experts.stats import load_stats_from_values, load_stats_size, load_stats_values, local_routing_scalars
 from parallel.balancing import GlobalCountBuffer, reduce_counts, stack_counts
 from parallel.callbacks import Callback, StepContext
 
@@ -59,11 +59,22 @@ class MoEBalancing(Callback):
         if self.bal.aux_free and not ctx.skipped:
             self._update_expert_bias(ctx.moe_layers, ctx.step_counts_LE)
 
+    def host_values(self, ctx: StepContext) -> Optional[torch.Tensor]:
+        """Every layer's load statistics (`experts.stats.load_stats_values`), one vector."""
+        if not ctx.moe_layers:
+            return None
+        return torch.cat([load_stats_values(ctx.step_counts_LE[i], self.local_LE[i],
+                                            layer.expert_bias if self.bal.aux_free else None)
+                          for i, layer in enumerate(ctx.moe_layers)])
+
     def step_metrics(self, ctx: StepContext) -> dict[str, Any]:
         rec: dict[str, Any] = {}
+        values, at = ctx.host.get(self, []), 0
         for i, layer in enumerate(ctx.moe_layers):
-            stats = global_load_stats(ctx.step_counts_LE[i], self.local_LE[i],
-                                      layer.expert_bias if self.bal.aux_free else None)
+            E = ctx.step_counts_LE.shape[1]
+            n = load_stats_size(E, True, self.bal.aux_free)
+            stats = load_stats_from_values(values[at:at + n], E, True, self.bal.aux_free)
+            at += n
             rec.update({f"moe/{i}/{k}": v for k, v in stats.items()})
             rec.update({f"moe/{i}/{k}": v for k, v in self.router_scalars[i].items()})
         return rec

@@ -18,25 +18,46 @@ from parallel import dist as pdist
 def _nonfinite(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
     """Whether any tensor holds a NaN/Inf: the checks stay on the device and one value comes back
     to the host (not one synchronisation per parameter on every step)."""
+    return bool(nonfinite_flag(tensors))
+
+
+def nonfinite_flag(tensors: Iterable[Optional[torch.Tensor]], device=None) -> torch.Tensor:
+    """Whether any tensor holds a NaN/Inf, as a device bool tensor (no host sync)."""
     flags = [torch.isfinite(t).all().logical_not() for t in tensors if t is not None]
-    return bool(torch.stack(flags).any()) if flags else False
+    if not flags:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return torch.stack([f.to(flags[0].device) for f in flags]).any()
 
 
 def local_dense_nonfinite(engine, model: nn.Module) -> bool:
     """Whether this rank holds a non-finite dense gradient after the boundary backward: in the
     parameters' `.grad` (ZeRO 0; ZeRO 1 before its reduction) or, under ZeRO 1/2, in the
     partition DeepSpeed reduced into (its `averaged_gradients`)."""
-    if _nonfinite(p.grad for p in model.parameters()):
-        return True
+    return bool(local_dense_nonfinite_flag(engine, model))
+
+
+def local_dense_nonfinite_flag(engine, model: nn.Module, device=None) -> torch.Tensor:
+    """`local_dense_nonfinite` as a device bool tensor (no host sync)."""
+    tensors = [p.grad for p in model.parameters()]
     parts = getattr(getattr(engine, "optimizer", None), "averaged_gradients", None)
     if isinstance(parts, dict):
-        return any(_nonfinite(v or []) for v in parts.values())
-    return False
+        tensors += [t for v in parts.values() for t in (v or [])]
+    return nonfinite_flag(tensors, device)
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (one all-reduce of one number)."""
-    return bool(pdist.all_reduce_max(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64))[0] > 0)
+def any_rank(flag) -> bool:
+    """True on every rank when `flag` (a bool or a device bool tensor) is true on any (one
+    all-reduce of one number)."""
+    return bool(any_rank_flag(flag)[0] > 0)
+
+
+def any_rank_flag(flag) -> torch.Tensor:
+    """`any_rank` as a (1,) float64 tensor, 1.0 or 0.0, left on the device (no host sync)."""
+    if torch.is_tensor(flag):
+        t = flag.detach().to(torch.float64).reshape(1)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    return pdist.all_reduce_max(t)
 
 
 def skip_dense_update(engine, model: nn.Module) -> None:

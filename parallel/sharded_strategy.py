@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from parallel import dist as pdist
-from parallel.numerics import any_rank, local_dense_nonfinite, skip_dense_update
+from parallel.numerics import any_rank_flag, local_dense_nonfinite_flag, skip_dense_update
 from parallel.expert_strategy import ExpertStrategy
 
 
@@ -116,33 +116,55 @@ class ShardedStrategy(ExpertStrategy):
             return super().optimizer_step(engine, model, local_bad)
         self.store.reduce_grads()  # SparseReduceScatter copies -> owners, average over ranks
         self.lr = float(engine.get_lr()[0])  # the LR this step uses (the scheduler moves in step())
-        expert_sq = self._expert_sq()  # summed over ranks: non-finite when any expert's gradient is
-        if any_rank(local_bad or not math.isfinite(expert_sq) or local_dense_nonfinite(engine, model)):
+        # One host sync for the step's decisions: the any-rank non-finite flag, the experts' squared
+        # norm (summed over ranks: non-finite when any expert's gradient is) and, under ZeRO 0,
+        # each dense gradient's squared norm, brought over together.
+        sq = self._expert_sq_tensor()
+        dev = sq.device
+        bad = local_dense_nonfinite_flag(engine, model, dev).to(dev) | ~torch.isfinite(sq)
+        if torch.is_tensor(local_bad):
+            bad = bad | local_bad.to(dev)
+        elif local_bad:
+            bad = torch.ones_like(bad)
+        dense = [p.grad.double().pow(2).sum().to(dev) for p in model.parameters() if p.grad is not None] \
+            if self.zero == 0 else []
+        budget = self.store.budget_to_agree()  # the next iteration's overlap budget, read here too
+        extra = [] if budget is None else [budget[1].to(dev, torch.float64)]
+        host = torch.cat([any_rank_flag(bad).to(dev), sq.reshape(1), *extra,
+                          *[d.reshape(1) for d in dense]]).tolist()
+        if budget is not None:
+            self.store.set_agreed(budget[0], int(host.pop(2)))
+        if host[0] > 0:
             skip_dense_update(engine, model)
             self.store.discard_grads()
             return math.nan, True
+        expert_sq = host[1]
         if self.zero == 0:
-            norm = self._clip_zero0(model, expert_sq)
+            norm = self._clip_zero0(model, expert_sq, sum(host[2:]))
         else:
             norm = self._set_zero_threshold(engine, expert_sq)
         engine.step()
         self.store.step(self.lr, self.coef(self.last_norm))
         return norm, False
 
-    def _expert_sq(self) -> float:
+    def _expert_sq_tensor(self) -> torch.Tensor:
         sq = self.store.grad_sq_norm()
         if pdist.is_dist():
             # one expert-parallel group holds every expert once (the groups hold equal gradients)
             pdist.all_reduce_(sq, "sum", self.store.group)
-        return float(sq)
+        return sq
+
+    def _expert_sq(self) -> float:
+        return float(self._expert_sq_tensor())
 
     def coef(self, norm: Optional[float]) -> float:
         if not self.grad_clip or norm is None or not norm > self.grad_clip:
             return 1.0
         return self.grad_clip / (norm + 1e-6)
 
-    def _clip_zero0(self, model: nn.Module, expert_sq: float) -> float:
-        dense_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+    def _clip_zero0(self, model: nn.Module, expert_sq: float, dense_sq: Optional[float] = None) -> float:
+        if dense_sq is None:
+            dense_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
         norm = (dense_sq + expert_sq) ** 0.5
         self.last_norm = norm
         coef = self.coef(norm)
@@ -166,16 +188,29 @@ class ShardedStrategy(ExpertStrategy):
         if self.store is not None:
             self.store.observe(step_counts_LE)
 
-    def step_metrics(self) -> dict[str, float]:
+    def host_values(self, ctx=None) -> Optional[torch.Tensor]:
+        """The step's bytes moved, summed over ranks on the device: the trainer brings them to
+        the host with its logging reduce (`step_metrics(values)`)."""
+        st = self.store
+        if st is None:
+            return None
+        host = torch.tensor([float(v) for v in st.comm.as_dict().values()], dtype=torch.float64)
+        if st.device.type == "cuda":
+            host = host.pin_memory()
+        return pdist.all_reduce_sum(host.to(st.device, non_blocking=True))
+
+    def step_metrics(self, values: Optional[list] = None) -> dict[str, float]:
         """Bytes moved (all ranks), the straggler ratio (busiest rank's expert rows / mean,
-        averaged over layers and micro-batches), copies and memory; `ep/...` for ep and fssdp."""
+        averaged over layers and micro-batches), copies and memory; `ep/...` for ep and fssdp.
+        `values`: `host_values` already on the host (else they are fetched here)."""
         st = self.store
         if st is None:
             return {}
         names = st.comm.as_dict()
-        byt = pdist.all_reduce_sum(torch.tensor([float(v) for v in names.values()], dtype=torch.float64))
+        if values is None:
+            values = self.host_values().tolist()
         mem = st.memory()
-        out = {f"ep/bytes_{k}": float(v) for k, v in zip(names, byt.tolist())}
+        out = {f"ep/bytes_{k}": float(v) for k, v in zip(names, values)}
         out.update({"ep/straggler": st.straggler_ratio(), "ep/copies": float(len(st.plan.copies())),
                     "ep/expert_bytes_rank": float(mem["param_bytes"] + mem["optimizer_bytes"]),
                     "ep/peak_copies_rank": float(mem["peak_copies"]), "ep/reshards": float(st.reshards),

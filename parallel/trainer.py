@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from experts.stats import domain_specialisation
@@ -143,9 +144,9 @@ class Trainer:
         for micro, batch in enumerate(ctx.batches):
             self._micro_batch(ctx, batch, last=micro == len(ctx.batches) - 1)
         self._each("after_optimizer_step", ctx)
-        if ctx.step_counts_LE is not None:
-            self.strategy.observe(ctx.step_counts_LE)
         means = self._reduce_for_logging(ctx)
+        if ctx.step_counts_LE is not None:  # host values, from the logging sync
+            self.strategy.observe(np.asarray(ctx.host["step_counts"], dtype=np.int64).reshape(ctx.step_counts_LE.shape))
         dt = time.perf_counter() - t0
         self._advance(ctx)
         return self._record(ctx, means, dt)
@@ -162,7 +163,8 @@ class Trainer:
         loss, parts = training_loss(ctx.out, labels, self.bal, **extra)
         for cb in self.callbacks:
             loss, parts = cb.before_backward(ctx, loss, parts)
-        ctx.loss_bad = ctx.loss_bad or not math.isfinite(float(loss.detach()))
+        bad = ~torch.isfinite(loss.detach())  # kept on the device: the optimizer step reads it with its flags
+        ctx.loss_bad = bad if ctx.loss_bad is False else ctx.loss_bad | bad
         self.strategy.before_backward(last)
         self.engine.backward(loss)
         if last:  # the accumulation boundary: reduce, clip, update (or skip)
@@ -172,20 +174,39 @@ class Trainer:
             ctx.grad_norm, ctx.skipped = self.strategy.optimizer_step(self.engine, self.model, ctx.loss_bad)
         else:
             self.engine.step()
-        for k, v in parts.items():
-            ctx.sums[k] = ctx.sums.get(k, 0.0) + float(v)
+        for k, v in parts.items():  # device scalars summed there (float64, as the host floats were)
+            ctx.sums[k] = ctx.sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
         ctx.tokens_local += labels.numel()
         self._each("after_micro_batch", ctx)
 
     def _reduce_for_logging(self, ctx: StepContext) -> dict[str, float]:
         """The mean of each per-micro scalar over ranks and micro-batches, in one all-reduce that
-        also carries the stop request (any rank's)."""
+        also carries the stop request (any rank's). Its result and every callback's and the
+        strategy's `host_values` come to the host in one copy: the step's one logging sync."""
         keys = sorted(ctx.sums)
         stop = any(cb.stop_requested() for cb in self.callbacks)
-        vec = pdist.all_reduce_sum(torch.tensor([ctx.sums[k] for k in keys] + [float(stop)], dtype=torch.float64))
-        self.stop_agreed = bool(vec[-1] > 0)
-        vec = vec[:-1] / (len(ctx.batches) * self.world)
-        return {k: float(v) for k, v in zip(keys, vec.tolist())}
+        vals = [torch.as_tensor(ctx.sums[k]).to(self.device, torch.float64) if torch.is_tensor(ctx.sums[k])
+                else torch.full((), float(ctx.sums[k]), dtype=torch.float64, device=self.device) for k in keys]
+        vals.append(torch.full((), float(stop), dtype=torch.float64, device=self.device))
+        vec = pdist.all_reduce_sum(torch.stack(vals))
+        parts = [torch.cat([vec[:-1] / (len(ctx.batches) * self.world), vec[-1:]])]
+        owners = []
+        if ctx.step_counts_LE is not None:  # the strategy's load predictor observes them on the host
+            owners.append(("step_counts", ctx.step_counts_LE.numel()))
+            parts.append(ctx.step_counts_LE.detach().to(self.device, torch.float64).reshape(-1))
+        for owner in [*self.callbacks, self.strategy]:
+            fn = getattr(owner, "host_values", None)
+            t = fn(ctx) if fn is not None else None
+            if t is not None:
+                owners.append((owner, t.numel()))
+                parts.append(t.detach().to(self.device, torch.float64).reshape(-1))
+        host = torch.cat(parts).tolist()
+        at = len(keys) + 1
+        for owner, n in owners:
+            ctx.host[owner] = host[at:at + n]
+            at += n
+        self.stop_agreed = host[len(keys)] > 0
+        return dict(zip(keys, host[:len(keys)]))
 
     def _advance(self, ctx: StepContext) -> None:
         self.state.step += 1
@@ -206,7 +227,10 @@ class Trainer:
             "step_skipped": float(ctx.skipped),
             "skipped_steps": self.state.skipped,
         }
-        rec.update(self.strategy.step_metrics())
+        if self.strategy in ctx.host:
+            rec.update(self.strategy.step_metrics(ctx.host[self.strategy]))
+        else:
+            rec.update(self.strategy.step_metrics())
         for cb in self.callbacks:
             rec.update(cb.step_metrics(ctx))
         return rec
