@@ -280,9 +280,8 @@ class ExpertStore(ExpertPool):
         predictor's input; a group plans with the forecast / groups (`group_forecast`). Every
         group plans from the same global counts, so all keep one ownership (docs/expert_parallel.md,
         "FSSDP plans from the global counts")."""
-        if torch.is_tensor(counts_LE):
-            counts_LE = counts_LE.detach().cpu().numpy()
-        self.predictor.observe(counts_LE)  # global: the checkpoint fits any world
+        host = counts_LE.detach().cpu().numpy() if torch.is_tensor(counts_LE) else counts_LE  # trainer: host
+        self.predictor.observe(host)  # global: the checkpoint fits any world
 
     def _layer_chains(self, layer: int) -> dict:
         return coll.layer_chains(self.plan.holders_L[layer], layer, self.groups.nodes)
