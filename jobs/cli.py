@@ -8,6 +8,7 @@
     moeforge export RUN_DIR --to DIR a run's checkpoint as a Hugging Face model directory
     moeforge dashboard [RUN_DIR ...] a browser dashboard of runs (live while they write)
     moeforge prepare SPEC            tokenize the spec's corpus into token shards (Ray Data)
+    moeforge estimate SPEC           per-rank memory by part before launch, whether it fits (docs/memory.md)
 """
 from __future__ import annotations
 
@@ -48,6 +49,78 @@ def cmd_validate(args) -> int:
     n = len(spec.stages)
     print(f"{args.spec}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(s.name for s in spec.stages)}; "
           f"run dir {Path(spec.run.output_dir).absolute() / spec.run.name})")
+    return memory_preflight(spec, args.device_memory, args.strict)
+
+
+def memory_preflight(spec, device_memory: Optional[str], strict: bool) -> int:
+    """GPU specs: warn (stderr) when a stage's memory estimate exceeds the device's memory less
+    the reserve (jobs.estimate); `strict` makes it an error (EXIT_SPEC)."""
+    from jobs.estimate import DEFAULT_DEVICE, parse_device_memory, preflight_warning
+
+    warning = preflight_warning(spec, parse_device_memory(device_memory or DEFAULT_DEVICE))
+    if warning is None:
+        return 0
+    for line in warning.splitlines():
+        print(f"{'error' if strict else 'warning'}: memory: {line}", file=sys.stderr)
+    return EXIT_SPEC if strict else 0
+
+
+def cmd_estimate(args) -> int:
+    from dataclasses import replace
+
+    from jobs.estimate import (DEFAULT_DEVICE, EstimateError, format_report, parse_device_memory, recommend, report,
+                               simulated_step, smallest_fit, stage_layout)
+    from jobs.memory_model import estimate
+
+    spec = load_job_spec(args.spec)
+    try:
+        device = parse_device_memory(args.device_memory or DEFAULT_DEVICE)
+        stage = next((i for i, s in enumerate(spec.stages) if s.name == args.stage), None) if args.stage else 0
+        if stage is None:
+            raise EstimateError("--stage", f"{args.stage!r} is not a stage of the spec "
+                                           f"({', '.join(s.name for s in spec.stages)})")
+        world = args.nodes * args.gpus_per_node if args.nodes else None
+        gpu = True if args.gpu else None
+        lay = stage_layout(spec, stage, world=world, ep_size=args.ep_size, zero=args.zero,
+                           checkpointing=args.checkpointing, micro_batch=args.micro_batch,
+                           imbalance=args.imbalance, expert_sharding=args.expert_sharding, gpu=gpu)
+    except EstimateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    rep = report(estimate(lay), device)
+    out = {"estimate": rep}
+    if args.recommend:
+        if args.nodes:
+            out["recommend"] = recommend(lay, device, args.gpus_per_node)
+        else:
+            n, rec = smallest_fit(lay, device, args.gpus_per_node)
+            out["recommend"] = rec
+            out["smallest_gpu_count"] = n
+    if args.time:
+        out["time"] = simulated_step(lay, args.gpus_per_node)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_report(rep))
+        if args.recommend:
+            rec = out["recommend"]
+            if rec is None:
+                print("recommend: no layout of expert parallelism, ZeRO stage, activation checkpointing and "
+                      "micro-batch fits this many ranks")
+            else:
+                where = f" (smallest count tried that fits: {out['smallest_gpu_count']} GPUs)" if "smallest_gpu_count" in out else ""
+                print(f"recommend{where}:")
+                print("  " + format_report(rec).replace("\n", "\n  "))
+        if args.time:
+            t = out["time"]
+            print("simulated step (moeforge simulate's cost model): " +
+                  (t["skipped"] if "skipped" in t else
+                   f"{t['policy']}: MoE layers {t['moe_ms']:.1f} ms, step {t['step_ms']:.1f} ms, "
+                   f"straggler {t['straggler']:.2f}"))
+    if args.strict and not rep["fits"]:
+        print(f"error: memory: the estimate per rank ({rep['total']:,d} B) exceeds the device's "
+              f"{rep['device_memory'] - rep['reserve']:,d} B after the reserve", file=sys.stderr)
+        return EXIT_SPEC
     return 0
 
 
@@ -100,6 +173,8 @@ def cmd_run(args) -> int:
                            for path, msg in e.problems], e.source) from None
         raise
     source = os.environ.get(SPEC_SOURCE_ENV, args.spec) if args.spec.startswith("env:") else args.spec
+    if memory_preflight(spec, getattr(args, "device_memory", None), getattr(args, "strict", False)):
+        return EXIT_SPEC
     before_ray(args.address)
     check_output_dir(spec, source, relative_ok=not inside_ray_job())
     if inside_ray_job():  # `moeforge submit` waits for this line: the job did not fail on arrival
@@ -307,6 +382,9 @@ def parser() -> argparse.ArgumentParser:
     sc.set_defaults(fn=cmd_schema)
     v = sub.add_parser("validate", help="validate a job spec (nothing is launched or written)")
     v.add_argument("spec")
+    v.add_argument("--device-memory", help="GPU specs: device memory for the memory check, e.g. 80GB or H100 "
+                                           "(default H100)")
+    v.add_argument("--strict", action="store_true", help="a memory estimate over the device's memory is an error")
     v.set_defaults(fn=cmd_validate)
     r = sub.add_parser("run", help="run a job spec on RAY_ADDRESS's cluster or an embedded local Ray")
     r.add_argument("spec")
@@ -317,7 +395,31 @@ def parser() -> argparse.ArgumentParser:
                         "under RUN/superseded/); needed to change a finished stage's training settings")
     r.add_argument("--verbose", action="store_true",
                    help="stream Ray's and every worker's output (default: in RUN/logs/STAGE/rankR.log)")
+    r.add_argument("--device-memory", help="GPU specs: device memory for the memory check (default H100)")
+    r.add_argument("--strict", action="store_true", help="refuse to start when the memory estimate exceeds the device")
     r.set_defaults(fn=cmd_run)
+    es = sub.add_parser("estimate", help="per-rank memory by part, whether it fits, the largest micro-batch")
+    es.add_argument("spec")
+    es.add_argument("--stage", help="stage name (default: the first)")
+    es.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    es.add_argument("--nodes", type=int, help="nodes: world size = nodes x gpus-per-node (default: the spec's)")
+    es.add_argument("--device-memory", help="80GB, 80GiB or a GPU name: H100, H200, A100-80GB... (default H100)")
+    es.add_argument("--imbalance", type=float, help="busiest expert's load over the mean (default 1 + fssdp.memory_cap)")
+    es.add_argument("--expert-sharding", type=int, default=0,
+                    help="what-if 0|1|2: expert optimizer state (1) and gradients (2) sharded over the "
+                         "expert-data-parallel group; the trainer implements only 0 today")
+    es.add_argument("--ep-size", type=int, help="what-if: parallel.expert_parallel_size")
+    es.add_argument("--zero", type=int, choices=[0, 1, 2], help="what-if: parallel.zero_stage")
+    es.add_argument("--checkpointing", choices=["none", "moe", "full"], help="what-if: model.activation_checkpointing")
+    es.add_argument("--micro-batch", type=int, help="what-if: the stage's micro_batch_size")
+    es.add_argument("--gpu", action="store_true", help="what-if: parallel.use_gpu true (bf16)")
+    es.add_argument("--recommend", action="store_true",
+                    help="search P, ZeRO stage, activation checkpointing and micro-batch for a layout that fits "
+                         "(without --nodes: the smallest GPU count of 8, 16, 32, ... 1024 that fits)")
+    es.add_argument("--time", action="store_true", help="also the simulator's predicted step time (moeforge simulate)")
+    es.add_argument("--strict", action="store_true", help="exit 2 when the estimate exceeds the device's memory")
+    es.add_argument("--json", action="store_true", help="print JSON")
+    es.set_defaults(fn=cmd_estimate)
     add_jobs_api_commands(sub)
     m = sub.add_parser("simulate", help="simulate EP/FSSDP/FasterMoE/ZeRO-3 MoE layers at 8-256 GPUs (no GPU needed)")
     m.add_argument("config", nargs="?", help="YAML simulator config (e.g. examples/simulate.yaml); flags override it")

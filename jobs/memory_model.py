@@ -1,0 +1,307 @@
+"""What one rank holds while it trains, part by part, in bytes: the formulas behind
+`moeforge estimate` (docs/memory.md). Pure arithmetic on a `Layout` (no torch, no spec): the
+caller (`jobs.estimate`) fills the layout from a job spec or a what-if.
+
+Dtypes follow what the trainer does (docs/gpu.md): on a GPU stage the model trains in bf16
+(parameters, activations, logits), DeepSpeed keeps fp32 masters and AdamW moments, reduces dense
+gradients in fp32 and, under ZeRO 1/2, accumulates them in fp32; the expert pool of ep/fssdp is
+fp32 (weights, gradients, moments). A CPU stage is fp32 throughout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+DS_BUCKET = 500_000_000  # DeepSpeed's default reduce / allgather bucket (elements)
+CE_CHUNK_BYTES = 256 << 20  # system.chunked_ce.CHUNK_BYTES: one chunk's fp32 work
+PARTS = ("dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
+         "expert_optimizer", "fssdp_copies", "dispatch", "activations", "logits", "comm_buffers")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the formulas read: the model's shape, the batch and the parallel layout."""
+
+    d_model: int
+    n_layers: int
+    moe_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    d_expert: int
+    vocab: int
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    qk_norm: str = "none"
+    d_shared: int = 0
+    shared_gate: bool = False
+    # batch
+    micro_batch: int = 1
+    seq_len: int = 128
+    # parallel layout
+    world: int = 1
+    strategy: str = "replicated"  # replicated | ep | fssdp | deepspeed_moe
+    ep_size: int = 1  # P
+    zero: int = 0
+    gpu: bool = False  # bf16 training (GPU) or fp32 (CPU)
+    checkpointing: str = "none"  # none | moe | full
+    memory_cap: int = 2  # FSSDP m
+    rematerialize: bool = False
+    tolerance: float = 0.05
+    imbalance: Optional[float] = None  # busiest expert's load / mean; None: 1 + memory_cap
+    expert_sharding: int = 0  # what-if: expert state sharded over the EDP group (0 is what exists)
+    reduce_bucket: int = DS_BUCKET  # DeepSpeed's zero_optimization.reduce_bucket_size (elements)
+    allgather_bucket: int = DS_BUCKET  # and allgather_bucket_size
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.gpu else 4
+
+    @property
+    def edp(self) -> int:
+        return max(1, self.world // max(1, self.ep_size))
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def resolved_imbalance(self) -> float:
+        return float(self.imbalance) if self.imbalance is not None else 1.0 + self.memory_cap
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, float] = field(default_factory=dict)  # parameter counts and load factors
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def expert_params(lay: Layout) -> int:
+    """Parameters of one expert (SwiGLU: w1, w3 of D x F and w2 of F x D)."""
+    return 3 * lay.d_model * lay.d_expert
+
+
+def dense_param_counts(lay: Layout) -> dict[str, int]:
+    """Non-expert parameters: embeddings, attention, norms, dense FFNs, routers, shared experts."""
+    D, H, G, d = lay.d_model, lay.n_heads, lay.n_kv_heads, lay.head_dim
+    attn = D * (H + 2 * G) * d + H * d * D + (H + 2 * G) * d * lay.qkv_bias
+    attn += {"none": 0, "head": 2 * d, "full": (H + G) * d}[lay.qk_norm]
+    per_block = attn + 2 * D
+    dense_blocks = lay.n_layers - lay.moe_layers
+    moe_extra = D * lay.num_experts + (3 * D * lay.d_shared if lay.d_shared else 0) + D * lay.shared_gate
+    embed = lay.vocab * D * (1 if lay.tie_embeddings else 2)
+    return {"embed": embed, "blocks": lay.n_layers * per_block + dense_blocks * 3 * D * lay.d_ff
+            + lay.moe_layers * moe_extra + D}
+
+
+def deepspeed_params(lay: Layout) -> int:
+    """Parameters DeepSpeed's optimizer owns on a rank: the dense ones, plus the experts when
+    they are replicated (every rank, every expert) or DeepSpeed's MoE layer's E/P local experts."""
+    n = sum(dense_param_counts(lay).values())
+    if lay.strategy == "replicated":
+        n += lay.moe_layers * lay.num_experts * expert_params(lay)
+    return n
+
+
+def owned_experts(lay: Layout) -> int:
+    """Expert rows (layer, expert) a rank owns under ep/fssdp/deepspeed_moe: E/P per MoE layer
+    (rounded up: the placement's uneven split gives some ranks one more)."""
+    if lay.strategy == "replicated":
+        return 0
+    return lay.moe_layers * -(-lay.num_experts // lay.ep_size)
+
+
+def zero_state(lay: Layout, n: int, dp: int) -> tuple[int, int, int, int]:
+    """(weights, gradients, optimizer state, buckets) bytes for n parameters under DeepSpeed's
+    ZeRO stage, partitioned over dp ranks. bf16: ZeRO 0 is BF16_Optimizer (bf16 weights and
+    `.grad`, its own flat gradient buffer in bf16, fp32 master + moments partitioned over dp);
+    ZeRO 1 keeps each parameter's fp32 `grad_accum` in full plus an fp32 partition; ZeRO 2 only
+    the fp32 partition. fp32: ZeRO 0 is torch's AdamW (weights, `.grad`, two moments); ZeRO 1/2
+    add an fp32 master partition (a copy, not the weights)."""
+    part = -(-n // dp)
+    bucket = min(lay.reduce_bucket, n)
+    if lay.gpu:
+        weights = 2 * n
+        opt = 12 * part  # fp32 master + exp_avg + exp_avg_sq of this rank's partition
+        if lay.zero == 0:
+            grads = 2 * n + 2 * n  # param.grad (bf16) + BF16_Optimizer's flat accumulation buffer
+            buckets = 4 * bucket  # the fp32 all-reduce (communication_data_type fp32)
+        elif lay.zero == 1:
+            grads = 4 * n + 4 * part + 2 * bucket  # grad_accum fp32 + the partition + a bf16 .grad bucket
+            buckets = 2 * 4 * bucket  # overlap_comm: two fp32 reduce buckets
+        else:
+            grads = 4 * part + 2 * bucket
+            buckets = 2 * 4 * bucket
+        buckets += 2 * min(lay.allgather_bucket, n) if lay.zero else 0  # the all-gather of updated bf16 weights
+        return weights, grads, opt, buckets if dp > 1 else 0
+    weights = 4 * n
+    if lay.zero == 0:
+        return weights, 4 * n, 8 * n, 4 * bucket if dp > 1 else 0
+    grads = 4 * n + 4 * part if lay.zero == 1 else 4 * part + 4 * bucket
+    return weights, grads, 12 * part, 4 * bucket if dp > 1 else 0
+
+
+def expert_state(lay: Layout) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes of the rank's owned expert rows in the fp32 pool.
+    Sharding 0 (what the trainer does): fp32 weights, fp32 gradients, two fp32 moments: 16 B per
+    parameter. What-ifs: 1 keeps the compute copy in the training dtype, the fp32 master and
+    moments of 1/EDP of the rows, full gradients; 2 also 1/EDP of the gradients."""
+    n = owned_experts(lay) * expert_params(lay)
+    if lay.strategy == "deepspeed_moe":  # DeepSpeed's MoE: its ZeRO over the expert-data-parallel group
+        w, g, o, _ = zero_state(lay, n, lay.edp)
+        return w, g, o
+    if lay.expert_sharding == 0:
+        return 4 * n, 4 * n, 8 * n
+    shard = -(-n // lay.edp)
+    compute = lay.act_bytes * n if lay.gpu else 0  # CPU: the fp32 master is the compute copy
+    weights = compute + 4 * shard if lay.gpu else 4 * n
+    grads = 4 * n if lay.expert_sharding == 1 else 4 * shard
+    return weights, grads, 8 * shard
+
+
+def load_factor(lay: Layout) -> float:
+    """Rows a rank's experts receive over the mean (N * k): the busiest expert carries
+    `imbalance` x the mean. ep: it sits with e - 1 mean-loaded experts on its owner; fssdp: the
+    planner spreads it over its owner and up to m copies, and keeps every rank within
+    `tolerance` of the mean when it can; replicated: every token's rows are local (1)."""
+    if lay.strategy == "replicated":
+        return 1.0
+    e = lay.num_experts / lay.ep_size
+    imb = lay.resolved_imbalance()
+    if lay.strategy == "fssdp":
+        holders = min(lay.ep_size, 1 + lay.memory_cap)
+        return max(1.0 + lay.tolerance, (max(e, 1) - 1 + imb / holders) / max(e, 1))
+    return min(float(lay.ep_size), (max(e, 1) - 1 + imb) / max(e, 1))
+
+
+def fssdp_copies(lay: Layout) -> int:
+    """Copies at the memory cap: m per MoE layer. Each holds its weights in the communication
+    dtype, its `.grad` in that dtype and the fp32 sum of its gradients (ExpertStore's
+    `_keep_copy_grad`). Without re-materialization every layer's copies live from the forward to
+    the backward; with it, two layers' weights at a time (the one computing, the one arriving),
+    every layer's fp32 gradient sums still to the end of the backward."""
+    if lay.strategy != "fssdp" or lay.ep_size < 2:
+        return 0
+    per = expert_params(lay) * lay.memory_cap
+    live_layers = min(2, lay.moe_layers) if lay.rematerialize else lay.moe_layers
+    return per * live_layers * lay.act_bytes + per * lay.act_bytes + per * lay.moe_layers * 4
+
+
+def block_activations(lay: Layout, moe: bool, rows: float) -> float:
+    """Bytes autograd keeps for one block per token (rows: expert rows per token on this rank,
+    k x the load factor). Counted from system/model.py's forward: the RMSNorms keep their fp32
+    input (the input itself in fp32) and normalized output, attention its qkv output, the
+    rotated q/k, SDPA's output and log-sum-exp and the projection's input; SwiGLU FFNs their
+    two hidden projections, the SiLU and the product; the MoE layer its router (fp32 logits and
+    probabilities) and the permuted rows going in and out of the experts."""
+    a, D, H, G, d = lay.act_bytes, lay.d_model, lay.n_heads, lay.n_kv_heads, lay.head_dim
+    E, F, Fe = lay.num_experts, lay.d_ff, lay.d_expert
+    norm = (4 * D if lay.gpu else 0) + 4 + a * D  # fp32 input copy (bf16), rsqrt, normed output
+    attn = norm + a * (H + 2 * G) * d + a * (H + G) * d + a * H * d + 4 * H + a * H * d
+    full = lay.checkpointing == "full"
+    if full:
+        attn = a * D  # the block's input is kept by the checkpoint; the residual sum is new
+    ffn_in = norm
+    if not moe:
+        ffn = a * 4 * F
+        return attn + ffn_in + (0 if full else ffn)
+    router = (4 * D if lay.gpu else 0) + 3 * 4 * E + 8 * lay.top_k * 3
+    # the rows the rank's experts receive (load-factor scaled) and their FFN's hidden
+    # activations; the k rows per token coming back, which the combine keeps
+    expert_rows = rows * (a * D + (0 if lay.checkpointing != "none" else 4 * a * Fe)) + lay.top_k * a * D
+    shared = 0 if not lay.d_shared or lay.checkpointing != "none" else a * 4 * lay.d_shared
+    return attn + ffn_in + router + expert_rows + shared
+
+
+def activations(lay: Layout, rows: float) -> int:
+    n_moe = lay.moe_layers
+    per_tok = n_moe * block_activations(lay, True, rows) + (lay.n_layers - n_moe) * block_activations(lay, False, rows)
+    per_tok += lay.act_bytes * lay.d_model * 2 + 4 * lay.d_model * lay.gpu  # embedding out, final norm
+    return int(per_tok * lay.tokens)
+
+
+def logits_peak(lay: Layout) -> int:
+    """The loss's peak: bf16 logits go through the chunked cross-entropy (the logits, their
+    gradient during the backward and one chunk's fp32 work); fp32 logits through torch's
+    cross-entropy (the logits, its saved log-softmax and the gradient)."""
+    nv = lay.tokens * lay.vocab
+    if lay.gpu:
+        return 2 * nv * 2 + min(CE_CHUNK_BYTES, 4 * nv)
+    return 3 * 4 * nv
+
+
+def dispatch_buffers(lay: Layout, rows: float) -> int:
+    """One MoE layer's transient all-to-all buffers (rows out, rows in, expert output, rows back)
+    and the expert FFN's working set at the busiest rank's load: what a dropless layer adds on
+    top of what autograd keeps."""
+    if lay.moe_layers == 0:
+        return 0
+    a, N, k = lay.act_bytes, lay.tokens, lay.top_k
+    working = rows * N * a * 2 * lay.d_expert  # h1 and h3 of the experts' FFN while it runs
+    if lay.strategy == "replicated":
+        return int(working)
+    return int(a * lay.d_model * N * (2 * k + 2 * rows) + working)
+
+
+def edp_buffer(lay: Layout) -> int:
+    """ep/fssdp: one MoE layer's owned expert gradients flattened in fp32 for their sum over the
+    expert-data-parallel group (done layer by layer in the backward)."""
+    if lay.strategy not in ("ep", "fssdp") or lay.edp < 2 or not lay.moe_layers:
+        return 0
+    return 4 * (owned_experts(lay) // lay.moe_layers) * expert_params(lay)
+
+
+def estimate(lay: Layout) -> Estimate:
+    out = Estimate(lay)
+    n_ds = deepspeed_params(lay)
+    dp_dense = lay.world
+    w, g, o, buckets = zero_state(lay, n_ds, dp_dense)
+    ew, eg, eo = expert_state(lay)
+    rows = lay.top_k * load_factor(lay)
+    out.parts = {
+        "dense_weights": w, "dense_grads": g, "dense_optimizer": o,
+        "expert_weights": ew, "expert_grads": eg, "expert_optimizer": eo,
+        "fssdp_copies": fssdp_copies(lay),
+        "dispatch": dispatch_buffers(lay, rows),
+        "activations": activations(lay, rows),
+        "logits": logits_peak(lay),
+        "comm_buffers": buckets + edp_buffer(lay),
+    }
+    out.counts = {"deepspeed_params": n_ds, "expert_params_total": lay.moe_layers * lay.num_experts * expert_params(lay),
+                  "owned_expert_params": owned_experts(lay) * expert_params(lay),
+                  "load_factor": load_factor(lay), "imbalance": lay.resolved_imbalance()}
+    if lay.expert_sharding:
+        out.notes.append(f"what-if: expert sharding {lay.expert_sharding} (expert optimizer state over the "
+                         f"{lay.edp}-rank expert-data-parallel group) is not implemented by the trainer yet; "
+                         f"today every rank keeps its owned experts' full fp32 state (sharding 0)")
+    return out
+
+
+def per_micro_batch(lay: Layout) -> int:
+    """Bytes that grow with the micro-batch: activations, logits and dispatch for one sequence."""
+    from dataclasses import replace
+
+    one, two = estimate(replace(lay, micro_batch=1)), estimate(replace(lay, micro_batch=2))
+    return two.total - one.total
+
+
+def largest_micro_batch(lay: Layout, budget: int) -> int:
+    """The largest micro-batch whose total fits `budget` bytes (0: not even one sequence)."""
+    from dataclasses import replace
+
+    fixed = estimate(replace(lay, micro_batch=1)).total
+    if fixed > budget:
+        return 0
+    step = max(1, per_micro_batch(lay))
+    b = 1 + (budget - fixed) // step
+    while b > 1 and estimate(replace(lay, micro_batch=b)).total > budget:
+        b -= 1
+    return int(b)
