@@ -5,12 +5,13 @@ to the keys at or before it in its own document. What each token needs is its do
 in the row (`document_ids`, B x T ints: separators strictly before it), computed on the device
 once per forward. `document_layout` turns it into what one path needs, shared by all layers:
 
-* `flex` (CUDA): FlexAttention with a block mask built from the document ids (blocks wholly
-  outside a document are skipped, blocks wholly inside one take no mask at all); the compiled
+* `flex` (CUDA): FlexAttention with a block mask built from the document ids (block pairs that
+  share no document are skipped, pairs inside one document take no mask); the compiled
   `flex_attention` is made once per process.
 * `split` (CPU, where FlexAttention has no backward; CUDA without FlexAttention): each document
-  is its own causal SDPA call on a slice of the row (`bench/attention_mask.py` measured it
-  against the alternatives). The documents' bounds are read on the host once per forward.
+  is its own causal SDPA call on its piece of the row (`bench/attention_mask.py` measured it
+  against the old mask and padded batches of documents). The documents' bounds are read on
+  the host once per forward.
 
 `document_mask` is the old (B, T, T) mask, kept as the reference for tests and the benchmark.
 """
@@ -42,7 +43,7 @@ def document_mask(input_ids_BT: torch.Tensor, sep_id: int) -> torch.Tensor:
     return causal & (doc_BT[:, :, None] == doc_BT[:, None, :])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DocumentLayout:
     """Where the documents of a batch are, in the form the chosen path needs; built once per
     forward (`document_layout`) and shared by every layer."""
