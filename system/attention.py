@@ -130,7 +130,8 @@ def document_block_mask(doc_BT: torch.Tensor, block: int = FLEX_BLOCK):
     first and last document ids (documents are contiguous, ids non-decreasing): O(B (T/block)^2)
     memory, no (B, T, T) evaluation of the mask. Query block i and key block j <= i share a
     document when the key block's last id >= the query block's first; the pair needs no mask
-    when j < i and both blocks lie in one document."""
+    when j < i, both blocks lie in one document and the query block is whole. The same blocks
+    as torch's `create_block_mask` of the mask function (tested)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, T = doc_BT.shape
@@ -140,7 +141,8 @@ def document_block_mask(doc_BT: torch.Tensor, block: int = FLEX_BLOCK):
     idx = torch.arange(n, device=doc_BT.device)
     below = idx[None, :] < idx[:, None]  # (q block, kv block): kv strictly before q
     touching = (below | (idx[None, :] == idx[:, None]))[None] & (last_Bn[:, None, :] >= first_Bn[:, :, None])
-    full = below[None] & (first_Bn[:, None, :] == last_Bn[:, :, None])
+    whole_q = (idx + 1) * block <= T
+    full = (below & whole_q[:, None])[None] & (first_Bn[:, None, :] == last_Bn[:, :, None])
     partial = touching & ~full
 
     def as_kv_blocks(blocks_Bnn):

@@ -116,11 +116,12 @@ def test_no_tensor_with_two_sequence_dimensions_is_made(monkeypatch):
     assert (5, 1, T, T) in _square_shapes(True, monkeypatch)  # the old path does make one
 
 
-def test_block_mask_from_document_ids_equals_flex_create_block_mask():
+@pytest.mark.parametrize("T_", [4 * FLEX_BLOCK, 2 * FLEX_BLOCK + 44])  # a whole number of blocks, and not
+def test_block_mask_from_document_ids_equals_flex_create_block_mask(T_):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    B, n = 3, 4
-    ids = layouts(B, n * FLEX_BLOCK)
+    B = 3
+    ids = layouts(B, T_)
     ids[2, :] = 1
     ids[2, 2 * FLEX_BLOCK - 1] = SEP  # a document ending on a block boundary
     doc = document_ids(ids, SEP)
@@ -129,7 +130,7 @@ def test_block_mask_from_document_ids_equals_flex_create_block_mask():
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (doc[b, q] == doc[b, kv])
 
-    theirs = create_block_mask(mask_mod, B, None, n * FLEX_BLOCK, n * FLEX_BLOCK, device="cpu")
+    theirs = create_block_mask(mask_mod, B, None, T_, T_, device="cpu")
     for a, b in ((ours.kv_num_blocks, theirs.kv_num_blocks), (ours.full_kv_num_blocks, theirs.full_kv_num_blocks)):
         assert torch.equal(a, b)
     assert torch.equal(ours.to_dense(), theirs.to_dense())
