@@ -194,6 +194,13 @@ class Trainer:
         if ctx.step_counts_LE is not None:  # the strategy's load predictor observes them on the host
             owners.append(("step_counts", ctx.step_counts_LE.numel()))
             parts.append(ctx.step_counts_LE.detach().to(self.device, torch.float64).reshape(-1))
+        if ctx.grad_norm is None:  # the engine's norm (ZeRO 1/2): a device value, read here too
+            norm = self.engine.get_global_grad_norm()
+            if torch.is_tensor(norm):
+                owners.append(("grad_norm", 1))
+                parts.append(norm.detach().to(self.device, torch.float64).reshape(1))
+            else:
+                ctx.grad_norm = norm
         for owner in [*self.callbacks, self.strategy]:
             fn = getattr(owner, "host_values", None)
             t = fn(ctx) if fn is not None else None
@@ -216,7 +223,7 @@ class Trainer:
         self.state.data = self.stream.state_dict()
 
     def _record(self, ctx: StepContext, means: dict[str, float], dt: float) -> dict[str, Any]:
-        grad_norm = ctx.grad_norm if ctx.grad_norm is not None else self.engine.get_global_grad_norm()
+        grad_norm = ctx.host["grad_norm"][0] if "grad_norm" in ctx.host else ctx.grad_norm
         rec: dict[str, Any] = {
             "stage": self.stage_name, "step": self.state.step, "time": time.time(), **means,
             "lr": ctx.lr,
