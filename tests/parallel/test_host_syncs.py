@@ -49,6 +49,40 @@ def test_a_moe_layer_syncs_once_forward_and_backward():
     assert c.by_kind == {"tolist": 1}, c.report()  # the split sizes (GroupedExperts.forward)
 
 
+def test_device_built_permutations_equal_the_stable_argsorts():
+    """The dispatch's row permutations (and inverses), expanded from segment tables, are the
+    ones a stable argsort of the rows' destination / local-expert keys gives."""
+    import types
+
+    import numpy as np
+
+    from parallel.sharded_experts import ShardedExperts, _segment_perms
+
+    rng, cpu, nonidentity = np.random.default_rng(0), torch.device("cpu"), 0
+    for _ in range(300):
+        R, E = int(rng.integers(1, 5)), int(rng.integers(1, 7))
+        me = types.SimpleNamespace(store=types.SimpleNamespace(world=R), num_experts=E)
+        send_ER = np.ascontiguousarray(rng.integers(0, 4, size=(E, R)) * (rng.random((E, R)) < 0.7))
+        dst = torch.repeat_interleave(torch.arange(R).repeat(E), torch.from_numpy(send_ER.reshape(-1)))
+        experts = [int(e) for e in rng.permutation(E)[:int(rng.integers(0, E + 1))]]
+        recv_RE = rng.integers(0, 4, size=(R, E)) * (rng.random((R, E)) < 0.7)
+        recv_RE[:, [e for e in range(E) if e not in experts]] = 0
+        recv_RE = np.ascontiguousarray(recv_RE)
+        pos = torch.full((E,), E, dtype=torch.long)
+        pos[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+        key = torch.repeat_interleave((torch.arange(R)[:, None] + R * pos[None, :]).reshape(-1),
+                                      torch.from_numpy(recv_RE.reshape(-1)))
+        for segs, want in ((ShardedExperts._send_segments(me, send_ER), torch.argsort(dst, stable=True)),
+                           (ShardedExperts._recv_segments(me, recv_RE, experts), torch.argsort(key, stable=True))):
+            if segs is None:
+                assert torch.equal(want, torch.arange(len(want)))
+                continue
+            nonidentity += 1
+            order, inverse = _segment_perms([(*segs[0], cpu), (*segs[1], cpu)])
+            assert torch.equal(order, want) and torch.equal(inverse, torch.argsort(want))
+    assert nonidentity > 200
+
+
 def _count_steps(rank, world, spec):
     """Run the stage with every `Trainer.train_step` counted; return each step's counts."""
     from jobs.stage_runner import run_stage
