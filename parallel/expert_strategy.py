@@ -17,7 +17,7 @@ from torch import nn
 
 from parallel import dist as pdist
 from parallel.engine import param_groups
-from parallel.numerics import any_rank, local_dense_nonfinite, skip_dense_update
+from parallel.numerics import any_rank_flag, local_dense_nonfinite_flag, skip_dense_update
 
 
 class ExpertStrategy:
@@ -79,25 +79,45 @@ class ExpertStrategy:
     def before_backward(self, final: bool) -> None:
         """Before each micro-batch's backward pass; `final`: the step's last (its boundary)."""
 
-    def optimizer_step(self, engine, model: nn.Module, local_bad: bool = False) -> tuple[Optional[float], bool]:
+    def optimizer_step(self, engine, model: nn.Module, local_bad=False) -> tuple[Optional[float], bool]:
         """(global gradient norm before clipping or None when the engine reports it, skipped).
 
-        The update is skipped on every rank when any rank saw a non-finite loss (`local_bad`)
-        or holds a non-finite gradient (`parallel.numerics`)."""
-        if any_rank(local_bad or local_dense_nonfinite(engine, model)):
+        The update is skipped on every rank when any rank saw a non-finite loss (`local_bad`: a
+        bool or a device bool tensor) or holds a non-finite gradient (`parallel.numerics`). The
+        flag and the norm's parts come to the host together: the step's one host sync."""
+        bad = local_dense_nonfinite_flag(engine, model)
+        if torch.is_tensor(local_bad):
+            bad = bad | local_bad.to(bad.device)
+        elif local_bad:
+            bad = torch.ones_like(bad)
+        flag = any_rank_flag(bad)
+        parts = self.grad_norm_parts(engine, model)
+        host = torch.cat([flag, *[p.to(flag.device, torch.float64).reshape(1) for p in parts or []]]).tolist()
+        if host[0] > 0:
             skip_dense_update(engine, model)
             return math.nan, True
-        norm = self.grad_norm(engine, model)
+        norm = None if parts is None else self.grad_norm_from(host[1:])
         engine.step()
         return norm, False
 
-    def grad_norm(self, engine, model: nn.Module) -> Optional[float]:
-        """Without ZeRO, DeepSpeed has all-reduced the gradients in the boundary `backward`, so
-        each rank holds the full averaged gradient; with ZeRO the engine reports the norm."""
+    def grad_norm_parts(self, engine, model: nn.Module) -> Optional[list[torch.Tensor]]:
+        """The global gradient norm's parts as device scalars (`grad_norm_from` adds them up on
+        the host), or None when the engine reports the norm. Without ZeRO, DeepSpeed has
+        all-reduced the gradients in the boundary `backward`, so each rank holds the full
+        averaged gradient: each parameter's squared norm."""
         if engine.zero_optimization_stage() != 0:
             return None
-        sq = sum(float(p.grad.float().pow(2).sum()) for p in model.parameters() if p.grad is not None)
-        return math.sqrt(sq)
+        return [p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None]
+
+    def grad_norm_from(self, values: list[float]) -> float:
+        """The norm from the host values of `grad_norm_parts` (summed in order, in double)."""
+        return math.sqrt(sum(values))
+
+    def grad_norm(self, engine, model: nn.Module) -> Optional[float]:
+        parts = self.grad_norm_parts(engine, model)
+        if parts is None:
+            return None
+        return self.grad_norm_from(torch.cat([p.reshape(1).double() for p in parts]).tolist() if parts else [])
 
     def observe(self, step_counts_LE: torch.Tensor) -> None:
         """The step's global (L, E) expert counts."""

@@ -46,24 +46,36 @@ class DeepSpeedMoEStrategy(ExpertStrategy):
     def joins_every_forward(self) -> bool:
         return True  # the layer's all-to-alls run over the expert-parallel group
 
-    def grad_norm(self, engine, model: nn.Module) -> Optional[float]:
-        """Expert gradients differ per rank; each expert sits on world/ep ranks."""
+    def grad_norm_parts(self, engine, model: nn.Module) -> Optional[list[torch.Tensor]]:
+        """Expert gradients differ per rank; each expert sits on world/ep ranks: the experts'
+        squared norm summed over ranks, then each dense parameter's (device scalars)."""
         if engine.zero_optimization_stage() != 0:
             return None
-        if not getattr(engine, "has_moe_layers", False):
-            return super().grad_norm(engine, model)
-        dense = expert = 0.0
+        self._moe_norm = getattr(engine, "has_moe_layers", False)
+        if not self._moe_norm:
+            return super().grad_norm_parts(engine, model)
+        dense, expert = [], None
         for p in model.parameters():
             if p.grad is None:
                 continue
-            sq = float(p.grad.double().pow(2).sum())
+            sq = p.grad.double().pow(2).sum()
             if getattr(p, "allreduce", True) is False:
-                expert += sq
+                expert = sq if expert is None else expert + sq
             else:
-                dense += sq
+                dense.append(sq)
+        if expert is None:
+            expert = torch.zeros((), dtype=torch.float64)
         layers = model.moe_layers()
-        ep = max(getattr(layer, "ep_size", 1) for layer in layers) if layers else 1
-        expert = float(pdist.all_reduce_sum(torch.tensor(expert, dtype=torch.float64))) * ep / pdist.world_size()
+        self._ep = max(getattr(layer, "ep_size", 1) for layer in layers) if layers else 1
+        return [pdist.all_reduce_sum(expert.reshape(1)), *dense]
+
+    def grad_norm_from(self, values: list[float]) -> float:
+        if not self._moe_norm:
+            return super().grad_norm_from(values)
+        expert = values[0] * self._ep / pdist.world_size()
+        dense = 0.0
+        for sq in values[1:]:
+            dense += sq
         return math.sqrt(dense + expert)
 
     @torch.no_grad()

@@ -120,14 +120,9 @@ def _show(counts: dict) -> str:
     return ", ".join(f"{k}@{w} x{n}" for (k, w), n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-# replicated and deepspeed_moe read their flag and gradient norm in parallel/expert_strategy.py and
-# parallel/strategy.py (one host sync a parameter there until /tmp/h/syncs_strategies.patch is in)
-PENDING = pytest.mark.xfail(strict=True, reason="the one-read optimizer step of expert_strategy.py/strategy.py")
-
 
 @pytest.mark.procs
-@pytest.mark.parametrize("strategy", [pytest.param("replicated", marks=PENDING), "ep", "fssdp",
-                                      pytest.param("deepspeed_moe", marks=PENDING)])
+@pytest.mark.parametrize("strategy", ["replicated", "ep", "fssdp", "deepspeed_moe"])
 def test_host_syncs_per_step_are_bounded(tmp_path, strategy):
     results = run_distributed(_count_steps, 2, _spec(tmp_path, strategy), timeout_s=240)
     bound = LAYERS * MICRO + 2
