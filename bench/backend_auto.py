@@ -8,12 +8,14 @@ a freshly initialised router: close to balanced). It also says whether each path
 gradients are bit-identical to the reference's, and what `auto` resolves to.
 
     python bench/backend_auto.py                 # the grid below, fp32 and bf16 (~1.5 min idle)
-    python bench/backend_auto.py --dtypes fp32 --iters 9
+    python bench/backend_auto.py --threads 1      # one intra-op thread, as each quickstart worker has
+    python bench/backend_auto.py --dtypes fp32 --stat min
     python bench/backend_auto.py --json out.json
 
 Shapes: the test suite's tiny models (d_model 32, and 30: rows not 16-byte aligned), the
 quickstart / golden-curve models (d_model 128, 8 experts, top-2, d_expert 256, 1024 tokens per
-rank and micro-batch) and larger ones (d_model 512, 8 or 64 experts). Figures: docs/benchmarks.md.
+rank and micro-batch) and the same with 16 to 64 experts, and larger ones (d_model 512, 8 or 64
+experts). Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -35,14 +37,17 @@ import torch  # noqa: E402
 from experts.backends import GROUPED_PATHS, choose_auto_backend, reference_backend  # noqa: E402
 from experts.backends import _grouped_mm_probe  # noqa: E402
 
-# (label, d_model, experts, top-k, d_expert, tokens)
+# (label, d_model, experts, top-k, d_expert, tokens, timed iterations by default)
 GRID = [
-    ("tests tiny", 32, 4, 2, 32, 128),
-    ("tests tiny, unaligned", 30, 4, 2, 24, 128),
-    ("quickstart / golden", 128, 8, 2, 256, 1024),
-    ("larger", 512, 8, 2, 1024, 2048),
-    ("larger, many experts", 512, 64, 8, 256, 2048),
-    ("larger, many experts top-2", 512, 64, 2, 1024, 2048),
+    ("tests tiny", 32, 4, 2, 32, 128, 41),
+    ("tests tiny, unaligned", 30, 4, 2, 24, 128, 41),
+    ("quickstart / golden", 128, 8, 2, 256, 1024, 21),
+    ("quickstart, 16 experts", 128, 16, 2, 256, 1024, 21),
+    ("quickstart, 32 experts", 128, 32, 2, 256, 1024, 21),
+    ("quickstart, 64 experts", 128, 64, 2, 256, 1024, 21),
+    ("larger", 512, 8, 2, 1024, 2048, 5),
+    ("larger, many experts", 512, 64, 8, 256, 2048, 5),
+    ("larger, many experts top-2", 512, 64, 2, 1024, 2048, 5),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATHS = {"reference": reference_backend, "grouped_mm": GROUPED_PATHS["grouped_mm"],
@@ -57,7 +62,7 @@ def init_counts(tokens: int, experts: int, top_k: int, seed: int = 0) -> list[in
 
 
 def bench_case(d: int, e: int, k: int, f: int, tokens: int, dtype: torch.dtype, warmup: int,
-               iters: int) -> dict:
+               iters: int, stat: str) -> dict:
     counts = init_counts(tokens, e, k)
     n = sum(counts)
     torch.manual_seed(0)
@@ -80,9 +85,10 @@ def bench_case(d: int, e: int, k: int, f: int, tokens: int, dtype: torch.dtype, 
                 times[p].append(ms)
             if i == 0:
                 results[p] = [y.detach(), x.grad, *(w.grad for w in ws)]
-    med = {p: statistics.median(v) for p, v in times.items()}
+    pick = min if stat == "min" else statistics.median
+    med = {p: pick(v) for p, v in times.items()}
     identical = {p: all(torch.equal(a, b) for a, b in zip(results["reference"], results[p])) for p in paths}
-    auto = choose_auto_backend(device_type="cpu", dtype=dtype, d_model=d, d_expert=f,
+    auto = choose_auto_backend(device_type="cpu", dtype=dtype, d_model=d, d_expert=f, num_experts=e,
                                grouped_mm_runs=_grouped_mm_probe("cpu", None, dtype), megablocks_reason="no CUDA")
     return {"d_model": d, "experts": e, "top_k": k, "d_expert": f, "tokens": tokens, "dtype": str(dtype),
             "counts": counts, "ms": med, "ms_all": times, "bit_identical_to_reference": identical, "auto": auto}
@@ -108,7 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 41 / 21 / 5 by size)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="per-path figure: the median, or the fastest iteration (less disturbed by other load)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", dest="json_path")
     args = p.parse_args(argv)
@@ -117,13 +125,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     rows = []
     for name in args.dtypes.split(","):
-        for label, d, e, k, f, tokens in GRID:
-            r = bench_case(d, e, k, f, tokens, DTYPES[name], args.warmup, args.iters)
+        for label, d, e, k, f, tokens, iters in GRID:
+            r = bench_case(d, e, k, f, tokens, DTYPES[name], args.warmup, args.iters or iters, args.stat)
             rows.append((label, r))
             print(f"[bench] {label} {name}: " + ", ".join(f"{q} {v:.2f} ms" for q, v in r["ms"].items())
                   + f"; auto -> {r['auto']}", file=sys.stderr, flush=True)
     machine = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "threads": torch.get_num_threads(), "platform": platform.platform(),
+               "threads": torch.get_num_threads(), "platform": platform.platform(), "stat": args.stat,
                "wall_s": round(time.time() - t0, 1)}
     print(table(rows))
     print(f"\n{machine}")

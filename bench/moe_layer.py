@@ -55,7 +55,7 @@ FULL_GRID = [(d, e, k) for d, e, k in itertools.product((512, 1024), (8, 64), (2
 # One fast row per routing regime, and the coarse-grained case at the larger width.
 QUICK_GRID = [(512, 8, 2), (512, 64, 8), (1024, 8, 2)]
 GPU_PRESET = dict(grid=[(2048, 64, 8)], device="cuda", dtype="bfloat16", tokens=16384, warmup=3, iters=10,
-                  backends="reference,grouped,megablocks")
+                  backends="reference,auto,grouped,megablocks")
 REFERENCE = "reference"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float64": torch.float64, "fp64": torch.float64}
@@ -311,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--full", action="store_true", help="the full grid (the default; kept for old commands)")
     p.add_argument("--grid", type=parse_grid, help="explicit shapes, e.g. 512x8x2,1024x64x8 (d_model x E x k)")
     p.add_argument("--gpu-preset", action="store_true",
-                   help="d_model 2048, 64 experts, top-8, bf16 on CUDA, 16384 tokens, backends reference, "
+                   help="d_model 2048, 64 experts, top-8, bf16 on CUDA, 16384 tokens, backends reference, auto, "
                         "grouped, megablocks (other flags given explicitly still apply)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda with --gpu-preset)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 2048; 16384 with --gpu-preset)")

@@ -30,6 +30,9 @@ GroupedPath = Literal["grouped_mm", "padded", "loop"]
 
 # "padded" is used while E * max(counts) - N <= PAD_ROWS_PER_EXPERT * E (see `choose_grouped_path`).
 PAD_ROWS_PER_EXPERT = 32
+# `auto` on CPU takes torch._grouped_mm from this many experts in a call; fewer run the loop
+# (measured: docs/benchmarks.md#expertsbackend-auto).
+CPU_GROUPED_MM_MIN_EXPERTS = 64
 # torch._grouped_mm's CUDA bf16 kernel takes fewer groups than this.
 CUDA_GROUPED_MM_MAX_GROUPS = 1024
 _GMM_ALIGN_BYTES = 16
@@ -314,7 +317,7 @@ def gmm_swiglu(gmm: Callable[..., torch.Tensor], x_ND: torch.Tensor, counts: Seq
 # auto: a concrete backend per device, dtype and expert shape, chosen once
 
 
-def choose_auto_backend(*, device_type: str, dtype: torch.dtype, d_model: int, d_expert: int,
+def choose_auto_backend(*, device_type: str, dtype: torch.dtype, d_model: int, d_expert: int, num_experts: int,
                         grouped_mm_runs: bool, megablocks_reason: Optional[str]) -> str:
     """The backend `auto` runs; a pure function of its arguments.
 
@@ -322,11 +325,12 @@ def choose_auto_backend(*, device_type: str, dtype: torch.dtype, d_model: int, d
           `grouped` (whose rule takes `torch._grouped_mm` where its kernel runs). MegaBlocks vs
           grouped_mm is a documented rule, not a measurement here: only a GPU can time them (the
           GPU suite's `moe_layer` case times both).
-    cpu:  `grouped` where `torch._grouped_mm` runs for the dtype and the rows are 16-byte aligned
-          (then it always takes that path: a C++ loop of the reference's matmuls, bit-identical to
-          `reference` in fp32 and bf16, as fast or faster); else `reference` (the padded bmm,
-          the other way to be faster on small shapes, changes the fp32 weight gradients in their
-          last bits, so it would move the golden curves).
+    cpu:  `grouped` with at least CPU_GROUPED_MM_MIN_EXPERTS experts in the call, where
+          `torch._grouped_mm` runs for the dtype and the rows are 16-byte aligned (then it always
+          takes that path: a C++ loop of the reference's matmuls, bit-identical to `reference`,
+          which it beats only with many experts); else `reference` (as fast or faster with fewer
+          experts; the padded bmm was slower at the shapes trained here and changes fp32 weight
+          gradients in their last bits, which would move the golden curves).
     other devices: `grouped` (its padded bmm or loop; not measured).
     Measured: docs/benchmarks.md#expertsbackend-auto (bench/backend_auto.py).
     """
@@ -335,20 +339,23 @@ def choose_auto_backend(*, device_type: str, dtype: torch.dtype, d_model: int, d
     if device_type != "cpu":
         return "grouped"
     aligned = all(size * dtype.itemsize % _GMM_ALIGN_BYTES == 0 for size in (d_model, d_expert))
-    return "grouped" if grouped_mm_runs and aligned and dtype in _CPU_GMM_DTYPES else "reference"
+    many = num_experts >= CPU_GROUPED_MM_MIN_EXPERTS
+    return "grouped" if many and grouped_mm_runs and aligned and dtype in _CPU_GMM_DTYPES else "reference"
 
 
-def resolve_auto(device: torch.device, dtype: torch.dtype, d_model: int, d_expert: int) -> str:
-    """What `auto` runs for experts of this shape on `device` in `dtype` (probes once, cached)."""
+def resolve_auto(device: torch.device, dtype: torch.dtype, d_model: int, d_expert: int, num_experts: int) -> str:
+    """What `auto` runs for `num_experts` experts of this shape on `device` in `dtype` (probes
+    once, cached)."""
     device = torch.device(device)
-    return _resolve_auto(device.type, device.index, dtype, d_model, d_expert)
+    return _resolve_auto(device.type, device.index, dtype, d_model, d_expert, num_experts)
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_auto(device_type: str, index: Optional[int], dtype: torch.dtype, d_model: int, d_expert: int) -> str:
+def _resolve_auto(device_type: str, index: Optional[int], dtype: torch.dtype, d_model: int, d_expert: int,
+                  num_experts: int) -> str:
     mb_reason = megablocks_unavailable_reason() if device_type == "cuda" else "not CUDA"
     return choose_auto_backend(device_type=device_type, dtype=dtype, d_model=d_model, d_expert=d_expert,
-                               grouped_mm_runs=_grouped_mm_probe(device_type, index, dtype),
+                               num_experts=num_experts, grouped_mm_runs=_grouped_mm_probe(device_type, index, dtype),
                                megablocks_reason=mb_reason)
 
 
@@ -357,8 +364,9 @@ class AutoBackend:
 
     The model is built on the host in fp32 and only later moved to its device and cast (DeepSpeed's
     bf16), so the facts exist at the first call, not at build: each instance (one per layer or
-    expert store) resolves once per (device, dtype, shape) and keeps the answer; a call after that
-    costs a dict lookup on host attributes (no device sync). `chosen` is the last choice, for logs.
+    expert store) resolves once per (device, dtype, shape, experts in the call: an expert store's
+    calls run its own experts and copies) and keeps the answer; a call after that costs a dict
+    lookup on host attributes (no device sync). `chosen` is the last choice, for logs.
     """
 
     def __init__(self):
@@ -367,7 +375,7 @@ class AutoBackend:
 
     def __call__(self, x_ND: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, w3_EDF: torch.Tensor,
                  w2_EFD: torch.Tensor) -> torch.Tensor:
-        key = (x_ND.device, x_ND.dtype, x_ND.shape[-1], w1_EDF.shape[-1])
+        key = (x_ND.device, x_ND.dtype, x_ND.shape[-1], w1_EDF.shape[-1], w1_EDF.shape[0])
         backend = self._by_key.get(key)
         if backend is None:
             self.chosen = resolve_auto(*key)

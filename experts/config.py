@@ -111,6 +111,6 @@ class BalancingConfig:
 class ExpertsConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     balancing: BalancingConfig = field(default_factory=BalancingConfig)
-    # auto: the fastest path measured for the device, dtype and expert shape (CPU: grouped_mm where
-    # it runs, bit-identical to reference; CUDA: megablocks when installed and bf16, else grouped)
+    # auto: the fastest path measured for the device, dtype and expert shape (CPU: reference, or
+    # grouped_mm from 64 experts, both bit-identical; CUDA: megablocks when installed and bf16, else grouped)
     backend: Literal["auto", "reference", "grouped", "megablocks"] = "auto"

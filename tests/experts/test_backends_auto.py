@@ -13,24 +13,30 @@ from jobs.spec import parse_spec
 from system.configtree import SpecError
 
 
-def _auto(device="cpu", dtype=torch.float32, D=128, F=256, runs=True, mb=None):
-    return choose_auto_backend(device_type=device, dtype=dtype, d_model=D, d_expert=F, grouped_mm_runs=runs,
-                               megablocks_reason=mb)
+def _auto(device="cpu", dtype=torch.float32, D=128, F=256, E=64, runs=True, mb=None):
+    return choose_auto_backend(device_type=device, dtype=dtype, d_model=D, d_expert=F, num_experts=E,
+                               grouped_mm_runs=runs, megablocks_reason=mb)
 
 
 def test_the_rule():
-    # CPU: grouped (its torch._grouped_mm path) where that kernel runs and the rows are aligned ...
+    # CPU: grouped (its torch._grouped_mm path) with many experts, where that kernel runs and the
+    # rows are aligned ...
     assert _auto(dtype=torch.float32) == "grouped"
-    assert _auto(dtype=torch.bfloat16) == "grouped"
-    assert _auto(dtype=torch.float32, mb=None) == "grouped"  # megablocks is never a CPU choice
-    # ... else the reference loop: no kernel, fp64, unaligned rows (fp32 d_model 30, bf16 d_expert 260)
+    assert _auto(dtype=torch.bfloat16, E=B.CPU_GROUPED_MM_MIN_EXPERTS) == "grouped"
+    assert _auto(dtype=torch.float32, E=256, mb=None) == "grouped"  # megablocks is never a CPU choice
+    # ... else the reference loop: fewer experts (the quickstart's 8, the tests' 4), no kernel,
+    # fp64, unaligned rows (fp32 d_model 30, bf16 d_expert 260)
+    assert _auto(E=8) == "reference" and _auto(E=4, dtype=torch.bfloat16) == "reference"
+    assert _auto(E=B.CPU_GROUPED_MM_MIN_EXPERTS - 1) == "reference"
     assert _auto(runs=False) == "reference"
     assert _auto(dtype=torch.float64) == "reference"
     assert _auto(D=30) == "reference"
     assert _auto(dtype=torch.bfloat16, F=260) == "reference"
     # CUDA: megablocks when it can run and the model is bf16, else grouped
     assert _auto("cuda", torch.bfloat16, mb=None) == "megablocks"
+    assert _auto("cuda", torch.bfloat16, E=8, mb=None) == "megablocks"
     assert _auto("cuda", torch.bfloat16, mb="not installed") == "grouped"
+    assert _auto("cuda", torch.bfloat16, E=8, mb="not installed") == "grouped"
     assert _auto("cuda", torch.float32, mb=None) == "grouped"
     assert _auto("cuda", torch.bfloat16, runs=False, mb="not installed") == "grouped"
     assert _auto("mps", torch.float32) == "grouped"
@@ -45,31 +51,32 @@ def fresh_resolution():
 
 def test_resolution_on_this_machine(fresh_resolution):
     runs = B._grouped_mm_probe("cpu", None, torch.float32)
-    assert resolve_auto(torch.device("cpu"), torch.float32, 128, 256) == ("grouped" if runs else "reference")
-    assert resolve_auto("cpu", torch.float64, 128, 256) == "reference"
-    assert resolve_auto("cpu", torch.float32, 30, 24) == "reference"
+    assert resolve_auto(torch.device("cpu"), torch.float32, 128, 256, 64) == ("grouped" if runs else "reference")
+    assert resolve_auto(torch.device("cpu"), torch.float32, 128, 256, 8) == "reference"
+    assert resolve_auto("cpu", torch.float64, 128, 256, 64) == "reference"
+    assert resolve_auto("cpu", torch.float32, 30, 24, 64) == "reference"
 
 
 def test_resolution_with_faked_facts(fresh_resolution, monkeypatch):
     probes = []
     monkeypatch.setattr(B, "_grouped_mm_probe", lambda *key: probes.append(key) or False)
-    assert resolve_auto("cpu", torch.bfloat16, 128, 256) == "reference"  # no torch._grouped_mm here
-    assert resolve_auto("cpu", torch.bfloat16, 128, 256) == "reference"
+    assert resolve_auto("cpu", torch.bfloat16, 128, 256, 64) == "reference"  # no torch._grouped_mm here
+    assert resolve_auto("cpu", torch.bfloat16, 128, 256, 64) == "reference"
     assert probes == [("cpu", None, torch.bfloat16)]  # probed once, then cached
     # a GPU without megablocks, then with it (no CUDA needed: only the facts are faked)
     monkeypatch.setattr(B, "megablocks_unavailable_reason", lambda: "megablocks is not installed")
-    assert resolve_auto(torch.device("cuda", 0), torch.bfloat16, 128, 256) == "grouped"
+    assert resolve_auto(torch.device("cuda", 0), torch.bfloat16, 128, 256, 8) == "grouped"
     B._resolve_auto.cache_clear()
     monkeypatch.setattr(B, "megablocks_unavailable_reason", lambda: None)
-    assert resolve_auto(torch.device("cuda", 0), torch.bfloat16, 128, 256) == "megablocks"
-    assert resolve_auto(torch.device("cuda", 0), torch.float32, 128, 256) == "grouped"
+    assert resolve_auto(torch.device("cuda", 0), torch.bfloat16, 128, 256, 8) == "megablocks"
+    assert resolve_auto(torch.device("cuda", 0), torch.float32, 128, 256, 8) == "grouped"
 
 
 def test_each_layer_resolves_once_per_device_and_dtype(monkeypatch):
     calls = []
 
-    def fake(device, dtype, d_model, d_expert):
-        calls.append((device.type, dtype, d_model, d_expert))
+    def fake(device, dtype, d_model, d_expert, num_experts):
+        calls.append((device.type, dtype, d_model, d_expert, num_experts))
         return "reference"
 
     monkeypatch.setattr(B, "resolve_auto", fake)
@@ -80,15 +87,17 @@ def test_each_layer_resolves_once_per_device_and_dtype(monkeypatch):
     ws = [torch.randn(3, 8, 16), torch.randn(3, 8, 16), torch.randn(3, 16, 8)]
     for _ in range(3):
         backend(torch.randn(5, 8), counts, *ws)
-    assert calls == [("cpu", torch.float32, 8, 16)] and backend.chosen == "reference"
+    assert calls == [("cpu", torch.float32, 8, 16, 3)] and backend.chosen == "reference"
     backend(torch.randn(5, 8, dtype=torch.float64), counts, *(w.double() for w in ws))  # cast: resolved again
-    assert calls[1:] == [("cpu", torch.float64, 8, 16)]
+    assert calls[1:] == [("cpu", torch.float64, 8, 16, 3)]
 
 
+@pytest.mark.parametrize("E", [8, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_auto_layer_is_bit_identical_to_reference_on_cpu(dtype):
-    # The quickstart / golden models' expert shape: the golden fp32 curves cannot move.
-    D, E, k, F = 128, 8, 2, 256
+def test_auto_layer_is_bit_identical_to_reference_on_cpu(dtype, E):
+    # The quickstart / golden models' expert shape (8 experts: the loop), and with 64 experts
+    # (torch._grouped_mm): either way the golden fp32 curves cannot move.
+    D, k, F = 128, 2, 256
     torch.manual_seed(0)
     ref = MoELayer(D, E, k, F, backend="reference")
     ref.reset_parameters(std=0.02, out_std=0.01)
@@ -104,7 +113,7 @@ def test_auto_layer_is_bit_identical_to_reference_on_cpu(dtype):
         out, _ = layer(xi)
         params = [layer.router.weight, layer.experts.w1, layer.experts.w3, layer.experts.w2, xi]
         got.append([out.detach(), *torch.autograd.grad((out.float() * cot.float()).sum(), params)])
-    expect = "grouped" if B._grouped_mm_probe("cpu", None, dtype) else "reference"
+    expect = "grouped" if E >= 64 and B._grouped_mm_probe("cpu", None, dtype) else "reference"
     assert auto.experts._backend.chosen == expect
     for name, a, b in zip(["output", "router", "w1", "w3", "w2", "input"], *got):
         assert torch.equal(a, b), name
