@@ -66,7 +66,7 @@ def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **w
     m, par = st.model, st.parallel
     vocab = m.vocab_size or tokenizer_vocab_size(spec) or 257
     ep = st.ep_size
-    if world is not None and world != st.world_size and "ep_size" not in what_if:
+    if world is not None and world != st.world_size and what_if.get("ep_size") is None:
         ep = 1 if par.expert_strategy == "replicated" else min(ep if ep < st.world_size else world, world)
     lay = Layout(d_model=m.d_model, n_layers=m.n_layers, moe_layers=len(m.moe_layer_ids()), n_heads=m.n_heads,
                  n_kv_heads=m.kv_heads(), head_dim=m.attn_head_dim(), d_ff=m.d_ff, num_experts=m.num_experts,
@@ -78,7 +78,7 @@ def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **w
                  rematerialize=par.fssdp.rematerialize, tolerance=par.fssdp.tolerance)
     zero_cfg = (spec.deepspeed or {}).get("zero_optimization") or {}
     lay = replace(lay, reduce_bucket=int(zero_cfg.get("reduce_bucket_size", lay.reduce_bucket)),
-                  allgather_bucket=int(zero_cfg.get("allgather_bucket_size", lay.allgather_bucket)))
+                  grad_accum=st.grad_accum_steps)
     lay = replace(lay, **{k: v for k, v in what_if.items() if v is not None})
     check_layout(lay)
     return lay
@@ -100,7 +100,8 @@ def report(est: Estimate, device: int) -> dict:
     lay, res = est.layout, reserve_bytes(device)
     return {"layout": asdict(lay), "parts": dict(est.parts), "total": est.total, "device_memory": device,
             "reserve": res, "fits": est.total <= device - res,
-            "largest_micro_batch": largest_micro_batch(lay, device - res), "counts": est.counts,
+            "sum_of_parts": est.sum_of_parts, "largest_micro_batch": largest_micro_batch(lay, device - res),
+            "counts": est.counts,
             "what_if": bool(lay.expert_sharding), "notes": list(est.notes)}
 
 
@@ -119,7 +120,9 @@ def format_report(rep: dict) -> str:
     width = max(len(p) for p in PARTS)
     for p in PARTS:
         lines.append(f"  {p:<{width}}  {rep['parts'][p]:>18,d} B  {human(rep['parts'][p]):>11}")
-    lines.append(f"  {'total':<{width}}  {rep['total']:>18,d} B  {human(rep['total']):>11}")
+    lines.append(f"  {'peak (total)':<{width}}  {rep['total']:>18,d} B  {human(rep['total']):>11}   "
+                 f"(the parts' sum {human(rep['sum_of_parts'])}: activations and logits are gone when the "
+                 f"last gradients arrive)")
     dev, res = rep["device_memory"], rep["reserve"]
     verdict = "fits" if rep["fits"] else "DOES NOT FIT"
     lines.append(f"device {human(dev)}, reserve {human(res)} ({RESERVE_FRACTION:.0%}, at least {human(RESERVE_MIN)}): "
@@ -148,11 +151,11 @@ def recommend(lay: Layout, device: int, gpus_per_node: int, strategies=("ep", "f
     """The layout (strategy, P, ZeRO stage, activation checkpointing, micro-batch) that fits
     with the reserve and gives the most tokens a step per second by a rough rule: micro-batch
     x the recompute factor, then fewer ranks per expert group (less all-to-all), then the lower
-    ZeRO stage. Expert sharding stays 0 (what the trainer does). None: nothing fits."""
+    ZeRO stage. Expert sharding stays the layout's (0 unless a what-if asks). None: nothing fits."""
     budget = device - reserve_bytes(device)
     best, best_key = None, None
     for strategy in strategies if lay.strategy != "replicated" else ("replicated",):
-        base = replace(lay, strategy=strategy, expert_sharding=0)
+        base = replace(lay, strategy=strategy)
         for p in ep_sizes(base, gpus_per_node):
             for zero in (0, 1, 2):
                 for ck in CKPT_ORDER:

@@ -54,7 +54,7 @@ class Layout:
     imbalance: Optional[float] = None  # busiest expert's load / mean; None: 1 + memory_cap
     expert_sharding: int = 0  # what-if: expert state sharded over the EDP group (0 is what exists)
     reduce_bucket: int = DS_BUCKET  # DeepSpeed's zero_optimization.reduce_bucket_size (elements)
-    allgather_bucket: int = DS_BUCKET  # and allgather_bucket_size
+    grad_accum: int = 1  # micro-batches per step: > 1 keeps the gradients alive through the forwards
 
     @property
     def act_bytes(self) -> int:
@@ -78,9 +78,10 @@ class Estimate:
     parts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, float] = field(default_factory=dict)  # parameter counts and load factors
+    total: int = 0  # the step's peak (`peak`), not the sum of the parts
 
     @property
-    def total(self) -> int:
+    def sum_of_parts(self) -> int:
         return sum(self.parts.values())
 
 
@@ -125,28 +126,23 @@ def zero_state(lay: Layout, n: int, dp: int) -> tuple[int, int, int, int]:
     `.grad`, its own flat gradient buffer in bf16, fp32 master + moments partitioned over dp);
     ZeRO 1 keeps each parameter's fp32 `grad_accum` in full plus an fp32 partition; ZeRO 2 only
     the fp32 partition. fp32: ZeRO 0 is torch's AdamW (weights, `.grad`, two moments); ZeRO 1/2
-    add an fp32 master partition (a copy, not the weights)."""
+    add an fp32 master partition (a copy, not the weights). Buckets: ZeRO 1/2 allocate a whole
+    `reduce_bucket_size` buffer at each backward whatever the model's size (contiguous
+    gradients: fp32 at ZeRO 1, the training dtype at ZeRO 2; two with overlap_comm, which GPU
+    stages turn on); ZeRO 0 flattens each all-reduce bucket (fp32 under bf16)."""
     part = -(-n // dp)
-    bucket = min(lay.reduce_bucket, n)
+    bucket = lay.reduce_bucket
     if lay.gpu:
-        weights = 2 * n
-        opt = 12 * part  # fp32 master + exp_avg + exp_avg_sq of this rank's partition
+        weights, opt = 2 * n, 12 * part  # bf16 weights; fp32 master + exp_avg + exp_avg_sq of the partition
         if lay.zero == 0:
-            grads = 2 * n + 2 * n  # param.grad (bf16) + BF16_Optimizer's flat accumulation buffer
-            buckets = 4 * bucket  # the fp32 all-reduce (communication_data_type fp32)
-        elif lay.zero == 1:
-            grads = 4 * n + 4 * part + 2 * bucket  # grad_accum fp32 + the partition + a bf16 .grad bucket
-            buckets = 2 * 4 * bucket  # overlap_comm: two fp32 reduce buckets
-        else:
-            grads = 4 * part + 2 * bucket
-            buckets = 2 * 4 * bucket
-        buckets += 2 * min(lay.allgather_bucket, n) if lay.zero else 0  # the all-gather of updated bf16 weights
-        return weights, grads, opt, buckets if dp > 1 else 0
+            return weights, 2 * n + 2 * n, opt, (4 * min(bucket, n) if dp > 1 else 0)
+        grads = 4 * n + 4 * part if lay.zero == 1 else 4 * part
+        return weights, grads, opt, 2 * (4 if lay.zero == 1 else 2) * bucket
     weights = 4 * n
     if lay.zero == 0:
-        return weights, 4 * n, 8 * n, 4 * bucket if dp > 1 else 0
-    grads = 4 * n + 4 * part if lay.zero == 1 else 4 * part + 4 * bucket
-    return weights, grads, 12 * part, 4 * bucket if dp > 1 else 0
+        return weights, 4 * n, 8 * n, 4 * min(bucket, n) if dp > 1 else 0
+    grads = 4 * n + 4 * part if lay.zero == 1 else 4 * part
+    return weights, grads, 12 * part, 4 * bucket
 
 
 def expert_state(lay: Layout) -> tuple[int, int, int]:
@@ -197,58 +193,60 @@ def fssdp_copies(lay: Layout) -> int:
 
 def block_activations(lay: Layout, moe: bool, rows: float) -> float:
     """Bytes autograd keeps for one block per token (rows: expert rows per token on this rank,
-    k x the load factor). Counted from system/model.py's forward: the RMSNorms keep their fp32
-    input (the input itself in fp32) and normalized output, attention its qkv output, the
-    rotated q/k, SDPA's output and log-sum-exp and the projection's input; SwiGLU FFNs their
-    two hidden projections, the SiLU and the product; the MoE layer its router (fp32 logits and
-    probabilities) and the permuted rows going in and out of the experts."""
+    k x the load factor), counted from system/model.py's forward and checked tensor by tensor
+    with saved-tensor hooks (bench/estimate_vs_measured.py). RMSNorm keeps its input in fp32
+    (a copy in bf16), the rsqrt and the normed output, and the next linear its weighted output;
+    attention the qkv output, the rotated q/k (and their fp32 copies in bf16), SDPA's output and
+    log-sum-exp and the projection's input; a SwiGLU FFN its two hidden projections, the SiLU and
+    the product; the MoE layer the router's fp32 input, logits and probabilities, the rows going
+    into the experts and, in the combine, the k rows coming back (and their fp32 copies)."""
     a, D, H, G, d = lay.act_bytes, lay.d_model, lay.n_heads, lay.n_kv_heads, lay.head_dim
-    E, F, Fe = lay.num_experts, lay.d_ff, lay.d_expert
-    norm = (4 * D if lay.gpu else 0) + 4 + a * D  # fp32 input copy (bf16), rsqrt, normed output
-    attn = norm + a * (H + 2 * G) * d + a * (H + G) * d + a * H * d + 4 * H + a * H * d
-    full = lay.checkpointing == "full"
+    E, F, Fe, k = lay.num_experts, lay.d_ff, lay.d_expert, lay.top_k
+    full, none = lay.checkpointing == "full", lay.checkpointing == "none"
+    norm = 4 * D + 4 + a * D
+    rope_fp32 = 4 * (H + G) * d if lay.gpu else 0
+    attn = norm + a * D + a * (H + 2 * G) * d + a * (H + G) * d + rope_fp32 + 2 * a * H * d + 4 * H
     if full:
-        attn = a * D  # the block's input is kept by the checkpoint; the residual sum is new
-    ffn_in = norm
+        attn = a * D  # the checkpoint keeps the block's input; the rest is recomputed
     if not moe:
-        ffn = a * 4 * F
-        return attn + ffn_in + (0 if full else ffn)
-    router = (4 * D if lay.gpu else 0) + 3 * 4 * E + 8 * lay.top_k * 3
-    # the rows the rank's experts receive (load-factor scaled) and their FFN's hidden
-    # activations; the k rows per token coming back, which the combine keeps
-    expert_rows = rows * (a * D + (0 if lay.checkpointing != "none" else 4 * a * Fe)) + lay.top_k * a * D
-    shared = 0 if not lay.d_shared or lay.checkpointing != "none" else a * 4 * lay.d_shared
-    return attn + ffn_in + router + expert_rows + shared
+        return attn + norm + (a * D if full else a * D + 4 * a * F)
+    router = 4 * D + 3 * 4 * E + 24 * k
+    expert_rows = rows * (a * D + (4 * a * Fe if none else 0)) + k * (a * D + 4 * D)
+    shared = 0 if not lay.d_shared else (a * D + 4 * a * lay.d_shared if none else a * D)
+    return attn + norm + router + expert_rows + shared
 
 
 def activations(lay: Layout, rows: float) -> int:
     n_moe = lay.moe_layers
     per_tok = n_moe * block_activations(lay, True, rows) + (lay.n_layers - n_moe) * block_activations(lay, False, rows)
-    per_tok += lay.act_bytes * lay.d_model * 2 + 4 * lay.d_model * lay.gpu  # embedding out, final norm
+    per_tok += 4 * lay.d_model + 4 + 2 * lay.act_bytes * lay.d_model + 16  # final norm, head input, ids
     return int(per_tok * lay.tokens)
 
 
 def logits_peak(lay: Layout) -> int:
     """The loss's peak: bf16 logits go through the chunked cross-entropy (the logits, their
     gradient during the backward and one chunk's fp32 work); fp32 logits through torch's
-    cross-entropy (the logits, its saved log-softmax and the gradient)."""
+    cross-entropy (the logits, its saved log-softmax, the gradient arriving at the log-softmax
+    and the logits' gradient)."""
     nv = lay.tokens * lay.vocab
     if lay.gpu:
         return 2 * nv * 2 + min(CE_CHUNK_BYTES, 4 * nv)
-    return 3 * 4 * nv
+    return 4 * 4 * nv
 
 
 def dispatch_buffers(lay: Layout, rows: float) -> int:
-    """One MoE layer's transient all-to-all buffers (rows out, rows in, expert output, rows back)
-    and the expert FFN's working set at the busiest rank's load: what a dropless layer adds on
-    top of what autograd keeps."""
+    """One MoE layer's transient bytes at the busiest rank's load, on top of what autograd keeps:
+    the larger of the all-to-all buffers (rows out, rows in, expert output, rows back) and the
+    experts' FFN working set in the backward: the gradients of the hidden projections, and for
+    a recomputed layer (activation checkpointing) the recomputed h1, h3, SiLU and product too,
+    while every earlier layer's activations are still saved (measured: 6 rows of d_expert
+    values per routed row when recomputing)."""
     if lay.moe_layers == 0:
         return 0
     a, N, k = lay.act_bytes, lay.tokens, lay.top_k
-    working = rows * N * a * 2 * lay.d_expert  # h1 and h3 of the experts' FFN while it runs
-    if lay.strategy == "replicated":
-        return int(working)
-    return int(a * lay.d_model * N * (2 * k + 2 * rows) + working)
+    working = rows * N * a * lay.d_expert * (6 if lay.checkpointing != "none" else 3)
+    a2a = 0 if lay.strategy == "replicated" else a * lay.d_model * N * (2 * k + 2 * rows)
+    return int(max(working, a2a))
 
 
 def edp_buffer(lay: Layout) -> int:
@@ -264,6 +262,7 @@ def estimate(lay: Layout) -> Estimate:
     n_ds = deepspeed_params(lay)
     dp_dense = lay.world
     w, g, o, buckets = zero_state(lay, n_ds, dp_dense)
+    early = buckets if lay.zero else 0  # ZeRO 1/2: allocated as the backward starts
     ew, eg, eo = expert_state(lay)
     rows = lay.top_k * load_factor(lay)
     out.parts = {
@@ -275,6 +274,10 @@ def estimate(lay: Layout) -> Estimate:
         "logits": logits_peak(lay),
         "comm_buffers": buckets + edp_buffer(lay),
     }
+    # gradients alive through the forward: BF16_Optimizer's flat buffer (made at start-up), and
+    # every gradient when a step accumulates several micro-batches
+    held_grads = g + eg if lay.grad_accum > 1 else (2 * n_ds if lay.gpu and lay.zero == 0 else 0)
+    out.total = peak(out.parts, early, held_grads)
     out.counts = {"deepspeed_params": n_ds, "expert_params_total": lay.moe_layers * lay.num_experts * expert_params(lay),
                   "owned_expert_params": owned_experts(lay) * expert_params(lay),
                   "load_factor": load_factor(lay), "imbalance": lay.resolved_imbalance()}
@@ -283,6 +286,19 @@ def estimate(lay: Layout) -> Estimate:
                          f"{lay.edp}-rank expert-data-parallel group) is not implemented by the trainer yet; "
                          f"today every rank keeps its owned experts' full fp32 state (sharding 0)")
     return out
+
+
+def peak(parts: dict[str, int], early: int, held_grads: int = 0) -> int:
+    """The step's peak from its parts. Held throughout: weights, optimizer state, the expert
+    pool's weights and moments, FSSDP copies. Then the larger of two moments: the loss (every
+    activation saved, the logits' peak or a layer's dispatch buffers, and the ZeRO buckets the
+    backward allocates first) and the end of the backward (activations freed, every gradient and
+    communication buffer alive)."""
+    held = sum(parts[p] for p in ("dense_weights", "dense_optimizer", "expert_weights", "expert_optimizer",
+                                  "fssdp_copies")) + held_grads
+    at_loss = parts["activations"] + max(parts["logits"], parts["dispatch"]) + early
+    at_end = parts["dense_grads"] + parts["expert_grads"] - held_grads + parts["comm_buffers"] + parts["dispatch"]
+    return held + max(at_loss, at_end)
 
 
 def per_micro_batch(lay: Layout) -> int:

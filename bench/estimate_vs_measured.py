@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""`moeforge estimate` against measurement, part by part (issue 29).
+
+    python bench/estimate_vs_measured.py [--json out.json]
+
+Six small stages (replicated / ep / fssdp x ZeRO 0 / 2 x activation checkpointing), each a real
+`jobs.stage_runner.run_stage` on 2 gloo ranks on CPU (fp32). During the second training step
+every rank measures, without calling the estimator:
+  dense weights     storages of the model's parameters outside the expert pool
+  dense optimizer   tensors reachable from DeepSpeed's optimizer (its inner AdamW's moments, ZeRO's
+                    fp32 partitions) that are neither parameters nor gradients
+  dense gradients   `.grad` storages and ZeRO's gradient buffers alive at the optimizer step
+  expert pool       the pool's weights, its AdamW moments and its gradients at the optimizer step
+  activations       bytes autograd saves during the forward (torch.autograd.graph.saved_tensors_hooks,
+                    each storage once)
+  logits            the loss's peak: live storage while lm_cross_entropy runs forward and backward on
+                    logits of the step's shape (system.memory_tracker), plus the logits
+  total             storage alive before the step + the step's peak of live storage (memory_tracker)
+The estimate is `jobs.estimate.stage_layout` on the same spec, with the busiest rank's measured
+load (global counts of step 2) as its imbalance. The driver prints the ratios estimate / measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BASE = {
+    "run": {"name": "est", "seed": 7},
+    "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "moe_layers": "all",
+              "num_experts": 4, "top_k": 2, "d_expert": 128},
+    "experts": {"balancing": {"lbl": "micro_batch", "lbl_coeff": 0.01}},
+    "parallel": {"world_size": 2},
+    "data": {"seq_len": 128, "sources": [{"name": "english_docs", "max_documents": 40}]},
+    "stages": [{"name": "s", "steps": 2, "micro_batch_size": 8, "checkpoint_every": 100,
+                "optimizer": {"lr": 1e-3}}],
+    "metrics": {"progress_bar": False, "ray_metrics": False},
+}
+CASES = [("replicated", 0, "none"), ("replicated", 2, "full"), ("ep", 0, "moe"), ("ep", 2, "none"),
+         ("fssdp", 0, "full"), ("fssdp", 2, "none")]
+
+
+def case_spec(out: Path, strategy: str, zero: int, ckpt: str) -> dict:
+    spec = copy.deepcopy(BASE)
+    spec["run"].update(name=f"{strategy}-z{zero}-{ckpt}", output_dir=str(out))
+    spec["model"]["activation_checkpointing"] = ckpt
+    spec["parallel"].update(expert_strategy=strategy, zero_stage=zero)
+    if strategy == "fssdp":
+        spec["parallel"]["fssdp"] = {"memory_cap": 1, "window": 1, "tolerance": 0.0}
+    return spec
+
+
+def storages(obj, depth: int = 4, seen=None, out=None) -> dict[int, int]:
+    """Storages (data_ptr -> bytes) of the tensors reachable from obj through attributes, lists,
+    tuples and dicts, `depth` levels down."""
+    import torch
+
+    out = {} if out is None else out
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return out
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        s = obj.untyped_storage()
+        if s.nbytes():
+            out[s.data_ptr()] = s.nbytes()
+        return out
+    if isinstance(obj, dict):
+        items = list(obj.keys()) + list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("deepspeed", "torch"):
+        items = list(vars(obj).values())
+    else:
+        return out
+    for it in items:
+        storages(it, depth - 1, seen, out)
+    return out
+
+
+def step_peak(fn) -> tuple[int, str]:
+    """The peak of live tensor storage while fn runs, from one profiler trace: the allocation
+    timeline as system.memory_tracker.peak_live_bytes reads it ("tracker"); where the
+    profiler's data-flow analysis refuses the trace (it asserts on some non-reentrant
+    checkpointing traces), the running sum of the same trace's raw allocation events
+    ("allocations": frees of storages made before the step count too, so it can read low)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    try:
+        for _, action, _, size in prof._memory_profile().timeline:
+            live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+            peak = max(peak, live)
+        return peak, "tracker"
+    except AssertionError:
+        pass
+    from torch._C._profiler import _EventType
+
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation:
+            allocs.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(allocs, key=lambda x: x[0]):
+        live += size
+        peak = max(peak, live)
+    return peak, "allocations"
+
+
+def measure(rank: int, world: int, spec: dict) -> dict:
+    import torch
+
+    import parallel.trainer as T
+    from jobs.stage_runner import run_stage
+    from system.losses import lm_cross_entropy
+    from system.memory_tracker import peak_live_bytes
+
+    got: dict = {}
+    step_fn, calls = T.Trainer.train_step, [0]
+
+    def ptrs(ts):
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if t is not None}
+
+    def train_step(self):
+        calls[0] += 1
+        if calls[0] != 2:
+            return step_fn(self)
+        store = getattr(self.strategy, "store", None)
+        pool = list(store.params()) if store is not None else []
+        pool_ptrs = ptrs(pool)
+        dense = {k: v for k, v in ptrs(self.model.parameters()).items() if k not in pool_ptrs}
+        got["dense_weights"] = sum(dense.values())
+        opt = storages(self.engine.optimizer)
+        params = {**dense, **pool_ptrs}
+        grads = ptrs(p.grad for p in self.model.parameters())
+        got["dense_optimizer"] = sum(v for k, v in opt.items() if k not in params and k not in grads)
+        if store is not None:
+            moments = ptrs(v for p in pool for v in store.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+            got["expert_weights"], got["expert_optimizer"] = sum(pool_ptrs.values()), sum(moments.values())
+        before = opt.keys() | params.keys()
+        at_step = {}
+        inner = self.strategy.optimizer_step
+
+        def optimizer_step(engine, model, *a, **k):
+            g = ptrs(p.grad for p in model.parameters())
+            g.update({p_: n for p_, n in storages(engine.optimizer).items() if p_ not in before})
+            at_step["dense_grads"] = sum(n for p_, n in g.items() if p_ not in params)
+            at_step["expert_grads"] = sum(ptrs(p.grad for p in pool).values())
+            return inner(engine, model, *a, **k)
+
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                saved[s.data_ptr()] = s.nbytes()
+            return t
+
+        counts, rows = [], []
+        import parallel.sharded_experts as SE
+
+        compute = SE.ShardedExperts.compute
+
+        def counting(mod, r, local_counts):
+            if torch.is_grad_enabled():
+                rows.append(int(r.shape[0]))
+            return compute(mod, r, local_counts)
+
+        SE.ShardedExperts.compute = counting
+        fwd = self.engine.forward
+
+        def forward(*a, **k):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = fwd(*a, **k)
+            counts.extend(x.counts_E.detach().clone() for x in out.moe_aux)
+            return out
+
+        self.strategy.optimizer_step, self.engine.forward = optimizer_step, forward
+        live_before = sum(storages([self.model, self.engine.optimizer, store.optimizer if store else None,
+                                    pool, [p.grad for p in pool]], depth=6).values())
+        res = {}
+        got["step_peak_extra"], got["peak_by"] = step_peak(lambda: res.setdefault("r", step_fn(self)))
+        got["live_before"] = live_before
+        self.strategy.optimizer_step, self.engine.forward = inner, fwd
+        SE.ShardedExperts.compute = compute
+        got["rows"] = rows
+        got.update(at_step)
+        got["activations"] = sum(saved.values())
+        got["counts_LE"] = [c.tolist() for c in counts]
+        B, L = self.stage.micro_batch_size, self.stage.data.seq_len
+        V = self.model.cfg.vocab_size
+
+        def loss_path():
+            logits = torch.randn(B, L, V, requires_grad=True)
+            lm_cross_entropy(logits, torch.randint(0, V, (B, L))).backward()
+
+        got["logits"] = peak_live_bytes(loss_path)
+        return res["r"]
+
+    T.Trainer.train_step = train_step
+    try:
+        run_stage(spec, 0)
+    finally:
+        T.Trainer.train_step = step_fn
+    return got
+
+
+def measure_all(rank: int, world: int, specs: list) -> list:
+    """Every case in the same rank processes (one start-up instead of six)."""
+    return [measure(rank, world, spec) for spec in specs]
+
+
+def estimated(spec: dict, imbalance: float) -> dict:
+    from jobs.estimate import stage_layout
+    from jobs.memory_model import estimate
+    from jobs.spec_build import parse_offline
+
+    est = estimate(stage_layout(parse_offline(spec), imbalance=imbalance))
+    return {**est.parts, "total": est.total, "load_factor": est.counts["load_factor"]}
+
+
+def busiest_imbalance(counts_by_rank: list, strategy: str, world: int, E: int) -> float:
+    """The busiest expert's global load of step 2 over the mean, worst MoE layer."""
+    import numpy as np
+
+    glob = np.sum([np.asarray(c, dtype=float) for c in counts_by_rank], axis=0)  # (L, E)
+    return float((glob.max(axis=1) / glob.mean(axis=1)).max())
+
+
+def imbalance_for(m: dict, spec: dict, counts_by_rank: list, layers=max) -> tuple[float, float]:
+    """(measured load factor, the imbalance that gives it in the estimate's formula) for the
+    measured rank: its expert rows over the mean N * k, in its most loaded MoE layer (`max`) or
+    averaged over the layers (`mean`: what the activations, summed over layers, see)."""
+    par, model = spec["parallel"], spec["model"]
+    if par["expert_strategy"] == "replicated" or not m["rows"]:
+        return 1.0, busiest_imbalance(counts_by_rank, par["expert_strategy"], 2, model["num_experts"])
+    st = spec["stages"][0]
+    lf = layers(m["rows"]) / (st["micro_batch_size"] * spec["data"]["seq_len"] * model["top_k"])
+    e = model["num_experts"] / par["world_size"]
+    holders = min(par["world_size"], 1 + par.get("fssdp", {}).get("memory_cap", 2)) \
+        if par["expert_strategy"] == "fssdp" else 1
+    return lf, max(1.0, holders * (lf * e - e + 1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    from parallel.testing import run_distributed
+
+    rows = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [case_spec(Path(tmp), *c) for c in CASES]
+        by_rank = run_distributed(measure_all, 2, specs, timeout_s=900)
+        print(f"[{time.time() - t0:.0f}s] measured", flush=True)
+        for i, ((strategy, zero, ckpt), spec) in enumerate(zip(CASES, specs)):
+            ranks = [r[i] for r in by_rank]
+            m = max(ranks, key=lambda r: r["live_before"] + r["step_peak_extra"])  # the fuller rank
+            lf, imb = imbalance_for(m, spec, [r["counts_LE"] for r in ranks])
+            est = estimated(spec, imb)
+            # activations sum over the layers: the estimate at the layers' mean load
+            mean_lf, mean_imb = imbalance_for(m, spec, [r["counts_LE"] for r in ranks], lambda r: sum(r) / len(r))
+            est["activations"] = estimated(spec, mean_imb)["activations"]
+            m["total"] = m["live_before"] + m["step_peak_extra"]
+            rows.append({"case": f"{strategy} ZeRO {zero} ckpt {ckpt}", "imbalance": imb, "load_factor": lf,
+                         "mean_load_factor": mean_lf,
+                         "measured": m, "estimate": est})
+    parts = ["dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
+             "expert_optimizer", "activations", "logits", "total"]
+    print("\n| case | load factor (max / mean layer) | " + " | ".join(parts) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in parts) + " |")
+    for r in rows:
+        cells = []
+        for p in parts:
+            me, es = r["measured"].get(p, 0), r["estimate"].get(p, 0)
+            cells.append(f"{es / me:.2f} ({es / 1024:.0f}/{me / 1024:.0f} KiB)" if me else
+                         ("-" if not es else f"est {es / 1024:.0f} KiB, measured 0"))
+        print(f"| {r['case']} | {r['load_factor']:.2f} / {r['mean_load_factor']:.2f} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    print("peak measured by: " + ", ".join(f"{r['case']}: {r['measured']['peak_by']}" for r in rows))
+    print(f"\n{time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

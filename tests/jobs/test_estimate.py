@@ -1,0 +1,126 @@
+"""`moeforge estimate` (jobs/memory_model.py, jobs/estimate.py): the per-part formulas on a tiny
+config against hand-computed numbers, Mixtral-8x7B's expert state, the CLI's exit codes and
+messages, and the validate warning. No torch model, no ranks, no Ray."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.estimate import EstimateError, parse_device_memory, stage_layout
+from jobs.memory_model import Layout, estimate, expert_state, largest_micro_batch
+
+REPO = Path(__file__).resolve().parents[2]
+MIXTRAL = str(REPO / "examples/models/mixtral_8x7b.yaml")
+TINY = Layout(d_model=8, n_layers=2, moe_layers=2, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=16, num_experts=4,
+              top_k=2, d_expert=8, vocab=10, micro_batch=3, seq_len=5)
+
+
+def test_tiny_replicated_fp32_zero0_parts_by_hand():
+    # dense: embed 10*8 = 80; per block: qkv 8*(2+4)*4 = 192, proj 8*8 = 64, two norms 16 -> 272, x2;
+    # routers 8*4 per MoE layer, x2; final norm 8 -> 80 + 544 + 64 + 8 = 696. Experts (replicated,
+    # so DeepSpeed's): 2 layers x 4 experts x 3 x 8 x 8 = 1536. Psi = 2232, fp32 AdamW at ZeRO 0.
+    est = estimate(TINY)
+    assert est.counts["deepspeed_params"] == 2232
+    assert est.parts["dense_weights"] == 4 * 2232
+    assert est.parts["dense_grads"] == 4 * 2232
+    assert est.parts["dense_optimizer"] == 8 * 2232
+    assert est.parts["expert_weights"] == est.parts["expert_optimizer"] == 0
+    assert est.parts["comm_buffers"] == 0  # one rank: no all-reduce bucket
+    # logits: fp32 (15 tokens x 10) x 4 (logits, log-softmax, its gradient, the logits' gradient) x 4 B
+    assert est.parts["logits"] == 4 * 4 * 15 * 10
+    # activations, per token per block: attention 4D+4+aD (norm) + aD (qkv input) + a(H+2G)d + a(H+G)d
+    # + 2aHd + 4H = 36+32+32+96+64+64+8 = 332; ffn norm 36+32 = 68; router 4D + 12E + 24k = 32+48+48
+    # = 128; expert rows k*(aD + 4aFe) = 2*(32+128) = 320 and the combine's k*(aD + 4D) = 128 -> 976;
+    # two blocks + final norm and head input (4D+4+2aD = 100) + ids (16) = 2068 per token, 15 tokens
+    assert est.parts["activations"] == 2068 * 15
+    # the peak: held state (weights, moments) + activations + the larger of logits and dispatch
+    held = 4 * 2232 + 8 * 2232
+    assert est.total == held + max(2068 * 15 + max(est.parts["logits"], est.parts["dispatch"]),
+                                   4 * 2232 + est.parts["dispatch"])
+
+
+def test_tiny_ep_expert_pool_and_zero2_partition():
+    lay = replace(TINY, strategy="ep", ep_size=2, world=4, zero=2)
+    est = estimate(lay)
+    owned = 2 * 2 * 3 * 8 * 8  # 2 layers x E/P = 2 experts x 192 parameters
+    assert est.counts["owned_expert_params"] == owned
+    assert (est.parts["expert_weights"], est.parts["expert_grads"], est.parts["expert_optimizer"]) == \
+        (4 * owned, 4 * owned, 8 * owned)
+    dense = 696
+    part = -(-dense // 4)
+    assert est.parts["dense_optimizer"] == 12 * part  # fp32 master + two moments of the partition
+    assert est.parts["dense_grads"] == 4 * part  # the fp32 gradient partition
+    # a whole reduce bucket (DeepSpeed's 5e8 elements, whatever the model's size; fp32 here) and
+    # the EDP group of 2 summing one layer's owned gradients in fp32
+    assert est.parts["comm_buffers"] == 4 * 500_000_000 + 4 * (owned // 2)
+    # ep: the busiest expert at 1 + m = 3x the mean sits with one mean-loaded expert: (1 + 3) / 2
+    assert est.counts["load_factor"] == pytest.approx(2.0)
+    assert replace(lay, imbalance=1.0) and estimate(replace(lay, imbalance=1.0)).counts["load_factor"] == 1.0
+
+
+def test_expert_sharding_what_ifs_shrink_the_pool_and_say_so():
+    lay = replace(TINY, strategy="ep", ep_size=2, world=8, gpu=True)  # EDP = 4
+    n = 2 * 2 * 3 * 8 * 8
+    assert expert_state(lay) == (4 * n, 4 * n, 8 * n)
+    assert expert_state(replace(lay, expert_sharding=1)) == (2 * n + 4 * n // 4, 4 * n, 8 * n // 4)
+    assert expert_state(replace(lay, expert_sharding=2)) == (2 * n + 4 * n // 4, 4 * n // 4, 8 * n // 4)
+    assert not estimate(lay).notes
+    assert "not implemented by the trainer yet" in estimate(replace(lay, expert_sharding=2)).notes[0]
+
+
+def test_largest_micro_batch_is_the_largest_that_fits():
+    lay = replace(TINY, micro_batch=1)
+    budget = estimate(replace(lay, micro_batch=7)).total
+    assert largest_micro_batch(lay, budget) == 7
+    assert largest_micro_batch(lay, estimate(lay).total - 1) == 0
+
+
+def test_mixtral_8x7b_expert_state_at_p8():
+    from jobs.spec_source import load_job_spec
+
+    lay = stage_layout(load_job_spec(MIXTRAL), world=16, ep_size=8, expert_sharding=0)
+    est = estimate(lay)
+    assert est.counts["expert_params_total"] == 32 * 8 * 3 * 4096 * 14336 == 45_097_156_608  # 45.1B
+    state = est.parts["expert_weights"] + est.parts["expert_grads"] + est.parts["expert_optimizer"]
+    assert state == 16 * 45_097_156_608 // 8 and state / 1e9 == pytest.approx(90.2, abs=0.1)  # ~90 GB
+    assert est.parts["expert_optimizer"] / 1e9 == pytest.approx(45.1, abs=0.1)  # the two AdamW moments
+
+
+def test_device_memory_names_and_sizes():
+    assert parse_device_memory("80GB") == 80 * 10 ** 9
+    assert parse_device_memory("80GiB") == 80 * 2 ** 30
+    assert parse_device_memory("h100") == parse_device_memory("H100") > 79 * 2 ** 30
+    with pytest.raises(EstimateError, match="--device-memory"):
+        parse_device_memory("eighty")
+
+
+def test_cli_estimate_fits_json_and_strict(capsys):
+    assert main(["estimate", MIXTRAL, "--nodes", "8", "--json"]) == 0
+    assert '"fits": false' in capsys.readouterr().out
+    assert main(["estimate", MIXTRAL, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "error: memory: the estimate per rank" in err
+    assert main(["estimate", MIXTRAL, "--expert-sharding", "2"]) == 0
+    assert "what-if: expert sharding 2" in capsys.readouterr().out
+    assert main(["estimate", MIXTRAL, "--expert-sharding", "3"]) == 2
+    assert "--expert-sharding: 3 must be 0, 1 or 2" in capsys.readouterr().err
+
+
+def test_cli_bad_spec_names_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(MIXTRAL).read_text().replace("top_k: 2", "top_k: 9"))
+    assert main(["estimate", str(bad)]) == 2
+    assert "model.top_k" in capsys.readouterr().err
+
+
+def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(capsys):
+    assert main(["validate", MIXTRAL]) == 0
+    err = capsys.readouterr().err
+    assert "warning: memory: stage 'continual'" in err and "not yet available" in err
+    assert main(["validate", MIXTRAL, "--strict"]) == 2
+    assert "error: memory:" in capsys.readouterr().err
+    assert main(["validate", MIXTRAL, "--device-memory", "4TB"]) == 0  # fits: no warning
+    assert "memory" not in capsys.readouterr().err
