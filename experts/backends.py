@@ -366,7 +366,7 @@ class AutoBackend:
     bf16), so the facts exist at the first call, not at build: each instance (one per layer or
     expert store) resolves once per (device, dtype, shape, experts in the call: an expert store's
     calls run its own experts and copies) and keeps the answer; a call after that costs a dict
-    lookup on host attributes (no device sync). `chosen` is the last choice, for logs.
+    lookup on host attributes (no device sync). `chosen`: the latest resolution, for logs.
     """
 
     def __init__(self):
