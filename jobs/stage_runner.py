@@ -120,6 +120,8 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     strategy.prepare(model)
     pdist.startup_trace("model")
     engine = _build_engine(stage, model, strategy, init_ckpt)
+    if rank == 0:
+        _say_expert_backend(stage, device)
     data = _stage_data(stage, layout, corpus)
     teacher = _build_teacher(plan, stage, layout, corpus, data, model)
     # Where the stage resumes, decided before the metrics file opens: the records past that step
@@ -146,6 +148,21 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                              last, latest_checkpoint(ckpt.root))
     pdist.barrier()
     return last
+
+
+def _say_expert_backend(stage: StagePlan, device: torch.device) -> None:
+    """`experts.backend: auto` resolves per device, dtype and shape: say once what it runs."""
+    m = stage.model
+    if stage.experts.backend != "auto" or m.num_experts <= 1:
+        return
+    from experts.backends import resolve_auto
+    from parallel.engine import engine_param_dtype
+
+    dtype = engine_param_dtype(stage, pdist.world_size()) or torch.float32
+    n = m.num_experts // max(1, stage.ep_size or 1)  # the owned experts one call runs (copies add)
+    print(f"[moeforge] stage {stage.name}: experts.backend auto -> "
+          f"{resolve_auto(device, dtype, m.d_model, m.d_expert, n)} ({device.type}, {str(dtype).replace('torch.', '')})",
+          flush=True)
 
 
 def _start_rank(par) -> torch.device:
