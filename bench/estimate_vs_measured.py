@@ -159,6 +159,11 @@ def measure(rank: int, world: int, spec: dict) -> dict:
             g.update({p_: n for p_, n in storages(engine.optimizer).items() if p_ not in before})
             at_step["dense_grads"] = sum(n for p_, n in g.items() if p_ not in params)
             at_step["expert_grads"] = sum(ptrs(p.grad for p in pool).values())
+            it = getattr(store, "iteration", None)
+            if it is not None and getattr(it, "copies", None):  # FSSDP: copies resident and their fp32 gradient sums
+                ws = [t for _, ts in it.copies.values() for t in ts]
+                at_step["fssdp_copies"] = sum(ptrs(ws).values()) + sum(ptrs(it.copy_grads.values()).values())
+                at_step["copies_n"] = sum(len(ts) for _, ts in it.copies.values()) // 3
             return inner(engine, model, *a, **k)
 
         saved: dict[int, int] = {}
@@ -275,12 +280,17 @@ def main(argv=None) -> int:
             # activations sum over the layers: the estimate at the layers' mean load
             mean_lf, mean_imb = imbalance_for(m, spec, [r["counts_LE"] for r in ranks], lambda r: sum(r) / len(r))
             est["activations"] = estimated(spec, mean_imb)["activations"]
+            if m.get("copies_n"):  # the estimate is at the cap (m copies per layer): scaled to the copies made
+                cap = spec["parallel"]["fssdp"]["memory_cap"] * spec["model"]["n_layers"]
+                per_copy = 3 * spec["model"]["d_model"] * spec["model"]["d_expert"]
+                est["fssdp_copies"] = (est["fssdp_copies"] - per_copy * spec["parallel"]["fssdp"]["memory_cap"] * 4) \
+                    * m["copies_n"] // cap
             m["total"] = m["live_before"] + m["step_peak_extra"]
             rows.append({"case": f"{strategy} ZeRO {zero} ckpt {ckpt}", "imbalance": imb, "load_factor": lf,
                          "mean_load_factor": mean_lf,
                          "measured": m, "estimate": est})
     parts = ["dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
-             "expert_optimizer", "activations", "logits", "total"]
+             "expert_optimizer", "fssdp_copies", "activations", "logits", "total"]
     print("\n| case | load factor (max / mean layer) | " + " | ".join(parts) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in parts) + " |")
     for r in rows:

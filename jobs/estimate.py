@@ -75,7 +75,8 @@ def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **w
                  micro_batch=st.micro_batch_size, seq_len=st.data.seq_len, world=world or st.world_size,
                  strategy=par.expert_strategy, ep_size=ep, zero=par.zero_stage, gpu=par.use_gpu,
                  checkpointing=m.activation_checkpointing, memory_cap=par.fssdp.memory_cap,
-                 rematerialize=par.fssdp.rematerialize, tolerance=par.fssdp.tolerance)
+                 rematerialize=par.fssdp.rematerialize, sprs_overlap=par.fssdp.sprs_overlap,
+                 tolerance=par.fssdp.tolerance)
     zero_cfg = (spec.deepspeed or {}).get("zero_optimization") or {}
     lay = replace(lay, reduce_bucket=int(zero_cfg.get("reduce_bucket_size", lay.reduce_bucket)),
                   grad_accum=st.grad_accum_steps)

@@ -50,6 +50,7 @@ class Layout:
     checkpointing: str = "none"  # none | moe | full
     memory_cap: int = 2  # FSSDP m
     rematerialize: bool = False
+    sprs_overlap: bool = False  # FSSDP: each layer's copy gradients leave during the backward
     tolerance: float = 0.05
     imbalance: Optional[float] = None  # busiest expert's load / mean; None: 1 + memory_cap
     expert_sharding: int = 0  # what-if: expert state sharded over the EDP group (0 is what exists)
@@ -182,13 +183,15 @@ def fssdp_copies(lay: Layout) -> int:
     """Copies at the memory cap: m per MoE layer. Each holds its weights in the communication
     dtype, its `.grad` in that dtype and the fp32 sum of its gradients (ExpertStore's
     `_keep_copy_grad`). Without re-materialization every layer's copies live from the forward to
-    the backward; with it, two layers' weights at a time (the one computing, the one arriving),
-    every layer's fp32 gradient sums still to the end of the backward."""
+    the backward; with it, two layers' weights at a time (the one computing, the one arriving).
+    The fp32 gradient sums of every layer live to the end of the backward (SparseReduceScatter
+    at the optimizer step), or two layers' with `sprs_overlap`."""
     if lay.strategy != "fssdp" or lay.ep_size < 2:
         return 0
     per = expert_params(lay) * lay.memory_cap
     live_layers = min(2, lay.moe_layers) if lay.rematerialize else lay.moe_layers
-    return per * live_layers * lay.act_bytes + per * lay.act_bytes + per * lay.moe_layers * 4
+    grad_layers = min(2, lay.moe_layers) if lay.sprs_overlap else lay.moe_layers
+    return per * live_layers * lay.act_bytes + per * lay.act_bytes + per * grad_layers * 4
 
 
 def block_activations(lay: Layout, moe: bool, rows: float) -> float:
