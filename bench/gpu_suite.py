@@ -217,22 +217,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"--wheels {a.wheels}: no such folder")
     env = C.gpu_train.env_with_root(extra_paths=extra_paths)
     env.update(RAY_USAGE_STATS_ENABLED="0", TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
-    if a.dry_run:
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    if a.dry_run:  # one intra-op thread per process: tiny sizes
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     result["missing"] = missing_modules(env)
     result["megablocks"] = C.megablocks_state(a.install_megablocks, a.dry_run, min(300.0, left() / 2), env)
     write()
     groups = [g for g in plan_groups(machine) if set(g[0]) & a.cases]
-    for i, (names, cap, fn) in enumerate(groups):
+
+    def run_group(i: int, names: tuple[str, ...], cap: float, fn: Callable) -> None:
         timeout = min(cap, left() - RESERVE_S * (len(groups) - i - 1))
-        label = ",".join(n for n in names if n in a.cases)
+        selected = [n for n in names if n in a.cases]
         if timeout < 10:
-            for n in names:
-                if n in a.cases:
-                    result["cases"][n] = {"status": "skipped", "reason": f"no time left in the {a.budget_s:.0f}s budget"}
+            for n in selected:
+                result["cases"][n] = {"status": "skipped", "reason": f"no time left in the {a.budget_s:.0f}s budget"}
             write()
-            continue
-        print(f"[gpu_suite] {label} (timeout {timeout:.0f}s) ...", file=sys.stderr, flush=True)
+            return
+        print(f"[gpu_suite] {','.join(selected)} (timeout {timeout:.0f}s) ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
             res = fn(a, work, timeout, env)
@@ -240,22 +240,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         wall = round(time.perf_counter() - t0, 1)
         many = res.pop("cases") if "cases" in res else {names[0]: res}
-        for n, r in many.items():
-            if n in result["cases"] and n not in a.cases:
-                continue
+        if res.get("status") == "failed" and len(names) > 1:  # the group itself broke
+            many = {n: dict(res) for n in names}
+        for n in selected:
+            r = many.get(n, {"status": "failed", "error": "the case returned no result"})
             r.setdefault("case_wall_s", wall)
             result["cases"][n] = r
-        if res.get("status") == "failed" and len(names) > 1:  # the group itself broke
-            for n in names:
-                if n in a.cases:
-                    result["cases"][n] = {**res, "case_wall_s": wall}
-        for n in names:
-            r = result["cases"].get(n, {})
-            if n in a.cases:
-                print(f"[gpu_suite] {n}: {r.get('status')}"
-                      + (f" ({r.get('error') or r.get('reason')})" if r.get("status") != "ok" else ""),
-                      file=sys.stderr, flush=True)
+            print(f"[gpu_suite] {n}: {r.get('status')}"
+                  + (f" ({r.get('error') or r.get('reason')})" if r.get("status") != "ok" else ""),
+                  file=sys.stderr, flush=True)
         write()
+
+    for i, g in enumerate(groups):
+        run_group(i, *g)
     if a.keep:
         result["work_dir"] = str(work)
     else:

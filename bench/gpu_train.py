@@ -54,7 +54,7 @@ def train_spec(out_dir: Path, strategies: list[str], *, dry_run: bool, world_siz
     return {
         "run": {"name": name, "output_dir": str(out_dir), "seed": 1234},
         "model": {**_model(dry_run), "moe_layers": "all", "tie_embeddings": True},
-        "experts": {"backend": "grouped"},
+        "experts": {},  # the default backend (auto): what a user's run gets
         "parallel": par,
         "data": {"seq_len": seq, "tokenizer": {"kind": "byte"}, "sources": [
             {"name": "english_docs", "kind": "embedded", "max_documents": docs},

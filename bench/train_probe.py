@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from collections import Counter
@@ -87,6 +88,9 @@ def _count_collectives(counts: _Counts) -> None:
     pdist._staged, pdist.all_gather_object, pdist.broadcast_object = counted_staged, counted_gather, counted_bcast
 
 
+SYNC_WARNING = r".*called a synchronizing CUDA operation"  # what the sync debug mode's warnings say
+
+
 class _CudaSyncs:
     """Live counts of what torch.cuda's sync debug mode ("warn") reports, by the message's first words."""
 
@@ -100,13 +104,13 @@ class _CudaSyncs:
         self._prev_mode = torch.cuda.get_sync_debug_mode()
         self._show = warnings.showwarning
         self._filters = warnings.filters[:]
-        warnings.simplefilter("always", UserWarning)
+        self.refresh()
         counts = self.counts
         show = self._show
 
         def on_warning(message, category, filename, lineno, file=None, line=None):
             text = str(message)
-            if "synchroniz" in text:
+            if re.match(SYNC_WARNING, text):
                 counts.sync_kinds["cuda_sync"] += 1
             else:
                 show(message, category, filename, lineno, file, line)
@@ -114,6 +118,11 @@ class _CudaSyncs:
         warnings.showwarning = on_warning
         torch.cuda.set_sync_debug_mode("warn")
         return self
+
+    @staticmethod
+    def refresh() -> None:
+        """Every sync warning shown (not once per place), whatever filters an import has set since."""
+        warnings.filterwarnings("always", message=SYNC_WARNING)
 
     def __exit__(self, *exc):
         import torch
@@ -232,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def on_step(rec: dict) -> None:
         if "loss" not in rec:
             return
-        if isinstance(ctx, _DispatchSyncs):
+        if ctx is not None:
             ctx.refresh()
         now = counts.snapshot()
         prev = last[0]

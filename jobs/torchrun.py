@@ -25,7 +25,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 EXIT_SPEC = 2

@@ -37,12 +37,13 @@ def _fake_wheel(folder: Path) -> Path:
 
 
 @pytest.mark.procs
+@pytest.mark.timeout(450)  # ~60 s alone; its own --budget-s bounds it on a busy machine
 def test_gpu_suite_dry_run(tmp_path):
     out = tmp_path / "suite.json"
     wheels = _fake_wheel(tmp_path / "wheels").parent
     p = subprocess.run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(out), "--skip",
                         "flex_attention", "--wheels", str(wheels), "--budget-s", "400"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=420)
+                       capture_output=True, text=True, timeout=440)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["dry_run"] is True and res["machine"]["device"] == "cpu" and res["budget_s"] == 400
@@ -101,3 +102,28 @@ def test_flex_verdict_uses_the_dtype_tolerance():
     assert gpu_cases.flex_verdict({"dtype": "bfloat16", "max_rel": 0.01}) == (True, 5e-2)
     assert gpu_cases.flex_verdict({"dtype": "bfloat16", "max_rel": 0.2})[0] is False
     assert gpu_cases.flex_verdict({"dtype": "float32", "max_rel": 1e-3})[0] is False
+
+
+def test_cuda_sync_counting_sees_every_sync_warning(monkeypatch):
+    """The probe's CUDA mode counts each warning of torch.cuda's sync debug mode, also after an
+    import turned warnings off, and passes other warnings on (torch.cuda's calls faked on CPU)."""
+    import warnings
+
+    import torch
+    import train_probe
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counts = train_probe._Counts()
+    other = []
+    monkeypatch.setattr(warnings, "showwarning", lambda m, *a, **k: other.append(str(m)))
+    with train_probe._CudaSyncs(counts) as ctx:
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.simplefilter("ignore")  # what a library may do at import
+        ctx.refresh()
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.simplefilter("always")
+        warnings.warn("something else")
+    assert counts.sync_kinds == {"cuda_sync": 3} and other == ["something else"] and modes == ["warn", 0]
