@@ -11,9 +11,10 @@ Data), the heartbeat and the stage events; every rank then trains each unfinishe
 when the stages use GPUs and CUDA is there (else gloo), each rank on cuda:LOCAL_RANK. The run
 directory is the one `moeforge run` writes, so either command resumes the other's run.
 
-Nothing here imports Ray (a GPU machine without it runs this). Exit codes: 0; 2 for a user's
-mistake (one line naming it) or a stage error no restart can fix; 3 when SIGTERM stopped a stage
-at a checkpoint (the same command resumes it).
+Nothing here imports Ray (a GPU machine without it runs this). Exit codes of each rank: 0; 2 for
+a user's mistake (one line naming it) or a stage error no restart can fix; 3 when SIGTERM stopped
+a stage at a checkpoint (the same command resumes it). torch's launcher, when SIGTERM reaches it,
+forwards it to the ranks and exits with its own code.
 """
 from __future__ import annotations
 

@@ -64,3 +64,20 @@ def test_a_rank_outside_ray_asks_nothing_of_ray(monkeypatch):
     monkeypatch.delitem(sys.modules, "ray", raising=False)
     assert ray_nodes.this_node_id() is None and ray_nodes.rank_nodes() is None
     assert "ray" not in sys.modules  # not imported to find out
+
+
+def test_the_first_sigterm_asks_for_a_checkpoint_the_second_exits():
+    import os
+    import signal
+
+    calls = []
+    old = signal.signal(signal.SIGTERM, lambda *a: calls.append("previous"))
+    try:
+        flag = torchrun._Sigterm()
+        assert flag() is False
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag() is True and calls == []  # only a request: the trainer checkpoints at the step's end
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == ["previous"]  # the second goes through the handler that was there
+    finally:
+        signal.signal(signal.SIGTERM, old)
