@@ -304,23 +304,20 @@ def peak(parts: dict[str, int], early: int, held_grads: int = 0) -> int:
     return held + max(at_loss, at_end)
 
 
-def per_micro_batch(lay: Layout) -> int:
-    """Bytes that grow with the micro-batch: activations, logits and dispatch for one sequence."""
+def largest_micro_batch(lay: Layout, budget: int, limit: int = 1 << 20) -> int:
+    """The largest micro-batch whose peak fits `budget` bytes (0: not even one sequence). The
+    peak grows with the micro-batch (a max of sums of linear terms): a binary search."""
     from dataclasses import replace
 
-    one, two = estimate(replace(lay, micro_batch=1)), estimate(replace(lay, micro_batch=2))
-    return two.total - one.total
+    def fits(b: int) -> bool:
+        return estimate(replace(lay, micro_batch=b)).total <= budget
 
-
-def largest_micro_batch(lay: Layout, budget: int) -> int:
-    """The largest micro-batch whose total fits `budget` bytes (0: not even one sequence)."""
-    from dataclasses import replace
-
-    fixed = estimate(replace(lay, micro_batch=1)).total
-    if fixed > budget:
+    if not fits(1):
         return 0
-    step = max(1, per_micro_batch(lay))
-    b = 1 + (budget - fixed) // step
-    while b > 1 and estimate(replace(lay, micro_batch=b)).total > budget:
-        b -= 1
-    return int(b)
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

@@ -124,3 +124,14 @@ def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(capsys):
     assert "error: memory:" in capsys.readouterr().err
     assert main(["validate", MIXTRAL, "--device-memory", "4TB"]) == 0  # fits: no warning
     assert "memory" not in capsys.readouterr().err
+
+
+def test_recommend_finds_a_layout_that_fits_and_says_none_when_nothing_does():
+    from jobs.estimate import recommend
+
+    lay = replace(TINY, strategy="ep", ep_size=2, world=4, gpu=True)
+    device = 20 * 2 ** 30  # above the 2 GiB reserve and ZeRO 1/2's whole reduce buckets
+    rep = recommend(lay, device, gpus_per_node=8)
+    assert rep["fits"] and rep["layout"]["micro_batch"] >= 1 and rep["total"] <= device - rep["reserve"]
+    assert rep["layout"]["ep_size"] in (1, 2, 4) and not rep["what_if"]
+    assert recommend(lay, 1, gpus_per_node=8) is None  # a 1-byte device
