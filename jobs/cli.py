@@ -55,9 +55,18 @@ def cmd_validate(args) -> int:
 def memory_preflight(spec, device_memory: Optional[str], strict: bool) -> int:
     """GPU specs: warn (stderr) when a stage's memory estimate exceeds the device's memory less
     the reserve (jobs.estimate); `strict` makes it an error (EXIT_SPEC)."""
-    from jobs.estimate import DEFAULT_DEVICE, parse_device_memory, preflight_warning
+    from jobs.estimate import DEFAULT_DEVICE, EstimateError, parse_device_memory, preflight_warning
 
-    warning = preflight_warning(spec, parse_device_memory(device_memory or DEFAULT_DEVICE))
+    try:
+        device = parse_device_memory(device_memory or DEFAULT_DEVICE)
+    except EstimateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    try:
+        warning = preflight_warning(spec, device)
+    except Exception as e:  # noqa: BLE001 - an estimator's bug must not stop a run; say it and go on
+        print(f"warning: memory: no estimate ({type(e).__name__}: {e})", file=sys.stderr)
+        return 0
     if warning is None:
         return 0
     for line in warning.splitlines():

@@ -124,6 +124,8 @@ def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(capsys):
     assert "error: memory:" in capsys.readouterr().err
     assert main(["validate", MIXTRAL, "--device-memory", "4TB"]) == 0  # fits: no warning
     assert "memory" not in capsys.readouterr().err
+    assert main(["validate", MIXTRAL, "--device-memory", "eighty"]) == 2
+    assert "error: --device-memory: 'eighty' is not a size" in capsys.readouterr().err
 
 
 def test_recommend_finds_a_layout_that_fits_and_says_none_when_nothing_does():
