@@ -24,7 +24,7 @@ its error and the others still run; the JSON is rewritten after every case):
 * bf16_skipped_step: in the same launch, a small ZeRO-0 stage per strategy with an Inf loss at
   step 3: that step must change no tensor.
 * collectives_cost: bench/collectives_cost.py, the cost of staging a host tensor for NCCL.
-* flex_attention: system.attention.compare_flex_with_reference (gradients against the CPU path).
+* flex_attention: system.attention_check.compare_flex_with_reference (gradients against the CPU path).
 * multi_gpu: bench/multi_gpu.py (ep and fssdp on every GPU) where the machine has 2 or more.
 """
 from __future__ import annotations
@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception as e:  # the suite's own parsing: recorded, and the next case runs
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         wall = round(time.perf_counter() - t0, 1)
-        many = res.pop("cases") if "cases" in res else {names[0]: res}
+        many = res.pop("group") if "group" in res else {names[0]: res}  # a group case: one result per name
         if res.get("status") == "failed" and len(names) > 1:  # the group itself broke
             many = {n: dict(res) for n in names}
         for n in selected:

@@ -7,8 +7,8 @@
 
 One launch (`python -m torch.distributed.run --standalone --nproc-per-node N bench/train_probe.py`,
 i.e. `jobs.torchrun` with counters) trains one stage per strategy: the GPU suite's model
-(d_model 1024, 4 layers, 16 experts top-4, d_expert 512, seq_len 1024, micro-batch 8 per rank,
-ZeRO 1, bf16). Per strategy it reports tokens/s over all ranks and the step time (medians past
+(d_model 1024, 4 layers, 16 experts top-4 (rounded up to a multiple of N), d_expert 512,
+seq_len 1024, micro-batch 8 per rank, ZeRO 1, bf16). Per strategy it reports tokens/s over all ranks and the step time (medians past
 the first quarter of the steps), the straggler ratio (`ep/straggler`: the busiest rank's expert
 rows over the mean, per step), the bytes the expert collectives moved per step, and rank 0's
 host syncs and host-tensor collectives per step. Exit code 1 when a strategy failed.
@@ -45,6 +45,8 @@ def run(nproc: int, strategies: list[str], steps: Optional[int], dry_run: bool, 
 
     spec = gpu_train.train_spec(work / "runs", strategies, dry_run=dry_run, world_size=nproc, guard=False,
                                 steps=steps, name="multi_gpu")
+    e = spec["model"]["num_experts"]
+    spec["model"]["num_experts"] = -(-e // nproc) * nproc  # a multiple of the ranks (ep/fssdp shard by expert)
     env = gpu_train.env_with_root()
     if dry_run:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
