@@ -9,6 +9,7 @@ for the step so that its own coefficient, computed from the dense norm, is the g
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 from typing import Any, Optional
 
@@ -130,10 +131,15 @@ class ShardedStrategy(ExpertStrategy):
             if self.zero == 0 else []
         budget = self.store.budget_to_agree()  # the next iteration's overlap budget, read here too
         extra = [] if budget is None else [budget[1].to(dev, torch.float64)]
+        # ZeRO 1/2: the global norm and what DeepSpeed's clip threshold is searched from, read too
+        zero_norm = self._zero_norm_parts(engine, sq) if self.zero else None
+        if zero_norm is not None:
+            extra.append(zero_norm[2].to(dev))
         host = torch.cat([any_rank_flag(bad).to(dev), sq.reshape(1), *extra,
                           *[d.reshape(1) for d in dense]]).tolist()
         if budget is not None:
             self.store.set_agreed(budget[0], int(host.pop(2)))
+        zero_host = [host.pop(2) for _ in range(4)] if zero_norm is not None else None
         if host[0] > 0:
             skip_dense_update(engine, model)
             self.store.discard_grads()
@@ -142,7 +148,7 @@ class ShardedStrategy(ExpertStrategy):
         if self.zero == 0:
             norm = self._clip_zero0(model, expert_sq, sum(host[2:]))
         else:
-            norm = self._set_zero_threshold(engine, expert_sq)
+            norm = self._set_zero_threshold(engine, zero_norm, zero_host)
         engine.step()
         self.store.step(self.lr, self.coef(self.last_norm))
         return norm, False
@@ -174,14 +180,20 @@ class ShardedStrategy(ExpertStrategy):
                     p.grad.mul_(coef)
         return norm
 
-    def _set_zero_threshold(self, engine, expert_sq: float) -> float:
-        """ZeRO 1/2: the global norm, and DeepSpeed's clip threshold for this step."""
+    def _zero_norm_parts(self, engine, expert_sq: torch.Tensor):
+        """ZeRO 1/2, on the device: (dense norm, global norm, [global norm, wanted clip, wanted
+        multiplier, threshold estimate] as float64) for one read with the step's flag."""
         opt = engine.optimizer
         dense = opt.scaled_global_norm()
-        total = torch.sqrt(dense.double() ** 2 + expert_sq).to(dense.dtype)
-        self.last_norm = float(total)
+        total = torch.sqrt(dense.double() ** 2 + expert_sq.to(dense.device)).to(dense.dtype)
+        return dense, total, _threshold_inputs(dense, total, opt.loss_scale, self.grad_clip or 1.0)
+
+    def _set_zero_threshold(self, engine, parts, host: list) -> float:
+        """ZeRO 1/2: the global norm, and DeepSpeed's clip threshold for this step."""
+        dense, _total, _ = parts
+        self.last_norm = host[0]
         if self.grad_clip:
-            opt.clip_grad = _matching_threshold(dense, total, opt.loss_scale, self.grad_clip)
+            engine.optimizer.clip_grad = _threshold_from(dense, engine.optimizer.loss_scale, self.grad_clip, *host[1:])
         return self.last_norm
 
     def observe(self, step_counts_LE: torch.Tensor) -> None:
@@ -244,27 +256,62 @@ def _ds_multiplier(dense: torch.Tensor, loss_scale, threshold: float) -> torch.T
     return 1. / (_ds_clip(dense, loss_scale, threshold) * loss_scale)
 
 
+def _threshold_inputs(dense: torch.Tensor, total: torch.Tensor, loss_scale, max_norm: float) -> torch.Tensor:
+    """[global norm, wanted clip, wanted multiplier, estimate of the threshold] (float64, on the
+    device): everything the threshold search needs from the norms, for one host read."""
+    want_clip = _ds_clip(total, loss_scale, max_norm)
+    num = (dense / loss_scale) + 1e-6
+    return torch.stack([total.double(), want_clip.double(), _ds_multiplier(total, loss_scale, max_norm).double(),
+                        num.double() / want_clip.double()])
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _bits_f32(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", b))[0]
+
+
+_WINDOW = 32  # float32 steps either side of the estimate that one read covers
+
+
+def _threshold_from(dense: torch.Tensor, loss_scale, max_norm: float, want_clip: float, want: float,
+                    guess: float) -> float:
+    """The smallest float32 threshold whose DeepSpeed multiplier reaches `want` (or its
+    neighbour below, whichever is nearer). The multipliers of the `_WINDOW` float32 thresholds
+    either side of the estimate are computed with DeepSpeed's own ops (a host scalar threshold,
+    as DeepSpeed passes it) and read at once; when the answer is not inside that window (not
+    seen in practice), a bisection over +-2^16 float32 steps reads one multiplier a probe."""
+    if want_clip == 1.0:
+        return math.inf  # no clipping: DeepSpeed's coefficient becomes max(0, 1) = 1
+    bits = _f32_bits(guess)
+    lo0, hi0 = max(1, bits - (1 << 16)), bits + (1 << 16)  # positive float32s order as their bits
+    cand = range(max(lo0, bits - _WINDOW), bits + _WINDOW + 1)
+    mults = torch.stack([_ds_multiplier(dense, loss_scale, _bits_f32(b)) for b in cand]).tolist()
+    first = next((i for i, m in enumerate(mults) if m >= want), None)
+    if first is not None and (first > 0 or cand[0] == lo0):  # the window brackets the answer
+        got = {b: m for b, m in zip(cand, mults)}
+        lo = cand[first]
+        mult = lambda b: got[b] if b in got else float(_ds_multiplier(dense, loss_scale, _bits_f32(b)))  # noqa: E731
+    else:
+        mult = lambda b: float(_ds_multiplier(dense, loss_scale, _bits_f32(b)))  # noqa: E731
+        lo, hi = lo0, hi0
+        while lo < hi:  # the smallest threshold whose multiplier reaches `want`
+            mid = (lo + hi) // 2
+            if mult(mid) >= want:
+                hi = mid
+            else:
+                lo = mid + 1
+    best = min((lo, lo - 1), key=lambda b: abs(mult(b) - want))
+    return _bits_f32(best)
+
+
 def _matching_threshold(dense: torch.Tensor, total: torch.Tensor, loss_scale, max_norm: float) -> float:
     """A threshold at which the multiplier DeepSpeed derives from the dense norm equals, bit for
     bit, the one the global norm gives at `max_norm`. DeepSpeed's division rounds the threshold
-    to float32 and the multiplier grows with the threshold, so a binary search over the float32
+    to float32 and the multiplier grows with the threshold, so a search over the float32
     thresholds near (dense + 1e-6) / clip finds the smallest one reaching the wanted multiplier;
     when no float32 threshold gives it exactly, the nearest multiplier is taken (one ulp off)."""
-    want_clip = _ds_clip(total, loss_scale, max_norm)
-    if float(want_clip) == 1.0:
-        return math.inf  # no clipping: DeepSpeed's coefficient becomes max(0, 1) = 1
-    want = float(_ds_multiplier(total, loss_scale, max_norm))
-    num = (dense / loss_scale) + 1e-6
-    guess = torch.tensor(float(num.double() / want_clip.double()), dtype=torch.float32)
-    bits = int(guess.view(torch.int32))
-    as_float = lambda b: float(torch.tensor(b, dtype=torch.int32).view(torch.float32))  # noqa: E731
-    mult = lambda b: float(_ds_multiplier(dense, loss_scale, as_float(b)))  # noqa: E731
-    lo, hi = max(1, bits - (1 << 16)), bits + (1 << 16)  # positive float32s order as their bits
-    while lo < hi:  # the smallest threshold whose multiplier reaches `want`
-        mid = (lo + hi) // 2
-        if mult(mid) >= want:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = min((lo, lo - 1), key=lambda b: abs(mult(b) - want))
-    return as_float(best)
+    _total, want_clip, want, guess = _threshold_inputs(dense, total, loss_scale, max_norm).tolist()
+    return _threshold_from(dense, loss_scale, max_norm, want_clip, want, guess)
