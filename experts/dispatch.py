@@ -60,9 +60,35 @@ def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan, nu
     slot order; unused slots (the DTS gate's padding) stay zero. For K <= 2 the sum is bit for bit
     the old index_add's (two terms add the same in either order)."""
     acc = torch.promote_types(y_ND.dtype, torch.float32)
-    slot_idx_N = plan.slot_idx_N[: y_ND.shape[0]]  # an untrimmed plan: its valid rows only
+    N = y_ND.shape[0]
+    slot_idx_N = plan.slot_idx_N[:N]  # an untrimmed plan: its valid rows only
     w_N = weights_TK.reshape(-1).index_select(0, slot_idx_N).to(acc)
     K = weights_TK.shape[1]
-    slots_SD = y_ND.new_zeros(num_tokens * K, y_ND.shape[-1], dtype=acc)
-    slots_SD = slots_SD.index_copy(0, slot_idx_N, y_ND.to(acc) * w_N.unsqueeze(-1))
+    # each (token, slot) takes its row, unused slots the zero row N: a gather, whose backward
+    # keeps only the index (an index_copy into zeros would keep the fp32 rows)
+    src_S = torch.full((num_tokens * K,), N, dtype=torch.long, device=y_ND.device).index_copy_(
+        0, slot_idx_N, torch.arange(N, device=y_ND.device))
+    slots_SD = _WeightedRows.apply(y_ND, w_N.unsqueeze(-1)).index_select(0, src_S)
     return slots_SD.view(num_tokens, K, -1).sum(dim=1).to(y_ND.dtype)
+
+
+class _WeightedRows(torch.autograd.Function):
+    """y.to(w.dtype) * w, and a zero row after them, keeping y in its own dtype for the backward:
+    autograd would keep the fp32 copy of bf16 rows (twice their bytes, per MoE layer, until the
+    backward). The backward runs autograd's own ops, so the same bits."""
+
+    @staticmethod
+    def forward(ctx, y_ND, w_N1):
+        ctx.save_for_backward(y_ND, w_N1)
+        out = y_ND.new_empty((y_ND.shape[0] + 1, y_ND.shape[1]), dtype=w_N1.dtype)
+        torch.mul(y_ND.to(w_N1.dtype), w_N1, out=out[:-1])
+        out[-1].zero_()
+        return out
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        y_ND, w_N1 = ctx.saved_tensors
+        g_ND = g_ND[:-1]
+        grad_y = (g_ND * w_N1).to(y_ND.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g_ND * y_ND.to(w_N1.dtype)).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w

@@ -278,3 +278,37 @@ def test_combine_accumulates_in_fp32_deterministically_and_keeps_two_slot_sums_b
     y2 = torch.randn(T * 2, D, generator=g)
     old2 = y2.new_zeros(T, D).index_add(0, plan2.token_idx_N, y2 * w2.reshape(-1)[plan2.slot_idx_N].unsqueeze(-1))
     assert torch.equal(combine(y2, w2, plan2, T), old2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_keeps_rows_in_their_dtype_for_the_backward_with_autograds_numbers(dtype):
+    """The combine's weighting keeps y (bf16 rows) for the backward, not the fp32 copy autograd
+    would keep (twice the bytes per MoE layer); outputs and gradients are autograd's bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 4, (32, 3), generator=g)
+    plan = plan_dispatch(ids, 4)
+    y0, w0 = torch.randn(96, 24, generator=g).to(dtype), torch.rand(32, 3, generator=g)
+    go = torch.randn(32, 24, generator=g).to(dtype)
+    saved: list = []
+
+    def keep(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    got = []
+    for mode in ("ours", "autograd"):
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if mode == "ours":
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                out = combine(y, w, plan, 32)
+        else:  # the formula autograd differentiates itself
+            acc = torch.promote_types(dtype, torch.float32)
+            w_N = w.reshape(-1).index_select(0, plan.slot_idx_N).to(acc)
+            slots = y.new_zeros(96, 24, dtype=acc).index_copy(0, plan.slot_idx_N, y.to(acc) * w_N.unsqueeze(-1))
+            out = slots.view(32, 3, -1).sum(dim=1).to(dtype)
+        out.backward(go)
+        got.append((out.detach(), y.grad, w.grad))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    assert all(n < 96 * 24 for dt, n in saved if dt != dtype)  # no fp32 copy of the rows (nor of the slots)
+    assert (dtype, 96 * 24) in saved
