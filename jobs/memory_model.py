@@ -202,7 +202,8 @@ def block_activations(lay: Layout, moe: bool, rows: float) -> float:
     attention the qkv output, the rotated q/k (and their fp32 copies in bf16), SDPA's output and
     log-sum-exp and the projection's input; a SwiGLU FFN its two hidden projections, the SiLU and
     the product; the MoE layer the router's fp32 input, logits and probabilities, the rows going
-    into the experts and, in the combine, the k rows coming back (and their fp32 copies)."""
+    into the experts and, in the combine, the k rows coming back (in their own dtype: the combine
+    keeps no fp32 copy of them)."""
     a, D, H, G, d = lay.act_bytes, lay.d_model, lay.n_heads, lay.n_kv_heads, lay.head_dim
     E, F, Fe, k = lay.num_experts, lay.d_ff, lay.d_expert, lay.top_k
     full, none = lay.checkpointing == "full", lay.checkpointing == "none"
@@ -214,7 +215,7 @@ def block_activations(lay: Layout, moe: bool, rows: float) -> float:
     if not moe:
         return attn + norm + (a * D if full else a * D + 4 * a * F)
     router = 4 * D + 3 * 4 * E + 24 * k
-    expert_rows = rows * (a * D + (4 * a * Fe if none else 0)) + k * (a * D + 4 * D)
+    expert_rows = rows * (a * D + (4 * a * Fe if none else 0)) + k * a * D
     shared = 0 if not lay.d_shared else (a * D + 4 * a * lay.d_shared if none else a * D)
     return attn + norm + router + expert_rows + shared
 
