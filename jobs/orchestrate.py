@@ -204,8 +204,8 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
     spec = with_absolute_paths(spec)
     plan = plan_job(spec)
     layout = RunLayout(plan.run_dir)
-    _record_spec(spec, plan, layout, retrain_from)
-    _verify_checkpoints(plan, layout)
+    record_spec(spec, plan, layout, retrain_from)
+    verify_checkpoints(plan, layout)
     if all(layout.done_file(stage.name).is_file() for stage in plan.stages):
         for stage in plan.stages:  # a finished job run again: nothing to start Ray or prepare data for
             _say_skipped(stage.name)
@@ -231,7 +231,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, verbose: bool = Fal
     return results
 
 
-def _record_spec(spec: JobSpec, plan: JobPlan, layout: RunLayout, retrain_from: Optional[str]) -> None:
+def record_spec(spec: JobSpec, plan: JobPlan, layout: RunLayout, retrain_from: Optional[str]) -> None:
     """Check the spec against the run's record (`--retrain-from` first forgets the stages it
     names), then write it as the run's spec.yaml, which only ever records what was trained."""
     from system.checkpoint import atomic_write_text
@@ -243,7 +243,7 @@ def _record_spec(spec: JobSpec, plan: JobPlan, layout: RunLayout, retrain_from: 
     atomic_write_text(layout.spec_file, dump_spec(spec))
 
 
-def _verify_checkpoints(plan: JobPlan, layout: RunLayout) -> None:
+def verify_checkpoints(plan: JobPlan, layout: RunLayout) -> None:
     """Verify every unfinished stage's checkpoints before Ray starts: a damaged newest one is
     reported once (the workers fall back to the same previous one), and with none intact the
     run stops now instead of spending every max_failures restart on the same error."""
@@ -294,7 +294,7 @@ def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: StagePlan
     _raise_for_outcome(layout, stage, result, stop, hb)
     done = json.loads(layout.done_file(stage.name).read_text())
     record_event(layout.root, "finished", stage.name, done["step"])
-    print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
+    print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {loss_summary(layout, stage.name)}",
           flush=True)
     return done
 
@@ -379,7 +379,7 @@ def _say_skipped(stage: str) -> None:
     print(f"[moeforge] stage {stage}: already finished, skipping", flush=True)
 
 
-def _loss_summary(layout: RunLayout, stage: str) -> str:
+def loss_summary(layout: RunLayout, stage: str) -> str:
     """'loss A (step i) -> B (step j)' over this stage's metric lines, for the driver's log."""
     from system.metrics import read_jsonl
 

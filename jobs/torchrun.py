@@ -124,11 +124,11 @@ class _Sigterm:
 def _prepare_run(spec, plan, layout, retrain_from: Optional[str], verbose: bool) -> None:
     """Rank 0, before any stage: what `moeforge run`'s driver does (jobs.orchestrate.run_job),
     with the corpus prepared in this process instead of Ray Data tasks."""
-    from jobs.orchestrate import _record_spec, _verify_checkpoints
+    from jobs.orchestrate import record_spec, verify_checkpoints
     from jobs.prepare import prepare_corpus
 
-    _record_spec(spec, plan, layout, retrain_from)
-    _verify_checkpoints(plan, layout)
+    record_spec(spec, plan, layout, retrain_from)
+    verify_checkpoints(plan, layout)
     prepare_corpus(plan.corpus, use_ray=False, progress=plan.metrics.progress_bar,
                    log=lambda m: print(m, flush=True) if "ready in" not in m or verbose else None)
 
@@ -212,7 +212,7 @@ def _run_stages(args, spec, plan, layout, stages: list, rank: int,
 def _run_one(plan, layout, stage, rank: int, hb, sigterm: _Sigterm, on_step) -> int:
     """One stage on this rank, its events and summary on rank 0; 0, or the job's exit code."""
     from jobs.heartbeat import record_event
-    from jobs.orchestrate import _loss_summary, non_retryable
+    from jobs.orchestrate import loss_summary, non_retryable
     from jobs.stage_runner import run_planned_stage
     from parallel.trainer import StagePreempted
 
@@ -244,7 +244,7 @@ def _run_one(plan, layout, stage, rank: int, hb, sigterm: _Sigterm, on_step) -> 
     if rank == 0:
         done = json.loads(layout.done_file(stage.name).read_text())
         record_event(layout.root, "finished", stage.name, done["step"])
-        print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {_loss_summary(layout, stage.name)}",
+        print(f"[moeforge] stage {stage.name}: done at step {done['step']}; {loss_summary(layout, stage.name)}",
               flush=True)
     return 0
 
