@@ -171,40 +171,15 @@ def sync_counter(mode: str, counts: _Counts):
 
 
 # -- the guard check ------------------------------------------------------------------------------
-def _tensors(obj, prefix="") -> dict:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    out: dict = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_tensors(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_tensors(v, f"{prefix}/{i}"))
-    return out
-
-
-def _checkpoint_tensors(ck: Path) -> dict:
-    """Every tensor of a checkpoint (weights and optimizer moments; RNG files aside), on the host."""
-    from system.safe_load import load_tensors
-
-    out = {}
-    for f in sorted(ck.rglob("*.pt")):
-        if not f.name.startswith("rng_"):
-            out.update({k: v.cpu() for k, v in _tensors(load_tensors(f, allow_deepspeed=True),
-                                                          str(f.relative_to(ck))).items()})
-    return out
-
-
 def guard_verdict(ck: Path, bad_step: int, records: dict[int, dict]) -> dict[str, Any]:
     """Did the non-finite step `bad_step` change nothing, and the next one most tensors? `ck`:
     the stage's checkpoints folder."""
     import torch
 
+    from system.safe_load import checkpoint_tensors
+
     try:
-        before, after, nxt = (_checkpoint_tensors(ck / f"step_{s:08d}") for s in (bad_step - 1, bad_step,
+        before, after, nxt = (checkpoint_tensors(ck / f"step_{s:08d}") for s in (bad_step - 1, bad_step,
                                                                                    bad_step + 1))
     except (OSError, ValueError) as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}

@@ -72,3 +72,24 @@ def screen_checkpoint(ckpt_dir: Path) -> None:
     Run before DeepSpeed's full unpickling of its engine files."""
     for f in sorted(Path(ckpt_dir).rglob("*.pt")):
         load_tensors(f, mmap=True, allow_deepspeed=True)
+
+
+def _flat_tensors(obj, prefix: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out: dict = {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        out.update(_flat_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def checkpoint_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (weights and optimizer state of every rank; the RNG
+    files aside), on the host, keyed "file/key/...": what "this step changed nothing" compares."""
+    out: dict = {}
+    for f in sorted(Path(ckpt_dir).rglob("*.pt")):
+        if not f.name.startswith("rng_"):
+            tensors = _flat_tensors(load_tensors(f, allow_deepspeed=True), str(f.relative_to(ckpt_dir)))
+            out.update({k: v.cpu() for k, v in tensors.items()})
+    return out

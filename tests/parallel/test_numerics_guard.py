@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from parallel.testing import run_distributed
-from system.safe_load import load_tensors
+from system.safe_load import checkpoint_tensors
 from tests.helpers import tiny_spec
 
 
@@ -33,28 +33,6 @@ def _spec(tmp: Path, strategy: str, zero: int, **stage) -> dict:
 def _records(run: Path) -> dict[int, dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in recs if "loss" in r}
-
-
-def _tensors(obj, prefix="") -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_tensors(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_tensors(v, f"{prefix}/{i}"))
-    return out
-
-
-def _state(ck: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (weights and optimizer moments of every rank; RNG files aside)."""
-    out = {}
-    for f in sorted(ck.rglob("*.pt")):
-        if not f.name.startswith("rng_"):
-            out.update(_tensors(load_tensors(f, allow_deepspeed=True), str(f.relative_to(ck))))
-    return out
 
 
 BF16 = {"bf16": {"enabled": True}}
@@ -78,7 +56,7 @@ def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy
     assert math.isnan(recs[3]["grad_norm"]) and not math.isfinite(recs[3]["loss"])
     assert all(math.isfinite(recs[s]["loss"]) and math.isfinite(recs[s]["grad_norm"]) for s in (4, 5))
     ckpts = run / "stages" / "pretrain" / "checkpoints"
-    before, after, next_ = (_state(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
+    before, after, next_ = (checkpoint_tensors(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
     assert before.keys() == after.keys() and len(before) > 10
     same = [k for k in before if torch.equal(before[k], after[k])]
     changed = [k for k in before if not torch.equal(before[k], next_[k])]
