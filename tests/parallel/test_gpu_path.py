@@ -223,7 +223,8 @@ def test_bf16_stage_accumulates_dense_gradients_in_fp32(tmp_path, strategy, zero
 def test_bf16_zero1_skips_a_nonfinite_step_through_deepspeeds_overflow_path(tmp_path, monkeypatch):
     """parallel/numerics.py's skip under ZeRO 1 + bf16 + fp32 accumulation: nothing changes at the
     bad step (the fp32 `grad_accum`s are dropped with the partitions) and training goes on."""
-    from tests.parallel.test_numerics_guard import _records, _spec as guard_spec, _state, _train
+    from system.safe_load import checkpoint_tensors
+    from tests.parallel.test_numerics_guard import _records, _spec as guard_spec, _train
 
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE", "3")
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE_RANK", "1")
@@ -235,5 +236,5 @@ def test_bf16_zero1_skips_a_nonfinite_step_through_deepspeeds_overflow_path(tmp_
     assert [recs[s]["step_skipped"] for s in range(1, 6)] == [0, 0, 1, 0, 0]
     assert all(math.isfinite(recs[s]["loss"]) and math.isfinite(recs[s]["grad_norm"]) for s in (4, 5))
     ckpts = run / "stages" / "pretrain" / "checkpoints"
-    before, after = (_state(ckpts / f"step_{s:08d}") for s in (2, 3))
+    before, after = (checkpoint_tensors(ckpts / f"step_{s:08d}") for s in (2, 3))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
