@@ -95,6 +95,10 @@ class ParallelSection:
     fssdp: FSSDPSection = field(default_factory=FSSDPSection)
     deepspeed_moe: DeepSpeedMoESection = field(default_factory=DeepSpeedMoESection)
     zero_stage: Literal[0, 1, 2] = 0
+    # ep/fssdp: expert fp32 masters and AdamW moments sharded over the expert-data-parallel group
+    # (the world_size / P ranks at one place of the P-rank groups); 1: gradients reduce-scattered
+    # once a step; 2: each layer's as its backward ends (no pool-sized gradient). 0: replicated
+    expert_sharding: Literal[0, 1, 2] = 0
     use_gpu: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     threads_per_worker: Optional[int] = None  # torch intra-op threads; default: CPUs per worker
@@ -119,6 +123,10 @@ class ParallelSection:
         if self.expert_strategy == "replicated" and ep != 1:
             yield "expert_parallel_size", ("must be 1 with expert_strategy 'replicated' "
                                            "(every rank holds every expert)")
+        if self.expert_sharding and self.expert_strategy not in ("ep", "fssdp"):
+            yield "expert_sharding", (f"{self.expert_sharding} needs expert_strategy ep or fssdp (it shards their "
+                                      f"expert state over the expert-data-parallel group), not "
+                                      f"{self.expert_strategy!r}")
         rpn = self.fssdp.ranks_per_node
         if (self.expert_strategy in ("ep", "fssdp") and ep >= 1 and not self.world_size % ep
                 and ep < self.world_size and rpn < self.world_size and ep % rpn and rpn % ep):

@@ -109,6 +109,37 @@ def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     return out if work is t or work.device == t.device else [o.to(t.device) for o in out]
 
 
+_NEWER = {"reduce_scatter_tensor": "reduce_scatter_single", "all_gather_into_tensor": "all_gather_single"}
+
+
+def _collective(name: str):
+    """torch's flat-tensor collective under its newer name where it has one (2.13: `*_single`)."""
+    return getattr(dist, _NEWER[name], None) or getattr(dist, name)
+
+
+def reduce_scatter_(out: torch.Tensor, x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum the flat `x` (G * n elements) over the group's G ranks; rank j receives elements
+    [j*n, (j+1)*n) of the sum in the flat `out` (n elements). Returns `out`."""
+    if not is_dist():
+        return out.copy_(x)
+    work_x, work_out = _staged(x.contiguous(), group), _staged(out, group)
+    _collective("reduce_scatter_tensor")(work_out, work_x, op=_OPS["sum"], group=group)
+    if work_out is not out:
+        out.copy_(work_out)
+    return out
+
+
+def all_gather_into_(out: torch.Tensor, x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's flat `x` (n elements), in rank order, into the flat `out` (G * n). Returns `out`."""
+    if not is_dist():
+        return out.copy_(x)
+    work_x, work_out = _staged(x.contiguous(), group), _staged(out, group)
+    _collective("all_gather_into_tensor")(work_out, work_x, group=group)
+    if work_out is not out:
+        out.copy_(work_out)
+    return out
+
+
 def all_gather_object(obj: Any) -> list:
     """Every rank's picklable `obj`, in rank order (the default group)."""
     if not is_dist():

@@ -13,7 +13,7 @@ class _PoolRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pool, slots):
         n = len(slots)
-        ctx.pool, ctx.n = pool, n
+        ctx.pool, ctx.n, ctx.slots = pool, n, slots
         ctx.start = slots[0] if n and slots == tuple(range(slots[0], slots[0] + n)) else None
         if ctx.start is not None:  # a contiguous run of slots (the usual case): a view, no copy
             ctx.idx = None
@@ -27,6 +27,10 @@ class _PoolRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         pool = ctx.pool
+        sink = getattr(pool, "moeforge_grad_sink", None)
+        if sink is not None:  # expert sharding 2: the store reduces the rows at the layer's end
+            sink(pool, ctx.slots, g)
+            return None, None
         if pool.grad is None:
             pool.grad = torch.zeros_like(pool)
         if ctx.start is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from parallel import dist as pdist
 from parallel.collectives import CommStats
+from parallel.expert_shards import ExpertShards
 from parallel.groups import ExpertGroups, single_group
 from parallel.placement import Ownership, moves
 from system.expert_files import read_expert_files, write_expert_file
@@ -47,8 +48,20 @@ class ExpertPool:
         self.w2 = nn.Parameter(torch.zeros(S, d_expert, d_model, dtype=dtype, device=self.device))
         for p in self.params():
             p.moeforge_expert = True
-        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None  # unsharded: AdamW over the whole pool
+        self.shards: Optional[ExpertShards] = None  # sharded over the EDP group: masters and AdamW there
         self.reshards = 0
+
+    def enable_sharding(self, level: int) -> int:
+        """`parallel.expert_sharding`: keep the fp32 masters and AdamW moments of 1/G of the owned
+        rows (G: the expert-data-parallel size; `parallel.expert_shards`). Before
+        `build_optimizer`. Returns the level in force: 0 when there is a single group."""
+        if self.optimizer is not None:
+            raise RuntimeError("enable_sharding after build_optimizer")
+        g = self.groups
+        self.shards = None if not level or g.num_groups < 2 else \
+            ExpertShards(level, self.params(), g.edp_group, g.num_groups, g.group_index)
+        return 0 if self.shards is None else level
 
     # -- basic views ------------------------------------------------------------------------
     def params(self) -> list[nn.Parameter]:
@@ -102,17 +115,31 @@ class ExpertPool:
             self.w2[s].copy_(w2[j])
 
     def build_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
+        if self.shards is not None:
+            self.shards.init_from(self.params())
+            self.shards.build_optimizer(lr, betas, eps, weight_decay)
+            return
         self.optimizer = torch.optim.AdamW([{"params": self.params(), "weight_decay": weight_decay,
                                              "name": "expert_sharded"}], lr=lr, betas=tuple(betas), eps=eps)
 
     # -- the update ---------------------------------------------------------------------------
     def grad_sq_norm(self) -> torch.Tensor:
-        """This rank's owned experts' squared gradient norm (sum over ranks = experts' share)."""
+        """This rank's owned experts' squared gradient norm: summed over `norm_groups`, the experts'."""
+        if self.shards is not None:
+            return self.shards.grad_sq_norm()
         return sum((p.grad.double().pow(2).sum() for p in self.params() if p.grad is not None),
                    torch.zeros((), dtype=torch.float64))
 
+    def norm_groups(self) -> list:
+        """The groups `grad_sq_norm` is summed over: the expert-parallel group holds every expert
+        once (its EDP replicas hold equal gradients); sharded, each EDP member holds 1/G of them."""
+        return [self.group] + ([self.groups.edp_group] if self.shards is not None else [])
+
     @torch.no_grad()
     def step(self, lr: float, clip_coef: float = 1.0) -> None:
+        if self.shards is not None:
+            self.shards.step(lr, clip_coef, self.params())
+            return
         if self.optimizer is None:
             raise RuntimeError("ExpertStore.step before build_optimizer")
         if clip_coef < 1.0:
@@ -129,6 +156,8 @@ class ExpertPool:
         """A skipped step: drop the gradients, change nothing else."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        if self.shards is not None:
+            self.shards.discard()
         for p in self.params():
             p.grad = None
 
@@ -169,6 +198,8 @@ class ExpertPool:
 
     def _slot_tensors(self) -> list[torch.Tensor]:
         out = list(self.params())
+        if self.shards is not None:
+            return out + self.shards.slot_tensors()  # masters and moments move with their slot
         if self.optimizer is not None:
             for p in self.params():
                 st = self.optimizer.state.get(p)
@@ -186,7 +217,12 @@ class ExpertPool:
                 for v in self.optimizer.state.get(p, {}).values():
                     if torch.is_tensor(v):
                         opt += v.numel() * v.element_size()
-        return {"owned_experts": self.own.slots_per_rank, "param_bytes": params, "optimizer_bytes": opt}
+        out = {"owned_experts": self.own.slots_per_rank, "param_bytes": params, "optimizer_bytes": opt}
+        if self.shards is not None:
+            sh = self.shards.state_bytes()
+            out.update(optimizer_bytes=sh["optimizer_bytes"] + sh["master_bytes"], master_bytes=sh["master_bytes"],
+                       grad_shard_bytes=sh["grad_shard_bytes"])
+        return out
 
     # -- full weights ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,6 +241,8 @@ class ExpertPool:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:
+        if self.shards is not None:
+            return self._sharded_state_for_checkpoint()
         experts = {}
         st = {} if self.optimizer is None else self.optimizer.state
         names = ("w1", "w3", "w2")
@@ -226,10 +264,36 @@ class ExpertPool:
                 "expert_parallel_size": self.world, "world_size": self.groups.world,
                 "ownership": self.own.to_dict(), "experts": experts}
 
+    def _sharded_state_for_checkpoint(self) -> dict:
+        """Format 2: this EDP member's pieces of its owned experts (fp32 masters as the weights,
+        AdamW moments), each trimmed to the elements it covers; `read_expert_files` joins the
+        members' pieces back into whole records, so any layout can read them."""
+        sh, names = self.shards, ("w1", "w3", "w2")
+        mom = [sh.moments(i) for i in range(len(names))]
+        experts = {}
+        for layer, e, s in self.own.owned(self.rank):
+            rec = {}
+            for i, n in enumerate(names):
+                lo, hi = sh.span(i)
+                rec[n] = sh.masters[i][s, :hi - lo].detach().to("cpu", copy=True)
+                if mom[i] is not None:
+                    rec[f"exp_avg.{n}"] = mom[i][0][s, :hi - lo].to("cpu", copy=True)
+                    rec[f"exp_avg_sq.{n}"] = mom[i][1][s, :hi - lo].to("cpu", copy=True)
+            experts[f"{layer}.{e}"] = rec
+        st = sh.optimizer.state.get(sh.masters[0]) if sh.optimizer is not None else None
+        return {"format": 2, "num_layers": self.L, "num_experts": self.E, "d_model": self.D, "d_expert": self.F,
+                "rank": self.rank, "world": self.world, "strategy": self.strategy,
+                "adam_step": float(st["step"]) if st else None, "expert_parallel_size": self.world,
+                "world_size": self.groups.world, "edp_size": sh.G, "member": sh.j, "expert_sharding": sh.level,
+                "ownership": self.own.to_dict(), "experts": experts}
+
     def save(self, ckpt_dir: Path) -> None:
-        """The first expert-parallel group writes one file per place (every group holds the same
-        experts after the expert-data-parallel reduction)."""
-        if self.groups.group_index == 0:
+        """Unsharded: the first expert-parallel group writes one file per place (every group
+        holds the same experts after the expert-data-parallel reduction). Sharded: every rank
+        writes its pieces (file number = its global rank: member x P + place)."""
+        if self.shards is not None:
+            write_expert_file(ckpt_dir, self.shards.j * self.world + self.rank, self.state_for_checkpoint())
+        elif self.groups.group_index == 0:
             write_expert_file(ckpt_dir, self.rank, self.state_for_checkpoint())
 
     @torch.no_grad()
@@ -249,6 +313,9 @@ class ExpertPool:
             self.own = Ownership.even(self.L, self.E, self.world)
         names = ("w1", "w3", "w2")
         have_state = optimizer_state and all(f"exp_avg.{n}" in next(iter(allx.values())) for n in names)
+        if self.shards is not None:
+            self._load_pieces(allx, float(head["adam_step"]) if have_state else None)
+            return {"world": head["world"], "experts": len(allx), "optimizer_state": have_state, "head": head}
         if have_state and self.optimizer is not None:
             for p in self.params():
                 self.optimizer.state[p] = {"step": torch.tensor(float(head["adam_step"])),
@@ -263,3 +330,22 @@ class ExpertPool:
         return {"world": head["world"], "experts": len(allx), "optimizer_state": have_state, "head": head}
 
 
+
+    @torch.no_grad()
+    def _load_pieces(self, allx, adam_step: Optional[float]) -> None:
+        """Sharded: the owned experts' whole weights into the pool, this member's pieces of them
+        (and of the moments when `adam_step` is given) into the masters and AdamW state."""
+        sh, names = self.shards, ("w1", "w3", "w2")
+        if adam_step is not None and sh.optimizer is not None:
+            for m in sh.masters:
+                sh.optimizer.state[m] = {"step": torch.tensor(adam_step), "exp_avg": torch.zeros_like(m),
+                                         "exp_avg_sq": torch.zeros_like(m)}
+        for layer, e, s in self.own.owned(self.rank):
+            rec = allx[f"{layer}.{e}"]
+            for i, (n, p) in enumerate(zip(names, self.params())):
+                p[s].copy_(rec[n])
+                sh.masters[i][s].copy_(sh.piece_of(i, rec[n].reshape(1, -1).float())[0])
+                if adam_step is not None and sh.optimizer is not None:
+                    mom = sh.moments(i)
+                    for t, key in zip(mom, ("exp_avg", "exp_avg_sq")):
+                        t[s].copy_(sh.piece_of(i, rec[f"{key}.{n}"].reshape(1, -1))[0])

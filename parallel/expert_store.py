@@ -67,6 +67,17 @@ class ExpertStore(ExpertPool):
         # forwards before the first begin_iteration (the step-0 evaluation) gather into this one
         self.iteration = IterationState()
 
+    def enable_sharding(self, level: int) -> int:
+        """Expert state sharded over the EDP group (`ExpertPool.enable_sharding`). Its gradients
+        are reduce-scattered, not all-reduced, so the all-reduce in the backward is off; level 2
+        reduces each layer's owned rows when that layer's backward ends (`_reduce_layer_rows`)."""
+        level = super().enable_sharding(level)
+        if level:
+            self.edp_in_backward = False
+        for p in self.params():
+            p.moeforge_grad_sink = self._rows_grad if level == 2 else None
+        return level
+
     # -- the overlap budget t ---------------------------------------------------------------------
     def attention_clock(self) -> Optional[float]:
         """Start timing a block's attention while t is still to be derived (first iterations)."""
@@ -337,6 +348,9 @@ class ExpertStore(ExpertPool):
         pass, in the same layer order: advance the spRS already in flight by one round, then start
         `layer`'s. The message order is then the same on every rank, whatever the backend's tags."""
         it = self.iteration
+        if self.shards is not None and self.shards.level == 2:
+            self._reduce_layer_rows(layer)
+            it.rows_marked.add(layer)
         if it.edp_armed and layer not in it.edp_works:
             self._start_layer_edp(layer)
         if not it.reduce_armed or layer in it.reducing:
@@ -354,7 +368,38 @@ class ExpertStore(ExpertPool):
     @property
     def marks_layer_backward(self) -> bool:
         """Whether a layer's dispatch must report the end of its backward (`layer_backward_done`)."""
-        return (self.cfg.sprs_overlap and self.strategy == "fssdp") or self.edp_in_backward
+        return ((self.cfg.sprs_overlap and self.strategy == "fssdp") or self.edp_in_backward
+                or (self.shards is not None and self.shards.level == 2))
+
+    def _owned_slots(self, layer: int) -> list[int]:
+        return [self.slot(layer, e) for e in range(self.E) if self.owner(layer, e) == self.rank]
+
+    def _rows_grad(self, pool: torch.Tensor, slots: tuple, g: torch.Tensor) -> None:
+        """Expert sharding 2: one backward's gradient of owned pool rows `slots` (`pool_rows`),
+        kept until its layer's backward ends instead of being added into a pool-sized gradient."""
+        i = next(k for k, p in enumerate(self.params()) if p is pool)
+        self.iteration.row_grads.append((i, tuple(slots), g))
+
+    @torch.no_grad()
+    def _reduce_layer_rows(self, layer: int) -> None:
+        """Expert sharding 2, at the end of `layer`'s backward (every micro-batch): reduce-scatter
+        its owned rows' gradients over the EDP group into this member's sums. Every member of
+        the group owns the same slots, so all post it at the same point (zeros when no row of
+        theirs got a gradient)."""
+        slots = self._owned_slots(layer)
+        if not slots:
+            return
+        pos = {s: k for k, s in enumerate(slots)}
+        rows = [torch.zeros(len(slots), n, dtype=torch.float32, device=self.device) for n in self.shards.n]
+        keep = []
+        for i, sl, g in self.iteration.row_grads:
+            if not all(s in pos for s in sl):
+                keep.append((i, sl, g))
+                continue
+            idx = torch.tensor([pos[s] for s in sl], dtype=torch.long).to(self.device)
+            rows[i].index_add_(0, idx, g.reshape(len(sl), -1).to(torch.float32))
+        self.iteration.row_grads = keep
+        self.shards.add_slots(slots, self.shards.scatter(rows))
 
     @torch.no_grad()
     def _start_layer_edp(self, layer: int) -> None:
@@ -393,9 +438,10 @@ class ExpertStore(ExpertPool):
         The layers whose spRS started in the backward pass are completed; the others (all of
         them without `sprs_overlap`) run as one schedule over their chains."""
         self.iteration.reduce_armed = False
-        for p in self.params():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if self.shards is None or self.shards.level == 1:  # level 2 never builds pool-sized gradients
+            for p in self.params():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         started = set(self.iteration.reducing)
         summed = self.iteration.finish_reduces()
         chains, grads = {}, {}
@@ -405,6 +451,9 @@ class ExpertStore(ExpertPool):
                 grads.update(self._copy_grads(layer))
         summed.update(coll.sparse_reduce_scatter(chains, self.rank, grads, self.expert_numel, self.grad_dtype,
                                                  self.device, self.comm, self.peer, self.group))
+        if self.shards is not None:
+            self._reduce_sharded(summed)
+            return
         reduced = set(self.iteration.finish_edp())  # layers whose owned rows were summed in the backward
         if reduced:
             # the copies' sums of those layers still need their expert-data-parallel sum: one
@@ -433,6 +482,36 @@ class ExpertStore(ExpertPool):
         if self.groups.world > 1:
             for p in self.params():
                 p.grad.div_(self.groups.world)
+
+    @torch.no_grad()
+    def _reduce_sharded(self, summed: dict) -> None:
+        """`reduce_grads` under expert sharding: the copies' spRS sums join the owned rows'
+        gradients, everything is reduce-scattered over the EDP group into this member's pieces,
+        and averaged over the world. Level 1 scatters the pool's gradient once; level 2 already
+        scattered the owned rows in the backward and scatters the copies' sums here (the same
+        keys in every group: all groups plan alike)."""
+        sh = self.shards
+        if sh.level == 1:
+            for (layer, e), flat in summed.items():
+                s = self.slot(layer, e)
+                for p, g in zip(self.params(), self.unpack(flat.to(self.dtype))):
+                    p.grad[s] += g
+            sh.reduce_pool_grads(self.params())
+        else:
+            for layer in range(self.L):  # layers whose input needs no gradient report no end
+                if layer not in self.iteration.rows_marked:
+                    self._reduce_layer_rows(layer)
+            if self.iteration.row_grads:
+                raise RuntimeError("expert sharding 2: owned-row gradients left unreduced after the backward")
+            for p in self.params():
+                p.grad = None
+            keys = sorted(summed)
+            if keys:
+                flat = torch.stack([summed[k].to(torch.float32) for k in keys])
+                rows = list(flat.split(sh.n, dim=1))
+                sh.add_slots([self.slot(*k) for k in keys], sh.scatter(rows))
+        if self.groups.world > 1:
+            sh.scale(1.0 / self.groups.world)
 
     @torch.no_grad()
     def step(self, lr: float, clip_coef: float = 1.0) -> None:

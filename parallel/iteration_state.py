@@ -25,6 +25,8 @@ class IterationState:
     sprs_in_backward: int = 0  # layers whose spRS started during this step's backward
     edp_armed: bool = False  # this backward is the step's last: reduce each layer's owned grads over EDP in it
     edp_works: dict = field(default_factory=dict)  # layer -> its expert-data-parallel all-reduces in flight
+    row_grads: list = field(default_factory=list)  # expert sharding 2: (weight, slots, grad) until the layer ends
+    rows_marked: set = field(default_factory=set)  # expert sharding 2: layers whose backward reported its end
 
     def finish_reduces(self) -> dict:
         """Complete the spRS started in the backward pass, round by round in layer order."""
@@ -59,6 +61,8 @@ class IterationState:
         self.reduce_armed = self.edp_armed = False
         self.copies.clear()
         self.copy_grads.clear()
+        self.row_grads.clear()
+        self.rows_marked.clear()
         self.gathered.clear()
         for pg in self.pending.values():
             pg.wait()

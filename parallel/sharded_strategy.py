@@ -34,6 +34,7 @@ class ShardedStrategy(ExpertStrategy):
         self.store = None
         self.lr = 0.0
         self.last_norm: Optional[float] = None
+        self.expert_sharding = 0  # the level in force after `prepare`
 
     # -- building -----------------------------------------------------------------------------
     def expert_groups(self):
@@ -78,6 +79,11 @@ class ShardedStrategy(ExpertStrategy):
                               sprs_overlap=f.sprs_overlap,
                               ranks_per_node=f.ranks_per_node, link_gbps=f.link_gbps, tolerance=f.tolerance)
         self.store = shard_model(model, self.name, cfg, groups=groups)
+        level = getattr(self.parallel, "expert_sharding", 0)
+        self.expert_sharding = self.store.enable_sharding(level) if self.store is not None else 0
+        if level and not self.expert_sharding and pdist.rank() == 0:
+            print(f"[moeforge] parallel.expert_sharding: {level} has no effect with one expert-parallel group "
+                  f"(expert_parallel_size = world size): nothing to shard over", flush=True)
         if self.store is not None and pdist.rank() == 0 and groups.num_groups > 1:
             print(f"[moeforge] {self.name}: {groups.describe()}", flush=True)
 
@@ -156,8 +162,8 @@ class ShardedStrategy(ExpertStrategy):
     def _expert_sq_tensor(self) -> torch.Tensor:
         sq = self.store.grad_sq_norm()
         if pdist.is_dist():
-            # one expert-parallel group holds every expert once (the groups hold equal gradients)
-            pdist.all_reduce_(sq, "sum", self.store.group)
+            for g in self.store.norm_groups():  # the EP group (and the EDP group when sharded)
+                pdist.all_reduce_(sq, "sum", g)
         return sq
 
     def _expert_sq(self) -> float:

@@ -244,20 +244,22 @@ from tests.parallel.test_expert_parallel import _run_stage, _spec, _weights, rep
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,P,strategy,zero,fssdp,accum", [
-    (4, 2, "ep", 0, None, 1),
-    (4, 2, "fssdp", 1, None, 2),
-    (8, 4, "fssdp", 0, {"rematerialize": True, "reshard_every": 1}, 1),
-    (8, 2, "fssdp", 0, None, 1),
+@pytest.mark.parametrize("world,P,strategy,zero,fssdp,accum,sharding", [
+    (4, 2, "ep", 0, None, 1, 0),
+    (4, 2, "fssdp", 1, None, 2, 2),
+    (8, 4, "fssdp", 0, {"rematerialize": True, "reshard_every": 1}, 1, 1),
+    (8, 2, "fssdp", 0, None, 1, 2),
 ])
 def test_trainer_groups_match_single_process(tmp_path, replicated_reference, world, P, strategy, zero, fssdp,
-                                             accum):
+                                             accum, sharding):
     """Four optimizer steps (clipping active, evaluations between) of world/P expert-parallel
-    groups: losses, global gradient norms, held-out losses and every final parameter equal
-    single-process replicated training."""
+    groups, with the expert state replicated or sharded over the EDP group
+    (`parallel.expert_sharding`): losses, global gradient norms, held-out losses and every final
+    parameter equal single-process replicated training."""
     ref, ref_w = replicated_reference
     spec = _spec(tmp_path, world, strategy, f"{strategy}{world}x{P}", zero, fssdp, accum=accum)
     spec["parallel"]["expert_parallel_size"] = P
+    spec["parallel"]["expert_sharding"] = sharding
     recs = run_distributed(_run_stage, world, spec)[0]
     assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
     for r, q in zip(recs, ref):
@@ -274,7 +276,7 @@ def test_trainer_groups_match_single_process(tmp_path, replicated_reference, wor
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     ck = Path(spec["run"]["output_dir"]) / spec["run"]["name"] / "stages" / "pretrain" / "checkpoints"
     last_ck = sorted(ck.glob("step_*"))[-1]
-    assert len(list((last_ck / "experts").glob("rank*.pt"))) == P
+    assert len(list((last_ck / "experts").glob("rank*.pt"))) == (world if sharding else P)
     last = recs[-1]
     assert last["ep/bytes_all_to_all"] > 0
     if strategy == "fssdp":
