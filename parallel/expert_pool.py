@@ -114,6 +114,16 @@ class ExpertPool:
             self.w3[s].copy_(w3[j])
             self.w2[s].copy_(w2[j])
 
+    @torch.no_grad()
+    def set_working_dtype(self, dtype: torch.dtype) -> None:
+        """Sharded: the pool's working weights (what the experts compute with and spAG sends) in
+        the training dtype; the fp32 masters are the shards'. Unsharded, the pool is its own fp32
+        master and stays fp32."""
+        if self.shards is None or self.w1.dtype == dtype:
+            return
+        for p in self.params():
+            p.data = p.data.to(dtype)
+
     def build_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
         if self.shards is not None:
             self.shards.init_from(self.params())
@@ -168,12 +178,13 @@ class ExpertPool:
         mv = moves(self.own, new)
         if not mv:
             return 0
-        tensors = self._slot_tensors()
+        tensors = self._slot_tensors()  # as bytes: sharded, bf16 weights travel with fp32 pieces
+        nbytes = [t[0].numel() * t.element_size() for t in tensors]
         ops, outgoing, incoming = [], [], []
         for i, (layer, e, src, s_slot, dst, d_slot) in enumerate(mv):
             tag = layer * self.E + e
             if src == self.rank:
-                buf = torch.cat([t[s_slot].reshape(-1) for t in tensors])
+                buf = torch.cat([t[s_slot].reshape(-1).view(torch.uint8) for t in tensors])
                 outgoing.append(buf)
                 self.comm.reshard += buf.numel() * buf.element_size()
                 if dst == self.rank:
@@ -181,16 +192,15 @@ class ExpertPool:
                 else:
                     ops.append(pdist.p2p_op("send", buf, self.peer(dst), self.group, tag))
             elif dst == self.rank:
-                buf = torch.empty(sum(t[0].numel() for t in tensors), dtype=self.dtype, device=self.device)
+                buf = torch.empty(sum(nbytes), dtype=torch.uint8, device=self.device)
                 incoming.append((d_slot, buf))
                 ops.append(pdist.p2p_op("recv", buf, self.peer(src), self.group, tag))
         for w in pdist.batch_isend_irecv(ops):
             w.wait()
         for d_slot, buf in incoming:  # after every send has left, so no slot is overwritten early
             off = 0
-            for t in tensors:
-                n = t[0].numel()
-                t[d_slot].copy_(buf[off:off + n].view_as(t[d_slot]))
+            for t, n in zip(tensors, nbytes):
+                t[d_slot].copy_(buf[off:off + n].view(t.dtype).view_as(t[d_slot]))
                 off += n
         self.own = new
         self.reshards += 1
@@ -228,11 +238,15 @@ class ExpertPool:
     @torch.no_grad()
     def full_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`layer`'s (E, ...) weights of every expert, assembled on every rank (a collective)."""
-        out = [torch.zeros((self.E,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.params()]
+        src = self.params()
+        if self.shards is not None and src[0].dtype != torch.float32:  # the fp32 masters, not bf16 copies
+            src = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in src]
+            self.shards.gather_into(src)
+        out = [torch.zeros((self.E,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in src]
         for e in range(self.E):
             if self.owner(layer, e) == self.rank:
                 s = self.slot(layer, e)
-                for o, p in zip(out, self.params()):
+                for o, p in zip(out, src):
                     o[e].copy_(p[s])
         if self.world > 1:
             for o in out:

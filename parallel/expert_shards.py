@@ -35,8 +35,10 @@ class ExpertShards:
         self.masters = [nn.Parameter(torch.zeros(self.S, c, dtype=torch.float32, device=self.device))
                         for c in self.c]
         self.grads: list[Optional[torch.Tensor]] = [None] * len(params)  # (S, c) fp32 sums, this step
+        # level 1: the pool's whole gradient, (S, n) fp32, summed over the step's backward passes
+        # (the working weights may be bf16: their own .grad would sum in bf16)
+        self.full_grads: list[Optional[torch.Tensor]] = [None] * len(params)
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.reduced_layers: set = set()  # level 2: layers whose rows were reduced this micro-batch
 
     # -- pieces ------------------------------------------------------------------------------------
     def span(self, i: int) -> tuple[int, int]:
@@ -102,13 +104,26 @@ class ExpertShards:
                 idx = torch.tensor(slots, dtype=torch.long).to(self.device)
                 self.grads[i].index_add_(0, idx, piece)
 
-    def reduce_pool_grads(self, params: list[torch.Tensor]) -> None:
-        """Level 1: reduce-scatter the pool's full gradients (all slots) into the sums; frees them."""
-        rows = [p.grad.reshape(self.S, -1) if p.grad is not None else
-                torch.zeros(self.S, n, dtype=torch.float32, device=self.device) for p, n in zip(params, self.n)]
+    @torch.no_grad()
+    def add_full(self, i: int, slots, g: torch.Tensor) -> None:
+        """Level 1: add one backward's gradient of pool rows `slots` (host ints) of weight `i`
+        into the step's whole fp32 gradient."""
+        if self.full_grads[i] is None:
+            self.full_grads[i] = torch.zeros(self.S, self.n[i], dtype=torch.float32, device=self.device)
+        slots = list(slots)
+        rows = g.reshape(len(slots), -1).to(torch.float32)
+        if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+            self.full_grads[i].narrow(0, slots[0], len(slots)).add_(rows)
+        elif slots:
+            self.full_grads[i].index_add_(0, torch.tensor(slots, dtype=torch.long).to(self.device), rows)
+
+    def reduce_pool_grads(self) -> None:
+        """Level 1: reduce-scatter the step's whole gradients (every slot) into this member's
+        sums, and free them."""
+        rows = [g if g is not None else torch.zeros(self.S, n, dtype=torch.float32, device=self.device)
+                for g, n in zip(self.full_grads, self.n)]
+        self.full_grads = [None] * len(rows)
         self.add_slots(range(self.S), self.scatter(rows))
-        for p in params:
-            p.grad = None
 
     def scale(self, factor: float) -> None:
         for g in self.grads:
@@ -150,7 +165,7 @@ class ExpertShards:
     def discard(self) -> None:
         """Drop this step's gradient sums (after the step, or a skipped step)."""
         self.grads = [None] * len(self.grads)
-        self.reduced_layers.clear()
+        self.full_grads = [None] * len(self.full_grads)
         for m in self.masters:
             m.grad = None
 
@@ -158,5 +173,5 @@ class ExpertShards:
     def state_bytes(self) -> dict[str, int]:
         masters = sum(m.numel() * m.element_size() for m in self.masters)
         moments = sum(t.numel() * t.element_size() for i in range(len(self.masters)) for t in (self.moments(i) or ()))
-        grads = sum(g.numel() * g.element_size() for g in self.grads if g is not None)
+        grads = sum(g.numel() * g.element_size() for g in self.grads + self.full_grads if g is not None)
         return {"master_bytes": masters, "optimizer_bytes": moments, "grad_shard_bytes": grads}

@@ -74,8 +74,8 @@ class ExpertStore(ExpertPool):
         level = super().enable_sharding(level)
         if level:
             self.edp_in_backward = False
-        for p in self.params():
-            p.moeforge_grad_sink = self._rows_grad if level == 2 else None
+        for p in self.params():  # the pool rows' gradients go to the shards, in fp32 (`pool_rows`)
+            p.moeforge_grad_sink = self._rows_grad if level else None
         return level
 
     # -- the overlap budget t ---------------------------------------------------------------------
@@ -375,10 +375,14 @@ class ExpertStore(ExpertPool):
         return [self.slot(layer, e) for e in range(self.E) if self.owner(layer, e) == self.rank]
 
     def _rows_grad(self, pool: torch.Tensor, slots: tuple, g: torch.Tensor) -> None:
-        """Expert sharding 2: one backward's gradient of owned pool rows `slots` (`pool_rows`),
-        kept until its layer's backward ends instead of being added into a pool-sized gradient."""
+        """Expert sharding: one backward's gradient of owned pool rows `slots` (`pool_rows`).
+        Level 1 adds it into the step's fp32 pool gradient; level 2 keeps it until its layer's
+        backward ends (`_reduce_layer_rows`): no pool-sized gradient exists."""
         i = next(k for k, p in enumerate(self.params()) if p is pool)
-        self.iteration.row_grads.append((i, tuple(slots), g))
+        if self.shards.level == 1:
+            self.shards.add_full(i, slots, g)
+        else:
+            self.iteration.row_grads.append((i, tuple(slots), g))
 
     @torch.no_grad()
     def _reduce_layer_rows(self, layer: int) -> None:
@@ -438,7 +442,7 @@ class ExpertStore(ExpertPool):
         The layers whose spRS started in the backward pass are completed; the others (all of
         them without `sprs_overlap`) run as one schedule over their chains."""
         self.iteration.reduce_armed = False
-        if self.shards is None or self.shards.level == 1:  # level 2 never builds pool-sized gradients
+        if self.shards is None:  # sharded: the gradients are the shards' (fp32, `_rows_grad`)
             for p in self.params():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -493,18 +497,15 @@ class ExpertStore(ExpertPool):
         sh = self.shards
         if sh.level == 1:
             for (layer, e), flat in summed.items():
-                s = self.slot(layer, e)
-                for p, g in zip(self.params(), self.unpack(flat.to(self.dtype))):
-                    p.grad[s] += g
-            sh.reduce_pool_grads(self.params())
+                for i, part in enumerate(flat.to(torch.float32).split(sh.n)):
+                    sh.add_full(i, [self.slot(layer, e)], part)
+            sh.reduce_pool_grads()
         else:
             for layer in range(self.L):  # layers whose input needs no gradient report no end
                 if layer not in self.iteration.rows_marked:
                     self._reduce_layer_rows(layer)
             if self.iteration.row_grads:
                 raise RuntimeError("expert sharding 2: owned-row gradients left unreduced after the backward")
-            for p in self.params():
-                p.grad = None
             keys = sorted(summed)
             if keys:
                 flat = torch.stack([summed[k].to(torch.float32) for k in keys])

@@ -99,6 +99,7 @@ class ShardedStrategy(ExpertStrategy):
             self.store.build_optimizer(o.lr, o.betas, o.eps, o.weight_decay)
             if getattr(engine, "bfloat16_enabled", lambda: False)():
                 self.store.comm_dtype = torch.bfloat16  # copies travel in the training dtype
+                self.store.set_working_dtype(torch.bfloat16)  # sharded: bf16 weights, fp32 masters
         self.zero = engine.zero_optimization_stage()
 
     # -- the step -----------------------------------------------------------------------------

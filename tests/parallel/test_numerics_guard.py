@@ -36,16 +36,19 @@ def _records(run: Path) -> dict[int, dict]:
 
 
 BF16 = {"bf16": {"enabled": True}}
-GRID = [(s, z, None) for s, z in (("replicated", 0), ("replicated", 2), ("fssdp", 1))] + \
-    [(s, z, "bf16") for s in ("replicated", "ep", "fssdp", "deepspeed_moe") for z in (0, 1, 2)]
+GRID = [(s, z, None, 0) for s, z in (("replicated", 0), ("replicated", 2), ("fssdp", 1))] + \
+    [(s, z, "bf16", 0) for s in ("replicated", "ep", "fssdp", "deepspeed_moe") for z in (0, 1, 2)] + \
+    [("ep", 1, "bf16", 1), ("fssdp", 2, "bf16", 2)]  # expert state sharded over the 2 ranks (P = 1)
 
 
 @pytest.mark.procs
-@pytest.mark.parametrize("strategy,zero,dtype", GRID)
-def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy, zero, dtype):
+@pytest.mark.parametrize("strategy,zero,dtype,sharding", GRID)
+def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy, zero, dtype, sharding):
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE", "3")
     monkeypatch.setenv("MOEFORGE_FAULT_NONFINITE_RANK", "1")  # one rank only: the skip is agreed
     spec = _spec(tmp_path, strategy, zero)
+    if sharding:
+        spec["parallel"].update(expert_parallel_size=1, expert_sharding=sharding)
     if dtype == "bf16":
         spec["deepspeed"] = BF16
     run_distributed(_train, 2, spec, timeout_s=300)
@@ -58,6 +61,9 @@ def test_an_inf_loss_skips_the_update_everywhere(tmp_path, monkeypatch, strategy
     ckpts = run / "stages" / "pretrain" / "checkpoints"
     before, after, next_ = (checkpoint_tensors(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
     assert before.keys() == after.keys() and len(before) > 10
+    if sharding:  # each rank's pieces: masters and moments of half the rows
+        assert sum(k.startswith("experts/") and "/exp_avg." in k for k in before) > 0, sorted(before)[-3:]
+        assert len(list((ckpts / "step_00000002" / "experts").glob("rank*.pt"))) == 2
     same = [k for k in before if torch.equal(before[k], after[k])]
     changed = [k for k in before if not torch.equal(before[k], next_[k])]
     assert len(same) == len(before), sorted(set(before) - set(same))[:5]  # step 3 changed nothing
