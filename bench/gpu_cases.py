@@ -193,6 +193,7 @@ def case_train(a, work: Path, timeout_s: float, env: dict, peak: Optional[float]
         flops = gpu_train.model_flops_per_token(spec, idx)
         tokens = spec["stages"][idx]["micro_batch_size"] * spec["data"]["seq_len"]
         res = gpu_train.summarize_stage(run_dir, name, probes.get(name), flops, peak, tokens)
+        res["memory"] = gpu_train.estimate_stage(spec, idx, res.get("cuda_peak_bytes"))
         res.update(strategy=s, world_size=1, zero_stage=1, dtype="bf16", model=spec["model"], launches=launches,
                    seq_len=spec["data"]["seq_len"], micro_batch_size=spec["stages"][idx]["micro_batch_size"],
                    launcher="torch.distributed.run --nproc-per-node 1 (jobs.torchrun)",

@@ -158,6 +158,8 @@ def summarize_stage(run_dir: Path, stage: str, probe: Optional[dict], flops: Opt
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "skipped_steps": recs[-1].get("skipped_steps"), "tokens_per_step": tokens_per_step,
     }
+    if "ep/expert_bytes_rank" in warm[-1]:  # the expert pool's weights and optimizer state, rank 0
+        res["expert_state_bytes_rank"] = warm[-1]["ep/expert_bytes_rank"]
     if "ep/straggler" in warm[-1]:
         res["straggler_ratio"] = _median([r["ep/straggler"] for r in warm if "ep/straggler" in r])
         res["straggler_ratio_max"] = max(r["ep/straggler"] for r in warm if "ep/straggler" in r)
@@ -176,12 +178,32 @@ def summarize_stage(run_dir: Path, stage: str, probe: Optional[dict], flops: Opt
         res["host_syncs_per_step_max"] = max(s["syncs"] for s in ss)
         res["host_sync_kinds_last_step"] = ss[-1]["sync_kinds"]
         res["host_syncs_counted_by"] = probe.get("syncs_mode")
+        peaks = [s["cuda_peak_bytes"] for s in ss if s.get("cuda_peak_bytes")]
+        res["cuda_peak_bytes"] = max(peaks) if peaks else None  # max_memory_allocated, per step, worst
         res["host_collectives_per_step"] = _median([s["host_collectives"] for s in ss])
         res["object_collectives_per_step"] = _median([s["object_collectives"] for s in ss])
     else:
         res["host_syncs_per_step"] = None
         res["host_syncs_note"] = (probe or {}).get("syncs_note", "the probe wrote no per-step counts")
     return res
+
+
+def estimate_stage(spec: dict[str, Any], stage_index: int, measured: Optional[int]) -> dict[str, Any]:
+    """`moeforge estimate` of one stage of the suite's spec (jobs.estimate, the per-rank total
+    and its parts), beside the measured `torch.cuda.max_memory_allocated` peak when there is one."""
+    try:
+        from jobs.estimate import stage_layout
+        from jobs.memory_model import estimate
+        from jobs.spec import parse_spec
+
+        est = estimate(stage_layout(parse_spec(spec, "gpu suite spec", preflight=False), stage_index))
+    except Exception as e:  # the suite records why and goes on
+        return {"estimate_error": f"{type(e).__name__}: {e}"}
+    out: dict[str, Any] = {"estimate_bytes": int(est.total), "estimate_parts": dict(est.parts),
+                           "cuda_peak_bytes": measured}
+    if measured:
+        out["estimate_over_measured"] = est.total / measured
+    return out
 
 
 def env_with_root(env: Optional[dict] = None, extra_paths: tuple[str, ...] = ()) -> dict:

@@ -47,6 +47,14 @@ def run(nproc: int, strategies: list[str], steps: Optional[int], dry_run: bool, 
                                 steps=steps, name="multi_gpu")
     e = spec["model"]["num_experts"]
     spec["model"]["num_experts"] = -(-e // nproc) * nproc  # a multiple of the ranks (ep/fssdp shard by expert)
+    if "fssdp" in strategies and nproc >= 2:
+        # fssdp again with P = N/2 and the expert state sharded over the 2-rank EDP groups
+        # (`parallel.expert_sharding: 2`): NCCL reduce-scatter and all-gather of the pieces
+        st = dict(spec["stages"][strategies.index("fssdp")])
+        st["name"] = "train_fssdp_sharded"
+        st["parallel"] = {**st["parallel"], "expert_parallel_size": nproc // 2, "expert_sharding": 2}
+        spec["stages"].append(st)
+        strategies = strategies + ["fssdp_sharded"]
     env = gpu_train.env_with_root()
     if dry_run:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
@@ -63,6 +71,7 @@ def run(nproc: int, strategies: list[str], steps: Optional[int], dry_run: bool, 
         tokens = spec["stages"][i]["micro_batch_size"] * spec["data"]["seq_len"] * nproc
         res = gpu_train.summarize_stage(run_dir, name, proc["probe"], flops, None, tokens)
         res["bytes_per_step"] = bytes_per_step(run_dir, name)
+        res["memory"] = gpu_train.estimate_stage(spec, i, res.get("cuda_peak_bytes"))
         done = (run_dir / "stages" / name / "DONE.json").is_file()
         res["status"] = "ok" if done and res["steps"] else "failed"
         if not done:
@@ -73,14 +82,18 @@ def run(nproc: int, strategies: list[str], steps: Optional[int], dry_run: bool, 
 
 def table(res: dict[str, Any]) -> str:
     rows = [f"{res['nproc']} ranks ({res['backend']}, {res['device']})",
-            "strategy   status  tokens/s    step s  straggler  syncs/step  host colls/step"]
+            "strategy       status  tokens/s    step s  straggler  syncs/step  host colls/step  "
+            "expert MiB  peak GiB  estimate GiB"]
     for s, r in res["strategies"].items():
-        def f(k, fmt):
-            v = r.get(k)
-            return format(v, fmt) if isinstance(v, (int, float)) else "-"
-        rows.append(f"{s:<10} {r['status']:<7} {f('tokens_per_s', '>9.0f')} {f('step_time_s', '>9.3f')} "
+        mem = {**r, **r.get("memory", {})}
+
+        def f(k, fmt, scale=1.0):
+            v = mem.get(k)
+            return format(v / scale, fmt) if isinstance(v, (int, float)) else "-"
+        rows.append(f"{s:<14} {r['status']:<7} {f('tokens_per_s', '>9.0f')} {f('step_time_s', '>9.3f')} "
                     f"{f('straggler_ratio', '>10.2f')} {f('host_syncs_per_step', '>11.0f')} "
-                    f"{f('host_collectives_per_step', '>16.0f')}")
+                    f"{f('host_collectives_per_step', '>16.0f')} {f('expert_state_bytes_rank', '>11.2f', 2**20)} "
+                    f"{f('cuda_peak_bytes', '>9.2f', 2**30)} {f('estimate_bytes', '>13.2f', 2**30)}")
     return "\n".join(rows)
 
 

@@ -193,6 +193,17 @@ def guard_verdict(ck: Path, bad_step: int, records: dict[int, dict]) -> dict[str
             "changed_by_skipped_step": sorted(set(before) - set(same))[:5]}
 
 
+def cuda_peak() -> Optional[int]:
+    """The most bytes of CUDA memory allocated since the last call (per step: the peak is reset)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = int(torch.cuda.max_memory_allocated())
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="rank 0's JSON")
@@ -225,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         steps.setdefault(rec.get("stage", "?"), []).append(
             {"step": rec["step"], "host_collectives": now["host_collectives"] - prev["host_collectives"],
              "object_collectives": now["object_collectives"] - prev["object_collectives"],
-             "syncs": sum(syncs.values()), "sync_kinds": syncs})
+             "syncs": sum(syncs.values()), "sync_kinds": syncs, "cuda_peak_bytes": cuda_peak()})
 
     result: dict[str, Any] = {"syncs_mode": mode, "syncs_note": note}
     try:

@@ -80,6 +80,8 @@ def test_gpu_suite_dry_run(tmp_path):
         assert run["skipped_steps"] == 1  # the injected Inf at step 3
         if s in ("ep", "fssdp"):
             assert run["straggler_ratio"] >= 1.0
+        mem = run["memory"]  # moeforge estimate beside max_memory_allocated (None without CUDA)
+        assert mem["estimate_bytes"] > 0 and mem["cuda_peak_bytes"] is None, mem
     guard = cases["bf16_skipped_step"]
     assert guard["status"] == "ok"
     for s in STRATEGIES:
@@ -92,10 +94,11 @@ def test_gpu_suite_dry_run(tmp_path):
 
     multi = cases["multi_gpu"]
     assert multi["status"] == "ok" and multi["nproc"] == 2 and multi["backend"] == "gloo"
-    for s in ("ep", "fssdp"):
+    for s in ("ep", "fssdp", "fssdp_sharded"):  # the last: P = 1, expert state sharded over the 2 ranks
         r = multi["strategies"][s]
         assert r["tokens_per_s"] > 0 and r["straggler_ratio"] >= 1.0 and r["ray_imports"] == []
         assert r["host_syncs_per_step"] >= 0 and r["bytes_per_step"]
+        assert r["expert_state_bytes_rank"] > 0 and r["memory"]["estimate_bytes"] > 0
 
     moe = cases["moe_layer"]
     assert moe["status"] == "ok"
