@@ -75,7 +75,6 @@ def memory_preflight(spec, device_memory: Optional[str], strict: bool) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from dataclasses import replace
 
     from jobs.estimate import (DEFAULT_DEVICE, EstimateError, format_report, parse_device_memory, recommend, report,
                                simulated_step, smallest_fit, stage_layout)
@@ -99,10 +98,11 @@ def cmd_estimate(args) -> int:
     rep = report(estimate(lay), device)
     out = {"estimate": rep}
     if args.recommend:
+        levels = None if args.expert_sharding is None else (args.expert_sharding,)
         if args.nodes:
-            out["recommend"] = recommend(lay, device, args.gpus_per_node)
+            out["recommend"] = recommend(lay, device, args.gpus_per_node, shardings=levels)
         else:
-            n, rec = smallest_fit(lay, device, args.gpus_per_node)
+            n, rec = smallest_fit(lay, device, args.gpus_per_node, shardings=levels)
             out["recommend"] = rec
             out["smallest_gpu_count"] = n
     if args.time:
@@ -114,8 +114,8 @@ def cmd_estimate(args) -> int:
         if args.recommend:
             rec = out["recommend"]
             if rec is None:
-                print("recommend: no layout of expert parallelism, ZeRO stage, activation checkpointing and "
-                      "micro-batch fits this many ranks")
+                print("recommend: no layout of expert parallelism, ZeRO stage, expert sharding, activation "
+                      "checkpointing and micro-batch fits this many ranks")
             else:
                 where = f" (smallest count tried that fits: {out['smallest_gpu_count']} GPUs)" if "smallest_gpu_count" in out else ""
                 print(f"recommend{where}:")
@@ -414,9 +414,9 @@ def parser() -> argparse.ArgumentParser:
     es.add_argument("--nodes", type=int, help="nodes: world size = nodes x gpus-per-node (default: the spec's)")
     es.add_argument("--device-memory", help="80GB, 80GiB or a GPU name: H100, H200, A100-80GB... (default H100)")
     es.add_argument("--imbalance", type=float, help="busiest expert's load over the mean (default 1 + fssdp.memory_cap)")
-    es.add_argument("--expert-sharding", type=int, default=0,
-                    help="what-if 0|1|2: expert optimizer state (1) and gradients (2) sharded over the "
-                         "expert-data-parallel group; the trainer implements only 0 today")
+    es.add_argument("--expert-sharding", type=int,
+                    help="what-if: parallel.expert_sharding 0|1|2 (expert masters and moments, and with 2 "
+                         "gradients, over the expert-data-parallel group); --recommend tries only this level")
     es.add_argument("--ep-size", type=int, help="what-if: parallel.expert_parallel_size")
     es.add_argument("--zero", type=int, choices=[0, 1, 2], help="what-if: parallel.zero_stage")
     es.add_argument("--checkpointing", choices=["none", "moe", "full"], help="what-if: model.activation_checkpointing")

@@ -1,7 +1,7 @@
 """`moeforge estimate SPEC`: what each rank will hold, part by part, before launch, and whether
 it fits the device; `--recommend` searches a layout that does. The formulas are
-`jobs.memory_model`; this module turns a job spec's stage (or a what-if on it) into a `Layout`,
-formats the answer and gives pre-flight (`moeforge validate` / `run`) its warning.
+`jobs.memory_model`; this module turns a job spec's stage (with the command line's overrides)
+into a `Layout`, formats the answer and gives pre-flight (`moeforge validate` / `run`) its warning.
 No torch, no model build: everything comes from the config. docs/memory.md.
 """
 from __future__ import annotations
@@ -56,9 +56,10 @@ def human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **what_if) -> Layout:
-    """The layout of one stage of a parsed job spec; `world` and keyword what-ifs (ep_size,
-    zero, checkpointing, micro_batch, imbalance, expert_sharding, gpu) replace the spec's values."""
+def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **overrides) -> Layout:
+    """The layout of one stage of a parsed job spec (its `parallel.expert_sharding` included);
+    `world` and keyword overrides (ep_size, zero, checkpointing, micro_batch, imbalance,
+    expert_sharding, gpu; None: the spec's) replace the spec's values."""
     from jobs.plan import plan_job
     from jobs.validate import tokenizer_vocab_size
 
@@ -66,7 +67,7 @@ def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **w
     m, par = st.model, st.parallel
     vocab = m.vocab_size or tokenizer_vocab_size(spec) or 257
     ep = st.ep_size
-    if world is not None and world != st.world_size and what_if.get("ep_size") is None:
+    if world is not None and world != st.world_size and overrides.get("ep_size") is None:
         ep = 1 if par.expert_strategy == "replicated" else min(ep if ep < st.world_size else world, world)
     lay = Layout(d_model=m.d_model, n_layers=m.n_layers, moe_layers=len(m.moe_layer_ids()), n_heads=m.n_heads,
                  n_kv_heads=m.kv_heads(), head_dim=m.attn_head_dim(), d_ff=m.d_ff, num_experts=m.num_experts,
@@ -76,11 +77,11 @@ def stage_layout(spec, stage_index: int = 0, *, world: Optional[int] = None, **w
                  strategy=par.expert_strategy, ep_size=ep, zero=par.zero_stage, gpu=par.use_gpu,
                  checkpointing=m.activation_checkpointing, memory_cap=par.fssdp.memory_cap,
                  rematerialize=par.fssdp.rematerialize, sprs_overlap=par.fssdp.sprs_overlap,
-                 tolerance=par.fssdp.tolerance)
+                 tolerance=par.fssdp.tolerance, expert_sharding=par.expert_sharding)
     zero_cfg = (spec.deepspeed or {}).get("zero_optimization") or {}
     lay = replace(lay, reduce_bucket=int(zero_cfg.get("reduce_bucket_size", lay.reduce_bucket)),
                   grad_accum=st.grad_accum_steps)
-    lay = replace(lay, **{k: v for k, v in what_if.items() if v is not None})
+    lay = replace(lay, **{k: v for k, v in overrides.items() if v is not None})
     check_layout(lay)
     return lay
 
@@ -102,15 +103,14 @@ def report(est: Estimate, device: int) -> dict:
     return {"layout": asdict(lay), "parts": dict(est.parts), "total": est.total, "device_memory": device,
             "reserve": res, "fits": est.total <= device - res,
             "sum_of_parts": est.sum_of_parts, "largest_micro_batch": largest_micro_batch(lay, device - res),
-            "counts": est.counts,
-            "what_if": bool(lay.expert_sharding), "notes": list(est.notes)}
+            "counts": est.counts, "notes": list(est.notes)}
 
 
 def describe_layout(lay: Layout) -> str:
     return (f"{lay.world} ranks, {lay.strategy} P={lay.ep_size} (EDP={lay.edp}), ZeRO {lay.zero}, "
             f"{'bf16 GPU' if lay.gpu else 'fp32 CPU'}, activation checkpointing {lay.checkpointing}, "
             f"micro-batch {lay.micro_batch} x {lay.seq_len} tokens, expert sharding {lay.expert_sharding}"
-            f"{' (what-if)' if lay.expert_sharding else ''}")
+            f"{' (no effect: EDP 1)' if lay.expert_sharding and not lay.sharding else ''}")
 
 
 def format_report(rep: dict) -> str:
@@ -148,35 +148,44 @@ def ep_sizes(lay: Layout, gpus_per_node: int) -> list[int]:
     return out
 
 
-def recommend(lay: Layout, device: int, gpus_per_node: int, strategies=("ep", "fssdp")) -> Optional[dict]:
-    """The layout (strategy, P, ZeRO stage, activation checkpointing, micro-batch) that fits
-    with the reserve and gives the most tokens a step per second by a rough rule: micro-batch
-    x the recompute factor, then fewer ranks per expert group (less all-to-all), then the lower
-    ZeRO stage. Expert sharding stays the layout's (0 unless a what-if asks). None: nothing fits."""
+def recommend(lay: Layout, device: int, gpus_per_node: int, strategies=("ep", "fssdp"),
+              shardings: Optional[tuple] = None) -> Optional[dict]:
+    """The layout (strategy, P, ZeRO stage, expert sharding, activation checkpointing,
+    micro-batch) that fits with the reserve and gives the most tokens a step per second by a
+    rough rule: micro-batch x the recompute factor, then fewer ranks per expert group (less
+    all-to-all), then the lower ZeRO stage, then the lower expert sharding. `shardings`: the
+    expert sharding levels to try (default 0, 1, 2; a level only where EDP > 1). None: nothing fits."""
     budget = device - reserve_bytes(device)
     best, best_key = None, None
     for strategy in strategies if lay.strategy != "replicated" else ("replicated",):
         base = replace(lay, strategy=strategy)
+        levels = (0,) if strategy == "replicated" else tuple(shardings or (0, 1, 2))
         for p in ep_sizes(base, gpus_per_node):
             for zero in (0, 1, 2):
-                for ck in CKPT_ORDER:
-                    cand = replace(base, ep_size=p, zero=zero, checkpointing=ck, micro_batch=1)
-                    b = largest_micro_batch(cand, budget)
-                    if b < 1:
-                        continue
-                    cand = replace(cand, micro_batch=b)
-                    key = (b * CKPT_SPEED[ck], p <= gpus_per_node, -p, strategy == "ep", -zero)
-                    if best_key is None or key > best_key:
-                        best, best_key = cand, key
+                for lvl in levels:
+                    if lvl and p == base.world:
+                        continue  # one expert-parallel group: nothing to shard over
+                    for ck in CKPT_ORDER:
+                        cand = replace(base, ep_size=p, zero=zero, expert_sharding=lvl, checkpointing=ck,
+                                       micro_batch=1)
+                        b = largest_micro_batch(cand, budget)
+                        if b < 1:
+                            continue
+                        cand = replace(cand, micro_batch=b)
+                        key = (b * CKPT_SPEED[ck], p <= gpus_per_node, -p, strategy == "ep", -zero, -lvl)
+                        if best_key is None or key > best_key:
+                            best, best_key = cand, key
     if best is None:
         return None
     return report(estimate(best), device)
 
 
-def smallest_fit(lay: Layout, device: int, gpus_per_node: int, counts=(8, 16, 32, 64, 128, 256, 512, 1024)):
+def smallest_fit(lay: Layout, device: int, gpus_per_node: int, counts=(8, 16, 32, 64, 128, 256, 512, 1024),
+                 shardings: Optional[tuple] = None):
     """The smallest GPU count (from `counts`) at which `recommend` finds a layout, and it."""
     for n in counts:
-        rep = recommend(replace(lay, world=n, ep_size=min(lay.ep_size, n)), device, gpus_per_node)
+        rep = recommend(replace(lay, world=n, ep_size=min(lay.ep_size, n)), device, gpus_per_node,
+                        shardings=shardings)
         if rep is not None:
             return n, rep
     return None, None
@@ -229,7 +238,9 @@ def preflight_warning(spec, device: int) -> Optional[str]:
                 if report(estimate(replace(lay, ep_size=p)), device)["fits"]:
                     tips.append(f"parallel.expert_parallel_size: {p}")
                     break
-            tips.append("expert sharding over the expert-data-parallel group: not yet available")
+            tip = sharding_tip(lay, device)
+            if tip:
+                tips.append(tip)
         if lay.zero < 2:
             tips.append("parallel.zero_stage: 2")
         out.append(f"stage {st.name!r}: the estimate per rank is {human(rep['total'])}, over the "
@@ -238,3 +249,19 @@ def preflight_warning(spec, device: int) -> Optional[str]:
                    f"{human(max(rep['parts'].values()))}); try: {'; '.join(tips) or 'more ranks'} "
                    f"(`moeforge estimate SPEC --recommend`)")
     return "\n".join(out) or None
+
+
+def sharding_tip(lay: Layout, device: int) -> Optional[str]:
+    """The expert sharding change for an ep/fssdp layout over the device: the lowest level above
+    the layout's that fits, else level 2 with what it saves. None with one expert-parallel group
+    (EDP 1: nothing to shard over; a smaller P to make room for it never pays: each halving of P
+    doubles the owned rows and at best cuts 16 B a parameter to 10)."""
+    if lay.edp < 2 or lay.sharding >= 2:
+        return None
+    for lvl in (1, 2):
+        if lvl > lay.sharding:
+            est = estimate(replace(lay, expert_sharding=lvl))
+            if report(est, device)["fits"]:
+                return f"parallel.expert_sharding: {lvl} (fits: {human(est.total)})"
+    saved = estimate(lay).total - estimate(replace(lay, expert_sharding=2)).total
+    return f"parallel.expert_sharding: 2 ({human(saved)} less per rank; not enough alone)" if saved > 0 else None

@@ -1,11 +1,13 @@
 """What one rank holds while it trains, part by part, in bytes: the formulas behind
 `moeforge estimate` (docs/memory.md). Pure arithmetic on a `Layout` (no torch, no spec): the
-caller (`jobs.estimate`) fills the layout from a job spec or a what-if.
+caller (`jobs.estimate`) fills the layout from a job spec and the command line's overrides.
 
 Dtypes follow what the trainer does (docs/gpu.md): on a GPU stage the model trains in bf16
 (parameters, activations, logits), DeepSpeed keeps fp32 masters and AdamW moments, reduces dense
-gradients in fp32 and, under ZeRO 1/2, accumulates them in fp32; the expert pool of ep/fssdp is
-fp32 (weights, gradients, moments). A CPU stage is fp32 throughout.
+gradients in fp32 and, under ZeRO 1/2, accumulates them in fp32. The expert pool of ep/fssdp is
+fp32 (weights, gradients, moments) at `parallel.expert_sharding` 0; at 1 and 2 its working
+weights are in the training dtype and fp32 masters, moments and gradient sums of 1/EDP of each
+owned row live on the rank (`parallel/expert_shards.py`). A CPU stage is fp32 throughout.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class Layout:
     sprs_overlap: bool = False  # FSSDP: each layer's copy gradients leave during the backward
     tolerance: float = 0.05
     imbalance: Optional[float] = None  # busiest expert's load / mean; None: 1 + memory_cap
-    expert_sharding: int = 0  # what-if: expert state sharded over the EDP group (0 is what exists)
+    expert_sharding: int = 0  # parallel.expert_sharding (0|1|2): expert state over the EDP group
     reduce_bucket: int = DS_BUCKET  # DeepSpeed's zero_optimization.reduce_bucket_size (elements)
     grad_accum: int = 1  # micro-batches per step: > 1 keeps the gradients alive through the forwards
 
@@ -68,6 +70,12 @@ class Layout:
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def sharding(self) -> int:
+        """The expert sharding level in force: the trainer ignores it with one expert-parallel
+        group (EDP = 1: nothing to shard over) and outside ep/fssdp."""
+        return self.expert_sharding if self.strategy in ("ep", "fssdp") and self.edp > 1 else 0
 
     def resolved_imbalance(self) -> float:
         return float(self.imbalance) if self.imbalance is not None else 1.0 + self.memory_cap
@@ -146,22 +154,66 @@ def zero_state(lay: Layout, n: int, dp: int) -> tuple[int, int, int, int]:
     return weights, grads, 12 * part, 4 * bucket
 
 
+def piece(lay: Layout) -> int:
+    """Elements of one weight's piece per pool slot under expert sharding: the D x F elements cut
+    into EDP pieces of ceil(D*F / EDP) (`ExpertShards.c`)."""
+    return -(-lay.d_model * lay.d_expert // lay.edp)
+
+
 def expert_state(lay: Layout) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer) bytes of the rank's owned expert rows in the fp32 pool.
-    Sharding 0 (what the trainer does): fp32 weights, fp32 gradients, two fp32 moments: 16 B per
-    parameter. What-ifs: 1 keeps the compute copy in the training dtype, the fp32 master and
-    moments of 1/EDP of the rows, full gradients; 2 also 1/EDP of the gradients."""
+    """(weights, gradients, optimizer) bytes of the rank's owned expert rows (n parameters).
+    Sharding 0: the fp32 pool is its own master: 4n weights, 4n gradients, 8n moments.
+    Sharding 1 and 2 (shard = n / EDP: 3 pieces per owned row): working weights in the training
+    dtype (fp32 on CPU) plus separate fp32 masters of the shard, moments of the shard; gradients:
+    level 1 sums the step's whole gradient in an fp32 pool-sized buffer and adds the shard's sums
+    at the step (4n + 4 shard), level 2 keeps only the shard's sums (4 shard)."""
     n = owned_experts(lay) * expert_params(lay)
     if lay.strategy == "deepspeed_moe":  # DeepSpeed's MoE: its ZeRO over the expert-data-parallel group
         w, g, o, _ = zero_state(lay, n, lay.edp)
         return w, g, o
-    if lay.expert_sharding == 0:
+    if lay.sharding == 0:
         return 4 * n, 4 * n, 8 * n
-    shard = -(-n // lay.edp)
-    compute = lay.act_bytes * n if lay.gpu else 0  # CPU: the fp32 master is the compute copy
-    weights = compute + 4 * shard if lay.gpu else 4 * n
-    grads = 4 * n if lay.expert_sharding == 1 else 4 * shard
-    return weights, grads, 8 * shard
+    shard = owned_experts(lay) * 3 * piece(lay)
+    grads = 4 * n + 4 * shard if lay.sharding == 1 else 4 * shard
+    return lay.act_bytes * n + 4 * shard, grads, 8 * shard
+
+
+def expert_grads_held(lay: Layout) -> int:
+    """Expert gradient bytes alive through the forwards when a step accumulates micro-batches:
+    sharding 0 the pool's `.grad` (4n), 1 its fp32 whole-gradient buffer (4n), 2 the shard's
+    sums only (no pool-sized gradient exists)."""
+    _, eg, _ = expert_state(lay)
+    if lay.sharding == 1:
+        return 4 * owned_experts(lay) * expert_params(lay)
+    return eg
+
+
+def sharding_buffers(lay: Layout) -> tuple[int, int]:
+    """(at a layer's backward end, at the step): transient bytes of the expert sharding's
+    reduce-scatter (`ExpertShards.scatter`, `ExpertStore._reduce_layer_rows`). A scatter of k
+    slots builds each weight's rows padded to EDP pieces (one weight's at a time), their
+    member-major copies and the flat send buffer: 3 + 1 + 3 padded weights of w = 4k x EDP x c
+    B, and 3 more on CPU, where gloo's reduce-scatter works on a copy of its input (measured:
+    the peak of a sharded step is inside that copy). Level 1 scatters every owned slot once, at
+    the step (the received pieces are the shard's sums, in `expert_grads`). Level 2 scatters
+    one layer's owned rows at the end of its backward, after summing them into fp32 rows (4 x
+    3kDF) from the backward's gradients (the last one, in the training dtype, still referenced),
+    and receives 3 x 4kc B; fssdp also scatters its copies' fp32 sums at the step (their stack,
+    4 x 3C x DF, and the scatter's buffers)."""
+    lvl = lay.sharding
+    if not lvl:
+        return 0, 0
+    c, DF = piece(lay), lay.d_model * lay.d_expert
+
+    def scatter(k: int) -> int:
+        return (7 if lay.gpu else 10) * 4 * k * lay.edp * c
+
+    if lvl == 1:
+        return 0, scatter(owned_experts(lay))
+    k = owned_experts(lay) // max(1, lay.moe_layers)
+    layer_end = 4 * 3 * k * DF + scatter(k) + 3 * 4 * k * c + lay.act_bytes * k * DF
+    copies = lay.memory_cap * lay.moe_layers if lay.strategy == "fssdp" and lay.ep_size > 1 else 0
+    return layer_end, (4 * 3 * copies * DF + scatter(copies) + 3 * 4 * copies * c if copies else 0)
 
 
 def load_factor(lay: Layout) -> float:
@@ -205,19 +257,24 @@ def block_activations(lay: Layout, moe: bool, rows: float) -> float:
     into the experts and, in the combine, the k rows coming back (in their own dtype: the combine
     keeps no fp32 copy of them)."""
     a, D, H, G, d = lay.act_bytes, lay.d_model, lay.n_heads, lay.n_kv_heads, lay.head_dim
-    E, F, Fe, k = lay.num_experts, lay.d_ff, lay.d_expert, lay.top_k
-    full, none = lay.checkpointing == "full", lay.checkpointing == "none"
+    full = lay.checkpointing == "full"
     norm = 4 * D + 4 + a * D
     rope_fp32 = 4 * (H + G) * d if lay.gpu else 0
     attn = norm + a * D + a * (H + 2 * G) * d + a * (H + G) * d + rope_fp32 + 2 * a * H * d + 4 * H
     if full:
         attn = a * D  # the checkpoint keeps the block's input; the rest is recomputed
     if not moe:
-        return attn + norm + (a * D if full else a * D + 4 * a * F)
-    router = 4 * D + 3 * 4 * E + 24 * k
-    expert_rows = rows * (a * D + (4 * a * Fe if none else 0)) + k * a * D
-    shared = 0 if not lay.d_shared else (a * D + 4 * a * lay.d_shared if none else a * D)
-    return attn + norm + router + expert_rows + shared
+        return attn + norm + (a * D if full else a * D + 4 * a * lay.d_ff)
+    router = 4 * D + 3 * 4 * lay.num_experts + 24 * lay.top_k
+    shared = 0 if not lay.d_shared else (a * D + 4 * a * lay.d_shared if lay.checkpointing == "none" else a * D)
+    return attn + norm + router + routed_activations(lay, rows) + shared
+
+
+def routed_activations(lay: Layout, rows: float) -> float:
+    """A MoE layer's routed rows, per token: the rows going into the experts (with their hidden
+    activations unless recomputed) and the k rows the combine keeps."""
+    a, D = lay.act_bytes, lay.d_model
+    return rows * (a * D + (4 * a * lay.d_expert if lay.checkpointing == "none" else 0)) + lay.top_k * a * D
 
 
 def activations(lay: Layout, rows: float) -> int:
@@ -254,9 +311,9 @@ def dispatch_buffers(lay: Layout, rows: float) -> int:
 
 
 def edp_buffer(lay: Layout) -> int:
-    """ep/fssdp: one MoE layer's owned expert gradients flattened in fp32 for their sum over the
-    expert-data-parallel group (done layer by layer in the backward)."""
-    if lay.strategy not in ("ep", "fssdp") or lay.edp < 2 or not lay.moe_layers:
+    """ep/fssdp at sharding 0: one MoE layer's owned expert gradients flattened in fp32 for their
+    sum over the expert-data-parallel group (sharded: `sharding_buffers`)."""
+    if lay.strategy not in ("ep", "fssdp") or lay.edp < 2 or not lay.moe_layers or lay.sharding:
         return 0
     return 4 * (owned_experts(lay) // lay.moe_layers) * expert_params(lay)
 
@@ -269,6 +326,7 @@ def estimate(lay: Layout) -> Estimate:
     early = buckets if lay.zero else 0  # ZeRO 1/2: allocated as the backward starts
     ew, eg, eo = expert_state(lay)
     rows = lay.top_k * load_factor(lay)
+    layer_end, at_step = sharding_buffers(lay)
     out.parts = {
         "dense_weights": w, "dense_grads": g, "dense_optimizer": o,
         "expert_weights": ew, "expert_grads": eg, "expert_optimizer": eo,
@@ -276,33 +334,41 @@ def estimate(lay: Layout) -> Estimate:
         "dispatch": dispatch_buffers(lay, rows),
         "activations": activations(lay, rows),
         "logits": logits_peak(lay),
-        "comm_buffers": buckets + edp_buffer(lay),
+        "comm_buffers": buckets + edp_buffer(lay) + max(layer_end, at_step),
     }
     # gradients alive through the forward: BF16_Optimizer's flat buffer (made at start-up), and
-    # every gradient when a step accumulates several micro-batches
-    held_grads = g + eg if lay.grad_accum > 1 else (2 * n_ds if lay.gpu and lay.zero == 0 else 0)
-    out.total = peak(out.parts, early, held_grads)
+    # every gradient when a step accumulates several micro-batches (sharding 2: only the shard's)
+    held_grads = g + expert_grads_held(lay) if lay.grad_accum > 1 else (2 * n_ds if lay.gpu and lay.zero == 0 else 0)
+    # expert sharding 2's first layer end: every activation saved but the last MoE layer's routed
+    # rows (its norm and router are not through their backward yet)
+    at_layer_end = (out.parts["activations"] - int(routed_activations(lay, rows) * lay.tokens) + layer_end
+                    if layer_end else 0)
+    out.total = peak(out.parts, early, held_grads, layer_end, at_step, at_layer_end)
     out.counts = {"deepspeed_params": n_ds, "expert_params_total": lay.moe_layers * lay.num_experts * expert_params(lay),
                   "owned_expert_params": owned_experts(lay) * expert_params(lay),
                   "load_factor": load_factor(lay), "imbalance": lay.resolved_imbalance()}
-    if lay.expert_sharding:
-        out.notes.append(f"what-if: expert sharding {lay.expert_sharding} (expert optimizer state over the "
-                         f"{lay.edp}-rank expert-data-parallel group) is not implemented by the trainer yet; "
-                         f"today every rank keeps its owned experts' full fp32 state (sharding 0)")
+    if lay.expert_sharding and not lay.sharding:
+        out.notes.append(f"expert sharding {lay.expert_sharding} has no effect with one expert-parallel group "
+                         f"(P = {lay.ep_size} = the world): nothing to shard over, level 0 is in force")
     return out
 
 
-def peak(parts: dict[str, int], early: int, held_grads: int = 0) -> int:
+def peak(parts: dict[str, int], early: int, held_grads: int = 0, layer_end: int = 0, at_step: int = 0,
+         at_layer_end: int = 0) -> int:
     """The step's peak from its parts. Held throughout: weights, optimizer state, the expert
-    pool's weights and moments, FSSDP copies. Then the larger of two moments: the loss (every
-    activation saved, the logits' peak or a layer's dispatch buffers, and the ZeRO buckets the
-    backward allocates first) and the end of the backward (activations freed, every gradient and
-    communication buffer alive)."""
+    pool's weights and moments, FSSDP copies. Then the largest of these moments: the loss (every
+    activation saved, the larger of the logits' peak and a layer's dispatch buffers, and the
+    ZeRO buckets the backward allocates first); under expert sharding 2 the end of the last MoE
+    layer's backward (`at_layer_end`: the activations still saved and the layer's scatter, with
+    the buckets); the end of the backward (activations freed, every gradient and communication
+    buffer alive, the largest of a layer's dispatch buffers, its scatter under sharding 2
+    (`layer_end`) and the expert step's scatter (`at_step`), which `comm_buffers` holds too)."""
     held = sum(parts[p] for p in ("dense_weights", "dense_optimizer", "expert_weights", "expert_optimizer",
                                   "fssdp_copies")) + held_grads
     at_loss = parts["activations"] + max(parts["logits"], parts["dispatch"]) + early
-    at_end = parts["dense_grads"] + parts["expert_grads"] - held_grads + parts["comm_buffers"] + parts["dispatch"]
-    return held + max(at_loss, at_end)
+    at_end = (parts["dense_grads"] + parts["expert_grads"] - held_grads + parts["comm_buffers"]
+              - max(layer_end, at_step) + max(parts["dispatch"], layer_end, at_step))
+    return held + max(at_loss, at_layer_end + early, at_end)
 
 
 def largest_micro_batch(lay: Layout, budget: int, limit: int = 1 << 20) -> int:

@@ -1,6 +1,7 @@
 """`moeforge estimate` (jobs/memory_model.py, jobs/estimate.py): the per-part formulas on a tiny
-config against hand-computed numbers, Mixtral-8x7B's expert state, the CLI's exit codes and
-messages, and the validate warning. No torch model, no ranks, no Ray."""
+config against hand-computed numbers (expert sharding 0, 1, 2 included), Mixtral-8x7B's expert
+state, `parallel.expert_sharding` read from a spec, the CLI's exit codes and messages, and the
+validate warning with its suggestions. No torch model, no ranks, no Ray."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,7 +11,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.estimate import EstimateError, parse_device_memory, stage_layout
-from jobs.memory_model import Layout, estimate, expert_state, largest_micro_batch
+from jobs.memory_model import Layout, estimate, expert_grads_held, expert_state, largest_micro_batch, sharding_buffers
 
 REPO = Path(__file__).resolve().parents[2]
 MIXTRAL = str(REPO / "examples/models/mixtral_8x7b.yaml")
@@ -61,14 +62,51 @@ def test_tiny_ep_expert_pool_and_zero2_partition():
     assert replace(lay, imbalance=1.0) and estimate(replace(lay, imbalance=1.0)).counts["load_factor"] == 1.0
 
 
-def test_expert_sharding_what_ifs_shrink_the_pool_and_say_so():
-    lay = replace(TINY, strategy="ep", ep_size=2, world=8, gpu=True)  # EDP = 4
-    n = 2 * 2 * 3 * 8 * 8
+@pytest.mark.parametrize("gpu", [True, False])
+def test_expert_sharding_state_by_level(gpu):
+    lay = replace(TINY, strategy="ep", ep_size=2, world=8, gpu=gpu)  # EDP = 4
+    n = 2 * 2 * 3 * 8 * 8  # 2 layers x E/P = 2 owned experts x 3 x D x F
+    shard = 2 * 2 * 3 * (8 * 8 // 4)  # per slot each weight's 64 elements in 4 pieces of 16
+    work = 2 * n if gpu else 4 * n  # working weights: bf16 on a GPU, fp32 on CPU; the masters apart
     assert expert_state(lay) == (4 * n, 4 * n, 8 * n)
-    assert expert_state(replace(lay, expert_sharding=1)) == (2 * n + 4 * n // 4, 4 * n, 8 * n // 4)
-    assert expert_state(replace(lay, expert_sharding=2)) == (2 * n + 4 * n // 4, 4 * n // 4, 8 * n // 4)
-    assert not estimate(lay).notes
-    assert "not implemented by the trainer yet" in estimate(replace(lay, expert_sharding=2)).notes[0]
+    assert expert_state(replace(lay, expert_sharding=1)) == (work + 4 * shard, 4 * n + 4 * shard, 8 * shard)
+    assert expert_state(replace(lay, expert_sharding=2)) == (work + 4 * shard, 4 * shard, 8 * shard)
+    # through the forwards of a step of 2 micro-batches: the pool's .grad (0), the fp32 whole
+    # buffer (1), only the shard's sums (2)
+    held = [expert_grads_held(replace(lay, expert_sharding=s, grad_accum=2)) for s in (0, 1, 2)]
+    assert held == [4 * n, 4 * n, 4 * shard]
+    totals = [estimate(replace(lay, expert_sharding=s, grad_accum=2)).total for s in (0, 1, 2)]
+    assert totals[2] < totals[0] and not estimate(replace(lay, expert_sharding=2)).notes
+    # the reduce-scatter's transients: level 1 at the step over every owned slot (parts, one
+    # padded weight and the send buffer: 7 padded weights, 10 on CPU where gloo copies its
+    # input), level 2 at each layer's end over that layer's slots
+    w = 4 * 4 * 4 * 16  # one weight padded: 4 slots x 4 members x 16 elements x 4 B
+    copies = 7 if gpu else 10
+    assert sharding_buffers(replace(lay, expert_sharding=1)) == (0, copies * w)
+    k = 2  # owned slots of one layer
+    layer_end = 4 * 3 * k * 64 + copies * 4 * k * 4 * 16 + 3 * 4 * k * 16 + (2 if gpu else 4) * k * 64
+    assert sharding_buffers(replace(lay, expert_sharding=2)) == (layer_end, 0)
+
+
+def test_expert_sharding_pieces_round_up_and_one_group_is_a_no_op():
+    lay = replace(TINY, strategy="fssdp", ep_size=2, world=6, gpu=True, expert_sharding=2)  # EDP = 3
+    assert expert_state(lay)[2] == 8 * 2 * 2 * 3 * 22  # ceil(64 / 3) = 22 elements a piece
+    alone = replace(lay, world=2)  # P = world: one expert-parallel group, nothing to shard over
+    assert alone.sharding == 0 and expert_state(alone) == expert_state(replace(alone, expert_sharding=0))
+    assert "no effect" in estimate(alone).notes[0]
+
+
+def test_spec_expert_sharding_is_read_and_the_flag_overrides_it(tmp_path, capsys):
+    from jobs.spec_source import load_job_spec
+
+    spec = load_job_spec(MIXTRAL)  # ships with parallel.expert_sharding: 2 (16 ranks, P = 8: EDP 2)
+    lay = stage_layout(spec)
+    assert (lay.expert_sharding, lay.sharding, lay.edp) == (2, 2, 2)
+    assert estimate(lay).total == estimate(replace(stage_layout(spec, expert_sharding=0), expert_sharding=2)).total
+    assert estimate(stage_layout(spec, expert_sharding=0)).total > estimate(lay).total
+    assert main(["estimate", MIXTRAL, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"expert_sharding": 2' in out and '"fits": true' in out and "what_if" not in out
 
 
 def test_largest_micro_batch_is_the_largest_that_fits():
@@ -98,13 +136,13 @@ def test_device_memory_names_and_sizes():
 
 
 def test_cli_estimate_fits_json_and_strict(capsys):
-    assert main(["estimate", MIXTRAL, "--nodes", "8", "--json"]) == 0
+    assert main(["estimate", MIXTRAL, "--nodes", "1", "--json"]) == 0  # P = 8 = world: EDP 1, sharding moot
     assert '"fits": false' in capsys.readouterr().out
-    assert main(["estimate", MIXTRAL, "--strict"]) == 2
+    assert main(["estimate", MIXTRAL, "--strict", "--expert-sharding", "0"]) == 2
     err = capsys.readouterr().err
     assert "error: memory: the estimate per rank" in err
-    assert main(["estimate", MIXTRAL, "--expert-sharding", "2"]) == 0
-    assert "what-if: expert sharding 2" in capsys.readouterr().out
+    assert main(["estimate", MIXTRAL, "--nodes", "1"]) == 0
+    assert "expert sharding 2 (no effect: EDP 1)" in capsys.readouterr().out
     assert main(["estimate", MIXTRAL, "--expert-sharding", "3"]) == 2
     assert "--expert-sharding: 3 must be 0, 1 or 2" in capsys.readouterr().err
 
@@ -116,13 +154,23 @@ def test_cli_bad_spec_names_the_field(tmp_path, capsys):
     assert "model.top_k" in capsys.readouterr().err
 
 
-def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(capsys):
-    assert main(["validate", MIXTRAL]) == 0
+def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(tmp_path, capsys):
+    unsharded = tmp_path / "mixtral_s0.yaml"
+    unsharded.write_text(Path(MIXTRAL).read_text().replace("expert_sharding: 2", "expert_sharding: 0"))
+    assert main(["validate", str(unsharded)]) == 0
     err = capsys.readouterr().err
-    assert "warning: memory: stage 'continual'" in err and "not yet available" in err
-    assert main(["validate", MIXTRAL, "--strict"]) == 2
+    # 16 ranks, P = 8: the expert state overflows and EDP is 2, so level 2 is the concrete change
+    assert "warning: memory: stage 'continual'" in err and "parallel.expert_sharding: 2 (fits" in err
+    assert main(["validate", str(unsharded), "--strict"]) == 2
     assert "error: memory:" in capsys.readouterr().err
-    assert main(["validate", MIXTRAL, "--device-memory", "4TB"]) == 0  # fits: no warning
+    assert main(["validate", MIXTRAL]) == 0  # the shipped spec (sharding 2) fits: no warning
+    assert "memory" not in capsys.readouterr().err
+    one_group = tmp_path / "mixtral_w8.yaml"  # P = world: EDP 1, nothing to shard over
+    one_group.write_text(unsharded.read_text().replace("world_size: 16", "world_size: 8"))
+    assert main(["validate", str(one_group)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: memory:" in err and "expert_sharding" not in err
+    assert main(["validate", str(unsharded), "--device-memory", "4TB"]) == 0  # fits: no warning
     assert "memory" not in capsys.readouterr().err
     assert main(["validate", MIXTRAL, "--device-memory", "eighty"]) == 2
     assert "error: --device-memory: 'eighty' is not a size" in capsys.readouterr().err
@@ -135,5 +183,16 @@ def test_recommend_finds_a_layout_that_fits_and_says_none_when_nothing_does():
     device = 20 * 2 ** 30  # above the 2 GiB reserve and ZeRO 1/2's whole reduce buckets
     rep = recommend(lay, device, gpus_per_node=8)
     assert rep["fits"] and rep["layout"]["micro_batch"] >= 1 and rep["total"] <= device - rep["reserve"]
-    assert rep["layout"]["ep_size"] in (1, 2, 4) and not rep["what_if"]
+    assert rep["layout"]["ep_size"] in (1, 2, 4) and rep["layout"]["expert_sharding"] in (0, 1, 2)
     assert recommend(lay, 1, gpus_per_node=8) is None  # a 1-byte device
+
+
+def test_recommend_shards_the_expert_state_when_it_is_what_overflows():
+    from jobs.estimate import recommend
+    from jobs.spec_source import load_job_spec
+
+    lay = stage_layout(load_job_spec(MIXTRAL), expert_sharding=0)  # 16 x H100
+    device = parse_device_memory("H100")
+    rep = recommend(lay, device, gpus_per_node=8)
+    assert rep["fits"] and rep["layout"]["expert_sharding"] == 2 and rep["layout"]["ep_size"] == 8
+    assert recommend(lay, device, gpus_per_node=8, shardings=(0,)) is None  # 84 GiB of expert state
