@@ -3,14 +3,19 @@
 
     python bench/estimate_vs_measured.py [--json out.json]
 
-Six small stages (replicated / ep / fssdp x ZeRO 0 / 2 x activation checkpointing), each a real
+Eight small stages (replicated / ep / fssdp x ZeRO 0 / 2 x activation checkpointing x expert
+sharding 0 / 1 / 2: the sharded ones with expert_parallel_size 1, so EDP = 2), each a real
 `jobs.stage_runner.run_stage` on 2 gloo ranks on CPU (fp32). During the second training step
 every rank measures, without calling the estimator:
   dense weights     storages of the model's parameters outside the expert pool
   dense optimizer   tensors reachable from DeepSpeed's optimizer (its inner AdamW's moments, ZeRO's
                     fp32 partitions) that are neither parameters nor gradients
   dense gradients   `.grad` storages and ZeRO's gradient buffers alive at the optimizer step
-  expert pool       the pool's weights, its AdamW moments and its gradients at the optimizer step
+  expert pool       weights: the pool's working weights and, sharded, the shards' fp32 masters;
+                    optimizer: the AdamW moments (the pool's, or the shards'); gradients: the most
+                    gradient storage alive at once among the pool's `.grad`, the shards' whole fp32
+                    buffer (`full_grads`, level 1) and their sums (`grads`), read at the optimizer
+                    step, after every `add_slots` (the sums' updates) and at the expert step
   activations       bytes autograd saves during the forward (torch.autograd.graph.saved_tensors_hooks,
                     each storage once)
   logits            the loss's peak: live storage while lm_cross_entropy runs forward and backward on
@@ -44,17 +49,23 @@ BASE = {
                 "optimizer": {"lr": 1e-3}}],
     "metrics": {"progress_bar": False, "ray_metrics": False},
 }
-CASES = [("replicated", 0, "none"), ("replicated", 2, "full"), ("ep", 0, "moe"), ("ep", 2, "none"),
-         ("fssdp", 0, "full"), ("fssdp", 2, "none")]
+# (strategy, ZeRO stage, activation checkpointing, expert sharding); sharded: P = 1, EDP = 2
+CASES = [("replicated", 0, "none", 0), ("replicated", 2, "full", 0), ("ep", 0, "moe", 0), ("ep", 2, "none", 0),
+         ("fssdp", 0, "full", 0), ("fssdp", 2, "none", 0), ("ep", 0, "moe", 1), ("fssdp", 2, "none", 2)]
 
 
-def case_spec(out: Path, strategy: str, zero: int, ckpt: str) -> dict:
+def case_spec(out: Path, strategy: str, zero: int, ckpt: str, sharding: int = 0) -> dict:
     spec = copy.deepcopy(BASE)
-    spec["run"].update(name=f"{strategy}-z{zero}-{ckpt}", output_dir=str(out))
+    spec["run"].update(name=f"{strategy}-z{zero}-{ckpt}-s{sharding}", output_dir=str(out))
     spec["model"]["activation_checkpointing"] = ckpt
     spec["parallel"].update(expert_strategy=strategy, zero_stage=zero)
     if strategy == "fssdp":
         spec["parallel"]["fssdp"] = {"memory_cap": 1, "window": 1, "tolerance": 0.0}
+    if sharding:  # EDP 2; a smaller batch and reduce bucket, so the expert state weighs in the total
+        spec["parallel"].update(expert_parallel_size=1, expert_sharding=sharding)
+        spec["stages"][0]["micro_batch_size"] = 1
+        if zero:
+            spec["deepspeed"] = {"zero_optimization": {"reduce_bucket_size": 200_000}}
     return spec
 
 
@@ -140,6 +151,8 @@ def measure(rank: int, world: int, spec: dict) -> dict:
             return step_fn(self)
         store = getattr(self.strategy, "store", None)
         pool = list(store.params()) if store is not None else []
+        shards = getattr(store, "shards", None)
+        masters = list(shards.masters) if shards is not None else []
         pool_ptrs = ptrs(pool)
         dense = {k: v for k, v in ptrs(self.model.parameters()).items() if k not in pool_ptrs}
         got["dense_weights"] = sum(dense.values())
@@ -147,18 +160,53 @@ def measure(rank: int, world: int, spec: dict) -> dict:
         params = {**dense, **pool_ptrs}
         grads = ptrs(p.grad for p in self.model.parameters())
         got["dense_optimizer"] = sum(v for k, v in opt.items() if k not in params and k not in grads)
+        expert_opt = shards.optimizer if shards is not None else getattr(store, "optimizer", None)
         if store is not None:
-            moments = ptrs(v for p in pool for v in store.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
-            got["expert_weights"], got["expert_optimizer"] = sum(pool_ptrs.values()), sum(moments.values())
+            moments = ptrs(v for p in pool + masters for v in expert_opt.state.get(p, {}).values()
+                           if torch.is_tensor(v))
+            got["expert_weights"] = sum(pool_ptrs.values()) + sum(ptrs(masters).values())
+            got["expert_optimizer"] = sum(moments.values())
         before = opt.keys() | params.keys()
-        at_step = {}
+        at_step = {"expert_grads": 0}
         inner = self.strategy.optimizer_step
+        whole = []  # weak references to level 1's whole fp32 gradient buffers, once handed to the scatter
+
+        def expert_grads_live(extra=()) -> None:
+            """The expert gradient storage alive now: max over the probes."""
+            ts = [p.grad for p in pool] + list(extra)
+            if shards is not None:
+                ts += list(shards.grads) + list(shards.full_grads) + [r() for r in whole]
+            at_step["expert_grads"] = max(at_step["expert_grads"], sum(ptrs(ts).values()))
+
+        patched = {}
+        if shards is not None:
+            import weakref
+
+            add_slots, reduce_pool, expert_step = shards.add_slots, shards.reduce_pool_grads, store.step
+
+            def add_slots_probe(*a, **k):
+                add_slots(*a, **k)
+                expert_grads_live()
+
+            def reduce_pool_probe():
+                whole.extend(weakref.ref(t) for t in shards.full_grads if t is not None)
+                reduce_pool()
+                expert_grads_live()
+
+            def step_probe(*a, **k):
+                expert_grads_live()
+                return expert_step(*a, **k)
+
+            patched = {(shards, "add_slots"): add_slots_probe, (shards, "reduce_pool_grads"): reduce_pool_probe,
+                       (store, "step"): step_probe}
+            for (obj, name), fn in patched.items():
+                setattr(obj, name, fn)
 
         def optimizer_step(engine, model, *a, **k):
             g = ptrs(p.grad for p in model.parameters())
             g.update({p_: n for p_, n in storages(engine.optimizer).items() if p_ not in before})
             at_step["dense_grads"] = sum(n for p_, n in g.items() if p_ not in params)
-            at_step["expert_grads"] = sum(ptrs(p.grad for p in pool).values())
+            expert_grads_live()
             it = getattr(store, "iteration", None)
             if it is not None and getattr(it, "copies", None):  # FSSDP: copies resident and their fp32 gradient sums
                 ws = [t for _, ts in it.copies.values() for t in ts]
@@ -194,13 +242,15 @@ def measure(rank: int, world: int, spec: dict) -> dict:
             return out
 
         self.strategy.optimizer_step, self.engine.forward = optimizer_step, forward
-        live_before = sum(storages([self.model, self.engine.optimizer, store.optimizer if store else None,
-                                    pool, [p.grad for p in pool]], depth=6).values())
+        live_before = sum(storages([self.model, self.engine.optimizer, expert_opt, pool, [p.grad for p in pool],
+                                    masters], depth=6).values())
         res = {}
         got["step_peak_extra"], got["peak_by"] = step_peak(lambda: res.setdefault("r", step_fn(self)))
         got["live_before"] = live_before
         self.strategy.optimizer_step, self.engine.forward = inner, fwd
         SE.ShardedExperts.compute = compute
+        for obj, name in patched:
+            delattr(obj, name)  # the instance attribute: the class's method again
         got["rows"] = rows
         got.update(at_step)
         got["activations"] = sum(saved.values())
@@ -254,8 +304,9 @@ def imbalance_for(m: dict, spec: dict, counts_by_rank: list, layers=max) -> tupl
         return 1.0, busiest_imbalance(counts_by_rank, par["expert_strategy"], 2, model["num_experts"])
     st = spec["stages"][0]
     lf = layers(m["rows"]) / (st["micro_batch_size"] * spec["data"]["seq_len"] * model["top_k"])
-    e = model["num_experts"] / par["world_size"]
-    holders = min(par["world_size"], 1 + par.get("fssdp", {}).get("memory_cap", 2)) \
+    P = par.get("expert_parallel_size") or par["world_size"]
+    e = model["num_experts"] / P
+    holders = min(P, 1 + par.get("fssdp", {}).get("memory_cap", 2)) \
         if par["expert_strategy"] == "fssdp" else 1
     return lf, max(1.0, holders * (lf * e - e + 1))
 
@@ -263,16 +314,18 @@ def imbalance_for(m: dict, spec: dict, counts_by_rank: list, layers=max) -> tupl
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--cases", type=int, nargs="+", help="only these cases (indices into CASES)")
     args = ap.parse_args(argv)
+    cases = [CASES[i] for i in args.cases] if args.cases else CASES
     from parallel.testing import run_distributed
 
     rows = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        specs = [case_spec(Path(tmp), *c) for c in CASES]
+        specs = [case_spec(Path(tmp), *c) for c in cases]
         by_rank = run_distributed(measure_all, 2, specs, timeout_s=900)
         print(f"[{time.time() - t0:.0f}s] measured", flush=True)
-        for i, ((strategy, zero, ckpt), spec) in enumerate(zip(CASES, specs)):
+        for i, ((strategy, zero, ckpt, sharding), spec) in enumerate(zip(cases, specs)):
             ranks = [r[i] for r in by_rank]
             m = max(ranks, key=lambda r: r["live_before"] + r["step_peak_extra"])  # the fuller rank
             lf, imb = imbalance_for(m, spec, [r["counts_LE"] for r in ranks])
@@ -286,7 +339,8 @@ def main(argv=None) -> int:
                 est["fssdp_copies"] = (est["fssdp_copies"] - per_copy * spec["parallel"]["fssdp"]["memory_cap"] * 4) \
                     * m["copies_n"] // cap
             m["total"] = m["live_before"] + m["step_peak_extra"]
-            rows.append({"case": f"{strategy} ZeRO {zero} ckpt {ckpt}", "imbalance": imb, "load_factor": lf,
+            name = f"{strategy} ZeRO {zero} ckpt {ckpt}" + (f" sharding {sharding} (P 1, EDP 2)" if sharding else "")
+            rows.append({"case": name, "imbalance": imb, "load_factor": lf,
                          "mean_load_factor": mean_lf,
                          "measured": m, "estimate": est})
     parts = ["dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
