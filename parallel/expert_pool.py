@@ -2,8 +2,9 @@
 
 Three tensors (S, D, F) / (S, F, D) of S = L*E/N slots shared by all MoE layers, so every rank
 keeps the same number of slots whatever heterogeneous sharding does. The pool is outside the
-module tree (DeepSpeed never sees, reduces or steps an expert): it has its own AdamW, moves rows
-and moments when ownership changes (`reshard`) and writes its own checkpoint files
+module tree (DeepSpeed never sees, reduces or steps an expert): it has its own AdamW (or, with
+`parallel.expert_sharding`, fp32 masters and moments of 1/G of its rows: `parallel.expert_shards`),
+moves rows and moments when ownership changes (`reshard`) and writes its own checkpoint files
 (`system.expert_files`, written by the first expert-parallel group). Ranks here are places in
 the expert-parallel group (`parallel.groups`); `peer` turns a place into a global rank.
 """

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -303,18 +304,13 @@ class CheckpointTensors:
 
         state = load_tensors(files[0], mmap=True, allow_deepspeed=True)
         self.module = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state["module"].items()}
-        self.experts: dict[str, dict] = {}
+        self.experts: Mapping = {}
         self.moe_blocks: list[int] = []
         if (self.ckpt / "experts").is_dir():
-            from system.expert_files import EXPERT_DIR
+            from system.expert_files import read_expert_files
 
-            parts = [load_tensors(f, mmap=True) for f in sorted((self.ckpt / EXPERT_DIR).glob("rank*.pt"))]
-            if not parts or len(parts) != parts[0]["world"]:
-                raise ValueError(f"checkpoint {ckpt}: {len(parts)} expert files, written by "
-                                 f"{parts[0]['world'] if parts else '?'} ranks")
-            self.num_experts = parts[0]["num_experts"]
-            for p in parts:
-                self.experts.update(p["experts"])
+            head, self.experts = read_expert_files(self.ckpt, mmap=True)  # sharded pieces joined on access
+            self.num_experts = head["num_experts"]
             self.moe_blocks = sorted({int(k.split(".")[1]) for k in self.module
                                       if k.startswith("blocks.") and k.endswith(".ffn.router.weight")})
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from parallel.testing import run_distributed
-from system.expert_files import read_expert_files
+from system.expert_files import full_expert_weights, read_expert_files
 from tests.parallel.test_ep_dp import BATCH, E, _Holder, _layer, _plan
 
 CLIP = 1e-3  # below every norm here: the clip coefficient is always active
@@ -109,6 +109,9 @@ def test_sharded_expert_state_equals_unsharded(tmp_path, world, P):
             assert len(list((d / "experts").glob("rank*.pt"))) == world  # one file per EDP member
             got = _records(d)
             assert got.keys() == ref.keys() and len(got) == 2 * E
+            for layer, ws in full_expert_weights(d).items():  # what export and upcycling read
+                for x, y in zip(ws, full_expert_weights(tmp_path / f"{strategy}0")[layer]):
+                    torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
             for k in ref:
                 assert set(got[k]) == set(ref[k]) >= {"w1", "exp_avg.w2", "exp_avg_sq.w3"}
                 for n in ref[k]:
