@@ -20,6 +20,20 @@ from torch import nn
 from parallel import dist as pdist
 
 
+def device_index(positions, device: torch.device) -> torch.Tensor:
+    """Host integers as an index tensor on `device`, copied without a host sync (pinned, async)."""
+    t = torch.tensor(list(positions), dtype=torch.long)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def one_run(positions) -> bool:
+    """Whether host integers are one ascending run (then a narrow view serves, no index)."""
+    p = list(positions)
+    return bool(p) and p == list(range(p[0], p[0] + len(p)))
+
+
 class ExpertShards:
     """Piece `member` of the G-way split of every slot of a pool's weights: fp32 masters, their
     gradient sums and their AdamW (see the module). `params`: the pool's (S, a, b) weights."""
@@ -98,11 +112,10 @@ class ExpertShards:
         for i, piece in enumerate(pieces):
             if self.grads[i] is None:
                 self.grads[i] = torch.zeros(self.S, self.c[i], dtype=torch.float32, device=self.device)
-            if slots == list(range(slots[0], slots[0] + len(slots))):
+            if one_run(slots):
                 self.grads[i].narrow(0, slots[0], len(slots)).add_(piece)
             else:
-                idx = torch.tensor(slots, dtype=torch.long).to(self.device)
-                self.grads[i].index_add_(0, idx, piece)
+                self.grads[i].index_add_(0, device_index(slots, self.device), piece)
 
     @torch.no_grad()
     def add_full(self, i: int, slots, g: torch.Tensor) -> None:
@@ -112,10 +125,10 @@ class ExpertShards:
             self.full_grads[i] = torch.zeros(self.S, self.n[i], dtype=torch.float32, device=self.device)
         slots = list(slots)
         rows = g.reshape(len(slots), -1).to(torch.float32)
-        if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        if one_run(slots):
             self.full_grads[i].narrow(0, slots[0], len(slots)).add_(rows)
         elif slots:
-            self.full_grads[i].index_add_(0, torch.tensor(slots, dtype=torch.long).to(self.device), rows)
+            self.full_grads[i].index_add_(0, device_index(slots, self.device), rows)
 
     def reduce_pool_grads(self) -> None:
         """Level 1: reduce-scatter the step's whole gradients (every slot) into this member's

@@ -24,6 +24,7 @@ from parallel import collectives as coll
 from parallel import dist as pdist
 from parallel.expert_autograd import pool_rows
 from parallel.expert_pool import ExpertPool
+from parallel.expert_shards import device_index, one_run
 from parallel.groups import second_ep_group
 from parallel.iteration_state import IterationState
 from parallel.placement import (FSSDPPlanConfig, IterationPlan, LoadPredictor, overlap_budget, plan_iteration,
@@ -400,8 +401,12 @@ class ExpertStore(ExpertPool):
             if not all(s in pos for s in sl):
                 keep.append((i, sl, g))
                 continue
-            idx = torch.tensor([pos[s] for s in sl], dtype=torch.long).to(self.device)
-            rows[i].index_add_(0, idx, g.reshape(len(sl), -1).to(torch.float32))
+            at = [pos[s] for s in sl]
+            g = g.reshape(len(sl), -1).to(torch.float32)
+            if one_run(at):
+                rows[i].narrow(0, at[0], len(at)).add_(g)
+            elif at:
+                rows[i].index_add_(0, device_index(at, self.device), g)
         self.iteration.row_grads = keep
         self.shards.add_slots(slots, self.shards.scatter(rows))
 

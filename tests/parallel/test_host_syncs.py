@@ -123,13 +123,17 @@ def _show(counts: dict) -> str:
 
 
 @pytest.mark.procs
-@pytest.mark.parametrize("strategy,zero", [("replicated", 0), ("ep", 0), ("fssdp", 0), ("deepspeed_moe", 0),
-                                           ("fssdp", 1)])
-def test_host_syncs_per_step_are_bounded(tmp_path, strategy, zero):
+@pytest.mark.parametrize("strategy,zero,sharding", [("replicated", 0, 0), ("ep", 0, 0), ("fssdp", 0, 0),
+                                                    ("deepspeed_moe", 0, 0), ("fssdp", 1, 0), ("fssdp", 0, 2)])
+def test_host_syncs_per_step_are_bounded(tmp_path, strategy, zero, sharding):
     """ZeRO 1 with every step clipped: one more read, the multipliers of the float32 thresholds
     around the estimate (`sharded_strategy._threshold_from`, DeepSpeed's clip matched bit for
-    bit); DeepSpeed's ZeRO step reads its own norm (counted apart, not bounded)."""
-    results = run_distributed(_count_steps, 2, _spec(tmp_path, strategy, zero), timeout_s=240)
+    bit); DeepSpeed's ZeRO step reads its own norm (counted apart, not bounded). Expert sharding
+    2 (P = 1, the pieces over both ranks) adds none: its indices are host lists copied async."""
+    spec = _spec(tmp_path, strategy, zero)
+    if sharding:
+        spec["parallel"].update(expert_parallel_size=1, expert_sharding=sharding)
+    results = run_distributed(_count_steps, 2, spec, timeout_s=240)
     bound = LAYERS * MICRO + 2 + (1 if zero else 0)
     bad = []
     for rank, per_step in enumerate(results):
