@@ -17,7 +17,7 @@ from typing import Optional
 DS_BUCKET = 500_000_000  # DeepSpeed's default reduce / allgather bucket (elements)
 CE_CHUNK_BYTES = 256 << 20  # system.chunked_ce.CHUNK_BYTES: one chunk's fp32 work
 PARTS = ("dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
-         "expert_optimizer", "fssdp_copies", "dispatch", "activations", "logits", "comm_buffers")
+         "expert_optimizer", "fssdp_copies", "dispatch", "activations", "logits", "comm_buffers", "expert_step")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class Estimate:
     parts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, float] = field(default_factory=dict)  # parameter counts and load factors
+    moments: dict[str, int] = field(default_factory=dict)  # bytes over the held state at each moment
     total: int = 0  # the step's peak (`peak`), not the sum of the parts
 
     @property
@@ -216,6 +217,25 @@ def sharding_buffers(lay: Layout) -> tuple[int, int]:
     return layer_end, (4 * 3 * copies * DF + scatter(copies) + 3 * 4 * copies * c if copies else 0)
 
 
+def expert_step_buffers(lay: Layout) -> tuple[int, int]:
+    """ep/fssdp: (AdamW, all-gather) transient bytes of the expert step. torch's AdamW on a GPU is
+    the foreach version: one fp32 temporary as large as everything it steps (`_foreach_sqrt` of
+    the second moments): the pool at sharding 0, the masters when sharded; on CPU the
+    single-tensor version, one weight's at a time. Sharded, once the step's gradient sums are
+    dropped, the updated pieces are all-gathered into the working pool in its dtype
+    (`ExpertShards.gather_into`): the gathered pool-sized buffer (3 x S x EDP x c), this
+    member's pieces (3Sc) and, weight by weight, its reordered rows: a copy of the weight's
+    non-contiguous column block, the transposed copy, and the previous weight's rows still bound
+    (3 x S x EDP x c; measured)."""
+    if lay.strategy not in ("ep", "fssdp"):
+        return 0, 0
+    S, DF = owned_experts(lay), lay.d_model * lay.d_expert
+    if not lay.sharding:
+        return 4 * (3 * S * DF if lay.gpu else S * DF), 0
+    c, G = piece(lay), lay.edp
+    return 4 * (3 * S * c if lay.gpu else S * c), lay.act_bytes * (3 * S * G * c + 3 * S * c + 3 * S * G * c)
+
+
 def load_factor(lay: Layout) -> float:
     """Rows a rank's experts receive over the mean (N * k): the busiest expert carries
     `imbalance` x the mean. ep: it sits with e - 1 mean-loaded experts on its owner; fssdp: the
@@ -327,6 +347,8 @@ def estimate(lay: Layout) -> Estimate:
     ew, eg, eo = expert_state(lay)
     rows = lay.top_k * load_factor(lay)
     layer_end, at_step = sharding_buffers(lay)
+    adam, gather = expert_step_buffers(lay)
+    edp = edp_buffer(lay)
     out.parts = {
         "dense_weights": w, "dense_grads": g, "dense_optimizer": o,
         "expert_weights": ew, "expert_grads": eg, "expert_optimizer": eo,
@@ -334,16 +356,28 @@ def estimate(lay: Layout) -> Estimate:
         "dispatch": dispatch_buffers(lay, rows),
         "activations": activations(lay, rows),
         "logits": logits_peak(lay),
-        "comm_buffers": buckets + edp_buffer(lay) + max(layer_end, at_step),
+        "comm_buffers": buckets + edp + max(layer_end, at_step),
+        "expert_step": max(adam, gather),
     }
+    p = out.parts
     # gradients alive through the forward: BF16_Optimizer's flat buffer (made at start-up), and
     # every gradient when a step accumulates several micro-batches (sharding 2: only the shard's)
     held_grads = g + expert_grads_held(lay) if lay.grad_accum > 1 else (2 * n_ds if lay.gpu and lay.zero == 0 else 0)
-    # expert sharding 2's first layer end: every activation saved but the last MoE layer's routed
-    # rows (its norm and router are not through their backward yet)
-    at_layer_end = (out.parts["activations"] - int(routed_activations(lay, rows) * lay.tokens) + layer_end
-                    if layer_end else 0)
-    out.total = peak(out.parts, early, held_grads, layer_end, at_step, at_layer_end)
+    grads, comm = g + eg, buckets + edp
+    step_grads = 4 * owned_experts(lay) * 3 * piece(lay) if lay.sharding else eg  # the sums AdamW reads
+    # the moments the peak can be at, each as bytes on top of the state held all step (`peak`)
+    out.moments = {
+        "loss": held_grads + p["activations"] + max(p["logits"], p["dispatch"]) + early,
+        # sharding 2, the last MoE layer's end: every activation saved but its routed rows (its
+        # norm and router are not through their backward yet)
+        "layer_end": (held_grads + p["activations"] - int(routed_activations(lay, rows) * lay.tokens)
+                      + layer_end + early) if layer_end else 0,
+        "backward_end": grads + comm + max(p["dispatch"], layer_end),
+        "step_scatter": grads + comm + at_step if at_step else 0,
+        "expert_adam": g + step_grads + comm + adam if adam else 0,
+        "expert_gather": g + comm + gather if gather else 0,
+    }
+    out.total = peak(p, out.moments)
     out.counts = {"deepspeed_params": n_ds, "expert_params_total": lay.moe_layers * lay.num_experts * expert_params(lay),
                   "owned_expert_params": owned_experts(lay) * expert_params(lay),
                   "load_factor": load_factor(lay), "imbalance": lay.resolved_imbalance()}
@@ -353,22 +387,19 @@ def estimate(lay: Layout) -> Estimate:
     return out
 
 
-def peak(parts: dict[str, int], early: int, held_grads: int = 0, layer_end: int = 0, at_step: int = 0,
-         at_layer_end: int = 0) -> int:
-    """The step's peak from its parts. Held throughout: weights, optimizer state, the expert
-    pool's weights and moments, FSSDP copies. Then the largest of these moments: the loss (every
-    activation saved, the larger of the logits' peak and a layer's dispatch buffers, and the
-    ZeRO buckets the backward allocates first); under expert sharding 2 the end of the last MoE
-    layer's backward (`at_layer_end`: the activations still saved and the layer's scatter, with
-    the buckets); the end of the backward (activations freed, every gradient and communication
-    buffer alive, the largest of a layer's dispatch buffers, its scatter under sharding 2
-    (`layer_end`) and the expert step's scatter (`at_step`), which `comm_buffers` holds too)."""
+def peak(parts: dict[str, int], moments: dict[str, int]) -> int:
+    """The step's peak: the state held all step (weights, optimizer state, the expert pool's
+    weights, masters and moments, FSSDP copies) plus the largest of the moments: the loss (the
+    gradients held through the forwards, every activation saved, the larger of the logits' peak
+    and a layer's dispatch buffers, the ZeRO buckets the backward allocates first); under expert
+    sharding 2 the end of the last MoE layer's backward (its reduce-scatter); the end of the
+    backward (activations freed, every gradient and communication buffer, a layer's dispatch
+    buffers or reduce-scatter); level 1's reduce-scatter at the step; the expert AdamW's
+    temporaries (with the gradient sums it reads); sharded, the all-gather after it (the expert
+    gradients dropped by then)."""
     held = sum(parts[p] for p in ("dense_weights", "dense_optimizer", "expert_weights", "expert_optimizer",
-                                  "fssdp_copies")) + held_grads
-    at_loss = parts["activations"] + max(parts["logits"], parts["dispatch"]) + early
-    at_end = (parts["dense_grads"] + parts["expert_grads"] - held_grads + parts["comm_buffers"]
-              - max(layer_end, at_step) + max(parts["dispatch"], layer_end, at_step))
-    return held + max(at_loss, at_layer_end + early, at_end)
+                                  "fssdp_copies"))
+    return held + max(moments.values())
 
 
 def largest_micro_batch(lay: Layout, budget: int, limit: int = 1 << 20) -> int:

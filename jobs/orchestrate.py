@@ -92,6 +92,9 @@ def _train_worker(config: dict[str, Any], ctx) -> None:
         if config.get("ray_metrics"):
             from jobs.ray_metrics import RayGaugeSink
             sinks = (RayGaugeSink(config["run_name"], config["stage_name"]),)
+    if config.get("elastic_sizes") and not _join_elastic_world(config["elastic_sizes"], ctx):
+        ray.train.report({})  # a surplus worker: its report matches the others' last one, at the end
+        return
     stop = stop_requested
     if on_step is not None:  # rank 0 also reads the driver's Ctrl-C from its step reports
         stop = lambda: stop_requested() or on_step.stop_requested()  # noqa: E731
@@ -116,6 +119,22 @@ def _train_worker(config: dict[str, Any], ctx) -> None:
     # metrics.jsonl and the Ray gauges.
     ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))
                       and not k.startswith(("moe/", "eval/moe/"))})
+
+
+def _join_elastic_world(sizes: list[int], ctx) -> bool:
+    """An elastic stage runs at the largest allowed size not above the workers Ray started; the
+    ranks past it leave the process group and wait (`parallel.dist.narrow_world`)."""
+    from jobs.elastic import run_size
+    from parallel import dist as pdist
+
+    got = ctx.get_world_size()
+    size = run_size(sizes, got)
+    if size == got:
+        return True
+    if ctx.get_world_rank() == 0:
+        print(f"[moeforge] {got} workers started; the stage runs at {size} (parallel.elastic.sizes {sizes})",
+              flush=True)
+    return pdist.narrow_world(size)
 
 
 class StageFailed(RuntimeError):
@@ -318,15 +337,25 @@ def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: Stage
                            "ray_metrics": plan.metrics.ray_metrics,
                            "fatal_file": str(layout.fatal_file(stage.name)),
                            "preempted_file": str(layout.preempted_file(stage.name)),
+                           "elastic_sizes": list(par.elastic.sizes),
                            "quiet": not verbose, "log_dir": str(layout.log_dir(stage.name)),
                            "threads": par.threads_per_worker or max(1, int(res.get("CPU", 1)))},
         torch_config=PreemptibleTorchConfig(backend=ray_train_backend(par.backend)),
-        scaling_config=ScalingConfig(num_workers=stage.world_size, use_gpu=par.use_gpu, resources_per_worker=res),
+        scaling_config=ScalingConfig(**_workers(stage), use_gpu=par.use_gpu, resources_per_worker=res),
         run_config=RunConfig(
             name=rc.name or f"{plan.run.name}-{stage.name}",
             storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
             failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
     )
+
+
+def _workers(stage: StagePlan) -> dict[str, Any]:
+    """ScalingConfig's worker count: the stage's size, or (elastic) the range of its sizes, Ray
+    Train looking for room to grow back every `monitor_interval_s`."""
+    el = stage.parallel.elastic
+    if not el.sizes:
+        return {"num_workers": stage.world_size}
+    return {"num_workers": (el.sizes[0], el.sizes[-1]), "elastic_resize_monitor_interval_s": el.monitor_interval_s}
 
 
 def _raise_for_outcome(layout: RunLayout, stage: StagePlan, result, stop: Optional[threading.Event], hb) -> None:

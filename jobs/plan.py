@@ -8,6 +8,7 @@ the plan and never goes back to the spec.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -141,9 +142,12 @@ def stage_parallel(spec: JobSpec, i: int) -> ParallelSection:
 
 def ep_size(par: ParallelSection, world_size: int) -> int:
     """Ranks one copy of the experts is sharded over: 1 when replicated, otherwise
-    parallel.expert_parallel_size (at most the world; default: the world)."""
+    parallel.expert_parallel_size (at most the world; default: the world; an elastic stage's
+    default follows `parallel.elastic.expert_parallel`: within a node, or the world)."""
     if par.expert_strategy == "replicated":
         return 1
+    if par.expert_parallel_size is None and par.elastic.sizes and par.elastic.expert_parallel == "node":
+        return math.gcd(world_size, par.fssdp.ranks_per_node)
     return min(par.expert_parallel_size or world_size, world_size)
 
 

@@ -1,10 +1,13 @@
 """Export training metrics as Ray metrics (Prometheus via Ray's metrics agent).
 
 Label sets are bounded: run and stage names, MoE layer index, expert index, loss part.
+Besides the step records (`log`), the stage runner tells the sink the stage's shape when it
+starts (`stage_started`: world sizes, the step it resumed from) and the trainer each committed
+checkpoint (`checkpoint_committed`); the alerting rules (infra/prometheus/alerts.yml) read those.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable, Optional
 
 ROUTING_STATS = ("maxvio_global", "maxvio_micro", "dead_experts", "active_per_token", "temperature",
                  "bias_spread", "entropy", "load_entropy")
@@ -22,6 +25,15 @@ class RayGaugeSink:
         self.tps = Gauge("moeforge_tokens_per_second", "Training tokens per second, all ranks", tag_keys=keys)
         self.gnorm = Gauge("moeforge_grad_norm", "Global gradient norm before clipping", tag_keys=keys)
         self.step = Gauge("moeforge_step", "Optimizer steps done in the stage", tag_keys=keys)
+        self.skipped = Gauge("moeforge_skipped_steps", "Steps of the stage whose update was skipped (a non-finite "
+                             "loss or gradient), all so far", tag_keys=keys)
+        self.world = Gauge("moeforge_world_size", "Ranks the stage runs on", tag_keys=keys)
+        self.requested = Gauge("moeforge_requested_world_size", "Ranks the stage's plan asks for "
+                               "(parallel.world_size; an elastic stage: its largest size)", tag_keys=keys)
+        self.ckpt_step = Gauge("moeforge_checkpoint_step", "Step of the stage's last committed checkpoint "
+                               "(the step it started or resumed from until its first)", tag_keys=keys)
+        self.ckpt_every = Gauge("moeforge_checkpoint_every", "The stage's checkpoint interval in steps",
+                                tag_keys=keys)
         self.maxload = Gauge("moeforge_expert_max_over_mean", "Busiest expert's tokens / mean, per MoE layer",
                              tag_keys=keys + ("layer",))
         self.expert = Gauge("moeforge_expert_tokens", "Tokens routed to each expert in the last step",
@@ -45,7 +57,8 @@ class RayGaugeSink:
             if part in r:
                 self.loss.set(r[part], tags={**t, "part": part})
         for gauge, key in ((self.lr, "lr"), (self.tps, "tokens_per_s"), (self.gnorm, "grad_norm"),
-                           (self.step, "step")):
+                           (self.step, "step"), (self.skipped, "skipped_steps"), (self.world, "world_size"),
+                           (self.requested, "requested_world_size")):
             if key in r:  # an evaluation-only record (step 0) has no training figures
                 gauge.set(r[key], tags=t)
         for part in ("kd", "agreement", "teacher_missing_mass"):
@@ -71,5 +84,37 @@ class RayGaugeSink:
             elif parts[0] == "ep" and len(parts) == 2:
                 self.ep.set(float(v), tags={**t, "stat": parts[1]})
 
+    def stage_started(self, world_size: int, requested_world_size: int, checkpoint_step: int,
+                      checkpoint_every: int) -> None:
+        """The stage's shape, set once its trainer is ready (resumed or not): `checkpoint_step`
+        is the step it starts from (0 afresh), so a stage that never checkpoints is seen."""
+        t = self._tags
+        self.world.set(world_size, tags=t)
+        self.requested.set(requested_world_size, tags=t)
+        self.ckpt_step.set(checkpoint_step, tags=t)
+        self.ckpt_every.set(checkpoint_every, tags=t)
+
+    def checkpoint_committed(self, step: int) -> None:
+        self.ckpt_step.set(step, tags=self._tags)
+
     def close(self) -> None:
         pass
+
+
+def announce_stage(sinks: Iterable[Any], **shape: int) -> None:
+    """`RayGaugeSink.stage_started(**shape)` on each such sink among `sinks` (others ignore it)."""
+    for s in sinks:
+        if isinstance(s, RayGaugeSink):
+            s.stage_started(**shape)
+
+
+def checkpoint_listener(sinks: Iterable[Any]) -> Optional[Callable[[int], None]]:
+    """The trainer's `on_checkpoint` hook for the Ray gauge sinks among `sinks` (None without one)."""
+    gauges = [s for s in sinks if isinstance(s, RayGaugeSink)]
+    if not gauges:
+        return None
+
+    def committed(step: int) -> None:
+        for g in gauges:
+            g.checkpoint_committed(step)
+    return committed

@@ -83,6 +83,27 @@ EXPERT_STRATEGIES = ("replicated", "ep", "fssdp", "deepspeed_moe")
 
 
 @dataclass
+class ElasticSection:
+    """`parallel.elastic`: the world sizes a stage may run at when workers are lost or come back
+    (`jobs.elastic`); `parallel.world_size` is the size asked for, the largest of them."""
+
+    sizes: list[int] = field(default_factory=list)  # e.g. [2, 4, 8]; empty: not elastic
+    # how often Ray Train looks for room to grow back (ScalingConfig.elastic_resize_monitor_interval_s)
+    monitor_interval_s: float = 60.0
+    # the expert-parallel size at each world size when parallel.expert_parallel_size is null:
+    # node: within a node (gcd(size, fssdp.ranks_per_node)); world: every rank of the size
+    expert_parallel: Literal["node", "world"] = "node"
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if any(s < 1 for s in self.sizes):
+            yield "sizes", f"{self.sizes}: every size must be >= 1"
+        elif self.sizes != sorted(set(self.sizes)):
+            yield "sizes", f"{self.sizes} must be distinct and ascending"
+        if self.monitor_interval_s < 0:
+            yield "monitor_interval_s", f"{self.monitor_interval_s} must be >= 0"
+
+
+@dataclass
 class ParallelSection:
     world_size: int = 1  # number of training workers (ranks)
     # replicated: every rank holds every expert (data parallel); ep: experts partitioned over the
@@ -94,6 +115,7 @@ class ParallelSection:
     expert_parallel_size: Optional[int] = None
     fssdp: FSSDPSection = field(default_factory=FSSDPSection)
     deepspeed_moe: DeepSpeedMoESection = field(default_factory=DeepSpeedMoESection)
+    elastic: ElasticSection = field(default_factory=ElasticSection)
     zero_stage: Literal[0, 1, 2] = 0
     # ep/fssdp: expert fp32 masters and AdamW moments sharded over the expert-data-parallel group
     # (the world_size / P ranks at one place of the P-rank groups); 1: gradients reduce-scattered

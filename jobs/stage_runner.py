@@ -15,8 +15,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from jobs.elastic import is_elastic, stage_at
 from jobs.layout import RunLayout
 from jobs.plan import JobPlan, StagePlan, plan_job
+from jobs.ray_metrics import announce_stage, checkpoint_listener
 from jobs.ray_nodes import rank_nodes
 from jobs.sources import init_checkpoint, resolve_teacher
 from jobs.spec import parse_spec
@@ -95,8 +97,10 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     worker resolves it into the job's plan without re-reading files. `stop_requested` (polled
     every step, e.g. a SIGTERM flag) makes the stage checkpoint and raise StagePreempted."""
     plan = plan_job(parse_spec(spec_dict, preflight=False))
-    return run_planned_stage(plan, plan.stages[stage_index], extra_sinks=extra_sinks, on_step=on_step,
-                             stop_requested=stop_requested)
+    stage = plan.stages[stage_index]
+    if is_elastic(stage):  # the size this run got (`jobs.elastic`): the same global batch
+        stage = stage_at(stage, pdist.world_size())
+    return run_planned_stage(plan, stage, extra_sinks=extra_sinks, on_step=on_step, stop_requested=stop_requested)
 
 
 def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[MetricSink, ...] = (),
@@ -136,12 +140,16 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                       holdout_batches=data.eval_batches, stage=stage, balancing=stage.experts.balancing,
                       stage_name=stage.name, sinks=sinks, ckpt=ckpt, manifest_base=manifest_base,
                       log_every=plan.metrics.log_every,
-                      hooks=TrainerHooks(on_step=on_step, stop_requested=stop_requested), teacher=teacher,
+                      hooks=TrainerHooks(on_step=on_step, stop_requested=stop_requested,
+                                         on_checkpoint=checkpoint_listener(sinks)), teacher=teacher,
                       # Forgetting / adaptation only mean something for a stage that starts from a
                       # trained model: "old" is what it knew, "new" what this stage trains on.
                       domain_groups=stage.domain_groups())
     if resume_from is not None:
         _resume(trainer, stage, layout, resume_from, rank)
+    # the Ray gauges' stage shape: the size asked for is the plan's (an elastic stage's largest)
+    announce_stage(sinks, world_size=pdist.world_size(), requested_world_size=plan.stages[stage.index].world_size,
+                   checkpoint_step=trainer.state.step, checkpoint_every=stage.checkpoint_every)
     last = _fit(trainer, data.stream, sinks)
     if rank == 0:
         _write_stage_records(layout, stage, trainer, data.sampler, data.stream, data.train, data.weights, corpus,

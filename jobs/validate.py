@@ -73,6 +73,17 @@ def _stage_world_size(spec: JobSpec, i: int) -> Problems:
                                           f"{stage_ep_size(spec, i)}")
 
 
+def _stage_elastic(spec: JobSpec, i: int) -> Problems:
+    """Every size of an elastic stage must take its global batch and an expert-parallel size."""
+    from jobs.elastic import size_problems
+
+    try:
+        stage = P.plan_stage(spec, i)
+    except (SpecError, InvalidValueUsed):  # a bad override: reported by its own rule
+        return
+    yield from size_problems(stage, spec.ray.failure_config.max_failures)
+
+
 def _stage_init_from(spec: JobSpec, i: int) -> Problems:
     st, seen = spec.stages[i], _earlier(spec, i)
     if st.init_from is not None and st.init_from not in seen and st.init_from in _names(spec):
@@ -351,7 +362,7 @@ def _source_body(src: SourceConfig) -> dict[str, Any]:
     return d
 
 
-STAGE_RULES = (_stage_name, _stage_batch, _stage_world_size, _stage_init_from, _stage_replay, _stage_sources,
+STAGE_RULES = (_stage_name, _stage_batch, _stage_world_size, _stage_elastic, _stage_init_from, _stage_replay, _stage_sources,
                _stage_eval_domains, _stage_teacher, _stage_overrides, _stage_router, _stage_num_experts,
                _stage_init_shape)
 JOB_RULES = (_num_experts, _scaling, _scaling_gpu, _resources, _deepspeed_keys, _check_routing, _check_dts)

@@ -182,6 +182,24 @@ def batch_isend_irecv(ops: list) -> list:
     return dist.batch_isend_irecv(ops) if ops else []
 
 
+def narrow_world(size: int) -> bool:
+    """Shrink the default process group to its first `size` ranks (an elastic stage that got
+    more workers than an allowed size): they rendezvous again as a world of `size` on a port
+    rank 0 picks, the others leave. Returns whether this rank is in the new world."""
+    world, me = world_size(), rank()
+    if not is_dist() or size >= world:
+        return True
+    name = backend()
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = broadcast_object(free_port() if me == 0 else None)
+    dist.destroy_process_group()
+    if me >= size:
+        return False
+    os.environ.update(WORLD_SIZE=str(size), MASTER_PORT=str(port))  # what DeepSpeed and torch read later
+    dist.init_process_group(name, init_method=f"tcp://{addr}:{port}", rank=me, world_size=size)
+    return True
+
+
 def init_process_group(backend_name: str, rank_: int, world: int, init_method: str, **kwargs) -> None:
     dist.init_process_group(backend_name, rank=rank_, world_size=world, init_method=init_method, **kwargs)
 

@@ -65,10 +65,12 @@ class StagePreempted(Exception):
 class TrainerHooks:
     """`on_step`: called on rank 0 after each logged step (e.g. a progress bar).
     `stop_requested`: polled on every rank at each step's end; when it is true on any rank, every
-    rank checkpoints and the stage raises StagePreempted."""
+    rank checkpoints and the stage raises StagePreempted.
+    `on_checkpoint`: called on rank 0 with the step of each checkpoint once it is committed."""
 
     on_step: Optional[Callable[[dict[str, Any]], None]] = None
     stop_requested: Optional[Callable[[], bool]] = None
+    on_checkpoint: Optional[Callable[[int], None]] = None
 
 
 class Trainer:
@@ -83,6 +85,8 @@ class Trainer:
         self.sinks, self.ckpt, self.manifest_base = list(sinks), ckpt, manifest_base
         self.log_every, self.hooks = log_every, hooks
         self.rank, self.world = pdist.rank(), pdist.world_size()
+        sizes = getattr(getattr(getattr(stage, "parallel", None), "elastic", None), "sizes", None)
+        self.requested_world = max(sizes) if sizes else self.world  # an elastic stage asks for its largest size
         self.state = StageState(data_start=stream.position, data=stream.state_dict())
         self.device = next(model.parameters()).device
         self.strategy = strategy  # parallel.strategy.ExpertStrategy
@@ -233,6 +237,8 @@ class Trainer:
             "step_time_s": dt,
             "step_skipped": float(ctx.skipped),
             "skipped_steps": self.state.skipped,
+            # the size this run got and the size asked for (an elastic stage runs smaller after a loss)
+            "world_size": self.world, "requested_world_size": self.requested_world,
         }
         if self.strategy in ctx.host:
             rec.update(self.strategy.step_metrics(ctx.host[self.strategy]))
@@ -338,11 +344,14 @@ class Trainer:
                     "lr": float(self.engine.get_lr()[0])}
         self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest,
                        extra=self.strategy.save)
+        if self.rank == 0 and self.hooks.on_checkpoint is not None:
+            self.hooks.on_checkpoint(self.state.step)
 
     def _stop_diverged(self, step: int) -> None:
         from system.checkpoint import latest_checkpoint
 
         n = self.state.bad_streak
+        self.ckpt.finish()  # every rank agreed on the stop: a checkpoint in flight is committed first
         last = latest_checkpoint(self.ckpt.root)
         raise TrainingDiverged(
             f"stage {self.stage_name}: {n} steps in a row (steps {step - n + 1}-{step}) had a non-finite loss or "
@@ -360,23 +369,29 @@ class Trainer:
             if self.rank == 0:
                 for s in self.sinks:
                     s.log(rec)
-        while self.state.step < self.stage.steps:
-            rec = self.train_step()
-            step = self.state.step
-            if self.stage.eval_every and step % self.stage.eval_every == 0:
-                rec.update(self._evaluate_and_track())
-            if step % self.log_every == 0 or step == self.stage.steps:
-                if self.rank == 0:
-                    for s in self.sinks:
-                        s.log(rec)
-                    self._each("on_log", rec)
-            if self.state.bad_streak >= self.stage.max_bad_steps:
-                self._stop_diverged(step)
-            due = step % self.stage.checkpoint_every == 0 or step == self.stage.steps
-            if due or self.stop_agreed:
-                self.save()
-            if self.stop_agreed and step < self.stage.steps:
-                raise StagePreempted(step, str(self.ckpt.root / tag_for(step)))
-            self._each("end_step", step)
-            last = rec
+        try:
+            while self.state.step < self.stage.steps:
+                rec = self.train_step()
+                step = self.state.step
+                if self.stage.eval_every and step % self.stage.eval_every == 0:
+                    rec.update(self._evaluate_and_track())
+                if step % self.log_every == 0 or step == self.stage.steps:
+                    if self.rank == 0:
+                        for s in self.sinks:
+                            s.log(rec)
+                        self._each("on_log", rec)
+                if self.state.bad_streak >= self.stage.max_bad_steps:
+                    self._stop_diverged(step)
+                due = step % self.stage.checkpoint_every == 0 or step == self.stage.steps
+                if due or self.stop_agreed:
+                    self.save()
+                if self.stop_agreed and step < self.stage.steps:
+                    self.ckpt.finish()  # an asynchronous write is committed before the stop
+                    raise StagePreempted(step, str(self.ckpt.root / tag_for(step)))
+                self._each("end_step", step)
+                last = rec
+            self.ckpt.finish()  # every rank: the last checkpoint committed (raises if a write failed)
+        except BaseException:
+            self.ckpt.abort()  # no collective: this rank's writes end, rank 0 commits if it can
+            raise
         return last
