@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """`moeforge estimate` against measurement, part by part (issue 29).
 
-    python bench/estimate_vs_measured.py [--json out.json]
+    python bench/estimate_vs_measured.py [--json out.json] [--cases 6 7]
 
 Eight small stages (replicated / ep / fssdp x ZeRO 0 / 2 x activation checkpointing x expert
-sharding 0 / 1 / 2: the sharded ones with expert_parallel_size 1, so EDP = 2), each a real
-`jobs.stage_runner.run_stage` on 2 gloo ranks on CPU (fp32). During the second training step
+sharding 0 / 1 / 2: the sharded ones with expert_parallel_size 1, so EDP = 2, at micro-batch 1
+and a 200k-element reduce bucket, so the expert state and its reduce-scatter weigh in the
+total), each a real `jobs.stage_runner.run_stage` on 2 gloo ranks on CPU (fp32). During the
+second training step
 every rank measures, without calling the estimator:
   dense weights     storages of the model's parameters outside the expert pool
   dense optimizer   tensors reachable from DeepSpeed's optimizer (its inner AdamW's moments, ZeRO's
@@ -21,6 +23,10 @@ every rank measures, without calling the estimator:
   logits            the loss's peak: live storage while lm_cross_entropy runs forward and backward on
                     logits of the step's shape (system.memory_tracker), plus the logits
   total             storage alive before the step + the step's peak of live storage (memory_tracker)
+  scatter, gather   sharded: the live-storage peak of the expert sharding's reduce-scatter (of level
+                    1's whole pool, or of one layer's owned rows at level 2; zero rows) and of its
+                    all-gather of the updated pieces into the pool, each run alone after the step on
+                    the store's own tensors (`ExpertShards.scatter`, `gather_into`: idempotent)
 The estimate is `jobs.estimate.stage_layout` on the same spec, with the busiest rank's measured
 load (global counts of step 2) as its imbalance. The driver prints the ratios estimate / measured.
 """
@@ -263,6 +269,11 @@ def measure(rank: int, world: int, spec: dict) -> dict:
             lm_cross_entropy(logits, torch.randint(0, V, (B, L))).backward()
 
         got["logits"] = peak_live_bytes(loss_path)
+        if shards is not None:  # every rank calls them: collectives over the EDP group
+            k = shards.S if shards.level == 1 else shards.S // store.L  # level 2: one layer's owned rows
+            rows_k = [torch.zeros(k, n) for n in shards.n]
+            got["scatter"] = peak_live_bytes(lambda: shards.scatter(rows_k))
+            got["gather"] = peak_live_bytes(lambda: shards.gather_into(store.params()))
         return res["r"]
 
     T.Trainer.train_step = train_step
@@ -279,12 +290,18 @@ def measure_all(rank: int, world: int, specs: list) -> list:
 
 
 def estimated(spec: dict, imbalance: float) -> dict:
+    from jobs import memory_model as M
     from jobs.estimate import stage_layout
-    from jobs.memory_model import estimate
     from jobs.spec_build import parse_offline
 
-    est = estimate(stage_layout(parse_offline(spec), imbalance=imbalance))
-    return {**est.parts, "total": est.total, "load_factor": est.counts["load_factor"]}
+    lay = stage_layout(parse_offline(spec), imbalance=imbalance)
+    est = M.estimate(lay)
+    out = {**est.parts, "total": est.total, "load_factor": est.counts["load_factor"]}
+    if lay.sharding:  # the reduce-scatter's buffers and received pieces; the all-gather's buffers
+        k = M.owned_experts(lay) // (1 if lay.sharding == 1 else lay.moe_layers)
+        out["scatter"] = (7 if lay.gpu else 10) * 4 * k * lay.edp * M.piece(lay) + 3 * 4 * k * M.piece(lay)
+        out["gather"] = M.expert_step_buffers(lay)[1]
+    return out
 
 
 def busiest_imbalance(counts_by_rank: list, strategy: str, world: int, E: int) -> float:
@@ -344,7 +361,7 @@ def main(argv=None) -> int:
                          "mean_load_factor": mean_lf,
                          "measured": m, "estimate": est})
     parts = ["dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
-             "expert_optimizer", "fssdp_copies", "activations", "logits", "total"]
+             "expert_optimizer", "fssdp_copies", "activations", "logits", "scatter", "gather", "total"]
     print("\n| case | load factor (max / mean layer) | " + " | ".join(parts) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in parts) + " |")
     for r in rows:

@@ -99,9 +99,9 @@ def test_expert_sharding_pieces_round_up_and_one_group_is_a_no_op():
 def test_spec_expert_sharding_is_read_and_the_flag_overrides_it(tmp_path, capsys):
     from jobs.spec_source import load_job_spec
 
-    spec = load_job_spec(MIXTRAL)  # ships with parallel.expert_sharding: 2 (16 ranks, P = 8: EDP 2)
+    spec = load_job_spec(MIXTRAL)  # ships with parallel.expert_sharding: 2 (32 ranks, P = 8: EDP 4)
     lay = stage_layout(spec)
-    assert (lay.expert_sharding, lay.sharding, lay.edp) == (2, 2, 2)
+    assert (lay.expert_sharding, lay.sharding, lay.edp) == (2, 2, 4)
     assert estimate(lay).total == estimate(replace(stage_layout(spec, expert_sharding=0), expert_sharding=2)).total
     assert estimate(stage_layout(spec, expert_sharding=0)).total > estimate(lay).total
     assert main(["estimate", MIXTRAL, "--json"]) == 0
@@ -159,14 +159,14 @@ def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(tmp_path, c
     unsharded.write_text(Path(MIXTRAL).read_text().replace("expert_sharding: 2", "expert_sharding: 0"))
     assert main(["validate", str(unsharded)]) == 0
     err = capsys.readouterr().err
-    # 16 ranks, P = 8: the expert state overflows and EDP is 2, so level 2 is the concrete change
+    # 32 ranks, P = 8: the expert state overflows and EDP is 4, so level 2 is the concrete change
     assert "warning: memory: stage 'continual'" in err and "parallel.expert_sharding: 2 (fits" in err
     assert main(["validate", str(unsharded), "--strict"]) == 2
     assert "error: memory:" in capsys.readouterr().err
     assert main(["validate", MIXTRAL]) == 0  # the shipped spec (sharding 2) fits: no warning
     assert "memory" not in capsys.readouterr().err
     one_group = tmp_path / "mixtral_w8.yaml"  # P = world: EDP 1, nothing to shard over
-    one_group.write_text(unsharded.read_text().replace("world_size: 16", "world_size: 8"))
+    one_group.write_text(unsharded.read_text().replace("world_size: 32", "world_size: 8"))
     assert main(["validate", str(one_group)]) == 0
     err = capsys.readouterr().err
     assert "warning: memory:" in err and "expert_sharding" not in err
@@ -191,7 +191,7 @@ def test_recommend_shards_the_expert_state_when_it_is_what_overflows():
     from jobs.estimate import recommend
     from jobs.spec_source import load_job_spec
 
-    lay = stage_layout(load_job_spec(MIXTRAL), expert_sharding=0)  # 16 x H100
+    lay = stage_layout(load_job_spec(MIXTRAL), expert_sharding=0)  # 32 x H100
     device = parse_device_memory("H100")
     rep = recommend(lay, device, gpus_per_node=8)
     assert rep["fits"] and rep["layout"]["expert_sharding"] == 2 and rep["layout"]["ep_size"] == 8
