@@ -4,6 +4,11 @@ infra/prometheus/prometheus.yml; then every PromQL expression of the Grafana das
 variables filled in: this run, every stage, MoE layer 0) is evaluated through Prometheus's HTTP
 API over the run's time range, and each must return at least one series of the run.
 
+The alerting rules (infra/prometheus/alerts.yml) are loaded too: every metric selector their
+expressions use has a series of the run (with the rules' own label matchers), the rules evaluated
+on the real series without an error, the world-size gauges say 2 of 2, and the checkpoint-step
+gauge followed the stages' checkpoints.
+
 The run: an fssdp pretraining stage with evaluations, then a continual stage on another domain
 with replay (so the expert-parallel, routing, evaluation, continual and replay panels all have data).
 It is also the test of the Ray-metrics export itself: each query filters on the run and on the
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,6 +32,7 @@ import pytest
 import yaml
 
 from tests.helpers import tiny_spec, write_spec
+from tests.infra.test_alert_rules import RULES, rules
 from tests.infra.test_dashboards import DASHBOARD, PROMETHEUS, SD_FILE
 from tests.waiting import wait_until
 
@@ -42,9 +49,12 @@ def _port() -> int:
 
 
 def _config(tmp: Path) -> Path:
-    """infra/prometheus/prometheus.yml with test cadences (seconds, not tens of seconds)."""
+    """infra/prometheus/prometheus.yml with test cadences (seconds, not tens of seconds), loading
+    the alerting rules from the repository."""
     cfg = yaml.safe_load(PROMETHEUS.read_text())
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    assert cfg["rule_files"] == [RULES.name]
+    cfg["rule_files"] = [str(RULES)]
     (job,) = cfg["scrape_configs"]
     assert job["file_sd_configs"][0]["files"] == [SD_FILE]  # the file Ray keeps up to date
     job["file_sd_configs"][0]["refresh_interval"] = "1s"
@@ -68,9 +78,24 @@ def _expressions() -> list[tuple[str, str]]:
     return out
 
 
+def _rule_selectors() -> list[str]:
+    """Each ray_moeforge_* selector of the alerting rules, with its label matchers."""
+    found = set()
+    for r in rules():
+        for name, matchers in re.findall(r"\b(ray_moeforge_\w+)(\{[^}]*\})?", r["expr"]):
+            found.add(name + matchers)
+    return sorted(found)
+
+
+def _with_run(selector: str) -> str:
+    name, _, matchers = selector.partition("{")
+    return f'{name}{{run="{RUN}"{", " + matchers.rstrip("}") if matchers else ""}}}'
+
+
 def _spec(tmp: Path) -> Path:
     a, b = {"name": "english_docs", "max_documents": 30}, {"name": "python_code", "max_documents": 30}
-    base = {"micro_batch_size": 2, "checkpoint_every": 1000, "eval_every": 20, "optimizer": {"lr": 3e-3}}
+    # checkpoints at 50, 100, 150, 160: the checkpoint-step gauge must follow them
+    base = {"micro_batch_size": 2, "checkpoint_every": 50, "eval_every": 20, "optimizer": {"lr": 3e-3}}
     spec = tiny_spec(tmp, run={"name": RUN}, data={"sources": [a]}, metrics={"ray_metrics": True},
                      parallel={"world_size": 2, "expert_strategy": "fssdp"}, stages=[])
     spec["stages"] = [
@@ -120,6 +145,36 @@ def test_prometheus_answers_every_dashboard_query_for_a_live_run(tmp_path):
             if not series:
                 empty.append(f"{title}: {expr}")
         assert not empty, "dashboard queries with no series of the run:\n" + "\n".join(empty)
+
+        def per_stage(expr: str, how=max) -> dict[str, float]:
+            q = urllib.parse.urlencode({"query": expr, "start": t0, "end": time.time(), "step": "1s"})
+            res = _get(f"{api}/query_range?{q}")
+            assert res["status"] == "success", (expr, res)
+            return {s["metric"].get("stage", ""): how(float(v) for _, v in s["values"])
+                    for s in res["data"]["result"] if s["values"]}
+
+        # every gauge the alerting rules read, as they select it, has series of both stages
+        selectors = _rule_selectors()
+        assert len(selectors) >= 6, selectors
+        missing = [sel for sel in selectors
+                   if set(per_stage(f"max by (stage) ({_with_run(sel)})")) != {"pretrain", "continual"}]
+        assert not missing, "alert-rule selectors with no series of each stage of the run:\n" + "\n".join(missing)
+        # their values: 2 ranks of 2 asked for; checkpoints followed (the last one seen >= 100)
+        for name in ("ray_moeforge_world_size", "ray_moeforge_requested_world_size"):
+            for how in (min, max):
+                assert per_stage(f'max by (stage) ({name}{{run="{RUN}"}})', how) == {"pretrain": 2, "continual": 2}
+        assert per_stage(f'max by (stage) (ray_moeforge_checkpoint_every{{run="{RUN}"}})') == \
+            {"pretrain": 50, "continual": 50}
+        ckpt = per_stage(f'max by (stage) (ray_moeforge_checkpoint_step{{run="{RUN}"}})')
+        assert set(ckpt) == {"pretrain", "continual"} and min(ckpt.values()) >= 100, ckpt
+        assert per_stage(f'max by (stage) (ray_moeforge_skipped_steps{{run="{RUN}"}})') == \
+            {"pretrain": 0, "continual": 0}
+        # Prometheus loaded the rules and evaluated them on these series without an error
+        groups = _get(f"{api}/rules")["data"]["groups"]
+        loaded = {r["name"]: r for g in groups for r in g["rules"]}
+        assert set(loaded) == {r["alert"] for r in rules()}, sorted(loaded)
+        bad = {n: r.get("lastError") for n, r in loaded.items() if r["health"] != "ok"}
+        assert not bad, f"alerting rules that failed on the live series: {bad}"
         # and the series are this run's: both stages, their steps climbing towards 160
         steps = stage_steps()
         assert set(steps) == {"pretrain", "continual"} and min(steps.values()) >= 100, steps
