@@ -78,3 +78,9 @@ def test_rules_read_exported_gauges_and_name_run_and_stage():
         for key in ("summary", "description", "runbook"):
             assert "{{ $labels.run }}" in r["annotations"]["summary"], r["alert"]
             assert r["annotations"].get(key), (r["alert"], key)
+
+
+def test_without_promtool_the_tests_fail_and_say_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="make setup"):
+        promtool()
