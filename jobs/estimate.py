@@ -103,7 +103,8 @@ def report(est: Estimate, device: int) -> dict:
     return {"layout": asdict(lay), "parts": dict(est.parts), "total": est.total, "device_memory": device,
             "reserve": res, "fits": est.total <= device - res,
             "sum_of_parts": est.sum_of_parts, "largest_micro_batch": largest_micro_batch(lay, device - res),
-            "counts": est.counts, "notes": list(est.notes)}
+            "counts": est.counts, "moments": dict(est.moments),
+            "peak_moment": max(est.moments, key=est.moments.get) if est.moments else None, "notes": list(est.notes)}
 
 
 def describe_layout(lay: Layout) -> str:
@@ -122,8 +123,8 @@ def format_report(rep: dict) -> str:
     for p in PARTS:
         lines.append(f"  {p:<{width}}  {rep['parts'][p]:>18,d} B  {human(rep['parts'][p]):>11}")
     lines.append(f"  {'peak (total)':<{width}}  {rep['total']:>18,d} B  {human(rep['total']):>11}   "
-                 f"(the parts' sum {human(rep['sum_of_parts'])}: activations and logits are gone when the "
-                 f"last gradients arrive)")
+                 f"(at the {rep.get('peak_moment')} moment; the parts' sum {human(rep['sum_of_parts'])}: "
+                 f"activations and logits are gone when the last gradients arrive)")
     dev, res = rep["device_memory"], rep["reserve"]
     verdict = "fits" if rep["fits"] else "DOES NOT FIT"
     lines.append(f"device {human(dev)}, reserve {human(res)} ({RESERVE_FRACTION:.0%}, at least {human(RESERVE_MIN)}): "

@@ -11,7 +11,8 @@ import pytest
 
 from jobs.cli import main
 from jobs.estimate import EstimateError, parse_device_memory, stage_layout
-from jobs.memory_model import Layout, estimate, expert_grads_held, expert_state, largest_micro_batch, sharding_buffers
+from jobs.memory_model import (Layout, estimate, expert_grads_held, expert_state, expert_step_buffers,
+                               largest_micro_batch, sharding_buffers)
 
 REPO = Path(__file__).resolve().parents[2]
 MIXTRAL = str(REPO / "examples/models/mixtral_8x7b.yaml")
@@ -86,6 +87,18 @@ def test_expert_sharding_state_by_level(gpu):
     k = 2  # owned slots of one layer
     layer_end = 4 * 3 * k * 64 + copies * 4 * k * 4 * 16 + 3 * 4 * k * 16 + (2 if gpu else 4) * k * 64
     assert sharding_buffers(replace(lay, expert_sharding=2)) == (layer_end, 0)
+    # the expert step: AdamW's temporary (foreach on a GPU: everything it steps; CPU: one weight),
+    # sharded the all-gather (the gathered pool, the member's pieces, the reordered copies)
+    S, c = 4, 16
+    assert expert_step_buffers(lay) == (4 * (3 * S * 64 if gpu else S * 64), 0)
+    a = 2 if gpu else 4
+    assert expert_step_buffers(replace(lay, expert_sharding=2)) == \
+        (4 * (3 * S * c if gpu else S * c), a * (3 * S * 4 * c + 3 * S * c + 3 * S * 4 * c))
+    est = estimate(replace(lay, expert_sharding=2))
+    held = sum(est.parts[p] for p in ("dense_weights", "dense_optimizer", "expert_weights", "expert_optimizer"))
+    assert est.total == held + max(est.moments.values())
+    assert est.moments["expert_gather"] == est.parts["dense_grads"] + est.parts["comm_buffers"] - layer_end + \
+        est.parts["expert_step"]
 
 
 def test_expert_sharding_pieces_round_up_and_one_group_is_a_no_op():
