@@ -415,16 +415,16 @@ def parser() -> argparse.ArgumentParser:
     es.add_argument("--device-memory", help="80GB, 80GiB or a GPU name: H100, H200, A100-80GB... (default H100)")
     es.add_argument("--imbalance", type=float, help="busiest expert's load over the mean (default 1 + fssdp.memory_cap)")
     es.add_argument("--expert-sharding", type=int,
-                    help="what-if: parallel.expert_sharding 0|1|2 (expert masters and moments, and with 2 "
+                    help="override: parallel.expert_sharding 0|1|2 (expert masters and moments, and with 2 "
                          "gradients, over the expert-data-parallel group); --recommend tries only this level")
-    es.add_argument("--ep-size", type=int, help="what-if: parallel.expert_parallel_size")
-    es.add_argument("--zero", type=int, choices=[0, 1, 2], help="what-if: parallel.zero_stage")
-    es.add_argument("--checkpointing", choices=["none", "moe", "full"], help="what-if: model.activation_checkpointing")
-    es.add_argument("--micro-batch", type=int, help="what-if: the stage's micro_batch_size")
-    es.add_argument("--gpu", action="store_true", help="what-if: parallel.use_gpu true (bf16)")
+    es.add_argument("--ep-size", type=int, help="override: parallel.expert_parallel_size")
+    es.add_argument("--zero", type=int, choices=[0, 1, 2], help="override: parallel.zero_stage")
+    es.add_argument("--checkpointing", choices=["none", "moe", "full"], help="override: model.activation_checkpointing")
+    es.add_argument("--micro-batch", type=int, help="override: the stage's micro_batch_size")
+    es.add_argument("--gpu", action="store_true", help="override: parallel.use_gpu true (bf16)")
     es.add_argument("--recommend", action="store_true",
-                    help="search P, ZeRO stage, activation checkpointing and micro-batch for a layout that fits "
-                         "(without --nodes: the smallest GPU count of 8, 16, 32, ... 1024 that fits)")
+                    help="search P, ZeRO stage, expert sharding, activation checkpointing and micro-batch for a "
+                         "layout that fits (without --nodes: the smallest GPU count of 8, 16, 32, ... 1024 that fits)")
     es.add_argument("--time", action="store_true", help="also the simulator's predicted step time (moeforge simulate)")
     es.add_argument("--strict", action="store_true", help="exit 2 when the estimate exceeds the device's memory")
     es.add_argument("--json", action="store_true", help="print JSON")
