@@ -12,9 +12,13 @@ has finished, and only then does `latest` move. A crash at any point leaves the 
 checkpoint as the latest; stray `.tmp-*` directories are removed by the next save. Before a
 checkpoint is resumed from, `valid_checkpoint` verifies it and falls back to the previous intact
 one (a truncated file after a full disk, a flipped byte, a lost file), saying so in one line.
+With `async_save` the same files are written by a background thread from a host copy of the
+state, and the commit (manifest, rename, `latest`) waits for every rank's writes
+(`system/async_checkpoint.py`).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -209,14 +213,27 @@ def resolve_checkpoint(path: str | Path, warn: Optional[Callable[[str], None]] =
 
 
 class CheckpointManager:
-    """Saves and finds a stage's checkpoints; every rank calls `save`, rank 0 commits."""
+    """Saves and finds a stage's checkpoints; every rank calls `save`, rank 0 commits.
 
-    def __init__(self, root: Path, rank: int, barrier: Callable[[], None], num_to_keep: Optional[int] = None):
+    `async_save`: `save` returns once this rank's state is copied into host memory; a background
+    writer writes and commits it (`system/async_checkpoint.py`). Every rank must then call
+    `finish()` at the stage's end or stop (collective: waits for the commit, raises if a write
+    failed) or `abort()` on an error path (no collective)."""
+
+    def __init__(self, root: Path, rank: int, barrier: Callable[[], None], num_to_keep: Optional[int] = None,
+                 async_save: bool = False, world: Optional[int] = None):
         self.root, self.rank, self.barrier, self.num_to_keep = Path(root), rank, barrier, num_to_keep
+        self.async_save, self.world = async_save, world
+        self._writer = None  # async_checkpoint.Writer, started at the first asynchronous save
+        self._inflight = None  # async_checkpoint.CheckpointWrite not yet settled
+        self.on_commit: Optional[Callable[[int], None]] = None  # rank 0, main thread: a step's checkpoint committed
 
     def save(self, engine, step: int, client_state: dict[str, Any], manifest: dict[str, Any],
              extra: Optional[Callable[[Path], None]] = None) -> Path:
         """`extra(dir)` writes more of this rank's state into the checkpoint (sharded experts)."""
+        if self.async_save:
+            return self._save_async(engine, step, client_state, manifest, extra)
+        self._settle()  # an asynchronous one before it (the mode switched) is committed first
         tag = tag_for(step)
         tmp_tag = f".tmp-{tag}"
         final = self.root / tag
@@ -231,17 +248,107 @@ class CheckpointManager:
             extra(self.root / tmp_tag)
         self.barrier()  # every rank's shards are on disk
         if self.rank == 0:
-            # Every rank's files are complete: record their sizes and checksums, then commit.
-            manifest = {**manifest, "files": file_records(self.root / tmp_tag)}
-            atomic_write_text(self.root / tmp_tag / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-            if final.exists():  # a re-run of the same step after a crash past the rename
-                shutil.rmtree(final)
-            os.rename(self.root / tmp_tag, final)
-            _fsync_dir(self.root)
-            atomic_write_text(self.root / LATEST, tag)
-            self._prune()
+            self._commit(tmp_tag, tag, manifest)  # every rank's files are complete
         self.barrier()
+        if self.rank == 0 and self.on_commit is not None:
+            self.on_commit(step)
         return final
+
+    def _commit(self, tmp_tag: str, tag: str, manifest: dict[str, Any]) -> None:
+        """Rank 0, once every rank's files are complete: record their sizes and checksums in the
+        manifest, rename the checkpoint into place, move `latest`, prune."""
+        final = self.root / tag
+        manifest = {**manifest, "files": file_records(self.root / tmp_tag)}
+        atomic_write_text(self.root / tmp_tag / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        if final.exists():  # a re-run of the same step after a crash past the rename
+            shutil.rmtree(final)
+        os.rename(self.root / tmp_tag, final)
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / LATEST, tag)
+        self._prune()
+
+    def _save_async(self, engine, step: int, client_state: dict[str, Any], manifest: dict[str, Any],
+                    extra: Optional[Callable[[Path], None]]) -> Path:
+        from system.async_checkpoint import CheckpointWrite, Writer, status_dir
+
+        tag = tag_for(step)
+        tmp_tag = f".tmp-{tag}"
+        self._settle()  # at most one checkpoint in flight
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):  # partial checkpoints and their status
+                shutil.rmtree(stale, ignore_errors=True)
+            status_dir(self.root, tmp_tag).mkdir()
+        self.barrier()
+        world = self.world or manifest.get("world_size")
+        if not world:
+            raise ValueError("an asynchronous checkpoint needs the world size (CheckpointManager(world=...))")
+        manifest = copy.deepcopy(manifest)
+
+        def commit() -> None:
+            self._commit(tmp_tag, tag, manifest)
+            shutil.rmtree(status_dir(self.root, tmp_tag), ignore_errors=True)
+
+        if self._writer is None:
+            self._writer = Writer()
+        write = self._inflight = CheckpointWrite(self._writer, self.root, tmp_tag, step, self.rank, int(world), commit)
+        self._writer.begin(write)
+        tmp = self.root / tmp_tag
+        inner = getattr(engine, "checkpoint_engine", None)
+        if getattr(inner, "name", None) == "TorchCheckpointEngine":  # DeepSpeed's files: snapshot + queue
+            from system.async_checkpoint import snapshot_engine
+
+            engine.checkpoint_engine = snapshot_engine(inner, write)
+            try:
+                engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+            finally:
+                engine.checkpoint_engine = inner
+        else:  # another checkpoint engine (or none) writes now; its files are fsynced in the background
+            self._written_now(write, lambda: engine.save_checkpoint(str(self.root), tag=tmp_tag,
+                                                                    client_state=client_state, save_latest=False))
+        write.queue_file(tmp / f"rng_rank{self.rank}.pt", rng_state(), torch.save)
+        if extra is not None:  # written on the step (into the page cache); fsynced in the background
+            self._written_now(write, lambda: extra(tmp))
+        write.close()
+        return self.root / tag
+
+    def _written_now(self, write, fn: Callable[[], None]) -> None:
+        tmp = write.tmp_dir
+        before = set(tmp.rglob("*")) if tmp.is_dir() else set()
+        fn()
+        write.queue_fsync(sorted(p for p in set(tmp.rglob("*")) - before if p.is_file()))
+
+    def _settle(self) -> None:
+        write, self._inflight = self._inflight, None
+        if write is not None:
+            write.settle(self.barrier)
+            if self.rank == 0 and self.on_commit is not None:
+                self.on_commit(write.step)
+
+    def finish(self) -> None:
+        """Collective, every rank: the checkpoint in flight is written and committed (raises
+        CheckpointWriteFailed on every rank if not); the background writer stops."""
+        try:
+            self._settle()
+        finally:
+            self._stop_writer()
+
+    def abort(self) -> None:
+        """An error path (no collective): wait for this rank's writes (rank 0: and the commit,
+        while the other ranks' files still change); a write failure is printed, not raised."""
+        write, self._inflight = self._inflight, None
+        try:
+            err = write.abort() if write is not None else None
+            if err:
+                print(f"[moeforge] warning: checkpoint at step {write.step} not committed: {err.splitlines()[0]}",
+                      flush=True)
+        finally:
+            self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
 
     def _prune(self) -> None:
         if not self.num_to_keep:
