@@ -233,7 +233,7 @@ class CheckpointManager:
         """`extra(dir)` writes more of this rank's state into the checkpoint (sharded experts)."""
         if self.async_save:
             return self._save_async(engine, step, client_state, manifest, extra)
-        self._settle()  # an asynchronous one before it (the mode switched) is committed first
+        self.settle()  # an asynchronous one before it (the mode switched) is committed first
         tag = tag_for(step)
         tmp_tag = f".tmp-{tag}"
         final = self.root / tag
@@ -273,7 +273,7 @@ class CheckpointManager:
 
         tag = tag_for(step)
         tmp_tag = f".tmp-{tag}"
-        self._settle()  # at most one checkpoint in flight
+        self.settle()  # at most one checkpoint in flight
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):  # partial checkpoints and their status
@@ -318,7 +318,9 @@ class CheckpointManager:
         fn()
         write.queue_fsync(sorted(p for p in set(tmp.rglob("*")) - before if p.is_file()))
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
+        """Collective, every rank: the checkpoint in flight (if any) is written and committed;
+        raises CheckpointWriteFailed on every rank if not. The writer stays for the next save."""
         write, self._inflight = self._inflight, None
         if write is not None:
             write.settle(self.barrier)
@@ -329,7 +331,7 @@ class CheckpointManager:
         """Collective, every rank: the checkpoint in flight is written and committed (raises
         CheckpointWriteFailed on every rank if not); the background writer stops."""
         try:
-            self._settle()
+            self.settle()
         finally:
             self._stop_writer()
 
