@@ -322,10 +322,15 @@ class CheckpointManager:
         """Collective, every rank: the checkpoint in flight (if any) is written and committed;
         raises CheckpointWriteFailed on every rank if not. The writer stays for the next save."""
         write, self._inflight = self._inflight, None
-        if write is not None:
+        if write is None:
+            return
+        try:
             write.settle(self.barrier)
-            if self.rank == 0 and self.on_commit is not None:
-                self.on_commit(write.step)
+        except BaseException:
+            write.abort()  # e.g. a peer died: rank 0's writer stops waiting for its marker
+            raise
+        if self.rank == 0 and self.on_commit is not None:
+            self.on_commit(write.step)
 
     def finish(self) -> None:
         """Collective, every rank: the checkpoint in flight is written and committed (raises

@@ -121,8 +121,8 @@ def test_a_crash_during_an_async_write_keeps_the_previous_checkpoint_and_resumes
 
     crash = _spec(tmp_path, "crash")
     monkeypatch.setenv("MOEFORGE_FAULT_KILL_IN_CHECKPOINT", "4")  # rank 1, after its first file of step 4
-    monkeypatch.setenv("MOEFORGE_CHECKPOINT_ABORT_GRACE_S", "1")  # rank 0 stops waiting for the dead rank
-    monkeypatch.setattr("parallel.testing.FAILURE_GRACE_S", 2.0)  # rank 1 never answers
+    monkeypatch.setenv("MOEFORGE_CHECKPOINT_ABORT_GRACE_S", "0.5")  # rank 0 stops waiting for the dead rank
+    monkeypatch.setattr("parallel.testing.FAILURE_GRACE_S", 0.5)  # rank 1 never answers
     with pytest.raises(RuntimeError, match="rank 0"):  # rank 0 fails at its next collective
         run_distributed(_train, 2, crash, True, timeout_s=300, reuse=False)  # the kept ranks stay fit
     monkeypatch.delenv("MOEFORGE_FAULT_KILL_IN_CHECKPOINT")
