@@ -95,13 +95,23 @@ def _train_worker(config: dict[str, Any], ctx) -> None:
     if config.get("elastic_sizes") and not _join_elastic_world(config["elastic_sizes"], ctx):
         ray.train.report({})  # a surplus worker: its report matches the others' last one, at the end
         return
+    whole = pdist_world_size() == ctx.get_world_size()  # no surplus worker waiting in a report
     stop = stop_requested
     if on_step is not None:  # rank 0 also reads the driver's Ctrl-C from its step reports
         stop = lambda: stop_requested() or on_step.stop_requested()  # noqa: E731
+    save = None
+    if config.get("elastic_sizes"):  # a drain notice (every rank) or a coming grow (rank 0's reports)
+        from jobs.elastic_ray import drain_notice
+
+        # Ray Train's preemption notice is a barrier over every worker it started: polled only
+        # when none sits out (a surplus worker waits in its final report)
+        drained = drain_notice() if whole else (lambda: False)
+        save = drained if on_step is None else (lambda: drained() | on_step.checkpoint_requested())
     try:
         with training():
             last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step,
-                             stop_requested=stop)
+                             stop_requested=stop, checkpoint_requested=save,
+                             after_checkpoint=on_step.hold_if_growing if save is not None and on_step else None)
     except StagePreempted as e:
         if rank == 0:
             record_preempted(Path(config["preempted_file"]), e.step, e.checkpoint)
@@ -119,6 +129,12 @@ def _train_worker(config: dict[str, Any], ctx) -> None:
     # metrics.jsonl and the Ray gauges.
     ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))
                       and not k.startswith(("moe/", "eval/moe/"))})
+
+
+def pdist_world_size() -> int:
+    from parallel import dist as pdist
+
+    return pdist.world_size()
 
 
 def _join_elastic_world(sizes: list[int], ctx) -> bool:
@@ -298,7 +314,11 @@ def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: StagePlan
     from jobs.progress import ProgressActor, ProgressBar
 
     actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
-    actor = ProgressActor.options(name=actor_name, namespace=namespace).remote()
+    # on the driver's node: an actor on a worker node would die with it (an elastic stage goes on)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ProgressActor.options(name=actor_name, namespace=namespace, scheduling_strategy=here).remote()
     trainer = _torch_trainer(spec, plan, layout, stage, actor_name, namespace, verbose)
     print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {stage.world_size} workers, "
           f"experts {stage.parallel.expert_strategy}", flush=True)
@@ -345,8 +365,18 @@ def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: Stage
         run_config=RunConfig(
             name=rc.name or f"{plan.run.name}-{stage.name}",
             storage_path=str(Path(rc.storage_path).absolute()) if rc.storage_path else str(layout.root / "ray"),
-            failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures)),
+            failure_config=FailureConfig(max_failures=plan.ray.failure_config.max_failures),
+            callbacks=_elastic_callbacks(stage, layout, actor_name, namespace)),
     )
+
+
+def _elastic_callbacks(stage: StagePlan, layout: RunLayout, actor_name: str, namespace: str) -> list:
+    """An elastic stage checkpoints before Ray Train restarts it at a larger size (`jobs.elastic_ray`)."""
+    if not stage.parallel.elastic.sizes:
+        return []
+    from jobs.elastic_ray import CheckpointBeforeGrow
+
+    return [CheckpointBeforeGrow(actor_name, namespace, str(layout.checkpoints(stage.name)))]
 
 
 def _workers(stage: StagePlan) -> dict[str, Any]:

@@ -17,14 +17,21 @@ class ProgressActor:
         self._last: Optional[dict[str, Any]] = None
         self._messages: list[str] = []
         self._stop = False
+        self._saves = 0  # checkpoints asked for without a stop (`jobs.elastic_ray`), counted
 
-    def update(self, rec: dict[str, Any]) -> bool:
-        """Record rank 0's step; the answer says whether the driver asked the stage to stop."""
+    def update(self, rec: dict[str, Any]) -> tuple[bool, int]:
+        """Record rank 0's step; the answer: whether the driver asked the stage to stop, and
+        how many checkpoints it asked for so far."""
         self._last = rec
-        return self._stop
+        return self._stop, self._saves
 
-    def stop_flag(self) -> bool:
-        return self._stop
+    def stop_flag(self) -> tuple[bool, int]:
+        return self._stop, self._saves
+
+    def request_checkpoint(self) -> int:
+        """A checkpoint at rank 0's next step boundary, training going on (a grow is coming)."""
+        self._saves += 1
+        return self._saves
 
     def request_stop(self) -> None:
         """The driver's Ctrl-C (`jobs.interrupt`): rank 0 learns it from its next step report."""
@@ -66,6 +73,7 @@ class StepReporter:
         self.handle = handle
         self._pending = None
         self._stop = False
+        self._saves = self._saved = 0  # checkpoint requests seen / acted on
         self._asked = time.monotonic()
 
     def __call__(self, rec: dict[str, Any]) -> None:
@@ -78,13 +86,37 @@ class StepReporter:
         if self._pending is not None and not self._stop:
             ready, _ = ray.wait([self._pending], timeout=0)
             if ready:
-                self._stop, self._pending = bool(ray.get(ready[0])), None
+                try:
+                    stop, self._saves = ray.get(ready[0])
+                except ray.exceptions.RayError:  # the driver's actor is gone: nothing asked
+                    stop = False
+                self._stop, self._pending = bool(stop), None
 
     def stop_requested(self) -> bool:
         self._check()
         if self._pending is None and not self._stop and time.monotonic() - self._asked > self.ASK_EVERY_S:
             self._pending, self._asked = self.handle.stop_flag.remote(), time.monotonic()
         return self._stop
+
+    def checkpoint_requested(self) -> bool:
+        """True once for each checkpoint the driver asked for (read from the answers above)."""
+        self._check()
+        if self._saves > self._saved:
+            self._saved, self._hold = self._saves, True
+            return True
+        return False
+
+    HOLD_S = 120.0  # how long rank 0 waits at a grow's checkpoint for the restart
+
+    def hold_if_growing(self, step: int) -> None:
+        """After the checkpoint a grow asked for (`jobs.elastic_ray`): wait here for Ray Train to
+        restart the workers, so no step past the checkpoint is trained and then lost. Rank 0
+        waiting holds every rank at its next collective; without a restart training goes on."""
+        if not getattr(self, "_hold", False):
+            return
+        self._hold = False
+        print(f"[moeforge] checkpoint of step {step} taken for a grow: waiting for the restart", flush=True)
+        time.sleep(self.HOLD_S)
 
 
 def message_forwarder(actor_name: Optional[str], namespace: Optional[str], rank: int):

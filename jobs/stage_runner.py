@@ -90,7 +90,9 @@ def stage_mixture(stage: StagePlan, layout: RunLayout, corpus: PackedCorpus):
 
 def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple[MetricSink, ...] = (),
               on_step: Optional[Callable[[dict], None]] = None,
-              stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+              stop_requested: Optional[Callable[[], bool]] = None,
+              checkpoint_requested: Optional[Callable[[], bool]] = None,
+              after_checkpoint: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Train stage `stage_index` of the job on this rank; return the last step's metrics.
 
     `spec_dict` is the driver's validated spec (plain data, as it travels to Ray workers); the
@@ -100,12 +102,15 @@ def run_stage(spec_dict: dict[str, Any], stage_index: int, *, extra_sinks: tuple
     stage = plan.stages[stage_index]
     if is_elastic(stage):  # the size this run got (`jobs.elastic`): the same global batch
         stage = stage_at(stage, pdist.world_size())
-    return run_planned_stage(plan, stage, extra_sinks=extra_sinks, on_step=on_step, stop_requested=stop_requested)
+    return run_planned_stage(plan, stage, extra_sinks=extra_sinks, on_step=on_step, stop_requested=stop_requested,
+                             checkpoint_requested=checkpoint_requested, after_checkpoint=after_checkpoint)
 
 
 def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[MetricSink, ...] = (),
                       on_step: Optional[Callable[[dict], None]] = None,
-                      stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+                      stop_requested: Optional[Callable[[], bool]] = None,
+                      checkpoint_requested: Optional[Callable[[], bool]] = None,
+                      after_checkpoint: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Train `stage` of the job's `plan` on this rank; return the last step's metrics.
 
     The steps run in this order on every rank: device and process group, corpus, strategy,
@@ -141,7 +146,9 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                       stage_name=stage.name, sinks=sinks, ckpt=ckpt, manifest_base=manifest_base,
                       log_every=plan.metrics.log_every,
                       hooks=TrainerHooks(on_step=on_step, stop_requested=stop_requested,
-                                         on_checkpoint=checkpoint_listener(sinks)), teacher=teacher,
+                                         checkpoint_requested=checkpoint_requested,
+                                         on_checkpoint=_chain(checkpoint_listener(sinks), after_checkpoint)),
+                      teacher=teacher,
                       # Forgetting / adaptation only mean something for a stage that starts from a
                       # trained model: "old" is what it knew, "new" what this stage trains on.
                       domain_groups=stage.domain_groups())
@@ -171,6 +178,18 @@ def _say_expert_backend(stage: StagePlan, device: torch.device) -> None:
     print(f"[moeforge] stage {stage.name}: experts.backend auto -> "
           f"{resolve_auto(device, dtype, m.d_model, m.d_expert, n)} ({device.type}, {str(dtype).replace('torch.', '')})",
           flush=True)
+
+
+def _chain(*hooks: Optional[Callable[[int], None]]) -> Optional[Callable[[int], None]]:
+    """One `on_checkpoint` hook calling each given one in order (None when none is given)."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def each(step: int) -> None:
+        for h in live:
+            h(step)
+    return each
 
 
 def _start_rank(par) -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -59,6 +60,11 @@ class Callback:
         """True asks every rank to checkpoint and stop (ORed over ranks with the logging reduce)."""
         return False
 
+    def checkpoint_requested(self) -> bool:
+        """True asks every rank to checkpoint at this step's end and go on (a drain notice, a
+        grow about to restart the workers; ORed over ranks with the logging reduce)."""
+        return False
+
     def host_values(self, ctx: StepContext) -> Optional[torch.Tensor]:
         """A 1-D float64 device tensor of figures `step_metrics` needs on the host, or None. The
         trainer brings every callback's over with the logging reduce's result in one copy (one
@@ -88,7 +94,8 @@ class Distillation(Callback):
 
 class FaultInjection(Callback):
     """Failure testing: an Inf loss at the steps MOEFORGE_FAULT_NONFINITE lists, a crash after the
-    step MOEFORGE_FAULT_AT_STEP names (both read at each use, as the drills set them per run)."""
+    step MOEFORGE_FAULT_AT_STEP names, MOEFORGE_FAULT_STEP_SLEEP_S seconds more per step (each
+    read at each use, as the drills set them per run)."""
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -101,6 +108,9 @@ class FaultInjection(Callback):
 
     def end_step(self, step: int) -> None:
         maybe_inject_fault(step)
+        slow = os.environ.get("MOEFORGE_FAULT_STEP_SLEEP_S")  # drills: steps as slow as a big model's
+        if slow:
+            time.sleep(_seconds(slow))
 
 
 class ReplayMetrics(Callback):
@@ -132,6 +142,17 @@ class StopOnRequest(Callback):
         return bool(self.requested())
 
 
+class CheckpointOnRequest(Callback):
+    """A checkpoint asked for without a stop (`jobs.elastic_ray`: a drain notice, a grow), polled
+    on every rank at each step's end."""
+
+    def __init__(self, requested: Callable[[], bool]):
+        self.requested = requested
+
+    def checkpoint_requested(self) -> bool:
+        return bool(self.requested())
+
+
 class ReportProgress(Callback):
     """Rank 0 hands each logged record to a reporter (a progress bar, the driver's progress actor)."""
 
@@ -140,6 +161,17 @@ class ReportProgress(Callback):
 
     def on_log(self, rec: dict[str, Any]) -> None:
         self.on_step(rec)
+
+
+def _seconds(value: str) -> float:
+    """A number of seconds, or `file:PATH`: the number in PATH (0 while PATH does not exist), so
+    a drill can change it while the run goes on."""
+    if not value.startswith("file:"):
+        return float(value)
+    try:
+        return float(open(value[5:]).read().strip() or 0)
+    except (OSError, ValueError):
+        return 0.0
 
 
 def maybe_inject_fault(step: int) -> None:

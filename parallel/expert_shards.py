@@ -74,8 +74,10 @@ class ExpertShards:
             m.copy_(self.piece_of(i, p.detach().reshape(self.S, -1).float()))
 
     def build_optimizer(self, lr: float, betas, eps: float, weight_decay: float) -> None:
+        # fused on CUDA: the default (foreach) keeps an fp32 temporary the size of what it steps
         self.optimizer = torch.optim.AdamW([{"params": self.masters, "weight_decay": weight_decay,
-                                             "name": "expert_sharded"}], lr=lr, betas=tuple(betas), eps=eps)
+                                             "name": "expert_sharded"}], lr=lr, betas=tuple(betas), eps=eps,
+                                           **({"fused": True} if self.device.type == "cuda" else {}))
 
     def moments(self, i: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         st = None if self.optimizer is None else self.optimizer.state.get(self.masters[i])
@@ -92,30 +94,40 @@ class ExpertShards:
 
     # -- gradients ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def scatter(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scatter(self, rows: list[torch.Tensor], only: Optional[int] = None) -> list[torch.Tensor]:
         """Sum full flat rows (k, n_i) of each weight over the EDP group; this member gets its
-        pieces (k, c_i) in fp32. One reduce-scatter carries all the weights."""
+        pieces (k, c_i) in fp32. One reduce-scatter carries all the weights (`only`: `rows` is
+        weight `only`'s alone, and so is the answer)."""
+        which = range(len(self.c)) if only is None else [only]
         k = rows[0].shape[0]
-        parts = []
-        for i, r in enumerate(rows):
-            padded = r.new_zeros(k, self.G * self.c[i], dtype=torch.float32)
-            padded[:, :self.n[i]] = r
-            parts.append(padded.view(k, self.G, self.c[i]).transpose(0, 1).reshape(self.G, k * self.c[i]))
-        send = torch.cat(parts, dim=1).reshape(-1)  # member-major: piece j of every weight together
-        out = pdist.reduce_scatter_(send.new_empty(send.numel() // self.G), send, self.group)
-        return [t.view(k, c) for t, c in zip(out.split([k * c for c in self.c]), self.c)]
+        send = torch.empty(self.G, k * sum(self.c[i] for i in which), dtype=torch.float32, device=rows[0].device)
+        at = 0
+        for i, r in zip(which, rows):  # member-major: piece j of every weight together
+            block = send[:, at:at + k * self.c[i]].view(self.G, k, self.c[i])
+            for j in range(self.G):
+                lo, hi = min(j * self.c[i], self.n[i]), min((j + 1) * self.c[i], self.n[i])
+                block[j, :, :hi - lo].copy_(r[:, lo:hi])
+                block[j, :, hi - lo:].zero_()
+            at += k * self.c[i]
+        out = pdist.reduce_scatter_(send.new_empty(send.shape[1]), send.reshape(-1), self.group)
+        return [t.view(k, self.c[i]) for t, i in zip(out.split([k * self.c[i] for i in which]), which)]
 
     @torch.no_grad()
     def add_slots(self, slots, pieces: list[torch.Tensor]) -> None:
-        """Add reduced pieces (k, c_i) into this step's sums at pool `slots` (host ints)."""
-        slots = list(slots)
+        """Add reduced pieces (k, c_i) of every weight into this step's sums at pool `slots`."""
         for i, piece in enumerate(pieces):
-            if self.grads[i] is None:
-                self.grads[i] = torch.zeros(self.S, self.c[i], dtype=torch.float32, device=self.device)
-            if one_run(slots):
-                self.grads[i].narrow(0, slots[0], len(slots)).add_(piece)
-            else:
-                self.grads[i].index_add_(0, device_index(slots, self.device), piece)
+            self.add_piece(i, slots, piece)
+
+    @torch.no_grad()
+    def add_piece(self, i: int, slots, piece: torch.Tensor) -> None:
+        """Add weight `i`'s reduced pieces (k, c_i) into this step's sums at `slots` (host ints)."""
+        slots = list(slots)
+        if self.grads[i] is None:
+            self.grads[i] = torch.zeros(self.S, self.c[i], dtype=torch.float32, device=self.device)
+        if one_run(slots):
+            self.grads[i].narrow(0, slots[0], len(slots)).add_(piece)
+        else:
+            self.grads[i].index_add_(0, device_index(slots, self.device), piece)
 
     @torch.no_grad()
     def add_full(self, i: int, slots, g: torch.Tensor) -> None:
@@ -131,12 +143,16 @@ class ExpertShards:
             self.full_grads[i].index_add_(0, device_index(slots, self.device), rows)
 
     def reduce_pool_grads(self) -> None:
-        """Level 1: reduce-scatter the step's whole gradients (every slot) into this member's
-        sums, and free them."""
-        rows = [g if g is not None else torch.zeros(self.S, n, dtype=torch.float32, device=self.device)
-                for g, n in zip(self.full_grads, self.n)]
-        self.full_grads = [None] * len(rows)
-        self.add_slots(range(self.S), self.scatter(rows))
+        """Level 1: reduce-scatter the step's whole gradients into this member's sums, weight by
+        weight (each freed once scattered: the transient is one weight's send buffer)."""
+        for i, n in enumerate(self.n):
+            g = self.full_grads[i]
+            if g is None:
+                g = torch.zeros(self.S, n, dtype=torch.float32, device=self.device)
+            self.full_grads[i] = None
+            piece = self.scatter([g], only=i)[0]
+            del g
+            self.add_piece(i, range(self.S), piece)
 
     def scale(self, factor: float) -> None:
         for g in self.grads:
@@ -167,13 +183,17 @@ class ExpertShards:
 
     @torch.no_grad()
     def gather_into(self, params: list[torch.Tensor]) -> None:
-        """Every member's pieces, all-gathered (one collective), written into the full pool rows."""
-        dtype = params[0].dtype
-        mine = torch.cat([m.detach().to(dtype).reshape(-1) for m in self.masters])
-        full = pdist.all_gather_into_(mine.new_empty(self.G * mine.numel()), mine, self.group).view(self.G, -1)
-        for p, part, n, c in zip(params, full.split([self.S * c for c in self.c], dim=1), self.n, self.c):
-            rows = part.reshape(self.G, self.S, c).transpose(0, 1).reshape(self.S, self.G * c)
-            p.detach().view(self.S, -1).copy_(rows[:, :n])
+        """Every member's pieces, all-gathered weight by weight (the transient is one weight's
+        gathered pieces, in the pool's dtype), each member's block copied into its columns."""
+        for i, (p, m) in enumerate(zip(params, self.masters)):
+            mine = m.detach().to(p.dtype).reshape(-1)
+            full = pdist.all_gather_into_(mine.new_empty(self.G * mine.numel()), mine, self.group)
+            rows = p.detach().view(self.S, -1)
+            for j, block in enumerate(full.view(self.G, self.S, self.c[i]).unbind(0)):
+                lo, hi = min(j * self.c[i], self.n[i]), min((j + 1) * self.c[i], self.n[i])
+                if hi > lo:
+                    rows[:, lo:hi].copy_(block[:, :hi - lo])
+            del full
 
     def discard(self) -> None:
         """Drop this step's gradient sums (after the step, or a skipped step)."""

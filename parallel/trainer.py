@@ -19,8 +19,8 @@ import torch
 from experts.stats import domain_specialisation
 from parallel import dist as pdist
 from parallel.balancing import stack_counts
-from parallel.callbacks import (Callback, Distillation, FaultInjection, ReplayMetrics, ReportProgress, StepContext,
-                                StopOnRequest)
+from parallel.callbacks import (Callback, CheckpointOnRequest, Distillation, FaultInjection, ReplayMetrics,
+                                ReportProgress, StepContext, StopOnRequest)
 from parallel.moe_callback import MoEBalancing
 from system.checkpoint import CheckpointManager, tag_for
 from system.losses import lm_cross_entropy, training_loss
@@ -66,11 +66,14 @@ class TrainerHooks:
     """`on_step`: called on rank 0 after each logged step (e.g. a progress bar).
     `stop_requested`: polled on every rank at each step's end; when it is true on any rank, every
     rank checkpoints and the stage raises StagePreempted.
-    `on_checkpoint`: called on rank 0 with the step of each checkpoint once it is committed."""
+    `on_checkpoint`: called on rank 0 with the step of each checkpoint once it is committed.
+    `checkpoint_requested`: polled on every rank at each step's end; true on any rank makes every
+    rank checkpoint at that step and go on."""
 
     on_step: Optional[Callable[[dict[str, Any]], None]] = None
     stop_requested: Optional[Callable[[], bool]] = None
     on_checkpoint: Optional[Callable[[int], None]] = None
+    checkpoint_requested: Optional[Callable[[], bool]] = None
 
 
 class Trainer:
@@ -92,6 +95,7 @@ class Trainer:
         self.strategy = strategy  # parallel.strategy.ExpertStrategy
         self.teacher = teacher  # distill stages: jobs.teacher.TeacherSource
         self.stop_agreed = False  # every rank: a stop was requested on some rank this step
+        self.save_agreed = False  # every rank: a checkpoint (without a stop) was requested this step
         self.domain_groups = domain_groups or {}  # {"new": [...], "old": [...]} for the cl/ metrics
         self.callbacks = self._default_callbacks() + list(callbacks)
 
@@ -108,6 +112,8 @@ class Trainer:
         cbs.append(FaultInjection(self.rank))
         if self.hooks.stop_requested is not None:
             cbs.append(StopOnRequest(self.hooks.stop_requested))
+        if self.hooks.checkpoint_requested is not None:
+            cbs.append(CheckpointOnRequest(self.hooks.checkpoint_requested))
         if self.hooks.on_step is not None:
             cbs.append(ReportProgress(self.hooks.on_step))
         return cbs
@@ -189,11 +195,13 @@ class Trainer:
         strategy's `host_values` come to the host in one copy: the step's one logging sync."""
         keys = sorted(ctx.sums)
         stop = any(cb.stop_requested() for cb in self.callbacks)
+        save = any(cb.checkpoint_requested() for cb in self.callbacks)
         vals = [torch.as_tensor(ctx.sums[k]).to(self.device, torch.float64) if torch.is_tensor(ctx.sums[k])
                 else torch.full((), float(ctx.sums[k]), dtype=torch.float64, device=self.device) for k in keys]
         vals.append(torch.full((), float(stop), dtype=torch.float64, device=self.device))
+        vals.append(torch.full((), float(save), dtype=torch.float64, device=self.device))
         vec = pdist.all_reduce_sum(torch.stack(vals))
-        parts = [torch.cat([vec[:-1] / (len(ctx.batches) * self.world), vec[-1:]])]
+        parts = [torch.cat([vec[:-2] / (len(ctx.batches) * self.world), vec[-2:]])]
         owners = []
         if ctx.step_counts_LE is not None:  # the strategy's load predictor observes them on the host
             owners.append(("step_counts", ctx.step_counts_LE.numel()))
@@ -212,11 +220,12 @@ class Trainer:
                 owners.append((owner, t.numel()))
                 parts.append(t.detach().to(self.device, torch.float64).reshape(-1))
         host = torch.cat(parts).tolist()
-        at = len(keys) + 1
+        at = len(keys) + 2
         for owner, n in owners:
             ctx.host[owner] = host[at:at + n]
             at += n
         self.stop_agreed = host[len(keys)] > 0
+        self.save_agreed = host[len(keys) + 1] > 0
         return dict(zip(keys, host[:len(keys)]))
 
     def _advance(self, ctx: StepContext) -> None:
@@ -342,10 +351,11 @@ class Trainer:
                     # e.g. "constant": a later stage may continue from here without re-warming
                     "lr_phase": lr_phase(self.stage.lr_schedule, self.state.step, self.stage.steps),
                     "lr": float(self.engine.get_lr()[0])}
+        self.ckpt.on_commit = self.hooks.on_checkpoint  # rank 0, once the checkpoint is committed
         self.ckpt.save(self.engine, self.state.step, {"moeforge": self.state.to_dict()}, manifest,
                        extra=self.strategy.save)
-        if self.rank == 0 and self.hooks.on_checkpoint is not None:
-            self.hooks.on_checkpoint(self.state.step)
+        if self.save_agreed:  # a requested checkpoint is committed before anyone acts on it
+            self.ckpt.settle()
 
     def _stop_diverged(self, step: int) -> None:
         from system.checkpoint import latest_checkpoint
@@ -383,7 +393,7 @@ class Trainer:
                 if self.state.bad_streak >= self.stage.max_bad_steps:
                     self._stop_diverged(step)
                 due = step % self.stage.checkpoint_every == 0 or step == self.stage.steps
-                if due or self.stop_agreed:
+                if due or self.stop_agreed or self.save_agreed:
                     self.save()
                 if self.stop_agreed and step < self.stage.steps:
                     self.ckpt.finish()  # an asynchronous write is committed before the stop

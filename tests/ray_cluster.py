@@ -110,8 +110,14 @@ def stop_cluster(temp_dir: str, port: Optional[int]) -> int:
     """SIGKILL one Ray cluster of this machine, not the others (`ray stop` stops them all): the
     processes whose command line names its temp dir or its GCS port, and their descendants
     (workers and agents, whose titles name neither). Returns how many were killed."""
-    procs = _processes()
     marks = [temp_dir.encode()] + ([f":{port} ".encode(), f":{port}\0".encode()] if port else [])
+    return kill_marked(marks)
+
+
+def kill_marked(marks: list[bytes]) -> int:
+    """SIGKILL every process whose command line contains one of `marks`, and its descendants;
+    returns how many were killed (a Ray node: its raylet's flags, e.g. its node manager port)."""
+    procs = _processes()
     doomed = {pid for pid, (_, cmd) in procs.items() if pid != os.getpid() and any(m in cmd + b" " for m in marks)}
     grew = True
     while grew:

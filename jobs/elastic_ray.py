@@ -1,0 +1,85 @@
+"""Elastic stages on Ray Train: no work lost on the events Ray announces.
+
+* A grow (a node came back: Ray Train restarts the worker group at a larger size, at most every
+  `parallel.elastic.monitor_interval_s`): `CheckpointBeforeGrow`, a controller callback, asks
+  rank 0 through the stage's progress actor for a checkpoint at the next step boundary and holds
+  the restart until that checkpoint is committed, so the larger group resumes at that step.
+* A drain (`ray.train.get_preemption_info()`: a node hosting a worker is being preempted): every
+  rank checkpoints at the next step boundary and goes on; the restart after the node leaves
+  resumes there (`drain_notice`).
+* An abrupt loss falls back to the last periodic checkpoint (at most `checkpoint_every` steps
+  trained again), then the stage continues at the size the live nodes allow (`jobs.elastic`).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+
+def latest_step(checkpoints: Path) -> int:
+    """The step of the stage's committed `latest` checkpoint (0: none)."""
+    try:
+        return int((Path(checkpoints) / "latest").read_text().strip().rsplit("_", 1)[-1])
+    except (OSError, ValueError):
+        return 0
+
+
+class CheckpointBeforeGrow(ControllerCallback, WorkerGroupCallback):
+    """Before Ray Train restarts a running, healthy worker group at a larger size, a checkpoint
+    at the next step boundary (waited for up to `timeout_s`, then the restart goes on anyway)."""
+
+    def __init__(self, actor_name: str, namespace: str, checkpoints: str, timeout_s: float = 300.0):
+        self.actor_name, self.namespace = actor_name, namespace
+        self.checkpoints, self.timeout_s = checkpoints, timeout_s
+        self.running = 0  # workers of the group in training (0: none, or it failed)
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self.running = len(worker_group.get_workers())
+
+    def after_worker_group_poll_status(self, worker_group_status) -> None:
+        if getattr(worker_group_status, "errors", None):
+            self.running = 0  # a failing group will not checkpoint: restart without waiting
+
+    def before_worker_group_shutdown(self, worker_group) -> None:
+        self.running = 0
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        if not self.running or resize_decision.num_workers <= self.running:
+            return
+        import ray
+
+        before = latest_step(Path(self.checkpoints))
+        try:
+            ray.get(ray.get_actor(self.actor_name, namespace=self.namespace).request_checkpoint.remote(),
+                    timeout=30)
+        except Exception as e:  # the actor is gone: the stage is ending anyway
+            print(f"[moeforge] grow to {resize_decision.num_workers} workers without a checkpoint first: {e}",
+                  flush=True)
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and latest_step(Path(self.checkpoints)) <= before:
+            time.sleep(0.2)
+        print(f"[moeforge] growing from {self.running} to {resize_decision.num_workers} workers at the "
+              f"checkpoint of step {latest_step(Path(self.checkpoints))}", flush=True)
+
+
+def drain_notice() -> Callable[[], bool]:
+    """A worker's poll of Ray Train's preemption notice (`ray.train.get_preemption_info`, a
+    barrier: every rank calls it once per step, at the same point): true once, at the first
+    step after a notice arrives."""
+    import ray.train
+
+    seen: list[Optional[object]] = [None]
+
+    def poll() -> bool:
+        info = ray.train.get_preemption_info()
+        if info is None or seen[0] is not None:
+            return False
+        seen[0] = info
+        print(f"[moeforge] drain notice ({info}): checkpointing at this step", flush=True)
+        return True
+
+    return poll
