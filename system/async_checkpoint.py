@@ -231,6 +231,11 @@ class CheckpointWrite:
     def queue_fsync(self, paths: list[Path]) -> None:
         self.writer.submit(lambda: [fsync_path(p) for p in paths])
 
+    def interrupt(self, message: str) -> None:
+        """The save itself failed on the main thread: once the queued writes end, this
+        checkpoint fails (it is never committed, and waiting for it returns)."""
+        self.writer.submit(lambda: self.fail(message))
+
     def close(self) -> None:
         """Every file is queued: then the directories' fsync, the marker and (rank 0) the commit."""
         self.writer.submit(self._finish)

@@ -294,21 +294,25 @@ class CheckpointManager:
         write = self._inflight = CheckpointWrite(self._writer, self.root, tmp_tag, step, self.rank, int(world), commit)
         self._writer.begin(write)
         tmp = self.root / tmp_tag
-        inner = getattr(engine, "checkpoint_engine", None)
-        if getattr(inner, "name", None) == "TorchCheckpointEngine":  # DeepSpeed's files: snapshot + queue
-            from system.async_checkpoint import snapshot_engine
+        try:
+            inner = getattr(engine, "checkpoint_engine", None)
+            if getattr(inner, "name", None) == "TorchCheckpointEngine":  # DeepSpeed's files: snapshot + queue
+                from system.async_checkpoint import snapshot_engine
 
-            engine.checkpoint_engine = snapshot_engine(inner, write)
-            try:
-                engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
-            finally:
-                engine.checkpoint_engine = inner
-        else:  # another checkpoint engine (or none) writes now; its files are fsynced in the background
-            self._written_now(write, lambda: engine.save_checkpoint(str(self.root), tag=tmp_tag,
-                                                                    client_state=client_state, save_latest=False))
-        write.queue_file(tmp / f"rng_rank{self.rank}.pt", rng_state(), torch.save)
-        if extra is not None:  # written on the step (into the page cache); fsynced in the background
-            self._written_now(write, lambda: extra(tmp))
+                engine.checkpoint_engine = snapshot_engine(inner, write)
+                try:
+                    engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+                finally:
+                    engine.checkpoint_engine = inner
+            else:  # another checkpoint engine (or none) writes now; its files are fsynced in the background
+                self._written_now(write, lambda: engine.save_checkpoint(str(self.root), tag=tmp_tag,
+                                                                        client_state=client_state, save_latest=False))
+            write.queue_file(tmp / f"rng_rank{self.rank}.pt", rng_state(), torch.save)
+            if extra is not None:  # written on the step (into the page cache); fsynced in the background
+                self._written_now(write, lambda: extra(tmp))
+        except BaseException as e:
+            write.interrupt(f"rank {self.rank}: the save was interrupted: {e!r}")
+            raise
         write.close()
         return self.root / tag
 
