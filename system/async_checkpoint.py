@@ -11,8 +11,10 @@ memory; one background thread per rank serialises it, fsyncs it, and (rank 0) co
   * our RNG file is queued the same way; files a strategy writes itself (`extra`: expert files)
     are written on the step into the page cache and only their fsync is queued.
   * after its last file and fsync, each rank's writer drops a marker `done-R` (or `failed-R`
-    with the error) in `.tmp-step_N.status/`; rank 0's writer waits for every rank's marker,
-    then commits (CRC-32s and manifest, rename, `latest`, prune). No collective ever runs off
+    with the error) in `.tmp-step_N.status/`, holding the size and CRC-32 of each file it wrote
+    (computed from the bytes as they were written); rank 0's writer waits for every rank's
+    marker, then commits (the manifest with those records, CRC-32s read back only for files
+    written on the step, rename, `latest`, prune). No collective ever runs off
     the main thread.
 At most one checkpoint is in flight: the next save, the end of the stage and a preemption first
 `settle` the previous one (collectively, from the main thread), which raises on every rank when
@@ -27,12 +29,14 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import json
 import os
 import queue
 import signal
 import threading
 import time
 import traceback
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -123,12 +127,14 @@ class _Writes:
     the writer thread writes (torch.save to a path holds the GIL for the whole file)."""
 
     def __init__(self, raw):
-        self._raw = raw
+        self._raw, self.size, self.crc = raw, 0, 0
 
     def write(self, b) -> int:
         mv, n = memoryview(b).cast("B"), 0
+        self.crc = zlib.crc32(mv, self.crc)  # the manifest's CRC-32, without reading the file back
         while n < len(mv):
             n += self._raw.write(mv[n:])  # a raw write may write less than asked
+        self.size += n
         return n
 
     def flush(self) -> None:
@@ -138,20 +144,23 @@ class _Writes:
 _CHUNK = 16 << 20
 
 
-def write_releasing_gil(raw, obj: Any, save: Callable[[Any, Any], None], zipfile: bool) -> None:
+def write_releasing_gil(raw, obj: Any, save: Callable[[Any, Any], None], zipfile: bool) -> dict[str, Any]:
     """`save(obj, ...)` into the raw file `raw` without holding the GIL during the writes. The zip
     format streams through `_Writes` (its archive's inner folder is then named "archive", not
     after the file: torch.load reads either); the legacy format, which holds the GIL writing
-    to any file object, is serialised into memory first and written in chunks."""
+    to any file object, is serialised into memory first and written in chunks. Returns the
+    file's record for the manifest: {"size", "crc32"}."""
+    out = _Writes(raw)
     if zipfile:
-        save(obj, _Writes(raw))
-        return
-    buf = io.BytesIO()
-    save(obj, buf)
-    view, out = buf.getbuffer(), _Writes(raw)
-    for i in range(0, len(view), _CHUNK):
-        out.write(view[i:i + _CHUNK])
-    del view
+        save(obj, out)
+    else:
+        buf = io.BytesIO()
+        save(obj, buf)
+        view = buf.getbuffer()
+        for i in range(0, len(view), _CHUNK):
+            out.write(view[i:i + _CHUNK])
+        del view
+    return {"size": out.size, "crc32": f"{out.crc:08x}"}
 
 
 # -- DeepSpeed's checkpoint engine ----------------------------------------------------------------
@@ -217,6 +226,7 @@ class CheckpointWrite:
         self.committed = threading.Event()  # rank 0: committed, or given up
         self.error: Optional[str] = None
         self._files = 0
+        self.records: dict[str, dict] = {}  # this rank's files written here: {"size", "crc32"}
         self._give_up_after: Optional[float] = None  # rank 0 aborting: progress grace
         self._kill = _kill_fault(step, rank)
 
@@ -243,7 +253,7 @@ class CheckpointWrite:
     # writer thread ------------------------------------------------------------------------
     def _write(self, path: Path, snap: Any, save: Callable[[Any, Any], None], zipfile: bool) -> None:
         with open(path, "wb", buffering=0) as f:
-            write_releasing_gil(f, snap, save, zipfile)
+            self.records[str(path.relative_to(self.tmp_dir))] = write_releasing_gil(f, snap, save, zipfile)
             os.fsync(f.fileno())
         self._files += 1
         if self._kill and self._files == 1:
@@ -252,7 +262,9 @@ class CheckpointWrite:
     def _finish(self) -> None:
         for d in sorted({p for p in self.tmp_dir.rglob("*") if p.is_dir()} | {self.tmp_dir}):
             fsync_path(d)
-        (self.status / f"done-{self.rank}").touch()
+        tmp = self.status / f".done-{self.rank}.tmp"  # the records, then the marker's name
+        tmp.write_text(json.dumps(self.records))
+        os.replace(tmp, self.status / f"done-{self.rank}")
         self.own_done.set()
         if self.rank == 0:
             self._commit_when_all_done()
@@ -269,7 +281,7 @@ class CheckpointWrite:
             if sum(n.startswith("done-") for n in names) >= self.world:
                 break
             if self._give_up_after is not None:  # aborting: wait only while peers make progress
-                seen = (len(names), sum(f.stat().st_size for f in self.tmp_dir.rglob("*") if f.is_file()))
+                seen = (len(names), _tree_bytes(self.tmp_dir))
                 if seen != last_seen:
                     last_seen, changed_at = seen, time.monotonic()
                 elif time.monotonic() - changed_at > self._give_up_after:
@@ -277,7 +289,11 @@ class CheckpointWrite:
                     return
             time.sleep(_POLL_S)
         try:
-            self.commit_fn()
+            known: dict[str, dict] = {}
+            for n in sorted(names):
+                if n.startswith("done-"):
+                    known.update(json.loads((self.status / n).read_text()))
+            self.commit_fn(known)
         except BaseException:
             self.error = f"checkpoint {self.tmp_dir.name}: the commit failed:\n{traceback.format_exc()}"
             _write_marker(self.status / "failed-commit", self.error)
@@ -314,6 +330,16 @@ class CheckpointWrite:
         if self.rank == 0:
             self.committed.wait()
         return self.error
+
+
+def _tree_bytes(d: Path) -> int:
+    total = 0
+    for f in d.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:  # renamed or removed by its writer meanwhile
+            pass
+    return total
 
 
 def _write_marker(path: Path, text: str) -> None:

@@ -113,11 +113,18 @@ def file_checksum(path: Path) -> str:
             crc = zlib.crc32(b, crc)
 
 
-def file_records(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "crc32"}} of every file of a checkpoint but its manifest."""
-    d = Path(ckpt_dir)
-    return {str(f.relative_to(d)): {"size": f.stat().st_size, "crc32": file_checksum(f)}
-            for f in sorted(d.rglob("*")) if f.is_file() and f.name != MANIFEST}
+def file_records(ckpt_dir: Path, known: Optional[Mapping[str, dict]] = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "crc32"}} of every file of a checkpoint but its manifest. `known`:
+    records taken as they are (CRC-32s computed while writing) where the size still matches."""
+    d, known = Path(ckpt_dir), known or {}
+    out = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            rel, size = str(f.relative_to(d)), f.stat().st_size
+            rec = known.get(rel)
+            out[rel] = dict(rec) if rec is not None and rec.get("size") == size else \
+                {"size": size, "crc32": file_checksum(f)}
+    return out
 
 
 def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> Optional[str]:
@@ -254,11 +261,12 @@ class CheckpointManager:
             self.on_commit(step)
         return final
 
-    def _commit(self, tmp_tag: str, tag: str, manifest: dict[str, Any]) -> None:
+    def _commit(self, tmp_tag: str, tag: str, manifest: dict[str, Any],
+                known: Optional[Mapping[str, dict]] = None) -> None:
         """Rank 0, once every rank's files are complete: record their sizes and checksums in the
         manifest, rename the checkpoint into place, move `latest`, prune."""
         final = self.root / tag
-        manifest = {**manifest, "files": file_records(self.root / tmp_tag)}
+        manifest = {**manifest, "files": file_records(self.root / tmp_tag, known)}
         atomic_write_text(self.root / tmp_tag / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         if final.exists():  # a re-run of the same step after a crash past the rename
             shutil.rmtree(final)
@@ -285,8 +293,8 @@ class CheckpointManager:
             raise ValueError("an asynchronous checkpoint needs the world size (CheckpointManager(world=...))")
         manifest = copy.deepcopy(manifest)
 
-        def commit() -> None:
-            self._commit(tmp_tag, tag, manifest)
+        def commit(known: dict[str, dict]) -> None:
+            self._commit(tmp_tag, tag, manifest, known)
             shutil.rmtree(status_dir(self.root, tmp_tag), ignore_errors=True)
 
         if self._writer is None:
