@@ -218,7 +218,7 @@ class CheckpointWrite:
     """One checkpoint's writes on this rank, run by `Writer`'s thread in the order queued."""
 
     def __init__(self, writer: "Writer", root: Path, tmp_tag: str, step: int, rank: int, world: int,
-                 commit: Callable[[], None]):
+                 commit: Callable[[dict], None]):
         self.writer, self.root, self.tmp_dir, self.step = writer, root, root / tmp_tag, step
         self.rank, self.world, self.commit_fn = rank, world, commit
         self.status = status_dir(root, tmp_tag)
