@@ -17,16 +17,20 @@ every rank measures, without calling the estimator:
                     optimizer: the AdamW moments (the pool's, or the shards'); gradients: the most
                     gradient storage alive at once among the pool's `.grad`, the shards' whole fp32
                     buffer (`full_grads`, level 1) and their sums (`grads`), read at the optimizer
-                    step, after every `add_slots` (the sums' updates) and at the expert step
+                    step, after every `add_piece` (the sums' updates, weight by weight) and at the
+                    expert step
   activations       bytes autograd saves during the forward (torch.autograd.graph.saved_tensors_hooks,
                     each storage once)
   logits            the loss's peak: live storage while lm_cross_entropy runs forward and backward on
                     logits of the step's shape (system.memory_tracker), plus the logits
   total             storage alive before the step + the step's peak of live storage (memory_tracker)
-  scatter, gather   sharded: the live-storage peak of the expert sharding's reduce-scatter (of level
-                    1's whole pool, or of one layer's owned rows at level 2; zero rows) and of its
-                    all-gather of the updated pieces into the pool, each run alone after the step on
-                    the store's own tensors (`ExpertShards.scatter`, `gather_into`: idempotent)
+  scatter, gather   sharded: the live-storage peak of the expert sharding's reduce-scatter (level 1:
+                    one weight of the whole pool, as `reduce_pool_grads` sends them; level 2: one
+                    layer's owned rows, all three weights; zero rows) and of its all-gather of the
+                    updated pieces into the pool, each run alone after the step on the store's own
+                    tensors (`ExpertShards.scatter`, `gather_into`: idempotent)
+  adam              ep/fssdp: the live-storage peak of one more step of the expert AdamW (the pool's
+                    or the shards'), run alone after the training step with zero gradients
 The estimate is `jobs.estimate.stage_layout` on the same spec, with the busiest rank's measured
 load (global counts of step 2) as its imbalance. The driver prints the ratios estimate / measured.
 """
@@ -188,10 +192,10 @@ def measure(rank: int, world: int, spec: dict) -> dict:
         if shards is not None:
             import weakref
 
-            add_slots, reduce_pool, expert_step = shards.add_slots, shards.reduce_pool_grads, store.step
+            add_piece, reduce_pool, expert_step = shards.add_piece, shards.reduce_pool_grads, store.step
 
-            def add_slots_probe(*a, **k):
-                add_slots(*a, **k)
+            def add_piece_probe(*a, **k):
+                add_piece(*a, **k)
                 expert_grads_live()
 
             def reduce_pool_probe():
@@ -203,7 +207,7 @@ def measure(rank: int, world: int, spec: dict) -> dict:
                 expert_grads_live()
                 return expert_step(*a, **k)
 
-            patched = {(shards, "add_slots"): add_slots_probe, (shards, "reduce_pool_grads"): reduce_pool_probe,
+            patched = {(shards, "add_piece"): add_piece_probe, (shards, "reduce_pool_grads"): reduce_pool_probe,
                        (store, "step"): step_probe}
             for (obj, name), fn in patched.items():
                 setattr(obj, name, fn)
@@ -272,8 +276,18 @@ def measure(rank: int, world: int, spec: dict) -> dict:
         if shards is not None:  # every rank calls them: collectives over the EDP group
             k = shards.S if shards.level == 1 else shards.S // store.L  # level 2: one layer's owned rows
             rows_k = [torch.zeros(k, n) for n in shards.n]
-            got["scatter"] = peak_live_bytes(lambda: shards.scatter(rows_k))
-            got["gather"] = peak_live_bytes(lambda: shards.gather_into(store.params()))
+            if shards.level == 1:  # weight by weight (`reduce_pool_grads`): one weight's scatter
+                got["scatter"] = step_peak(lambda: shards.scatter(rows_k[:1], only=0))[0]
+            else:
+                got["scatter"] = step_peak(lambda: shards.scatter(rows_k))[0]
+            got["gather"] = step_peak(lambda: shards.gather_into(store.params()))[0]
+        if store is not None:  # the expert AdamW's transients: one more step, zero gradients
+            stepped = masters if shards is not None else pool
+            for p in stepped:
+                p.grad = torch.zeros_like(p)
+            got["adam"] = step_peak(expert_opt.step)[0]
+            for p in stepped:
+                p.grad = None
         return res["r"]
 
     T.Trainer.train_step = train_step
@@ -297,10 +311,11 @@ def estimated(spec: dict, imbalance: float) -> dict:
     lay = stage_layout(parse_offline(spec), imbalance=imbalance)
     est = M.estimate(lay)
     out = {**est.parts, "total": est.total, "load_factor": est.counts["load_factor"]}
-    if lay.sharding:  # the reduce-scatter's buffers and received pieces; the all-gather's buffers
+    out["adam"], gather = M.expert_step_buffers(lay)
+    if lay.sharding:  # level 1: one weight's reduce-scatter of the whole pool; 2: one layer's rows
         k = M.owned_experts(lay) // (1 if lay.sharding == 1 else lay.moe_layers)
-        out["scatter"] = (7 if lay.gpu else 10) * 4 * k * lay.edp * M.piece(lay) + 3 * 4 * k * M.piece(lay)
-        out["gather"] = M.expert_step_buffers(lay)[1]
+        out["scatter"] = M.scatter_bytes(lay, k, 1 if lay.sharding == 1 else 3)
+        out["gather"] = gather
     return out
 
 
@@ -361,7 +376,7 @@ def main(argv=None) -> int:
                          "mean_load_factor": mean_lf,
                          "measured": m, "estimate": est})
     parts = ["dense_weights", "dense_grads", "dense_optimizer", "expert_weights", "expert_grads",
-             "expert_optimizer", "fssdp_copies", "activations", "logits", "scatter", "gather", "total"]
+             "expert_optimizer", "fssdp_copies", "activations", "logits", "scatter", "gather", "adam", "total"]
     print("\n| case | load factor (max / mean layer) | " + " | ".join(parts) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in parts) + " |")
     for r in rows:

@@ -166,8 +166,9 @@ def expert_state(lay: Layout) -> tuple[int, int, int]:
     Sharding 0: the fp32 pool is its own master: 4n weights, 4n gradients, 8n moments.
     Sharding 1 and 2 (shard = n / EDP: 3 pieces per owned row): working weights in the training
     dtype (fp32 on CPU) plus separate fp32 masters of the shard, moments of the shard; gradients:
-    level 1 sums the step's whole gradient in an fp32 pool-sized buffer and adds the shard's sums
-    at the step (4n + 4 shard), level 2 keeps only the shard's sums (4 shard)."""
+    level 1 sums the step's whole gradient in an fp32 pool-sized buffer (4n), which the step
+    reduce-scatters weight by weight into the shard's sums, freeing each weight's third as it
+    goes (never more than 4n at once); level 2 keeps only the shard's sums (4 shard)."""
     n = owned_experts(lay) * expert_params(lay)
     if lay.strategy == "deepspeed_moe":  # DeepSpeed's MoE: its ZeRO over the expert-data-parallel group
         w, g, o, _ = zero_state(lay, n, lay.edp)
@@ -175,65 +176,66 @@ def expert_state(lay: Layout) -> tuple[int, int, int]:
     if lay.sharding == 0:
         return 4 * n, 4 * n, 8 * n
     shard = owned_experts(lay) * 3 * piece(lay)
-    grads = 4 * n + 4 * shard if lay.sharding == 1 else 4 * shard
+    grads = 4 * n if lay.sharding == 1 else 4 * shard
     return lay.act_bytes * n + 4 * shard, grads, 8 * shard
 
 
 def expert_grads_held(lay: Layout) -> int:
     """Expert gradient bytes alive through the forwards when a step accumulates micro-batches:
     sharding 0 the pool's `.grad` (4n), 1 its fp32 whole-gradient buffer (4n), 2 the shard's
-    sums only (no pool-sized gradient exists)."""
-    _, eg, _ = expert_state(lay)
-    if lay.sharding == 1:
-        return 4 * owned_experts(lay) * expert_params(lay)
-    return eg
+    sums only (no pool-sized gradient exists): `expert_state`'s gradients in each case."""
+    return expert_state(lay)[1]
+
+
+def scatter_bytes(lay: Layout, k: int, weights: int) -> int:
+    """One `ExpertShards.scatter` of k slots of `weights` weights: its member-major fp32 send
+    buffer (EDP pieces of c per slot and weight, built in place), the received pieces (k x c per
+    weight) and, on CPU, gloo's copy of the send buffer (measured: gloo's reduce-scatter works
+    on a copy of its input; NCCL's does not)."""
+    c = piece(lay)
+    return 4 * weights * k * c * ((1 if lay.gpu else 2) * lay.edp + 1)
 
 
 def sharding_buffers(lay: Layout) -> tuple[int, int]:
     """(at a layer's backward end, at the step): transient bytes of the expert sharding's
-    reduce-scatter (`ExpertShards.scatter`, `ExpertStore._reduce_layer_rows`). A scatter of k
-    slots builds each weight's rows padded to EDP pieces (one weight's at a time), their
-    member-major copies and the flat send buffer: 3 + 1 + 3 padded weights of w = 4k x EDP x c
-    B, and 3 more on CPU, where gloo's reduce-scatter works on a copy of its input (measured:
-    the peak of a sharded step is inside that copy). Level 1 scatters every owned slot once, at
-    the step (the received pieces are the shard's sums, in `expert_grads`). Level 2 scatters
-    one layer's owned rows at the end of its backward, after summing them into fp32 rows (4 x
-    3kDF) from the backward's gradients (the last one, in the training dtype, still referenced),
-    and receives 3 x 4kc B; fssdp also scatters its copies' fp32 sums at the step (their stack,
-    4 x 3C x DF, and the scatter's buffers)."""
+    reduce-scatters (`scatter_bytes`). Level 1 scatters the pool's whole gradient at the step
+    weight by weight (`ExpertShards.reduce_pool_grads`): the first weight's scatter, while the
+    whole gradient (in `expert_grads`) is still alive, is the largest moment. Level 2 scatters
+    one layer's owned rows (k) at the end of its backward, all three weights in one collective,
+    after summing them into fp32 rows (4 x 3kDF) from the backward's gradients (the last one,
+    in the training dtype, still referenced); fssdp also scatters its copies' fp32 sums at the
+    step (their stack, 4 x 3C x DF, then the scatter)."""
     lvl = lay.sharding
     if not lvl:
         return 0, 0
-    c, DF = piece(lay), lay.d_model * lay.d_expert
-
-    def scatter(k: int) -> int:
-        return (7 if lay.gpu else 10) * 4 * k * lay.edp * c
-
+    DF = lay.d_model * lay.d_expert
     if lvl == 1:
-        return 0, scatter(owned_experts(lay))
+        return 0, scatter_bytes(lay, owned_experts(lay), 1)
     k = owned_experts(lay) // max(1, lay.moe_layers)
-    layer_end = 4 * 3 * k * DF + scatter(k) + 3 * 4 * k * c + lay.act_bytes * k * DF
+    layer_end = 4 * 3 * k * DF + scatter_bytes(lay, k, 3) + lay.act_bytes * k * DF
     copies = lay.memory_cap * lay.moe_layers if lay.strategy == "fssdp" and lay.ep_size > 1 else 0
-    return layer_end, (4 * 3 * copies * DF + scatter(copies) + 3 * 4 * copies * c if copies else 0)
+    return layer_end, (4 * 3 * copies * DF + scatter_bytes(lay, copies, 3) if copies else 0)
 
 
 def expert_step_buffers(lay: Layout) -> tuple[int, int]:
-    """ep/fssdp: (AdamW, all-gather) transient bytes of the expert step. torch's AdamW on a GPU is
-    the foreach version: one fp32 temporary as large as everything it steps (`_foreach_sqrt` of
-    the second moments): the pool at sharding 0, the masters when sharded; on CPU the
-    single-tensor version, one weight's at a time. Sharded, once the step's gradient sums are
-    dropped, the updated pieces are all-gathered into the working pool in its dtype
-    (`ExpertShards.gather_into`): the gathered pool-sized buffer (3 x S x EDP x c), this
-    member's pieces (3Sc) and, weight by weight, its reordered rows: a copy of the weight's
-    non-contiguous column block, the transposed copy, and the previous weight's rows still bound
-    (3 x S x EDP x c; measured)."""
+    """ep/fssdp: (AdamW, all-gather) transient bytes of the expert step. AdamW: the pool's own
+    (sharding 0) is torch's foreach version on a GPU, one fp32 temporary as large as everything
+    it steps (`_foreach_sqrt` of the second moments); the shards' (1, 2) is the fused one on a
+    GPU, no temporary. On CPU both are the single-tensor version: weight by weight, the square
+    root, its quotient and the previous weight's still bound denominator (3 x one weight;
+    measured). Sharded, once the step's sums are dropped, the updated pieces are all-gathered
+    into the working pool weight by weight (`ExpertShards.gather_into`): the weight's gathered
+    pieces (S x EDP x c in the pool's dtype), the previous weight's still bound by the copy
+    loop's last block, and the master cast to the pool's dtype (S x c) on a GPU; on CPU (fp32:
+    no cast) gloo's copy of the gathered output instead (measured)."""
     if lay.strategy not in ("ep", "fssdp"):
         return 0, 0
     S, DF = owned_experts(lay), lay.d_model * lay.d_expert
     if not lay.sharding:
-        return 4 * (3 * S * DF if lay.gpu else S * DF), 0
+        return 4 * 3 * S * DF, 0
     c, G = piece(lay), lay.edp
-    return 4 * (3 * S * c if lay.gpu else S * c), lay.act_bytes * (3 * S * G * c + 3 * S * c + 3 * S * G * c)
+    adam = 0 if lay.gpu else 4 * 3 * S * c
+    return adam, lay.act_bytes * (2 * S * G * c + (S * c if lay.gpu else S * G * c))
 
 
 def load_factor(lay: Layout) -> float:
@@ -372,9 +374,15 @@ def estimate(lay: Layout) -> Estimate:
         # norm and router are not through their backward yet)
         "layer_end": (held_grads + p["activations"] - int(routed_activations(lay, rows) * lay.tokens)
                       + layer_end + early) if layer_end else 0,
+        # sharding 1, the last MoE layer's expert backward: its first gradient allocates the
+        # whole fp32 gradient (unless accumulation already holds it) amid the experts' working set
+        # and every activation but that layer's routed rows (measured)
+        "first_expert_grad": (held_grads + p["activations"] - int(routed_activations(lay, rows) * lay.tokens)
+                              + p["dispatch"] + early + (0 if lay.grad_accum > 1 else eg))
+        if lay.sharding == 1 else 0,
         "backward_end": grads + comm + max(p["dispatch"], layer_end),
         "step_scatter": grads + comm + at_step if at_step else 0,
-        "expert_adam": g + step_grads + comm + adam if adam else 0,
+        "expert_adam": g + step_grads + comm + adam if lay.strategy in ("ep", "fssdp") else 0,
         "expert_gather": g + comm + gather if gather else 0,
     }
     out.total = peak(p, out.moments)
@@ -392,7 +400,8 @@ def peak(parts: dict[str, int], moments: dict[str, int]) -> int:
     weights, masters and moments, FSSDP copies) plus the largest of the moments: the loss (the
     gradients held through the forwards, every activation saved, the larger of the logits' peak
     and a layer's dispatch buffers, the ZeRO buckets the backward allocates first); under expert
-    sharding 2 the end of the last MoE layer's backward (its reduce-scatter); the end of the
+    sharding 1 the last MoE layer's expert backward (the whole fp32 gradient allocated), under
+    2 the end of the last MoE layer's backward (its reduce-scatter); the end of the
     backward (activations freed, every gradient and communication buffer, a layer's dispatch
     buffers or reduce-scatter); level 1's reduce-scatter at the step; the expert AdamW's
     temporaries (with the gradient sums it reads); sharded, the all-gather after it (the expert

@@ -12,7 +12,7 @@ import pytest
 from jobs.cli import main
 from jobs.estimate import EstimateError, parse_device_memory, stage_layout
 from jobs.memory_model import (Layout, estimate, expert_grads_held, expert_state, expert_step_buffers,
-                               largest_micro_batch, sharding_buffers)
+                               largest_micro_batch, load_factor, routed_activations, sharding_buffers)
 
 REPO = Path(__file__).resolve().parents[2]
 MIXTRAL = str(REPO / "examples/models/mixtral_8x7b.yaml")
@@ -70,7 +70,8 @@ def test_expert_sharding_state_by_level(gpu):
     shard = 2 * 2 * 3 * (8 * 8 // 4)  # per slot each weight's 64 elements in 4 pieces of 16
     work = 2 * n if gpu else 4 * n  # working weights: bf16 on a GPU, fp32 on CPU; the masters apart
     assert expert_state(lay) == (4 * n, 4 * n, 8 * n)
-    assert expert_state(replace(lay, expert_sharding=1)) == (work + 4 * shard, 4 * n + 4 * shard, 8 * shard)
+    # level 1: the whole fp32 gradient, reduce-scattered weight by weight (never more than 4n at once)
+    assert expert_state(replace(lay, expert_sharding=1)) == (work + 4 * shard, 4 * n, 8 * shard)
     assert expert_state(replace(lay, expert_sharding=2)) == (work + 4 * shard, 4 * shard, 8 * shard)
     # through the forwards of a step of 2 micro-batches: the pool's .grad (0), the fp32 whole
     # buffer (1), only the shard's sums (2)
@@ -78,22 +79,30 @@ def test_expert_sharding_state_by_level(gpu):
     assert held == [4 * n, 4 * n, 4 * shard]
     totals = [estimate(replace(lay, expert_sharding=s, grad_accum=2)).total for s in (0, 1, 2)]
     assert totals[2] < totals[0] and not estimate(replace(lay, expert_sharding=2)).notes
-    # the reduce-scatter's transients: level 1 at the step over every owned slot (parts, one
-    # padded weight and the send buffer: 7 padded weights, 10 on CPU where gloo copies its
-    # input), level 2 at each layer's end over that layer's slots
-    w = 4 * 4 * 4 * 16  # one weight padded: 4 slots x 4 members x 16 elements x 4 B
-    copies = 7 if gpu else 10
-    assert sharding_buffers(replace(lay, expert_sharding=1)) == (0, copies * w)
+    # the reduce-scatter's transients (fp32): the member-major send buffer of 4 members' pieces,
+    # gloo's copy of it on CPU, the received pieces; level 1 at the step, one weight of every
+    # owned slot at a time; level 2 at each layer's end, that layer's slots, the three weights
+    S, c, G = 4, 16, 4
+    send = G if gpu else 2 * G
+    assert sharding_buffers(replace(lay, expert_sharding=1)) == (0, 4 * S * c * (send + 1))
     k = 2  # owned slots of one layer
-    layer_end = 4 * 3 * k * 64 + copies * 4 * k * 4 * 16 + 3 * 4 * k * 16 + (2 if gpu else 4) * k * 64
+    layer_end = 4 * 3 * k * 64 + 4 * 3 * k * c * (send + 1) + (2 if gpu else 4) * k * 64
     assert sharding_buffers(replace(lay, expert_sharding=2)) == (layer_end, 0)
-    # the expert step: AdamW's temporary (foreach on a GPU: everything it steps; CPU: one weight),
-    # sharded the all-gather (the gathered pool, the member's pieces, the reordered copies)
-    S, c = 4, 16
-    assert expert_step_buffers(lay) == (4 * (3 * S * 64 if gpu else S * 64), 0)
+    # the expert step: AdamW's temporary (the pool's: foreach on a GPU, everything it steps;
+    # single-tensor on CPU, 3 x one weight; the shards': fused on a GPU, none), sharded the
+    # all-gather weight by weight (two weights' gathered pieces: the previous still bound; the
+    # master cast on a GPU, gloo's copy on CPU)
+    assert expert_step_buffers(lay) == (4 * 3 * S * 64, 0)
     a = 2 if gpu else 4
     assert expert_step_buffers(replace(lay, expert_sharding=2)) == \
-        (4 * (3 * S * c if gpu else S * c), a * (3 * S * 4 * c + 3 * S * c + 3 * S * 4 * c))
+        (0 if gpu else 4 * 3 * S * c, a * (2 * S * G * c + (S * c if gpu else S * G * c)))
+    # level 1: the first expert gradient allocates the whole fp32 gradient in the backward
+    # amid the experts' working set and every activation but that layer's routed rows
+    one = estimate(replace(lay, expert_sharding=1))
+    routed = int(routed_activations(one.layout, one.layout.top_k * load_factor(one.layout)) * one.layout.tokens)
+    assert one.moments["first_expert_grad"] == one.moments["loss"] - max(one.parts["logits"], one.parts["dispatch"]) \
+        + one.parts["dispatch"] - routed + 4 * n
+    assert estimate(replace(lay, expert_sharding=2)).moments["first_expert_grad"] == 0
     est = estimate(replace(lay, expert_sharding=2))
     held = sum(est.parts[p] for p in ("dense_weights", "dense_optimizer", "expert_weights", "expert_optimizer"))
     assert est.total == held + max(est.moments.values())
@@ -172,8 +181,9 @@ def test_validate_warns_on_a_gpu_spec_over_memory_and_strict_refuses(tmp_path, c
     unsharded.write_text(Path(MIXTRAL).read_text().replace("expert_sharding: 2", "expert_sharding: 0"))
     assert main(["validate", str(unsharded)]) == 0
     err = capsys.readouterr().err
-    # 32 ranks, P = 8: the expert state overflows and EDP is 4, so level 2 is the concrete change
-    assert "warning: memory: stage 'continual'" in err and "parallel.expert_sharding: 2 (fits" in err
+    # 32 ranks, P = 8: the expert state overflows and EDP is 4; level 1 (the first to fit) is the
+    # concrete change
+    assert "warning: memory: stage 'continual'" in err and "parallel.expert_sharding: 1 (fits" in err
     assert main(["validate", str(unsharded), "--strict"]) == 2
     assert "error: memory:" in capsys.readouterr().err
     assert main(["validate", MIXTRAL]) == 0  # the shipped spec (sharding 2) fits: no warning
