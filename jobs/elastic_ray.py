@@ -51,19 +51,23 @@ class CheckpointBeforeGrow(ControllerCallback, WorkerGroupCallback):
             return
         import ray
 
-        before = latest_step(Path(self.checkpoints))
-        try:
-            ray.get(ray.get_actor(self.actor_name, namespace=self.namespace).request_checkpoint.remote(),
-                    timeout=30)
+        deadline = time.monotonic() + self.timeout_s
+        try:  # the checkpoint asked for, not a periodic one that lands meanwhile
+            actor = ray.get_actor(self.actor_name, namespace=self.namespace)
+            number = ray.get(actor.request_checkpoint.remote(), timeout=30)
+            step = None
+            while step is None and time.monotonic() < deadline:
+                step = ray.get(actor.taken.remote(number), timeout=30)
+                if step is None:
+                    time.sleep(0.2)
         except Exception as e:  # the actor is gone: the stage is ending anyway
             print(f"[moeforge] grow to {resize_decision.num_workers} workers without a checkpoint first: {e}",
                   flush=True)
             return
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline and latest_step(Path(self.checkpoints)) <= before:
-            time.sleep(0.2)
+        while step is not None and time.monotonic() < deadline and latest_step(Path(self.checkpoints)) < step:
+            time.sleep(0.2)  # committed (rank 0 reports it once `latest` names it)
         print(f"[moeforge] growing from {self.running} to {resize_decision.num_workers} workers at the "
-              f"checkpoint of step {latest_step(Path(self.checkpoints))}", flush=True)
+              f"checkpoint of step {step}", flush=True)
 
 
 def drain_notice() -> Callable[[], bool]:

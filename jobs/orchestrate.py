@@ -314,11 +314,8 @@ def _run_stage(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: StagePlan
     from jobs.progress import ProgressActor, ProgressBar
 
     actor_name = f"moeforge-progress-{uuid.uuid4().hex[:8]}"
-    # on the driver's node: an actor on a worker node would die with it (an elastic stage goes on)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = ProgressActor.options(name=actor_name, namespace=namespace, scheduling_strategy=here).remote()
+    actor = ProgressActor.options(name=actor_name, namespace=namespace,
+                                  scheduling_strategy=_on_head_node()).remote()
     trainer = _torch_trainer(spec, plan, layout, stage, actor_name, namespace, verbose)
     print(f"[moeforge] stage {stage.name} ({stage.kind}): {stage.steps} steps on {stage.world_size} workers, "
           f"experts {stage.parallel.expert_strategy}", flush=True)
@@ -377,6 +374,16 @@ def _elastic_callbacks(stage: StagePlan, layout: RunLayout, actor_name: str, nam
     from jobs.elastic_ray import CheckpointBeforeGrow
 
     return [CheckpointBeforeGrow(actor_name, namespace, str(layout.checkpoints(stage.name)))]
+
+
+def _on_head_node():
+    """Where the progress actor lives: the head node (an actor on a worker node would die with
+    it, and an elastic stage goes on without that node); wherever Ray likes if none is marked."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    return NodeAffinitySchedulingStrategy(head[0], soft=False) if head else "DEFAULT"
 
 
 def _workers(stage: StagePlan) -> dict[str, Any]:

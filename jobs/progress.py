@@ -18,6 +18,7 @@ class ProgressActor:
         self._messages: list[str] = []
         self._stop = False
         self._saves = 0  # checkpoints asked for without a stop (`jobs.elastic_ray`), counted
+        self._taken: dict[int, int] = {}  # request number -> the step its checkpoint was taken at
 
     def update(self, rec: dict[str, Any]) -> tuple[bool, int]:
         """Record rank 0's step; the answer: whether the driver asked the stage to stop, and
@@ -29,9 +30,16 @@ class ProgressActor:
         return self._stop, self._saves
 
     def request_checkpoint(self) -> int:
-        """A checkpoint at rank 0's next step boundary, training going on (a grow is coming)."""
+        """A checkpoint at rank 0's next step boundary (a grow is coming); returns its number."""
         self._saves += 1
         return self._saves
+
+    def checkpoint_taken(self, number: int, step: int) -> None:
+        """Rank 0: the checkpoint asked for as `number` is committed, at `step`."""
+        self._taken[number] = step
+
+    def taken(self, number: int) -> Optional[int]:
+        return self._taken.get(number)
 
     def request_stop(self) -> None:
         """The driver's Ctrl-C (`jobs.interrupt`): rank 0 learns it from its next step report."""
@@ -115,6 +123,7 @@ class StepReporter:
         if not getattr(self, "_hold", False):
             return
         self._hold = False
+        self.handle.checkpoint_taken.remote(self._saved, step)  # the controller restarts after it
         print(f"[moeforge] checkpoint of step {step} taken for a grow: waiting for the restart", flush=True)
         time.sleep(self.HOLD_S)
 

@@ -14,6 +14,7 @@ checkpoint to 1e-5. The seconds from the loss to the first step after it are pri
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 SLOW = Path(tempfile.gettempdir()) / f"mf-elastic-slow-{os.getpid()}"
 pytestmark = pytest.mark.slow
-STEPS, EVERY = 80, 4
+STEPS, EVERY = 48, 4
 
 
 def _cluster_env(slow: Path) -> dict:
@@ -99,7 +100,7 @@ def test_node_loss_and_return(tmp_path):
         wait_until(lambda: _live_nodes(address) == 2, 60, "2 live Ray nodes", every=1)
         spec = _spec(tmp_path)
         run = tmp_path / "runs" / "elastic"
-        SLOW.write_text("0.4")
+        SLOW.write_text("1.0")  # seconds more per step until the group has grown back
         job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(write_spec(tmp_path / "job.yaml", spec)),
                                 "--address", address], cwd=ROOT, env=_cluster_env(SLOW), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -139,6 +140,8 @@ def test_node_loss_and_return(tmp_path):
     resumed = recs[first2]["step"] - 1  # the periodic checkpoint the smaller group resumed from
     assert resumed % EVERY == 0 and done_before - resumed <= EVERY
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    print("world size by step:", [(k, len(list(g))) for k, g in itertools.groupby(sizes)], "events:",
+          [(e["kind"], e.get("step")) for e in events])
     assert [e["kind"] for e in events] == ["started", "resumed", "resumed", "finished"], events
     assert events[1]["step"] == resumed
     # the grow: the group checkpointed at its step boundary first, so it resumed where it was
