@@ -310,10 +310,11 @@ class FailureSection:
 @dataclass
 class CheckpointSection:
     num_to_keep: Optional[int] = None  # newest checkpoints kept per stage; null keeps all
-    # The step waits only for a copy of each rank's state in host memory; a background thread per
-    # rank writes it, and `latest` moves once every rank's files are on disk (docs/reliability.md).
-    # Same files, same training numbers; false: every rank waits for the write, fsync and CRC-32s.
-    async_save: bool = True
+    # true: the step waits only for a copy of each rank's state in host memory; a background thread
+    # per rank writes it, and `latest` moves once every rank's files are on disk (docs/reliability.md).
+    # Same files, same training numbers. Off by default until measured on GPU nodes: on a CPU
+    # node with no idle core the writer slows the next steps (docs/reliability.md, the stall bench)
+    async_save: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.num_to_keep is not None and self.num_to_keep < 1:

@@ -138,7 +138,8 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
     resume_from = _resume_point(layout.checkpoints(stage.name), rank)
     sinks = _stage_sinks(plan, stage, layout, resume_from, extra_sinks, rank)
     ckpt = CheckpointManager(layout.checkpoints(stage.name), rank, pdist.barrier,
-                             plan.ray.checkpoint_config.num_to_keep)
+                             plan.ray.checkpoint_config.num_to_keep,
+                             async_save=plan.ray.checkpoint_config.async_save, world=pdist.world_size())
     manifest_base = {"run": plan.run.name, "spec": to_dict(plan.spec), "tokenizer": corpus.tokenizer.fingerprint,
                      "init_from": str(init_ckpt) if init_ckpt else None, "init_report": init_report}
     trainer = Trainer(engine=engine, model=model, strategy=strategy, stream=data.stream,

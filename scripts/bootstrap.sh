@@ -8,8 +8,10 @@ PY=${PYTHON:-python3}
 VENV=${MOEFORGE_VENV:-.venv}
 TORCH_VERSION=${MOEFORGE_TORCH:-2.13.0}
 # System packages the suite uses, installed when missing and this is a root shell with apt
-# (otherwise the test that needs one is skipped and says why): Debian's prometheus
-# (tests/infra/test_prometheus_live.py scrapes a live run with it) and chromium
+# (otherwise the live tests that need one are skipped and say why; the alert-rule tests, which
+# need prometheus's promtool, fail instead): Debian's prometheus
+# (tests/infra/test_prometheus_live.py scrapes a live run with it, tests/infra/test_alert_rules.py
+# runs promtool) and chromium
 # (tests/infra/test_dashboard_browser.py drives `moeforge dashboard` in it, headless).
 apt_install() {  # $1: command that shows it is there, $2: Debian package
   command -v "$1" >/dev/null 2>&1 && return 0

@@ -12,7 +12,6 @@ file, as the synchronous ones of the same run, and verify."""
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 
 import pytest
@@ -76,15 +75,13 @@ def test_an_async_save_writes_the_state_at_the_save_and_a_failed_write_raises(tm
 
 
 def _train(rank, world, spec, async_save):
-    """One stage of `spec` on this rank, its checkpoints asynchronous or not."""
-    import jobs.stage_runner as sr
-    from system.checkpoint import CheckpointManager
+    """One stage of `spec` on this rank, its checkpoints asynchronous or not
+    (`ray.checkpoint_config.async_save`, which the stage runner hands to its CheckpointManager)."""
+    from jobs.stage_runner import run_stage
 
-    sr.CheckpointManager = functools.partial(CheckpointManager, async_save=async_save, world=world)
-    try:
-        sr.run_stage(spec, 0)
-    finally:
-        sr.CheckpointManager = CheckpointManager  # the rank process runs other tests after this one
+    spec = copy.deepcopy(spec)
+    spec.setdefault("ray", {}).setdefault("checkpoint_config", {})["async_save"] = async_save
+    run_stage(spec, 0)
 
 
 def _spec(tmp: Path, name: str) -> dict:
