@@ -242,12 +242,24 @@ def prebuilt_ops_dir() -> str:
     return os.path.join(sys.prefix, "torch_extensions")
 
 
+def use_own_ninja() -> None:
+    """Put this Python's bin folder first on PATH when it holds `ninja`: torch builds JIT ops
+    with the first ninja on PATH, and two versions (the venv's pip wheel, the system's) rewrite
+    each other's build log, so every process using the other one rebuilt the op (~35 s of both
+    cores each time, found in the test suite: Ray workers and pytest's ranks alternating)."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+
+
 def configure_accelerator(use_gpu: bool) -> None:
     """DeepSpeed picks its accelerator from DS_ACCELERATOR at import time: set it first. The
     JIT-built ops (on CPU, the shm communication op DeepSpeed loads in `init_distributed`) come
     from the venv's own folder when set-up built them there (`prebuilt_ops_dir`), not from the
     per-user cache other venvs share; an explicit TORCH_EXTENSIONS_DIR wins."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    use_own_ninja()
     if os.path.isdir(prebuilt_ops_dir()):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", prebuilt_ops_dir())
 

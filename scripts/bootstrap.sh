@@ -30,7 +30,8 @@ apt_install chromium chromium
 # checkout and venv of the same Python shares (a build with other paths there is rebuilt).
 build_ops() {
   mkdir -p "$VENV/torch_extensions"
-  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$(cd "$VENV" && pwd)/torch_extensions" "$VENV/bin/python" -c '
+  # the venv's ninja, as every worker uses (parallel/dist.py use_own_ninja)
+  PATH="$(cd "$VENV" && pwd)/bin:$PATH" DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$(cd "$VENV" && pwd)/torch_extensions" "$VENV/bin/python" -c '
 from deepspeed.accelerator import get_accelerator
 get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)' >/dev/null ||
     echo "bootstrap: could not build DeepSpeed's shm op; the first run builds it" >&2

@@ -46,3 +46,27 @@ def test_startup_trace_only_when_asked(capsys, monkeypatch):
     monkeypatch.setenv(pdist.STARTUP_TRACE_ENV, "1")
     pdist.startup_trace("engine", at=12.5)
     assert capsys.readouterr().out == "[startup-trace] engine 12.500\n"
+
+
+def test_every_process_builds_ops_with_the_venvs_ninja(tmp_path, monkeypatch):
+    """Two ninja versions rewrite each other's build log and rebuild the op each time the other
+    one ran: whatever PATH a process starts with (Ray workers, pytest's ranks), torch finds the
+    venv's ninja first."""
+    import shutil
+
+    (tmp_path / "bin").mkdir()
+    ninja = tmp_path / "bin" / "ninja"
+    ninja.write_text("#!/bin/sh\n")
+    ninja.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    pdist.configure_accelerator(False)
+    assert shutil.which("ninja") == str(ninja) and os.environ["PATH"] == f"{tmp_path}/bin:/usr/bin:/bin"
+    pdist.configure_accelerator(False)  # once only
+    assert os.environ["PATH"] == f"{tmp_path}/bin:/usr/bin:/bin"
+    ninja.unlink()  # no ninja of its own: PATH as it was
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    pdist.configure_accelerator(False)
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+    text = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert 'PATH="$(cd "$VENV" && pwd)/bin:$PATH" DS_ACCELERATOR=cpu' in text  # set-up builds with it too
