@@ -9,6 +9,11 @@
   resumes there (`drain_notice`).
 * An abrupt loss falls back to the last periodic checkpoint (at most `checkpoint_every` steps
   trained again), then the stage continues at the size the live nodes allow (`jobs.elastic`).
+
+Ray Train sizes the group from its autoscaling coordinator's view of the nodes, which the
+coordinator refreshes every 20 s on its own: `FreshClusterView` asks it to refresh at each
+monitor interval and whenever the group failed or must be placed again, so a lost node stops
+counting as soon as Ray has declared it dead and a returned one counts within the interval.
 """
 from __future__ import annotations
 
@@ -87,3 +92,37 @@ def drain_notice() -> Callable[[], bool]:
         return True
 
     return poll
+
+
+class FreshClusterView(ControllerCallback, WorkerGroupCallback):
+    """Keeps the autoscaling coordinator's node view (what elastic sizing counts) no older than
+    `interval_s` while the group runs, and refreshed before each attempt to place it."""
+
+    COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # Ray's actor name, namespace
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.last = time.monotonic()
+        self.warned = False
+
+    def refresh(self) -> None:
+        import ray
+
+        self.last = time.monotonic()
+        try:  # recompute=True runs the coordinator's tick now (ray.nodes(), reservations)
+            name, namespace = self.COORDINATOR
+            actor = ray.get_actor(name, namespace=namespace)
+            ray.get(actor.get_reserved_resources.remote("moeforge-cluster-view", recompute=True), timeout=10)
+        except Exception as e:  # an older or newer Ray: its own 20 s refresh still works
+            if not self.warned:
+                self.warned = True
+                print(f"[moeforge] cannot refresh Ray's view of the cluster ({type(e).__name__}: {e}); "
+                      "resizes follow Ray's own refresh", flush=True)
+
+    def after_worker_group_poll_status(self, worker_group_status) -> None:
+        if getattr(worker_group_status, "errors", None) or time.monotonic() - self.last >= self.interval_s:
+            self.refresh()
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if type(current_state).__name__ in ("RestartingState", "ReschedulingState", "ResizingState"):
+            self.refresh()  # the next decision sizes the group: from the nodes alive now

@@ -29,7 +29,7 @@ DEFAULT_INTERVAL_S = 10.0
 # Besides three missed beats: a slow shared filesystem, and the clocks of the driver's host and
 # the reader's host disagreeing by a few seconds.
 STALE_SLACK_S = 30.0
-EVENT_KINDS = ("started", "resumed", "preempted", "finished", "failed")
+EVENT_KINDS = ("started", "resumed", "resized", "preempted", "finished", "failed")
 MAX_ERROR_CHARS = 500
 
 

@@ -368,12 +368,15 @@ def _torch_trainer(spec: JobSpec, plan: JobPlan, layout: RunLayout, stage: Stage
 
 
 def _elastic_callbacks(stage: StagePlan, layout: RunLayout, actor_name: str, namespace: str) -> list:
-    """An elastic stage checkpoints before Ray Train restarts it at a larger size (`jobs.elastic_ray`)."""
-    if not stage.parallel.elastic.sizes:
+    """An elastic stage checkpoints before Ray Train restarts it at a larger size, and sizes it
+    from a fresh view of the nodes (`jobs.elastic_ray`)."""
+    el = stage.parallel.elastic
+    if not el.sizes:
         return []
-    from jobs.elastic_ray import CheckpointBeforeGrow
+    from jobs.elastic_ray import CheckpointBeforeGrow, FreshClusterView
 
-    return [CheckpointBeforeGrow(actor_name, namespace, str(layout.checkpoints(stage.name)))]
+    return [FreshClusterView(el.monitor_interval_s),
+            CheckpointBeforeGrow(actor_name, namespace, str(layout.checkpoints(stage.name)))]
 
 
 def _on_head_node():

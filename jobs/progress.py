@@ -11,8 +11,9 @@ import ray
 PROGRESS_KEYS = ("stage", "step", "loss", "tokens_per_s", "lr")
 
 
-@ray.remote(num_cpus=0)
-class ProgressActor:
+class ProgressState:
+    """The state behind `ProgressActor` (a plain class: its rules are tested without Ray)."""
+
     def __init__(self):
         self._last: Optional[dict[str, Any]] = None
         self._messages: list[str] = []
@@ -22,12 +23,14 @@ class ProgressActor:
 
     def update(self, rec: dict[str, Any]) -> tuple[bool, int]:
         """Record rank 0's step; the answer: whether the driver asked the stage to stop, and
-        how many checkpoints it asked for so far."""
+        the number of the checkpoint request not yet taken (0: none)."""
         self._last = rec
-        return self._stop, self._saves
+        return self.stop_flag()
 
     def stop_flag(self) -> tuple[bool, int]:
-        return self._stop, self._saves
+        # a request already taken is not handed out again: a group restarted after a grow
+        # starts a fresh reporter that must not checkpoint (and hold) for the old request
+        return self._stop, (self._saves if self._saves and self._saves not in self._taken else 0)
 
     def request_checkpoint(self) -> int:
         """A checkpoint at rank 0's next step boundary (a grow is coming); returns its number."""
@@ -60,6 +63,9 @@ class ProgressActor:
         """Returns once every call made before it by the same caller has run."""
 
 
+ProgressActor = ray.remote(num_cpus=0)(ProgressState)
+
+
 def progress_reporter(actor_name: Optional[str], namespace: Optional[str]) -> Optional["StepReporter"]:
     """The worker's on_step hook (None when no driver is listening)."""
     if not actor_name:
@@ -81,7 +87,7 @@ class StepReporter:
         self.handle = handle
         self._pending = None
         self._stop = False
-        self._saves = self._saved = 0  # checkpoint requests seen / acted on
+        self._saves = self._saved = 0  # the open checkpoint request seen / the last acted on
         self._asked = time.monotonic()
 
     def __call__(self, rec: dict[str, Any]) -> None:
@@ -107,7 +113,8 @@ class StepReporter:
         return self._stop
 
     def checkpoint_requested(self) -> bool:
-        """True once for each checkpoint the driver asked for (read from the answers above)."""
+        """True once for each checkpoint the driver asked for and no rank 0 has taken yet
+        (read from the answers above)."""
         self._check()
         if self._saves > self._saved:
             self._saved, self._hold = self._saves, True

@@ -154,7 +154,7 @@ def run_planned_stage(plan: JobPlan, stage: StagePlan, *, extra_sinks: tuple[Met
                       # trained model: "old" is what it knew, "new" what this stage trains on.
                       domain_groups=stage.domain_groups())
     if resume_from is not None:
-        _resume(trainer, stage, layout, resume_from, rank)
+        _resume(trainer, stage, layout, resume_from, rank, plan.stages[stage.index].world_size)
     # the Ray gauges' stage shape: the size asked for is the plan's (an elastic stage's largest)
     announce_stage(sinks, world_size=pdist.world_size(), requested_world_size=plan.stages[stage.index].world_size,
                    checkpoint_step=trainer.state.step, checkpoint_every=stage.checkpoint_every)
@@ -309,7 +309,8 @@ def _stage_sinks(plan: JobPlan, stage: StagePlan, layout: RunLayout, resume_from
     return sinks
 
 
-def _resume(trainer: Trainer, stage: StagePlan, layout: RunLayout, resume_from: Path, rank: int) -> None:
+def _resume(trainer: Trainer, stage: StagePlan, layout: RunLayout, resume_from: Path, rank: int,
+            requested_world_size: int) -> None:
     trainer.resume(resume_from)
     if rank == 0:
         print(f"[moeforge] stage {stage.name}: resumed from {resume_from} at step {trainer.state.step}",
@@ -317,6 +318,10 @@ def _resume(trainer: Trainer, stage: StagePlan, layout: RunLayout, resume_from: 
         from jobs.heartbeat import record_event  # the dashboard's timeline marks it
 
         record_event(layout.root, "resumed", stage.name, trainer.state.step, checkpoint=str(resume_from))
+        saved_at = read_manifest(resume_from).get("world_size")
+        if saved_at is not None and saved_at != pdist.world_size():  # an elastic stage changed size
+            record_event(layout.root, "resized", stage.name, trainer.state.step, from_world_size=saved_at,
+                         world_size=pdist.world_size(), requested_world_size=requested_world_size)
 
 
 def _fit(trainer: Trainer, stream: DataStream, sinks: list[MetricSink]) -> dict[str, Any]:

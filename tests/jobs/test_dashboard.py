@@ -228,9 +228,10 @@ def _synthetic_runs(root: Path) -> tuple[Path, Path]:
     # as record_event writes them, at the times of the run's records
     with open(live / "events.jsonl", "w") as f:
         for t, kind, step in ((t0, "started", 0), (t0 + 102, "preempted", 10), (t0 + 160, "resumed", 10),
-                              (now - 4, "started", 0)):
+                              (t0 + 160, "resized", 10), (now - 4, "started", 0)):
+            sizes = {"from_world_size": 4, "world_size": 2, "requested_world_size": 4} if kind == "resized" else {}
             f.write(json.dumps({"time": t, "kind": kind, "stage": "continual" if t > t0 + 200 else "pretrain",
-                                "step": step}) + "\n")
+                                "step": step, **sizes}) + "\n")
     dead = _run_dir(root, "dead")
     sink = JsonlSink(dead / "metrics.jsonl")
     for s in (1, 2, 3):
@@ -241,7 +242,8 @@ def _synthetic_runs(root: Path) -> tuple[Path, Path]:
 
 
 PLOT = "(id) => { const d = document.getElementById(id); return {layout: d.layout, data: d.data.map(t => " \
-       "({name: t.name, yaxis: t.yaxis || 'y', y: Array.from(t.y), text: t.text || null}))}; }"
+       "({name: t.name, yaxis: t.yaxis || 'y', y: Array.from(t.y), text: t.text || null, " \
+       "symbol: (t.marker && t.marker.symbol) || null}))}; }"
 # Every bar label of the timeline inside the drawing (the right edge cut a short bar's label).
 LABELS_INSIDE = "(() => { const svg = document.querySelector('#chart-timeline .main-svg').getBoundingClientRect(); " \
                 "const t = [...document.querySelectorAll('#chart-timeline text.bartext')]; " \
@@ -272,8 +274,10 @@ def test_page_shows_liveness_events_and_the_ep_axes_in_chromium(tmp_path):
                         "ep/straggler": "y2", "ep/copies": "y", "ep/peak_copies_rank": "y"}
                     assert ep["layout"]["yaxis2"]["overlaying"] == "y" and ep["layout"]["yaxis2"]["side"] == "right"
                     tl = {t["name"]: t for t in (await page.js(f"({PLOT})('chart-timeline')"))["data"]}
-                    assert tl["events"]["text"] == ["preempted at step 10", "resumed at step 10"]
-                    assert tl["events"]["y"] == ["pretrain", "pretrain"]
+                    assert tl["events"]["text"] == ["preempted at step 10", "resumed at step 10",
+                                                    "resized at step 10: 4 -> 2 workers (of 4)"]
+                    assert tl["events"]["y"] == ["pretrain"] * 3
+                    assert tl["events"]["symbol"][2] == "diamond-wide-open"
                     assert tl["stages"]["text"] == ["done, step 20 of 20", "running, step 2 of 10"]
                     labels = await page.js(LABELS_INSIDE)
                     assert labels["n"] == 2 and labels["out"] == [], labels

@@ -114,3 +114,20 @@ def test_a_restart_with_fewer_workers_runs_at_an_allowed_size_and_continues_the_
     man = json.loads((run / "stages/pretrain/checkpoints/step_00000006/moeforge.json").read_text())
     assert man["world_size"] == 2
     assert len(list((run / "stages/pretrain/checkpoints/step_00000006/experts").glob("rank*.pt"))) == 2
+
+
+def test_a_grow_checkpoint_request_is_handed_out_until_taken_only():
+    """The progress actor's rule: rank 0 of a group sees a grow's checkpoint request until one
+    rank 0 took it; the group restarted after the grow (a fresh reporter, nothing acted on) sees
+    none, so it does not checkpoint and hold again at its first step."""
+    from jobs.progress import ProgressState
+
+    p = ProgressState()
+    assert p.update({"step": 1}) == (False, 0)
+    assert p.request_checkpoint() == 1
+    assert p.update({"step": 2}) == (False, 1) and p.stop_flag() == (False, 1) and p.taken(1) is None
+    p.checkpoint_taken(1, 2)
+    assert p.taken(1) == 2 and p.update({"step": 3}) == (False, 0)  # the restarted group: nothing open
+    assert p.request_checkpoint() == 2 and p.stop_flag() == (False, 2)  # a later grow: a new number
+    p.request_stop()
+    assert p.stop_flag() == (True, 2)

@@ -11,7 +11,10 @@ const STATE_COLORS = { done: "#2e7d32", running: "#1565c0", preempted: "#ef6c00"
                        dead: "#d7ccc8", interrupted: "#6d4c41" };  // dead: light, hatched dark (below)
 // Stage events (RUN/events.jsonl) drawn on the timeline; "started" and "finished" are the bars' ends.
 const EVENT_MARKERS = { preempted: { symbol: "x-thin-open", color: "#ef6c00" }, resumed: { symbol: "triangle-right", color: "#00838f" },
-                        failed: { symbol: "x", color: "#b3261e" } };
+                        resized: { symbol: "diamond-wide-open", color: "#6a1b9a" }, failed: { symbol: "x", color: "#b3261e" } };
+// An elastic stage's resize: "4 -> 2 workers" (of the requested size when below it).
+const resizeText = ev => ev.kind === "resized" && ev.world_size != null
+  ? `: ${ev.from_world_size} -> ${ev.world_size} workers${ev.requested_world_size > ev.world_size ? ` (of ${ev.requested_world_size})` : ""}` : "";
 
 // Each step chart: the series it draws (exact keys, or a pattern whose first group names the trace).
 const CHARTS = [
@@ -188,7 +191,7 @@ function drawHeatmap() {
 const iso = t => new Date(t * 1000).toISOString();
 
 // Stages over wall-clock time: from a stage's first metrics line to its last (a dead driver's stage
-// hatched), with the stage events of RUN/events.jsonl (preempted, resumed, failed) as markers on its row.
+// hatched), with the stage events of RUN/events.jsonl (preempted, resumed, resized, failed) as markers on its row.
 function drawTimeline() {
   const stages = S.status ? S.status.stages : [];
   const span = {};
@@ -218,7 +221,7 @@ function drawTimeline() {
     const m = EVENT_MARKERS[ev.kind];
     if (!m || ev.stage == null) continue;
     marks.x.push(iso(ev.time)); marks.y.push(ev.stage); marks.symbol.push(m.symbol); marks.color.push(m.color);
-    marks.text.push(`${ev.kind}${ev.step != null ? " at step " + ev.step : ""}`);
+    marks.text.push(`${ev.kind}${ev.step != null ? " at step " + ev.step : ""}${resizeText(ev)}`);
     t0 = Math.min(t0, ev.time); t1 = Math.max(t1, ev.time);
   }
   const margin = { l: 90, r: 20, t: 34, b: 30 };
