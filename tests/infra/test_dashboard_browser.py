@@ -1,13 +1,16 @@
-"""`moeforge dashboard` in a real browser (Debian's headless Chromium, driven over the DevTools
-protocol): a live two-stage `moeforge run` (fssdp pretraining with evaluations, then continual
-pretraining on another domain with replay) is watched while it writes, and again when it has
-finished.
+"""One live two-stage `moeforge run` (fssdp pretraining with evaluations, then continual
+pretraining on another domain with replay; Ray metrics on), watched by the two things operators
+watch it with:
 
-* live: each time the run appends metric lines, the page shows them within LIVE_LIMIT_S;
-* finished: every chart holds the run's numbers (loss and its parts, held-out loss per domain,
-  the expert-load heatmap, ep/fssdp straggler and copies, replay share, forgetting and
-  stability gap, the stage timeline), equal to metrics.jsonl;
-* a screenshot of each (set MOEFORGE_SCREENSHOTS=DIR to keep them, as docs/img/ was made).
+* `moeforge dashboard` in a real browser (Debian's headless Chromium, driven over the DevTools
+  protocol): live, each time the run appends metric lines the page shows them within
+  LIVE_LIMIT_S; finished, every chart holds the run's numbers (loss and its parts, held-out loss
+  per domain, the expert-load heatmap, ep/fssdp straggler and copies, replay share, forgetting
+  and stability gap, the stage timeline), equal to metrics.jsonl; a screenshot of each (set
+  MOEFORGE_SCREENSHOTS=DIR to keep them, as docs/img/ was made);
+* a real Prometheus scraping it through Ray's service discovery: every Grafana query, every
+  alert rule's selector and the gauges' values (tests/infra/prometheus_live.py).
+One run serves both: a Ray Train job costs 15-25 s of this 2-core VM whatever its step count.
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ import pytest
 
 from tests.helpers import tiny_spec, write_spec
 from tests.infra.cdp import Chromium, chromium_binary
+from tests.infra.prometheus_live import PROM, check_live_series, start_prometheus, stop
 from tests.waiting import await_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-RUN = "dashlive"
+RUN = "live"
+STEPS = 160  # a stage
 LIVE_LIMIT_S = 5.0
 
 
@@ -41,12 +46,13 @@ def _port() -> int:
 
 def _spec(tmp: Path) -> Path:
     a, b = {"name": "english_docs", "max_documents": 30}, {"name": "python_code", "max_documents": 30}
-    base = {"micro_batch_size": 2, "checkpoint_every": 1000, "eval_every": 10, "optimizer": {"lr": 3e-3}}
-    spec = tiny_spec(tmp, run={"name": RUN}, data={"sources": [a]}, metrics={"progress_bar": False},
+    # checkpoints at 50, 100, 150, 160: the checkpoint-step gauge must follow them
+    base = {"micro_batch_size": 2, "checkpoint_every": 50, "eval_every": 20, "optimizer": {"lr": 3e-3}}
+    spec = tiny_spec(tmp, run={"name": RUN}, data={"sources": [a]}, metrics={"progress_bar": False, "ray_metrics": True},
                      parallel={"world_size": 2, "expert_strategy": "fssdp"}, stages=[])
     spec["stages"] = [
-        {"name": "pretrain", **base, "steps": 60},
-        {"name": "continual", "kind": "continual", "init_from": "pretrain", **base, "steps": 60,
+        {"name": "pretrain", **base, "steps": STEPS},
+        {"name": "continual", "kind": "continual", "init_from": "pretrain", **base, "steps": STEPS,
          "data": {"sources": [b], "replay": {"fraction": 0.25}}},
     ]
     return write_spec(tmp / f"{RUN}.yaml", spec)
@@ -79,14 +85,18 @@ async def _traces(page, chart: str):
     return await page.js(f"({TRACES})('chart-{chart}')")
 
 
-@pytest.mark.skipif(chromium_binary() is None, reason="no chromium (scripts/bootstrap.sh installs Debian's)")
-def test_dashboard_shows_a_live_and_a_finished_run_in_chromium(tmp_path):
+@pytest.mark.skipif(chromium_binary() is None or PROM is None,
+                    reason="no chromium or prometheus (scripts/bootstrap.sh installs Debian's)")
+def test_a_live_run_in_chromium_and_prometheus(tmp_path):
     spec = _spec(tmp_path)
     runs = tmp_path / "runs"
     runs.mkdir()
     metrics = runs / RUN / "metrics.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.update(PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_metrics_report_interval_ms="1000")  # Ray's metrics agent: export every second
+    prom, prom_port = start_prometheus(tmp_path)
+    t0 = time.time()
     port = _port()
     server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "dashboard", str(runs), "--port", str(port)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,8 +152,8 @@ def test_dashboard_shows_a_live_and_a_finished_run_in_chromium(tmp_path):
             assert loss["loss"]["y"] == [r["loss"] for r in train]
             assert loss["ce"]["y"] == [r["ce"] for r in train]
             assert [c[0] for c in loss["loss"]["customdata"]] == [r["stage"] for r in train]
-            # job step: the continual stage's steps follow the pretraining stage's 60
-            assert loss["loss"]["x"] == [r["step"] + (60 if r["stage"] == "continual" else 0) for r in train]
+            # job step: the continual stage's steps follow the pretraining stage's
+            assert loss["loss"]["x"] == [r["step"] + (STEPS if r["stage"] == "continual" else 0) for r in train]
 
             ev = {t["name"]: t["y"] for t in await _traces(page, "eval")}
             assert set(ev) == {"english_docs", "python_code"}
@@ -175,11 +185,8 @@ def test_dashboard_shows_a_live_and_a_finished_run_in_chromium(tmp_path):
 
     try:
         asyncio.run(go())
+        check_live_series(prom_port, RUN, t0, STEPS)
     finally:
-        for p in (job, server):
+        for p in (job, server, prom):
             if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+                stop(p)
