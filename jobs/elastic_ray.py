@@ -5,8 +5,8 @@
   rank 0 through the stage's progress actor for a checkpoint at the next step boundary and holds
   the restart until that checkpoint is committed, so the larger group resumes at that step.
 * A drain (`ray.train.get_preemption_info()`: a node hosting a worker is being preempted): every
-  rank checkpoints at the next step boundary and goes on; the restart after the node leaves
-  resumes there (`drain_notice`).
+  rank checkpoints at the next step boundary and rank 0 holds there until the node has gone; the
+  restart without it resumes at that step (`DrainNotice`).
 * An abrupt loss falls back to the last periodic checkpoint (at most `checkpoint_every` steps
   trained again), then the stage continues at the size the live nodes allow (`jobs.elastic`).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
@@ -75,23 +74,46 @@ class CheckpointBeforeGrow(ControllerCallback, WorkerGroupCallback):
               f"checkpoint of step {step}", flush=True)
 
 
-def drain_notice() -> Callable[[], bool]:
+class DrainNotice:
     """A worker's poll of Ray Train's preemption notice (`ray.train.get_preemption_info`, a
     barrier: every rank calls it once per step, at the same point): true once, at the first
-    step after a notice arrives."""
-    import ray.train
+    step after a notice arrives, so every rank checkpoints there. Then rank 0 holds (`hold`):
+    the steps it would train before the node goes would be lost with it, and the restart
+    without that node resumes at this checkpoint. It holds until the notice's deadline (plus
+    `SLACK_S`: the node may go a little late), `HOLD_S` without a deadline, at most `MAX_HOLD_S`;
+    a node still there after that (a drain called off) and training goes on."""
 
-    seen: list[Optional[object]] = [None]
+    HOLD_S, SLACK_S, MAX_HOLD_S = 120.0, 30.0, 900.0
 
-    def poll() -> bool:
+    def __init__(self):
+        self.info = None
+        self._hold = False
+
+    def __call__(self) -> bool:
+        import ray.train
+
         info = ray.train.get_preemption_info()
-        if info is None or seen[0] is not None:
+        if info is None or self.info is not None:
             return False
-        seen[0] = info
-        print(f"[moeforge] drain notice ({info}): checkpointing at this step", flush=True)
+        self.info, self._hold = info, True
+        print(f"[moeforge] drain notice (nodes {info.preempted_node_ids}, ranks {info.preempted_ranks}, "
+              f"deadline {info.deadline_ms} ms): checkpointing at this step", flush=True)
         return True
 
-    return poll
+    def hold_s(self, now_s: float) -> float:
+        deadline = getattr(self.info, "deadline_ms", None)
+        wait = self.HOLD_S if deadline is None else deadline / 1000.0 - now_s + self.SLACK_S
+        return max(0.0, min(wait, self.MAX_HOLD_S))
+
+    def hold(self, step: int) -> None:
+        """Rank 0, after the checkpoint the notice asked for is committed."""
+        if not self._hold:
+            return
+        self._hold = False
+        wait = self.hold_s(time.time())
+        print(f"[moeforge] checkpoint of step {step} taken for a drain: holding up to {wait:.0f} s for the "
+              "node to go", flush=True)
+        time.sleep(wait)
 
 
 class FreshClusterView(ControllerCallback, WorkerGroupCallback):

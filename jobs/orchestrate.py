@@ -99,19 +99,25 @@ def _train_worker(config: dict[str, Any], ctx) -> None:
     stop = stop_requested
     if on_step is not None:  # rank 0 also reads the driver's Ctrl-C from its step reports
         stop = lambda: stop_requested() or on_step.stop_requested()  # noqa: E731
-    save = None
+    save = after = None
     if config.get("elastic_sizes"):  # a drain notice (every rank) or a coming grow (rank 0's reports)
-        from jobs.elastic_ray import drain_notice
+        from jobs.elastic_ray import DrainNotice
 
         # Ray Train's preemption notice is a barrier over every worker it started: polled only
         # when none sits out (a surplus worker waits in its final report)
-        drained = drain_notice() if whole else (lambda: False)
-        save = drained if on_step is None else (lambda: drained() | on_step.checkpoint_requested())
+        drained = DrainNotice() if whole else (lambda: False)
+        grow = on_step.checkpoint_requested if on_step is not None else (lambda: False)
+        save = lambda: drained() | grow()  # noqa: E731 (both polled every step: the notice is a barrier)
+        if rank == 0:  # after the checkpoint either asked for: no step trained that would be lost
+            holds = [h for h in (getattr(drained, "hold", None), getattr(on_step, "hold_if_growing", None)) if h]
+
+            def after(step: int) -> None:
+                for h in holds:
+                    h(step)
     try:
         with training():
             last = run_stage(config["spec"], config["stage_index"], extra_sinks=sinks, on_step=on_step,
-                             stop_requested=stop, checkpoint_requested=save,
-                             after_checkpoint=on_step.hold_if_growing if save is not None and on_step else None)
+                             stop_requested=stop, checkpoint_requested=save, after_checkpoint=after)
     except StagePreempted as e:
         if rank == 0:
             record_preempted(Path(config["preempted_file"]), e.step, e.checkpoint)

@@ -195,7 +195,7 @@ class Trainer:
         strategy's `host_values` come to the host in one copy: the step's one logging sync."""
         keys = sorted(ctx.sums)
         stop = any(cb.stop_requested() for cb in self.callbacks)
-        save = any(cb.checkpoint_requested() for cb in self.callbacks)
+        save = any([cb.checkpoint_requested() for cb in self.callbacks])  # each polled: a poll may be a barrier
         vals = [torch.as_tensor(ctx.sums[k]).to(self.device, torch.float64) if torch.is_tensor(ctx.sums[k])
                 else torch.full((), float(ctx.sums[k]), dtype=torch.float64, device=self.device) for k in keys]
         vals.append(torch.full((), float(stop), dtype=torch.float64, device=self.device))

@@ -10,7 +10,10 @@ One job, `parallel.elastic.sizes: [2, 4]`, P = 2 within a node, a checkpoint eve
 * stage `grow` (fssdp, expert state sharded over the EDP groups): starts at the 2 workers the
   live nodes allow; a new node joins and Ray Train's elastic monitor restarts the group at 4
   after a checkpoint it asks for (`jobs.elastic_ray.CheckpointBeforeGrow`): no step is trained
-  again, and the grown group does not checkpoint for that request a second time.
+  again, and the grown group does not checkpoint for that request a second time. Then that node
+  is drained (`ray drain-node`, a preemption with a 10 s deadline): every rank checkpoints at the
+  next step (`jobs.elastic_ray.DrainNotice`), the node is killed, and the stage goes on at 2 from
+  that checkpoint: again no step trained twice.
 Every step is recorded once, with the world size it ran at. The seconds from the loss to the
 first step after it are printed.
 """
@@ -20,10 +23,12 @@ import copy
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +46,7 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 SLOW = Path(tempfile.gettempdir()) / f"mf-elastic-slow-{os.getpid()}"
 pytestmark = pytest.mark.slow
-STEPS_A, STEPS_B, EVERY = 16, 32, 4
+STEPS_A, STEPS_B, EVERY = 16, 40, 4
 
 
 def _cluster_env(slow: Path) -> dict:
@@ -73,6 +78,15 @@ def _live_nodes(address: str) -> int:
     out = subprocess.run([sys.executable, "-c", probe, address], env=_cluster_env(SLOW), capture_output=True, text=True,
                          timeout=60)
     return int(out.stdout.strip() or 0)
+
+
+def _node_id(address: str, port: int) -> str:
+    probe = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+             "print([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['NodeManagerPort'] == int(sys.argv[2])][0])")
+    out = subprocess.run([sys.executable, "-c", probe, address, str(port)], env=_cluster_env(SLOW), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
 
 
 def _spec(tmp: Path) -> dict:
@@ -112,6 +126,9 @@ def test_node_loss_and_return(tmp_path):
         job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(write_spec(tmp_path / "job.yaml", spec)),
                                 "--address", address], cwd=ROOT, env=_cluster_env(SLOW), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+        out: list[str] = []  # the driver's console, read as it comes (the workers' lines too)
+        reader = threading.Thread(target=lambda: out.extend(iter(job.stdout.readline, "")), daemon=True)
+        reader.start()
         try:
             wait_until(lambda: len(_steps(run, "pretrain")) >= 6 or job.poll() is not None, 240,
                        "6 steps at 4 workers", every=0.2)
@@ -126,7 +143,7 @@ def test_node_loss_and_return(tmp_path):
             wait_until(lambda: len(_steps(run, "grow")) >= 1 or job.poll() is not None, 240,
                        "the second stage's first step", every=0.2)
             back_at = time.monotonic()
-            _add_node(address)
+            third = _add_node(address)
             seen2 = [0]  # the last step the second stage trained at 2 workers before growing
 
             def grown() -> bool:
@@ -136,11 +153,29 @@ def test_node_loss_and_return(tmp_path):
             wait_until(grown, 240, "a step at 4 workers again", every=0.1)
             print(f"node back at step {seen2[0]} of the second stage: first step at 4 workers "
                   f"{time.monotonic() - back_at:.1f} s after `ray start`")
+            # a drain of that node (a spot reclaim with a 10 s notice): every rank checkpoints at
+            # the next step, rank 0 holds; the node goes (as the cloud takes it); the stage
+            # goes on at 2 from that checkpoint
+            drain_at = time.monotonic()
+            _start("drain-node", "--address", address, "--node-id", _node_id(address, third), "--reason",
+                   "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                   "--deadline-remaining-seconds", "10")
+            drained = wait_until(lambda: re.search(r"checkpoint of step (\d+) taken for a drain", "".join(out))
+                                 or job.poll() is not None, 120, "the drain's checkpoint", every=0.2)
+            assert isinstance(drained, re.Match), "".join(out)[-5000:]
+            assert kill_marked([f"node_manager_port={third}".encode()]) > 0
+            drain_step = int(drained.group(1))
+            wait_until(lambda: any(r["world_size"] == 2 and r["step"] > drain_step for r in _steps(run, "grow"))
+                       or job.poll() is not None, 240, "a step at 2 workers after the drain", every=0.2)
+            print(f"drain notice -> checkpoint of step {drain_step} -> first step at 2 workers "
+                  f"{time.monotonic() - drain_at:.1f} s after `ray drain-node`")
             SLOW.unlink(missing_ok=True)  # the rest at full speed
-            log, _ = job.communicate(timeout=400)
+            job.wait(timeout=400)
+            reader.join(timeout=30)
         finally:
             if job.poll() is None:
                 job.kill()
+        log = "".join(out)
         assert job.returncode == 0, log[-5000:]
     finally:
         stop_cluster(temp, port)
@@ -153,8 +188,9 @@ def test_node_loss_and_return(tmp_path):
           [(k, len(list(g))) for k, g in itertools.groupby(sizes_b)])
     first2 = sizes_a.index(2)
     assert set(sizes_a[:first2]) == {4} and set(sizes_a[first2:]) == {2}, sizes_a
-    last2 = sizes_b.index(4) - 1
-    assert last2 >= 0 and set(sizes_b[:last2 + 1]) == {2} and set(sizes_b[last2 + 1:]) == {4}, sizes_b
+    last2, after = sizes_b.index(4) - 1, drain_step  # b[after] is the first step after the drain
+    assert last2 >= 0 and set(sizes_b[:last2 + 1]) == {2} and set(sizes_b[last2 + 1:after]) == {4}, sizes_b
+    assert set(sizes_b[after:]) == {2}, sizes_b  # the drain's checkpoint is where the 2 workers resumed
     assert all(r["requested_world_size"] == 4 for r in a + b)
     resumed = a[first2]["step"] - 1  # the periodic checkpoint the smaller group resumed from
     assert resumed % EVERY == 0 and done_before - resumed <= EVERY
@@ -162,9 +198,12 @@ def test_node_loss_and_return(tmp_path):
     print("events:", events)
     assert [e[:2] for e in events] == [("started", "pretrain"), ("resumed", "pretrain"), ("resized", "pretrain"),
                                        ("finished", "pretrain"), ("started", "grow"), ("resumed", "grow"),
-                                       ("resized", "grow"), ("finished", "grow")], events
+                                       ("resized", "grow"), ("resumed", "grow"), ("resized", "grow"),
+                                       ("finished", "grow")], events
     assert events[1][2] == events[2][2] == resumed
-    assert [(e["from_world_size"], e["world_size"]) for e in _events(run) if e["kind"] == "resized"] == [(4, 2), (2, 4)]
+    assert events[7][2] == events[8][2] == drain_step  # no step after the drain's checkpoint trained twice
+    assert [(e["from_world_size"], e["world_size"], e["requested_world_size"]) for e in _events(run)
+            if e["kind"] == "resized"] == [(4, 2, 4), (2, 4, 4), (4, 2, 4)]
     # the grow: the group checkpointed at its step boundary first, so it resumed where it was,
     # and the grown group did not take the same request again (a checkpoint and a hold)
     assert events[5][2] == events[6][2] == seen2[0] == b[last2]["step"], (events[5], seen2)
