@@ -8,8 +8,9 @@ memory; one background thread per rank serialises it, fsyncs it, and (rank 0) co
     checkpoint to the next) and queues the write. The files are DeepSpeed's own serialisation
     of those copies (`torch.save`), so they hold what the synchronous ones hold; written through
     a file object, a zip file's inner folder is named "archive" (torch.load reads either).
-  * our RNG file is queued the same way; files a strategy writes itself (`extra`: expert files)
-    are written on the step into the page cache and only their fsync is queued.
+  * our RNG file and the strategy's expert files (`system.expert_files.deferred_writes`: their
+    host copies are taken on the step) are queued the same way; anything else a strategy writes
+    itself is written on the step into the page cache and only its fsync is queued.
   * after its last file and fsync, each rank's writer drops a marker `done-R` (or `failed-R`
     with the error) in `.tmp-step_N.status/`, holding the size and CRC-32 of each file it wrote
     (computed from the bytes as they were written); rank 0's writer waits for every rank's

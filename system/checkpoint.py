@@ -316,8 +316,11 @@ class CheckpointManager:
                 self._written_now(write, lambda: engine.save_checkpoint(str(self.root), tag=tmp_tag,
                                                                         client_state=client_state, save_latest=False))
             write.queue_file(tmp / f"rng_rank{self.rank}.pt", rng_state(), torch.save)
-            if extra is not None:  # written on the step (into the page cache); fsynced in the background
-                self._written_now(write, lambda: extra(tmp))
+            if extra is not None:  # the strategy's expert files: host copies taken now, queued like
+                from system.expert_files import deferred_writes  # DeepSpeed's (anything else it writes
+
+                with deferred_writes(lambda path, state: write.queue_file(path, state, torch.save)):
+                    self._written_now(write, lambda: extra(tmp))  # now is fsynced in the background)
         except BaseException as e:
             write.interrupt(f"rank {self.rank}: the save was interrupted: {e!r}")
             raise

@@ -7,7 +7,8 @@ Single-process code (upcycling, teachers, export) reads full expert weights from
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,10 +16,28 @@ import torch
 EXPERT_DIR = "experts"
 
 
+_DEFERRED: list[Callable[[Path, dict], None]] = []  # the innermost `deferred_writes` queue
+
+
+@contextmanager
+def deferred_writes(queue: Callable[[Path, dict], None]) -> Iterator[None]:
+    """Inside it, `write_expert_file` hands (path, state) to `queue` instead of writing: an
+    asynchronous checkpoint's writer writes the file later (the state is already a host copy)."""
+    _DEFERRED.append(queue)
+    try:
+        yield
+    finally:
+        _DEFERRED.pop()
+
+
 def write_expert_file(ckpt_dir: Path, rank: int, state: dict) -> None:
-    """This rank's experts, written under a temporary name and renamed into place."""
+    """This rank's experts, written under a temporary name and renamed into place (or queued,
+    inside `deferred_writes`: the checkpoint's own directory is then the temporary one)."""
     d = Path(ckpt_dir) / EXPERT_DIR
     d.mkdir(parents=True, exist_ok=True)
+    if _DEFERRED:
+        _DEFERRED[-1](d / f"rank{rank:05d}.pt", state)
+        return
     tmp = d / f".rank{rank:05d}.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, d / f"rank{rank:05d}.pt")

@@ -32,3 +32,18 @@ def test_a_mapped_read_holds_no_copy_of_the_records(tmp_path):
 
     assert read(False) >= whole  # every record of every file
     assert read(True) < whole / 8  # headers, and the copied record's pages by mapping
+
+
+def test_deferred_writes_hand_the_file_to_the_checkpoint_writer(tmp_path):
+    """An asynchronous checkpoint queues the expert files (host copies taken on the step): inside
+    `deferred_writes` nothing is written on the step, the queue gets the final path and state."""
+    from system.expert_files import deferred_writes
+
+    state = {"world": 1, "experts": {"0.0": {"w1": torch.ones(2)}}}
+    queued = []
+    with deferred_writes(lambda path, st: queued.append((path, st))):
+        write_expert_file(tmp_path, 3, state)
+    assert queued == [(tmp_path / "experts" / "rank00003.pt", state)]
+    assert list((tmp_path / "experts").iterdir()) == []  # the folder exists, no file yet
+    write_expert_file(tmp_path, 3, state)  # outside: written at once
+    assert torch.load(tmp_path / "experts" / "rank00003.pt")["experts"]["0.0"]["w1"].tolist() == [1.0, 1.0]
