@@ -1,6 +1,6 @@
 """jobs/ray_metrics.py without Ray running: which gauge each record key, the stage's shape and a
 committed checkpoint set, with which tags (ray.util.metrics.Gauge replaced by a recorder). The
-live export is tests/infra/test_prometheus_live.py."""
+live export is tests/infra/prometheus_live.py (in test_dashboard_browser.py's live run)."""
 from __future__ import annotations
 
 import pytest
