@@ -139,6 +139,10 @@ def test_node_loss_and_return(tmp_path):
                        240, "a step at 2 workers", every=0.2)
             recovery_s = time.monotonic() - lost_at
             print(f"node lost after step {done_before}: first step at 2 workers {recovery_s:.1f} s later")
+            SLOW.unlink(missing_ok=True)  # the rest of this stage at full speed; slow again for the next
+            wait_until(lambda: any(e["kind"] == "finished" for e in _events(run)) or job.poll() is not None, 240,
+                       "the first stage's end", every=0.2)
+            SLOW.write_text("1.0")
             # the next stage starts at the 2 workers there is room for; then the node comes back
             wait_until(lambda: len(_steps(run, "grow")) >= 1 or job.poll() is not None, 240,
                        "the second stage's first step", every=0.2)
