@@ -154,6 +154,7 @@ def test_independent_mistakes_are_each_reported():
     assert [p for p, _ in problems(text)] == ["model.num_experts", "stages[0].optimizer.lr"]
 
 
+@pytest.mark.procs  # runs `moeforge validate` in a subprocess
 def test_moeforge_validate_prints_one_error_line(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(spec_text(num_experts="4.5"))

@@ -58,6 +58,7 @@ def _problems(data: dict, **kw) -> dict[str, str]:
     return dict(ei.value.problems)
 
 
+@pytest.mark.procs  # runs `moeforge validate` in a subprocess
 def test_cli_reports_every_unreadable_source_at_once(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -90,6 +91,7 @@ def test_cli_reports_every_unreadable_source_at_once(tmp_path):
     assert "set kind: jsonl" in problems[4]  # the fix names the format the file is in
 
 
+@pytest.mark.procs  # runs `moeforge validate` in a subprocess
 def test_cli_passes_a_valid_source_of_each_kind(tmp_path):
     import datasets
     import zstandard
