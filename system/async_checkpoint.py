@@ -44,8 +44,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from system.checkpoint import fsync_path
-
 
 class CheckpointWriteFailed(RuntimeError):
     """A background checkpoint write or its commit failed; the checkpoint was not committed."""
@@ -110,6 +108,18 @@ def _device_sync() -> None:
     """CUDA copies into pinned buffers were queued non-blocking: wait for them once."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory; one that has gone (renamed by its writer) is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Writes:

@@ -49,20 +49,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory; one that has gone (renamed by its writer) is skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(d: Path) -> None:
     """A directory's entries made durable where the filesystem allows it (errors ignored)."""
+    from system.async_checkpoint import fsync_path
+
     try:
         fsync_path(d)
     except OSError:
