@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -85,6 +86,45 @@ def shared_ray():
         yield cluster
     finally:
         cluster.stop()
+
+
+def _left_behind(before: dict[str, str]) -> dict[str, Optional[str]]:
+    """Variables a test changed in this process's environment, other than what
+    `parallel.dist.configure_accelerator` sets (the same values in every process)."""
+    from parallel.dist import prebuilt_ops_dir
+
+    bin_dir = os.path.dirname(sys.executable)
+    allowed = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": prebuilt_ops_dir()}
+    # set by torch's inductor (on import and when compiling), Ray and DeepSpeed when imported
+    imported = ("TORCHINDUCTOR_", "_TORCHINDUCTOR_", "RAY_CLIENT_MODE", "PYTORCH_NVML_BASED_CUDA_CHECK")
+    changed = {}
+    for k in (set(before) | set(os.environ)) - {"PYTEST_CURRENT_TEST"}:
+        old, new = before.get(k), os.environ.get(k)
+        if old == new or (old is None and (allowed.get(k) == new or k.startswith(imported))):
+            continue
+        if k == "PATH" and new == bin_dir + (os.pathsep + old if old else ""):
+            continue
+        changed[k] = new
+    return changed
+
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """A test leaves os.environ as it found it: kept rank processes and Ray drivers take the
+    caller's environment, so a leaked variable changes every later test (a leaked
+    TORCH_EXTENSIONS_DIR made the next DeepSpeed rank rebuild its op: 45 s). Put back, and the
+    test fails naming it; use monkeypatch."""
+    before = dict(os.environ)
+    yield
+    changed = _left_behind(before)
+    if changed:
+        for k in changed:
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                os.environ.pop(k, None)
+        pytest.fail(f"{_CURRENT[0]} left os.environ changed (use monkeypatch): "
+                    + ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
-"""Rules the test suite keeps: no fixed sleeps (waiting goes through tests/waiting.py), and every
-test runs under a time limit."""
+"""Rules the test suite keeps: no fixed sleeps (waiting goes through tests/waiting.py), no leaked
+environment variables, and every test runs under a time limit."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def test_blocks():
     res = pytester.runpytest_inprocess("--timeout=1", "-p", "no:cacheprovider")
     res.assert_outcomes(failed=1)
     assert "Timeout" in res.stdout.str() and "test_blocks" in res.stdout.str()
+
+
+def test_a_leaked_environment_variable_fails_the_test_and_is_put_back(pytester, monkeypatch):
+    """Kept ranks and Ray drivers inherit the pytest process's environment, so a test that sets a
+    variable without monkeypatch fails (tests/conftest.py `_environment_kept`), and the variable
+    is removed before the next test."""
+    monkeypatch.delenv("MOEFORGE_LEAK_PROBE", raising=False)
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(test_leak="""
+import os
+
+def test_leaks():
+    os.environ["MOEFORGE_LEAK_PROBE"] = "1"
+
+def test_sees_nothing_and_patches(monkeypatch):
+    assert "MOEFORGE_LEAK_PROBE" not in os.environ
+    monkeypatch.setenv("MOEFORGE_LEAK_PROBE", "2")
+""")
+    res = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    res.assert_outcomes(passed=2, errors=1)
+    assert "test_leaks left os.environ changed (use monkeypatch): MOEFORGE_LEAK_PROBE='1'" in res.stdout.str()
+    assert "MOEFORGE_LEAK_PROBE" not in os.environ
 
 
 def test_the_wait_helper_returns_times_out_and_aborts():

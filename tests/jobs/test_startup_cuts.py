@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_prebuilt_ops_dir_used_when_set_up_built_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    for name in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
+        # set, then removed: monkeypatch records the variable only when it exists, and only a
+        # recorded one is put back (unset) after the test, not left pointing at tmp_path
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     pdist.configure_accelerator(False)
     assert "TORCH_EXTENSIONS_DIR" not in os.environ  # no prebuilt folder: torch's default
 
