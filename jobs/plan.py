@@ -18,9 +18,9 @@ from jobs.schema import (DistillSection, JobSpec, MetricsSection, OptimizerSecti
                          RaySection, RunSection)
 from system.configtree import SpecError, build_dataclass, deep_merge, to_dict
 from system.data.config import DataConfig
-from system.model import ModelConfig
+from system.model_config import ModelConfig
 from system.schedules import ScheduleConfig
-from system.upcycle import UpcycleConfig
+from system.upcycle_config import UpcycleConfig
 
 
 @dataclass(frozen=True)

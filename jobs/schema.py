@@ -11,8 +11,8 @@ from typing import Any, Iterator, Literal, Optional
 from experts.config import ExpertsConfig
 from system.configtree import INVALID, to_dict
 from system.data.config import DataConfig, SourceConfig
-from system.model import ModelConfig
-from system.upcycle import UpcycleConfig
+from system.model_config import ModelConfig
+from system.upcycle_config import UpcycleConfig
 from system.schedules import ScheduleConfig
 
 

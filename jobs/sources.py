@@ -17,7 +17,7 @@ from parallel.teacher import ResolvedTeacher
 from system.checkpoint import latest_checkpoint, read_manifest, require_intact, resolve_checkpoint
 from system.hf.families import read_family
 from system.hf_import import is_hf_model_dir
-from system.model import ModelConfig
+from system.model_config import ModelConfig
 
 
 def final_checkpoint(layout: RunLayout, stage: str, where: str) -> Path:

@@ -15,7 +15,7 @@ from jobs import plan as P
 from jobs.schema import OWNED_DS_KEYS, STAGE_OVERRIDES, JobSpec
 from system.configtree import InvalidValueUsed, SpecError, build_dataclass, deep_merge, to_dict, unless_invalid
 from system.data.config import SourceConfig
-from system.model import ModelConfig
+from system.model_config import ModelConfig
 
 Problems = Iterator[tuple[str, str]]
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias", "vocab_size", "tie_embeddings",

@@ -122,3 +122,21 @@ def test_no_import_circles_in_the_library():
         if v not in index:
             visit(v)
     assert not circles, circles
+
+
+@pytest.mark.procs
+def test_the_spec_and_the_cli_import_no_torch():
+    """Reading and checking a spec (`moeforge validate`, a refused `run`, `submit`, `status`) is a
+    fraction of a second: the spec layer's configs live in torch-free modules (`experts.config`,
+    `system.model_config`, `system.upcycle_config`, `system.data.config`), and `experts` and
+    `system.data` load their torch code on first use."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from jobs.cli import main; rc = main(['validate', sys.argv[1]]); "
+             "import jobs.plan, jobs.run_record, jobs.estimate, jobs.memory_model, jobs.jobs_api; "
+             "assert rc == 0, rc; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'ray')); "
+             "assert not bad, bad[:5]")
+    res = subprocess.run([sys.executable, "-c", probe, str(ROOT / "examples" / "quickstart.yaml")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
