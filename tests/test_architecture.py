@@ -134,7 +134,7 @@ def test_the_spec_and_the_cli_import_no_torch():
     import sys
 
     probe = ("import sys; from jobs.cli import main; rc = main(['validate', sys.argv[1]]); "
-             "import jobs.plan, jobs.run_record, jobs.estimate, jobs.memory_model, jobs.jobs_api; "
+             "import jobs.plan, jobs.run_record, jobs.orchestrate, jobs.estimate, jobs.memory_model, jobs.jobs_api; "
              "assert rc == 0, rc; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'ray')); "
              "assert not bad, bad[:5]")
     res = subprocess.run([sys.executable, "-c", probe, str(ROOT / "examples" / "quickstart.yaml")], cwd=ROOT,
