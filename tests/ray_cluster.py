@@ -23,6 +23,13 @@ BIN = Path(sys.executable).parent
 NUM_CPUS = 8  # the largest job of a test (4 workers) and its Ray Train controller, with room
 
 
+# Ray's log monitor globs and tails every log file of its node every 0.1 s (3-5% of a core on the
+# session's cluster, growing with its log files) to stream workers' output to drivers; moeforge's
+# drivers run with log_to_driver off (jobs.console forwards their lines), so a test cluster runs
+# without it. The README walkthrough's head keeps the default.
+NO_LOG_MONITOR = ["--include-log-monitor", "false"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +87,7 @@ class SharedRay:
         env.update(self.client_env())
         res = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
                               "--port", str(self.port), "--num-cpus", str(NUM_CPUS), "--temp-dir", self.temp_dir,
-                              "--include-dashboard", "false", "--disable-usage-stats", *private_ports()],
+                              "--include-dashboard", "false", "--disable-usage-stats", *NO_LOG_MONITOR, *private_ports()],
                              env=env, capture_output=True, text=True, timeout=180)
         if res.returncode != 0:
             raise RuntimeError(f"ray start failed: {res.stdout[-2000:]}{res.stderr[-2000:]}")

@@ -40,7 +40,7 @@ from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
 from tests.jobs.test_multinode_ray import _env
 from tests.parallel.test_resume_world_size import _keep_up_to, _train
-from tests.ray_cluster import kill_marked, private_ports, stop_cluster
+from tests.ray_cluster import NO_LOG_MONITOR, kill_marked, private_ports, stop_cluster
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,8 @@ def _cluster_env(slow: Path) -> dict:
     # and a worker group that cannot be placed (the lost node still counted) is given up after 4 s
     return {**_env(), "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
             "RAY_health_check_initial_delay_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "4",
+            # the drain notice is looked for every second instead of every 5 s
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
             # steps slowed (by the seconds in `slow`) until the group has grown back, then full speed
             "MOEFORGE_FAULT_STEP_SLEEP_S": f"file:{slow}"}
 
@@ -68,7 +70,7 @@ def _add_node(address: str) -> int:
     """A second raylet (2 CPUs); returns its node manager port, which names its processes."""
     port = pdist.free_port()
     _start("start", "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-           "--node-manager-port", str(port), "--disable-usage-stats", *private_ports(head=False))
+           "--node-manager-port", str(port), "--disable-usage-stats", *NO_LOG_MONITOR, *private_ports(head=False))
     return port
 
 
@@ -115,7 +117,7 @@ def test_node_loss_and_return(tmp_path):
     temp = tempfile.mkdtemp(prefix="mf-el-", dir="/tmp")  # Ray's socket paths must stay short
     port = pdist.free_port()
     _start("start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false",
-           "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", *private_ports())
+           "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", *NO_LOG_MONITOR, *private_ports())
     address = f"127.0.0.1:{port}"
     try:
         second = _add_node(address)

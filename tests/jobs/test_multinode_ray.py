@@ -20,7 +20,7 @@ from parallel import dist as pdist
 from parallel.testing import run_distributed
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
-from tests.ray_cluster import private_ports, stop_cluster
+from tests.ray_cluster import NO_LOG_MONITOR, private_ports, stop_cluster
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def _ray(*args, timeout=120) -> subprocess.CompletedProcess:
 def two_nodes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray2")
     port = pdist.free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", *NO_LOG_MONITOR]
     head = _ray("start", "--head", "--port", str(port), "--temp-dir", str(tmp), "--include-dashboard", "false",
                 *private_ports(), "--resources", '{"node_a": 2}', *common)
     assert head.returncode == 0, head.stdout + head.stderr
