@@ -13,7 +13,8 @@ One job, `parallel.elastic.sizes: [2, 4]`, P = 2 within a node, a checkpoint eve
   again, and the grown group does not checkpoint for that request a second time. Then that node
   is drained (`ray drain-node`, a preemption with a 10 s deadline): every rank checkpoints at the
   next step (`jobs.elastic_ray.DrainNotice`), the node is killed, and the stage goes on at 2 from
-  that checkpoint: again no step trained twice.
+  that checkpoint: again no step trained twice; its steps at 2 equal a 2-rank run resumed from
+  the drain's checkpoint to 1e-5.
 Every step is recorded once, with the world size it ran at. The seconds from the loss to the
 first step after it are printed.
 """
@@ -39,7 +40,6 @@ from parallel.testing import run_distributed
 from system.metrics import read_jsonl
 from tests.helpers import tiny_spec, write_spec
 from tests.jobs.test_multinode_ray import _env
-from tests.parallel.test_resume_world_size import _keep_up_to, _train
 from tests.ray_cluster import NO_LOG_MONITOR, kill_marked, private_ports, stop_cluster
 from tests.waiting import wait_until
 
@@ -111,6 +111,29 @@ def _steps(run: Path, stage: str) -> list[dict]:
 
 def _events(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+
+
+def _run_stage(rank: int, world: int, spec: dict, index: int) -> None:
+    from jobs.stage_runner import run_stage
+
+    run_stage(spec, index)
+
+
+def _reference_from(run: Path, spec: dict, out: Path, stage: str, index: int, step: int) -> dict[int, float]:
+    """Losses of `stage` on 2 gloo ranks resumed from its checkpoint of `step`, in a copy of the
+    run (later checkpoints, DONE and the consumed-data record removed)."""
+    ref = copy.deepcopy(spec)
+    ref["run"]["output_dir"] = str(out)
+    shutil.copytree(run, out / run.name)
+    st = out / run.name / "stages" / stage
+    for d in (st / "checkpoints").glob("step_*"):
+        if int(d.name[5:]) > step:
+            shutil.rmtree(d)
+    (st / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    for f in ("DONE.json", "consumed.json", "consumed.npz"):
+        (st / f).unlink(missing_ok=True)
+    run_distributed(_run_stage, 2, ref, index, timeout_s=300)
+    return {r["step"]: r["loss"] for r in _steps(out / run.name, stage)}
 
 
 def test_node_loss_and_return(tmp_path):
@@ -214,14 +237,12 @@ def test_node_loss_and_return(tmp_path):
     # and the grown group did not take the same request again (a checkpoint and a hold)
     assert events[5][2] == events[6][2] == seen2[0] == b[last2]["step"], (events[5], seen2)
     assert log.count("taken for a grow") == 1, log[-3000:]
-    # the first stage's steps at 2 workers: a 2-rank run resumed from the same checkpoint
-    ref = copy.deepcopy(spec)
-    ref["run"]["output_dir"] = str(tmp_path / "ref")
-    ref["stages"] = ref["stages"][:1]
-    shutil.copytree(run, tmp_path / "ref" / "elastic")
-    shutil.rmtree(tmp_path / "ref" / "elastic" / "stages" / "grow")
-    _keep_up_to(tmp_path / "ref" / "elastic", resumed)
-    run_distributed(_train, 2, ref, timeout_s=300)
-    want = {r["step"]: r["loss"] for r in _steps(tmp_path / "ref" / "elastic", "pretrain")}
+    # the steps at 2 workers after each loss of a node equal a 2-rank run resumed from the same
+    # checkpoint: the first stage's (ep) after the SIGKILL, the second's (fssdp, expert state
+    # sharded) after the drain
+    want = _reference_from(run, spec, tmp_path / "ref", "pretrain", 0, resumed)
     for r in a[first2:]:
+        assert r["loss"] == pytest.approx(want[r["step"]], rel=1e-5, abs=0), r["step"]
+    want = _reference_from(run, spec, tmp_path / "ref2", "grow", 1, drain_step)
+    for r in b[after:]:
         assert r["loss"] == pytest.approx(want[r["step"]], rel=1e-5, abs=0), r["step"]
