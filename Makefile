@@ -10,7 +10,7 @@ quickstart: setup
 # The whole suite (what CI runs): under 15 minutes on a 2-core machine; the 30 slowest tests are
 # listed at the end (docs/testing.md keeps the budget).
 test: setup
-	.venv/bin/python -m pytest -q --durations=30 tests
+	.venv/bin/python tests/run_suite.py --durations=30
 
 # The inner loop: the tests that start no process, no subprocess and no Ray (under 3 minutes).
 test-fast: setup

@@ -95,3 +95,48 @@ def test_the_wait_helper_returns_times_out_and_aborts():
         return len(calls) >= 5
 
     assert asyncio.run(await_until(later, 5, "two more looks", every=0.01)) is True
+
+
+PARTS = '''
+import os
+from pathlib import Path
+
+import pytest
+
+def _state():
+    group = Path("/proc/self/autogroup")
+    return os.sched_getscheduler(0), group.read_text() if group.exists() else None
+
+@pytest.mark.slow
+def test_slow_part():
+    policy, group = _state()
+    assert policy != os.SCHED_IDLE and "nice 19" not in (group or "")
+
+def test_rest_part():
+    policy, group = _state()
+    assert policy == os.SCHED_IDLE and (group is None or "nice 19" in group)
+
+def test_rest_fails():
+    assert False, "the rest's own failure"
+'''
+
+
+@pytest.mark.procs
+def test_make_test_runs_the_rest_beside_the_slow_tests_at_the_lowest_priority(tmp_path):
+    """tests/run_suite.py (make test): the slow tests at normal priority, the rest at SCHED_IDLE in
+    an autogroup of nice 19; both parts' results shown, and a failure in either fails the run."""
+    import subprocess
+    import sys
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_parts.py").write_text(PARTS)
+    env = {**os.environ, "MOEFORGE_SUITE_TMP": str(tmp_path / "base")}
+    res = subprocess.run([sys.executable, str(TESTS / "run_suite.py"), "-p", "no:cacheprovider", str(tmp_path / "t")],
+                         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "1 passed, 2 deselected" in out and "1 failed, 1 passed, 1 deselected" in out, out
+    assert "the rest's own failure" in out and "slow tests rc 0" in out and "the rest rc 1" in out, out
+    refused = subprocess.run([sys.executable, str(TESTS / "run_suite.py"), "-m", "slow"], cwd=TESTS.parent, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "run pytest directly to use -m" in refused.stderr
