@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """How long a checkpoint stalls training: synchronous against asynchronous, in the same run.
 
-One 2-rank gloo run (replicated experts, ZeRO 1: every rank writes its optimizer partition,
-rank 0 also the model file) of a model large enough for >= 200 MB of checkpoint per rank. It
+One gloo run of `--ranks` ranks (default 2; replicated experts, ZeRO 1: every rank writes its
+optimizer partition, rank 0 also the model file) of a model large enough for >= 200 MB of
+checkpoint per rank. `--ranks 1` leaves the second core of a 2-core machine to the writer, as a
+GPU node's idle cores would be; with 2 ranks on 2 cores the writer competes with training. It
 checkpoints asynchronously after step `--warm-at` (the first one allocates the host buffers
 every later one reuses), synchronously after `--sync-at`, asynchronously after `--async-at` and
 at the end. The stall of a checkpoint at step c is the wall time of the K steps after it,
@@ -10,7 +12,7 @@ time[c + K] - time[c] (each step's metric `time`), minus K x the median step tim
 outside every window: what the checkpoint added to training, including the slower steps while
 a background write competes for the CPU. Also printed: the time each rank spent inside `save`.
 
-    python bench/checkpoint_stall.py [--d-expert 1280] [--steps 26] [--k 4]
+    python bench/checkpoint_stall.py [--ranks 2] [--d-expert 1280] [--steps 26] [--k 4]
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _spec(out: Path, a) -> dict:
     return tiny_spec(out, run={"name": "stall"},
                      model={"d_model": a.d_model, "n_layers": a.layers, "n_heads": 8, "d_ff": 4 * a.d_model,
                             "num_experts": 4, "top_k": 2, "d_expert": a.d_expert},
-                     parallel={"world_size": 2, "expert_strategy": a.strategy, "zero_stage": 1},
+                     parallel={"world_size": a.ranks, "expert_strategy": a.strategy, "zero_stage": 1},
                      stages=[{"name": "pretrain", "steps": a.steps, "micro_batch_size": 1,
                               "checkpoint_every": 1, "optimizer": {"lr": 1e-4},
                               "lr_schedule": {"kind": "constant"}}])
@@ -67,6 +69,7 @@ def _rank(rank, world, spec, chosen, sync_at):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (1: a core left free for the writer)")
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--d-expert", type=int, default=1280)
     ap.add_argument("--layers", type=int, default=2)
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
 
     load0 = os.getloadavg()[0]
     chosen = (a.warm_at, a.sync_at, a.async_at, a.steps)
-    inside = run_distributed(_rank, 2, spec, chosen, a.sync_at, timeout_s=900, reuse=False)
+    inside = run_distributed(_rank, a.ranks, spec, chosen, a.sync_at, timeout_s=900, reuse=False)
+    ranks = range(a.ranks)
     run = out / "runs" / "stall"
     t = {r["step"]: r["time"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
     windows = {"async (first: allocates its buffers)": a.warm_at, "sync": a.sync_at, "async": a.async_at}
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     per_rank = {r: sum(f.stat().st_size for f in (ck / f"step_{a.async_at:08d}").rglob("*")
                        if f.is_file() and (f"rank_{r}_" in f.name or f"rank{r}" in f.name
                                            or (r == 0 and f.name.startswith("mp_rank_"))))
-                for r in range(2)}
+                for r in ranks}
     print(f"state per rank (files of one checkpoint): " + ", ".join(f"rank {r} {b / 2**20:.0f} MiB"
                                                                     for r, b in per_rank.items()))
     print(f"median step {med:.3f} s over {len(steady)} steps outside the windows; K = {a.k}")
@@ -107,9 +111,9 @@ def main(argv=None) -> int:
         stall[name] = (t[c + a.k] - t[c]) - a.k * med
         steps = " ".join(f"{t[s] - t[s - 1]:.2f}" for s in range(c + 1, c + a.k + 1))
         print(f"{name} checkpoint after step {c}: {a.k} steps took {t[c + a.k] - t[c]:.3f} s ({steps}), stall "
-              f"{stall[name]:.3f} s; inside save(): rank 0 {inside[0][c]:.3f} s, rank 1 {inside[1][c]:.3f} s")
+              f"{stall[name]:.3f} s; inside save(): " + ", ".join(f"rank {r} {inside[r][c]:.3f} s" for r in ranks))
     print(f"async stall / sync stall = {stall['async'] / stall['sync']:.3f}; inside save(), async / sync = "
-          f"{max(inside[r][a.async_at] for r in range(2)) / max(inside[r][a.sync_at] for r in range(2)):.3f}")
+          f"{max(inside[r][a.async_at] for r in ranks) / max(inside[r][a.sync_at] for r in ranks):.3f}")
     print(f"load average (1 min) before {load0:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     return 0
 
