@@ -67,6 +67,13 @@ def main(argv: list[str]) -> int:
         rest = subprocess.Popen(_command("not slow", base / "rest", argv), cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=_lowest_priority)
     slow = subprocess.Popen(_command("slow", base / "slow", argv), cwd=ROOT)
+
+    def _terminated(signum, frame):  # a CI's timeout or `kill`: neither part outlives the runner
+        for proc in (slow, rest):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM) if proc is rest else proc.terminate()
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, _terminated)
     walls: dict[str, float] = {}
     try:
         for name, proc in (("slow", slow), ("rest", rest)):
